@@ -1,0 +1,1 @@
+"""ldm: a pure-PyTorch latent diffusion engine."""

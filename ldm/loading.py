@@ -1,0 +1,136 @@
+"""From a path or a Hub id to loaded modules: strict, loud, never unpickling.
+
+Networks are built on the `meta` device and receive the tensors read from safetensors with
+`load_state_dict(strict=True, assign=True)`: no random initialisation and no second copy. Every key
+and shape is checked first, and a mismatch names the file, the missing and unexpected keys and the
+family the config describes.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .errors import LoadError
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+# Hub ids that moved: the runwayml repo was removed in 2024 and lives on under its own organisation.
+HUB_ALIASES = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise LoadError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def refuse_pickle(path: Path) -> None:
+    raise LoadError(
+        f"{path} is a pickle checkpoint; ldm never unpickles (it can run arbitrary code). "
+        "Use the .safetensors file of the same model (the official repos ship one), or convert it once "
+        "in a trusted environment.")
+
+
+def weights_file(folder: Path, stem: str, variant: str | None = None) -> Path:
+    """`{stem}.safetensors` in a component folder, or `{stem}.{variant}.safetensors`.
+
+    Without a variant the full-precision file is preferred and a lone `*.fp16.safetensors` is accepted.
+    """
+    candidates = [f"{stem}.{variant}.safetensors"] if variant else [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
+    for name in candidates:
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        refuse_pickle(folder / pickles[0])
+    raise LoadError(f"{folder}: no weights found (looked for {', '.join(candidates)})")
+
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (memory-mapped), cast to `dtype` if given."""
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path)
+    if not path.is_file():
+        raise LoadError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # safetensors raises its own error type, or OSError, for damaged files
+        raise LoadError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+                        "download it again") from None
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return tensors
+
+
+def load_module(build, state: dict[str, torch.Tensor], source: Path, family: str,
+                device: torch.device | str = "cpu") -> nn.Module:
+    """Build `build()` on the meta device and assign `state` into it after checking every key and shape."""
+    with torch.device("meta"):
+        module = build()
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" … ({len(keys)} in all)" if len(keys) > 8 else "")
+        problems = [f"missing keys: {show(missing)}" if missing else "",
+                    f"unexpected keys: {show(unexpected)}" if unexpected else "",
+                    f"wrong shapes: {show(wrong)}" if wrong else ""]
+        raise LoadError(f"{source} does not match the {family} {type(module).__name__} its config describes; "
+                        + "; ".join(p for p in problems if p))
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.to(device).eval().requires_grad_(False)
+
+
+def is_hub_id(model: str) -> bool:
+    return bool(HUB_ID.match(model)) and not model.startswith((".", "/"))
+
+
+def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
+            local_files_only: bool = False) -> Path:
+    """A local path as is; a Hub repo id downloaded (only `allow_patterns`) into the Hugging Face cache.
+
+    huggingface-hub honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if not is_hub_id(model):
+        raise LoadError(f"{model}: no such file or folder (and not a Hub repo id like 'owner/name')")
+    repo = HUB_ALIASES.get(model, model)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
+                                      local_files_only=local_files_only))
+    except GatedRepoError:
+        raise LoadError(f"{repo} is gated on the Hub: accept its licence on its page and log in "
+                        "(`hf auth login`), then run again") from None
+    except RepositoryNotFoundError:
+        raise LoadError(f"{repo}: no such repository on the Hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise LoadError(f"{repo}: revision {revision!r} not found") from None
+    except LocalEntryNotFoundError:
+        raise LoadError(f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached "
+                        f"(offline, or HF_HUB_OFFLINE=1). Connect once and run `ldm generate ... --model {model}` "
+                        "to download it, or pass a local folder") from None
+    except OSError as e:
+        raise LoadError(f"downloading {repo} failed: {e}") from None

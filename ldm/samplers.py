@@ -1,0 +1,102 @@
+"""Samplers: pure functions `(model, x, sigmas, ...) -> x` over a denoiser, k-diffusion style.
+
+`model(x, sigma)` returns the denoised estimate x0 of `x = x0 + sigma * noise` (the variance-exploding
+parametrisation); `sigmas` is the descending grid to walk, its last entry where sampling stops (0, or
+the smallest training sigma for DDIM/PNDM without `set_alpha_to_one`). ε/v prediction, guidance and
+the timestep each sigma maps to live in the denoiser (see `denoisers.py`), not here. Each sampler's
+arithmetic is that of the diffusers scheduler of the same name; `schedules.py` builds the grids.
+`callback(i, x)` sees the latent after step i.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .schedules import Schedule, SchedulerConfig, ddim_schedule, euler_schedule, pndm_schedule
+
+Denoiser = Callable[[Tensor, float], Tensor]
+Callback = Callable[[int, Tensor], None] | None
+
+
+def _done(callback: Callback, i: int, x: Tensor) -> None:
+    if callback is not None:
+        callback(i, x)
+
+
+@torch.no_grad()
+def sample_euler(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        d = (x - model(x, sigma)) / sigma
+        x = x + d * (sigma_next - sigma)
+        _done(callback, i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model: Denoiser, x: Tensor, sigmas: list[float], eta: float = 0.0,
+                generator: torch.Generator | None = None, callback: Callback = None) -> Tensor:
+    """DDIM (Song et al. 2020) in σ-space: with η=0 the Euler step of the probability-flow ODE; η>0 adds
+    fresh noise of variance η²·σ_next²(σ²-σ_next²)/σ² (eq. 16), drawn from `generator` on the CPU."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, sigma)
+        sigma_up = eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x = x0 + (x - x0) / sigma * sigma_down
+        if sigma_up > 0:
+            x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) * sigma_up
+        _done(callback, i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
+    """Pseudo linear multistep (Liu et al. 2022, PNDM/PLMS) as diffusers runs it with `skip_prk_steps`:
+    a pseudo improved-Euler first step, then Adams–Bashforth of order 2, 3, 4 on ε = (x - x0)/σ."""
+    eps_history: list[Tensor] = []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eps = (x - model(x, sigma)) / sigma
+        eps_history = (eps_history + [eps])[-4:]
+        if i == 0 and len(sigmas) > 2:  # improved Euler: average ε here and at the Euler-predicted next point
+            x_next = x + eps * (sigma_next - sigma)
+            eps = (eps + (x_next - model(x_next, sigma_next)) / sigma_next) / 2
+        elif len(eps_history) == 2:
+            eps = (3 * eps_history[-1] - eps_history[-2]) / 2
+        elif len(eps_history) == 3:
+            eps = (23 * eps_history[-1] - 16 * eps_history[-2] + 5 * eps_history[-3]) / 12
+        elif len(eps_history) == 4:
+            eps = (55 * eps_history[-1] - 59 * eps_history[-2] + 37 * eps_history[-3] - 9 * eps_history[-4]) / 24
+        x = x + eps * (sigma_next - sigma)
+        _done(callback, i, x)
+    return x
+
+
+# ------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler by name: its function, how it builds its grid, and the diffusers scheduler it matches."""
+
+    run: Callable[..., Tensor]
+    schedule: Callable[[SchedulerConfig, int], Schedule]
+    diffusers_class: str
+    label: str  # AUTOMATIC1111's name, written into the PNG parameters
+    options: tuple[str, ...] = ()  # keyword arguments it takes beyond (model, x, sigmas, callback)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS"),
+    "ddim": SamplerSpec(sample_ddim, ddim_schedule, "DDIMScheduler", "DDIM", options=("eta", "generator")),
+    "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler"),
+}
+
+
+def sampler_for_class(class_name: str) -> str | None:
+    """The sampler name matching a diffusers scheduler class (a folder's default), if ldm has it."""
+    return next((name for name, s in SAMPLERS.items() if s.diffusers_class == class_name), None)

@@ -1,0 +1,144 @@
+"""Noise schedules: from a folder's `scheduler_config.json` to the σ grid a sampler walks.
+
+A sampler chosen by name follows what diffusers does with `<SchedulerClass>.from_config(<the folder's
+scheduler config>)`: fields present in the config are used, absent ones take that class's default
+(`timestep_spacing` is "leading" for DDIM/PNDM but "linspace" for Euler; `set_alpha_to_one` is true
+for DDIM but false for PNDM).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The fields of an official `scheduler/scheduler_config.json` (None: the sampler class's default)."""
+
+    class_name: str = "PNDMScheduler"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    steps_offset: int = 0
+    timestep_spacing: str | None = None
+    set_alpha_to_one: bool | None = None
+    clip_sample: bool | None = None
+    clip_sample_range: float = 1.0
+    interpolation_type: str = "linear"
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "SchedulerConfig":
+        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and cfg[k] is not None}
+        if "_class_name" in cfg:
+            fields["class_name"] = cfg["_class_name"]
+        if "trained_betas" in fields:
+            fields["trained_betas"] = tuple(fields["trained_betas"])
+        for key, allowed in (("prediction_type", ("epsilon", "v_prediction")),
+                             ("beta_schedule", ("linear", "scaled_linear")),
+                             ("timestep_spacing", ("leading", "linspace", "trailing", None)),
+                             ("interpolation_type", ("linear",))):
+            if fields.get(key, getattr(cls, key)) not in allowed:
+                raise ConfigError(f"scheduler config: {key}={fields[key]!r} is not supported")
+        for key, unsupported in (("thresholding", True), ("rescale_betas_zero_snr", True),
+                                 ("use_karras_sigmas", True), ("timestep_type", "continuous"),
+                                 ("final_sigmas_type", "sigma_min")):
+            if cfg.get(key) == unsupported:
+                raise ConfigError(f"scheduler config: {key}={unsupported!r} is not supported yet")
+        return cls(**fields)
+
+    def alphas_cumprod(self) -> Tensor:
+        """ᾱ_t for t = 0 … T-1, in float32 as diffusers computes it."""
+        n = self.num_train_timesteps
+        if self.trained_betas is not None:
+            betas = torch.tensor(self.trained_betas, dtype=torch.float32)
+        elif self.beta_schedule == "scaled_linear":
+            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float32) ** 2
+        else:
+            betas = torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
+        return torch.cumprod(1.0 - betas, dim=0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a sampler walks and what the denoiser needs to evaluate the UNet along it."""
+
+    sigmas: list[float]  # descending; the last is where sampling stops
+    timesteps: list[float]  # the UNet timestep at each of sigmas[:-1]
+    init_noise_sigma: float  # the initial latents are N(0, 1) noise times this
+
+    def to_latents(self, x: Tensor) -> Tensor:
+        """The sampler's σ-space result as the variance-preserving latents the VAE decodes."""
+        return x / (1.0 + self.sigmas[-1] ** 2) ** 0.5
+
+
+def _spacing(cfg: SchedulerConfig, default: str) -> str:
+    return cfg.timestep_spacing or default
+
+
+def discrete_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
+    """Integer timesteps of DDIM/PNDM, descending, with their class default spacing ("leading")."""
+    T, spacing = cfg.num_train_timesteps, _spacing(cfg, "leading")
+    if spacing == "leading":
+        t = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.int64) + cfg.steps_offset
+    elif spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    else:
+        t = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
+    # diffusers' DDIM/PNDM step from t to t - T//steps, whatever the spacing; ldm's σ grid can only express
+    # that when it is the next timestep of the grid
+    ratio = T // steps
+    if np.any(t[:-1] - t[1:] != ratio) or t[-1] - ratio >= 0:
+        raise InputError(f"timestep_spacing={spacing!r} with {steps} steps is not supported by DDIM/PNDM yet "
+                         f"(their step lands between grid points); use 'leading' or a step count dividing {T}")
+    return t
+
+
+def sigma_of(alphas_cumprod: Tensor, t) -> float:
+    a = float(alphas_cumprod[int(t)])
+    return ((1.0 - a) / a) ** 0.5
+
+
+def discrete_schedule(cfg: SchedulerConfig, steps: int, set_alpha_to_one_default: bool) -> Schedule:
+    """DDIM and PNDM: the integer timestep grid; they stop at ᾱ = 1 (σ = 0) or at ᾱ_0."""
+    ac = cfg.alphas_cumprod()
+    t = discrete_timesteps(cfg, steps)
+    one = cfg.set_alpha_to_one if cfg.set_alpha_to_one is not None else set_alpha_to_one_default
+    sigmas = [sigma_of(ac, ti) for ti in t] + [0.0 if one else sigma_of(ac, 0)]
+    return Schedule(sigmas, [float(ti) for ti in t], (1.0 + sigmas[0] ** 2) ** 0.5)
+
+
+def euler_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
+    """EulerDiscreteScheduler: σ interpolated linearly at fractional timesteps, then 0."""
+    T, spacing = cfg.num_train_timesteps, _spacing(cfg, "linspace")
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
+    elif spacing == "leading":
+        t = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.float32) + cfg.steps_offset
+    else:
+        t = np.arange(T, 0, -T / steps).round().astype(np.float32) - 1
+    ac = cfg.alphas_cumprod()
+    all_sigmas = (((1 - ac) / ac) ** 0.5).numpy()
+    sigmas = np.concatenate([np.interp(t, np.arange(T), all_sigmas), [0.0]]).astype(np.float32)
+    top = float(sigmas.max())
+    init = top if spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+    return Schedule([float(s) for s in sigmas], [float(ti) for ti in t.astype(np.float32)], init)
+
+
+def ddim_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
+    """DDIMScheduler's grid (its class default `set_alpha_to_one` is true)."""
+    if cfg.clip_sample is not False:
+        raise ConfigError("DDIM with clip_sample (x0 clipped to [-1, 1], the DDIMScheduler default when the "
+                          "config omits it) is not supported; the official SD configs set clip_sample: false")
+    return discrete_schedule(cfg, steps, set_alpha_to_one_default=True)
+
+
+def pndm_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
+    """PNDMScheduler's grid with `skip_prk_steps` (its class default `set_alpha_to_one` is false)."""
+    return discrete_schedule(cfg, steps, set_alpha_to_one_default=False)

@@ -1,0 +1,185 @@
+"""Tiny random models written exactly as the official Hub repos lay them out.
+
+Field sets and file names follow `runwayml/stable-diffusion-v1-5` / `CompVis/stable-diffusion-v1-4`
+(see shared/reference/models.md): config.json files with the official fields only (absent fields take
+the library defaults, as they do for the real files), `diffusion_pytorch_model.safetensors` /
+`model.safetensors` with the official key names, the text encoder in transformers-4 names with the
+`text_model.` prefix and the `position_ids` buffer, and a tokenizer folder without `tokenizer.json`.
+Weights are random (diffusers' / transformers' own initialisation), only the widths are small.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ldm.tokenizer import write_tokenizer_folder
+
+SD1_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.6.0",
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+# The official SD 1.5 unet/config.json, widths shrunk (320/640/1280/1280 → 32/32/64/64, context 768 → 32).
+SD1_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [32, 32, 64, 64],
+    "center_input_sample": False,
+    "cross_attention_dim": 32,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 8,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+SD1_VAE = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "block_out_channels": [32, 32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 64,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+SD1_TEXT_ENCODER = {
+    "_name_or_path": "openai/clip-vit-large-patch14",
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 37,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float32",
+    "transformers_version": "4.22.0.dev0",
+    "vocab_size": 49408,
+}
+
+
+def diffusers_config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def perturb_norms(model):
+    """Random init leaves every norm at weight 1, bias 0; perturb them so that a mix-up of two norms, or
+    a norm applied where none belongs, changes the output."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def make_unet(cfg: dict, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return perturb_norms(UNet2DConditionModel(**diffusers_config(cfg)).eval())
+
+
+def make_vae(cfg: dict, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return perturb_norms(AutoencoderKL(**diffusers_config(cfg)).eval())
+
+
+def make_text_encoder(cfg: dict, seed: int = 0):
+    import transformers
+
+    fields = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type",
+                                                                               "transformers_version")}
+    torch.manual_seed(seed)
+    model_class = getattr(transformers, cfg["architectures"][0])
+    return perturb_norms(model_class(transformers.CLIPTextConfig(**fields)).eval())
+
+
+def official_text_encoder_state(model, position_ids: bool = True) -> dict[str, torch.Tensor]:
+    """transformers-4 key names (`text_model.` prefix, `text_projection.weight` at the top)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key if key.startswith("text_projection") else "text_model." + key.removeprefix("text_model.")
+        state[key] = value.contiguous()
+    if position_ids:
+        n = model.config.max_position_embeddings
+        state["text_model.embeddings.position_ids"] = torch.arange(n, dtype=torch.int64)[None]
+    return state
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def save_component(folder: Path, config: dict, state: dict, stem: str, fp16_variant: bool) -> None:
+    write_json(folder / "config.json", config)
+    state = {k: v.contiguous() for k, v in state.items()}
+    save_file(state, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+    if fp16_variant:
+        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_file(half, str(folder / f"{stem}.fp16.safetensors"), metadata={"format": "pt"})
+
+
+def write_sd1_folder(root: Path, seed: int = 0, fp16_variant: bool = False) -> Path:
+    """A tiny SD 1.5-layout folder (64×64 native size). Returns `root`."""
+    root = Path(root)
+    write_json(root / "model_index.json", SD1_MODEL_INDEX)
+    write_json(root / "scheduler" / "scheduler_config.json", SD1_SCHEDULER)
+    write_tokenizer_folder(root / "tokenizer", pad_token="<|endoftext|>")
+    save_component(root / "unet", SD1_UNET, make_unet(SD1_UNET, seed).state_dict(), "diffusion_pytorch_model",
+                   fp16_variant)
+    save_component(root / "vae", SD1_VAE, make_vae(SD1_VAE, seed + 1).state_dict(), "diffusion_pytorch_model",
+                   fp16_variant)
+    te = make_text_encoder(SD1_TEXT_ENCODER, seed + 2)
+    save_component(root / "text_encoder", SD1_TEXT_ENCODER, official_text_encoder_state(te), "model",
+                   fp16_variant)
+    return root
