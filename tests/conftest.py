@@ -15,8 +15,15 @@ def sd1_folder(tmp_path_factory) -> Path:
     return write_sd1_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd1", fp16_variant=True)
 
 
+# fp32 module parity. The project's bar is 1e-4 relative; ldm runs the same torch ops in the same order
+# as diffusers/transformers and measures 0 to 1e-7 here, while plausible mistakes on these tiny random
+# models (a tanh-approximated GELU, a GroupNorm eps of 1e-5 for 1e-6) move the output by only 2e-5 to
+# 5e-5. The tests therefore hold modules to 1e-6, which still leaves room for reordered fp32 sums.
+MODULE_TOL = 1e-6
+
+
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |a - e| / max |e|: the fp32 parity measure used throughout (bar: 1e-4)."""
+    """max |a - e| / max |e|: the fp32 parity measure used throughout."""
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
