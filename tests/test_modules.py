@@ -82,7 +82,7 @@ def test_unet_matches_diffusers(tmp_path, family):
         expected = ref(x, t, context, added_cond_kwargs=added).sample
         actual = ours(x, t, context, **kwargs)
     assert actual.shape == expected.shape
-    print("REL", max_rel_err(actual, expected)); assert max_rel_err(actual, expected) < TOL
+    assert max_rel_err(actual, expected) < TOL
 
 
 def test_unet_config_reads_heads_like_diffusers():
