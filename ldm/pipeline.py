@@ -199,7 +199,7 @@ class StableDiffusion:
                  width // self.vae_scale)
         x = torch.randn(shape, generator=generator, dtype=torch.float32) * schedule.init_noise_sigma
         x = x.to(self.device, self.dtype)
-        options = {"eta": eta, "generator": generator}
+        options = {"eta": eta, "generator": generator, "output": self.scheduler.prediction_type}
         x = spec.run(denoiser, x, schedule.sigmas, callback=callback, **{k: options[k] for k in spec.options})
         images = self.decode(schedule.to_latents(x))
 

@@ -54,24 +54,40 @@ def sample_ddim(model: Denoiser, x: Tensor, sigmas: list[float], eta: float = 0.
 
 
 @torch.no_grad()
-def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
+def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "epsilon",
+                callback: Callback = None) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022, PNDM/PLMS) as diffusers runs it with `skip_prk_steps`:
-    a pseudo improved-Euler first step, then Adams–Bashforth of order 2, 3, 4 on ε = (x - x0)/σ."""
-    eps_history: list[Tensor] = []
+    a pseudo improved-Euler first step, then Adams–Bashforth of order 2, 3, 4.
+
+    diffusers combines the network's own outputs: ε for ε-models, v for v-models (`output`), each then
+    turned into ε at the current point; the two differ for v-models because v depends on x.
+    """
+
+    def to_output(x: Tensor, x0: Tensor, sigma: float) -> Tensor:
+        if output == "epsilon":
+            return (x - x0) / sigma
+        return (x / (1 + sigma**2) - x0) * ((1 + sigma**2) ** 0.5 / sigma)
+
+    def to_eps(out: Tensor, x: Tensor, sigma: float) -> Tensor:
+        if output == "epsilon":
+            return out
+        return (out + x * (sigma / (1 + sigma**2) ** 0.5)) / (1 + sigma**2) ** 0.5
+
+    history: list[Tensor] = []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        eps = (x - model(x, sigma)) / sigma
-        eps_history = (eps_history + [eps])[-4:]
-        if i == 0 and len(sigmas) > 2:  # improved Euler: average ε here and at the Euler-predicted next point
-            x_next = x + eps * (sigma_next - sigma)
-            eps = (eps + (x_next - model(x_next, sigma_next)) / sigma_next) / 2
-        elif len(eps_history) == 2:
-            eps = (3 * eps_history[-1] - eps_history[-2]) / 2
-        elif len(eps_history) == 3:
-            eps = (23 * eps_history[-1] - 16 * eps_history[-2] + 5 * eps_history[-3]) / 12
-        elif len(eps_history) == 4:
-            eps = (55 * eps_history[-1] - 59 * eps_history[-2] + 37 * eps_history[-3] - 9 * eps_history[-4]) / 24
-        x = x + eps * (sigma_next - sigma)
+        out = to_output(x, model(x, sigma), sigma)
+        history = (history + [out])[-4:]
+        if i == 0 and len(sigmas) > 2:  # improved Euler: average here and at the Euler-predicted next point
+            x_next = x + to_eps(out, x, sigma) * (sigma_next - sigma)
+            out = (out + to_output(x_next, model(x_next, sigma_next), sigma_next)) / 2
+        elif len(history) == 2:
+            out = (3 * history[-1] - history[-2]) / 2
+        elif len(history) == 3:
+            out = (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
+        elif len(history) == 4:
+            out = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
+        x = x + to_eps(out, x, sigma) * (sigma_next - sigma)
         _done(callback, i, x)
     return x
 
@@ -91,7 +107,7 @@ class SamplerSpec:
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS"),
+    "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS", options=("output",)),
     "ddim": SamplerSpec(sample_ddim, ddim_schedule, "DDIMScheduler", "DDIM", options=("eta", "generator")),
     "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler"),
 }

@@ -1,0 +1,134 @@
+"""Sampler trajectories against diffusers' schedulers built with `from_config(<folder's scheduler config>)`.
+
+The "UNet" here is a fixed nonlinear function of the latent and the timestep, so every intermediate
+latent of ldm's pure-function samplers can be compared with the scheduler's `step` outputs.
+"""
+
+import pytest
+import torch
+from conftest import max_rel_err
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from official import SD1_SCHEDULER
+
+from ldm.denoisers import Denoiser
+from ldm.samplers import SAMPLERS
+from ldm.schedules import SchedulerConfig
+
+SD21_SCHEDULER = {  # stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json
+    "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None,
+}
+SDXL_SCHEDULER = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+CONFIGS = {"sd1-eps": SD1_SCHEDULER, "sd21-v": SD21_SCHEDULER, "sdxl-eps": SDXL_SCHEDULER}
+DIFFUSERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+VP_LATENTS = ("pndm", "ddim")  # diffusers keeps these in variance-preserving form; ldm works in σ-space
+
+
+def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=torch.float32)
+    return torch.tanh(0.8 * x + torch.sin(t / 97.0 + x.roll(1, -1))) * 0.7 + 0.2 * x
+
+
+def diffusers_trajectory(name, config, steps, seed, eta=0.0):
+    scheduler = DIFFUSERS[name].from_config(config)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 6, 5, generator=generator) * scheduler.init_noise_sigma
+    trajectory = []
+    for t in scheduler.timesteps:
+        out = fake_unet(scheduler.scale_model_input(x, t), t)
+        extra = {"eta": eta, "generator": generator} if name == "ddim" else {}
+        x = scheduler.step(out, t, x, **extra).prev_sample
+        trajectory.append(x)
+    if name == "pndm" and steps > 1:
+        trajectory.pop(0)  # PNDM's first call only predicts; ldm's first step is the corrected one
+    return trajectory
+
+
+def ldm_trajectory(name, config, steps, seed, eta=0.0):
+    cfg = SchedulerConfig.from_diffusers(config)
+    spec = SAMPLERS[name]
+    schedule = spec.schedule(cfg, steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 6, 5, generator=generator) * schedule.init_noise_sigma
+    trajectory = []
+
+    def record(i, x):
+        sigma_next = schedule.sigmas[i + 1]
+        trajectory.append(x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else x)
+
+    options = {"eta": eta, "generator": generator, "output": cfg.prediction_type}
+    spec.run(Denoiser(fake_unet, schedule, cfg.prediction_type), x, schedule.sigmas, callback=record,
+             **{k: options[k] for k in spec.options})
+    return trajectory
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", list(DIFFUSERS))
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 25])
+def test_trajectory_matches_diffusers(name, config, steps):
+    expected = diffusers_trajectory(name, CONFIGS[config], steps, seed=steps)
+    actual = ldm_trajectory(name, CONFIGS[config], steps, seed=steps)
+    assert len(actual) == len(expected) == steps
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert max_rel_err(a, e) < 1e-5, f"step {i}"
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_ddim_eta_draws_noise_like_diffusers(eta):
+    expected = diffusers_trajectory("ddim", SD1_SCHEDULER, 10, seed=1, eta=eta)
+    actual = ldm_trajectory("ddim", SD1_SCHEDULER, 10, seed=1, eta=eta)
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert max_rel_err(a, e) < 1e-5, f"step {i}"
+
+
+def test_schedules_match_diffusers_grids():
+    for name, cls in DIFFUSERS.items():
+        for config in CONFIGS.values():
+            scheduler = cls.from_config(config)
+            scheduler.set_timesteps(10)
+            schedule = SAMPLERS[name].schedule(SchedulerConfig.from_diffusers(config), 10)
+            timesteps = scheduler.timesteps.tolist()
+            if name == "pndm":  # diffusers repeats the second timestep for the corrector evaluation
+                timesteps = timesteps[:1] + timesteps[2:]
+            assert schedule.timesteps == pytest.approx(timesteps)
+            init = schedule.init_noise_sigma
+            if name in VP_LATENTS:  # in σ-space the initial noise is scaled to σ_max's variance
+                init /= (1 + schedule.sigmas[0] ** 2) ** 0.5
+            assert init == pytest.approx(float(scheduler.init_noise_sigma), rel=1e-6)
+            if name == "euler":
+                assert schedule.sigmas == pytest.approx(scheduler.sigmas.tolist(), rel=1e-6)
+
+
+def test_spacing_defaults_follow_the_scheduler_class():
+    cfg = SchedulerConfig.from_diffusers(SD1_SCHEDULER)  # no timestep_spacing in the file
+    assert SAMPLERS["euler"].schedule(cfg, 4).timesteps == pytest.approx([999.0, 666.0, 333.0, 0.0])  # linspace
+    assert SAMPLERS["ddim"].schedule(cfg, 4).timesteps == [751.0, 501.0, 251.0, 1.0]  # leading + offset
+
+
+def test_v_prediction_wrapper_is_the_closed_form():
+    # x = x0 + σ·ε in σ-space; the UNet sees x/√(1+σ²) and predicts v = α·ε - s·x0 with α = 1/√(1+σ²),
+    # s = σ/√(1+σ²) (Salimans & Ho 2022). The wrapper must return x0 exactly.
+    sigma = 3.7
+    x0, eps = torch.randn(2, 4, 3, 3, dtype=torch.float64).unbind(0)
+    x = x0 + sigma * eps
+    alpha, s = 1 / (1 + sigma**2) ** 0.5, sigma / (1 + sigma**2) ** 0.5
+
+    def v_model(x_in, t):
+        assert torch.allclose(x_in, x * alpha) and t == 500.0
+        return alpha * eps - s * x0
+
+    def eps_model(x_in, t):
+        return eps
+
+    schedule = type("S", (), {"sigmas": [sigma, 0.0], "timesteps": [500.0]})
+    assert torch.allclose(Denoiser(v_model, schedule, "v_prediction")(x, sigma), x0)
+    assert torch.allclose(Denoiser(eps_model, schedule, "epsilon")(x, sigma), x0)
