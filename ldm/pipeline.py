@@ -139,7 +139,7 @@ class StableDiffusion:
         unet_cfg = UNetConfig.from_diffusers(read_json(root / "unet" / "config.json"))
         vae_cfg = VAEConfig.from_diffusers(read_json(root / "vae" / "config.json"))
         te_cfg = CLIPTextConfig.from_transformers(read_json(root / "text_encoder" / "config.json"))
-        family = "SD 1.x" if te_cfg.hidden_size == 768 else "SD 2.x"
+        family = "SD 1.x" if te_cfg.hidden_act == "quick_gelu" else "SD 2.x"  # CLIP-L vs OpenCLIP-H
         # the SDXL-style VAE overflows in half precision: decode in fp32 when its config asks for it
         vae_dtype = torch.float32 if (dt == torch.float16 and vae_cfg.force_upcast) else dt
 

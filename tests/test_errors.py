@@ -1,0 +1,136 @@
+"""Bad input: a clear one-line error, a non-zero exit, no traceback, nothing unpickled."""
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from ldm.errors import LoadError
+from ldm.loading import read_safetensors
+from ldm_cli.main import main
+
+PROMPT = "a cat"
+
+
+def run(capsys, *args):
+    code = main(["generate", PROMPT, *args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.fixture
+def folder_copy(sd1_folder, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(sd1_folder, dst)
+    return dst
+
+
+def test_missing_folder(capsys, tmp_path):
+    code, err = run(capsys, "--model", str(tmp_path / "nope"))
+    assert code == 2 and "no such file or folder" in err
+
+
+def test_folder_without_model_index(capsys, tmp_path):
+    code, err = run(capsys, "--model", str(tmp_path))
+    assert code == 2 and "model_index.json is missing" in err
+
+
+def test_missing_component_folder(capsys, folder_copy):
+    shutil.rmtree(folder_copy / "vae")
+    code, err = run(capsys, "--model", str(folder_copy))
+    assert code == 2 and "the vae/ folder is missing" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_safetensors(capsys, folder_copy, damage):
+    path = folder_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    code, err = run(capsys, "--model", str(folder_copy), "--steps", "1")
+    assert code == 2
+    assert "diffusion_pytorch_model.safetensors" in err and "truncated or corrupt" in err
+
+
+def test_weights_that_do_not_match_the_config(capsys, folder_copy):
+    path = folder_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    del state["conv_in.weight"]
+    state["extra.weight"] = state["conv_out.bias"].clone()
+    state["conv_out.bias"] = state["conv_out.bias"][:2].clone()
+    save_file(state, str(path))
+    code, err = run(capsys, "--model", str(folder_copy), "--steps", "1")
+    assert code == 2
+    assert "missing keys: conv_in.weight" in err and "unexpected keys: extra.weight" in err
+    assert "wrong shapes: conv_out.bias" in err and "SD 1.x" in err
+
+
+class Boom:
+    """Unpickling this writes a marker file: the tests prove it is never unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_only_folder_is_refused_unread(capsys, folder_copy, tmp_path):
+    marker = tmp_path / "unpickled"
+    for path in (folder_copy / "unet").glob("*.safetensors"):
+        path.unlink()
+    (folder_copy / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Boom(str(marker))))
+    code, err = run(capsys, "--model", str(folder_copy))
+    assert code == 2 and "pickle" in err and "safetensors" in err
+    assert not marker.exists()
+
+
+def test_ckpt_file_is_refused_unread(capsys, tmp_path):
+    marker = tmp_path / "unpickled"
+    ckpt = tmp_path / "sd-v1-4.ckpt"
+    ckpt.write_bytes(pickle.dumps(Boom(str(marker))))
+    code, err = run(capsys, "--model", str(ckpt))
+    assert code == 2 and "never unpickles" in err
+    assert not marker.exists()
+    with pytest.raises(LoadError, match="pickle"):
+        read_safetensors(ckpt)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--width", "65"], "width must be a positive multiple of 8"),
+    (["--height", "0"], "height must be a positive multiple of 8"),
+    (["--steps", "0"], "steps must be a whole number ≥ 1"),
+    (["--num-images", "0"], "number of images must be ≥ 1"),
+    (["--seed", "-1"], "seed must be between 0"),
+    (["--guidance", "-2"], "guidance must be ≥ 0"),
+    (["--eta", "1.5"], "eta must be between 0 and 1"),
+    (["-o", "out.jpg"], "must be a .png file"),
+])
+def test_out_of_range_parameters_fail_before_loading(capsys, tmp_path, args, message):
+    # the model path does not exist: these must be reported before any loading is attempted
+    code, err = run(capsys, "--model", str(tmp_path / "not-loaded"), *args)
+    assert code == 2 and message in err
+
+
+def test_unknown_sampler_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", PROMPT, "--sampler", "dpm_fast"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'dpm_fast'" in err and "pndm" in err and "ddim" in err and "euler" in err
+
+
+def test_console_script_help_and_error(tmp_path):
+    ldm = shutil.which("ldm", path=os.path.dirname(sys.executable)) or shutil.which("ldm")
+    assert ldm, "the `ldm` console script is not installed"
+    help_text = subprocess.run([ldm, "generate", "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--negative-prompt", "--steps", "--guidance", "--seed", "--width", "--height", "--sampler",
+                 "--num-images", "--device", "--dtype", "pndm", "ddim", "euler"):
+        assert flag in help_text
+    proc = subprocess.run([ldm, "generate", PROMPT, "--model", str(tmp_path / "missing")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such file or folder" in proc.stderr

@@ -1,0 +1,102 @@
+"""Whole images through the `ldm generate` CLI against diffusers' StableDiffusionPipeline on the same folder."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from ldm.pipeline import StableDiffusion
+from ldm_cli.main import main
+
+SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+PROMPT = "a photograph of an astronaut riding a horse"
+MAX_PIXEL_DIFF = 2  # of 255
+
+
+@pytest.fixture(scope="module")
+def reference(sd1_folder):
+    pipe = StableDiffusionPipeline.from_pretrained(sd1_folder, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_images(pipe, sampler, seed, steps=6, **kwargs):
+    pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+    # the tiny fixture's native size is 64; diffusers would upgrade its sample_size of this old-version config
+    out = pipe(PROMPT, num_inference_steps=steps, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
+    return (out * 255).round().astype(np.int16)
+
+
+def read_png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("sampler", [None, "pndm", "ddim", "euler"])
+def test_cli_image_equals_diffusers(sd1_folder, reference, tmp_path, capsys, sampler):
+    out = tmp_path / "astronaut.png"
+    args = ["generate", PROMPT, "--model", str(sd1_folder), "--steps", "6", "--seed", "42", "-o", str(out)]
+    assert main(args + (["--sampler", sampler] if sampler else [])) == 0
+    expected = diffusers_images(reference, sampler or "pndm", seed=42)[0]  # the folder's default: PNDM
+    diff = np.abs(read_png(out) - expected).max()
+    print(f"{sampler or 'default(pndm)'}: max pixel difference {diff}")
+    assert diff <= MAX_PIXEL_DIFF
+    assert expected.std() > 10  # a real image, not a flat one that any output would match
+
+
+def test_negative_prompt_and_several_images(sd1_folder, reference, tmp_path):
+    out = tmp_path / "pair.png"
+    assert main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "5", "--seed", "3", "--sampler",
+                 "euler", "--negative-prompt", "blurry, low quality", "--num-images", "2", "--guidance", "5",
+                 "-o", str(out)]) == 0
+    expected = diffusers_images(reference, "euler", seed=3, steps=5, negative_prompt="blurry, low quality",
+                                num_images_per_prompt=2, guidance_scale=5.0)
+    for path, exp in zip([out, tmp_path / "pair-1.png"], expected, strict=True):
+        assert np.abs(read_png(path) - exp).max() <= MAX_PIXEL_DIFF
+    params = Image.open(out).text["parameters"]
+    assert params.splitlines()[0] == PROMPT
+    assert params.splitlines()[1] == "Negative prompt: blurry, low quality"
+    assert "Steps: 5, Sampler: Euler, CFG scale: 5.0, Seed: 3, Size: 64x64, Model: tiny-sd1" in params
+    assert "Batch size: 2, Batch pos: 0" in params
+
+
+def test_guidance_off_runs_the_unet_once(sd1_folder, reference, tmp_path):
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    image = pipe(PROMPT, steps=3, seed=9, sampler="ddim", guidance=1.0).images[0]
+    assert calls == [1, 1, 1]  # no unconditional batch when guidance ≤ 1, as in diffusers
+    expected = diffusers_images(reference, "ddim", seed=9, steps=3, guidance_scale=1.0)[0]
+    assert np.abs(np.asarray(image).astype(np.int16) - expected).max() <= MAX_PIXEL_DIFF
+
+
+def test_fp16_variant_files(sd1_folder, tmp_path):
+    ref = StableDiffusionPipeline.from_pretrained(sd1_folder, variant="fp16", torch_dtype=torch.float32,
+                                                  safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    out = tmp_path / "v.png"
+    assert main(["generate", PROMPT, "--model", str(sd1_folder), "--variant", "fp16", "--steps", "4",
+                 "--seed", "1", "-o", str(out)]) == 0
+    assert np.abs(read_png(out) - diffusers_images(ref, "pndm", seed=1, steps=4)[0]).max() <= MAX_PIXEL_DIFF
+
+
+def test_random_seed_is_printed_and_recorded(sd1_folder, tmp_path, capsys):
+    first = tmp_path / "first.png"
+    assert main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "2", "-o", str(first)]) == 0
+    seed = int(capsys.readouterr().err.split("seed: ")[1].split()[0])
+    assert f"Seed: {seed}," in Image.open(first).text["parameters"]
+    again = tmp_path / "again.png"
+    assert main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "2", "--seed", str(seed),
+                 "-o", str(again)]) == 0
+    assert np.array_equal(read_png(first), read_png(again))
+
+
+def test_modules_are_plain_attributes(sd1_folder):
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    assert isinstance(pipe.unet, torch.nn.Module) and isinstance(pipe.vae, torch.nn.Module)
+    assert isinstance(pipe.text_encoder, torch.nn.Module)
+    assert pipe.default_sampler == "pndm"
+    assert all(not p.requires_grad and p.device.type == "cpu" for p in pipe.unet.parameters())
