@@ -134,3 +134,9 @@ def test_console_script_help_and_error(tmp_path):
     proc = subprocess.run([ldm, "generate", PROMPT, "--model", str(tmp_path / "missing")], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such file or folder" in proc.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(capsys, sd1_folder):
+    code, err = run(capsys, "--model", str(sd1_folder), "--device", "cuda")
+    assert code == 2 and "no CUDA device" in err
