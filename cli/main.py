@@ -12,16 +12,14 @@ from ldm.samplers import SAMPLERS
 class ProgressBar:
     """A one-line progress bar over the denoising steps, on stderr."""
 
-    def __init__(self, total: int, width: int = 30):
-        self.total, self.width, self.start = total, width, time.monotonic()
+    def __init__(self, width: int = 30):
+        self.width, self.start = width, time.monotonic()
 
-    def __call__(self, i: int, _x=None) -> None:
-        done = i + 1
-        filled = self.width * done // self.total
-        elapsed = time.monotonic() - self.start
-        rate = f"{elapsed / done:.2f} s/step"
-        end = "\n" if done == self.total else ""
-        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps, {rate}",
+    def __call__(self, done: int, total: int) -> None:
+        filled = self.width * done // total
+        rate = f"{(time.monotonic() - self.start) / done:.2f} s/step"
+        end = "\n" if done == total else ""
+        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} steps, {rate}",
               end=end, file=sys.stderr, flush=True)
 
 
@@ -45,6 +43,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                      help="sampler (default: the model folder's scheduler): "
                           + ", ".join(f"{name} ({spec.label})" for name, spec in SAMPLERS.items()))
+    gen.add_argument("--guidance-rescale", type=float, default=0.0,
+                     help="rescale guided output toward the conditional one's std, 0–1 (default: %(default)s)")
+    gen.add_argument("--image", default=None,
+                     help="start from this image (image-to-image), or repaint it with --mask; the output size "
+                          "is its size rounded down to a multiple of 8 unless --width/--height are given")
+    gen.add_argument("--mask", default=None,
+                     help="inpainting mask for --image: white = repaint, black = keep (binarised at 50%%)")
+    gen.add_argument("--strength", type=float, default=None,
+                     help="how much of the schedule to run from --image, (0, 1] (default: 0.8; 1.0 with --mask)")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM's η: 0 deterministic, 1 DDPM-like noise")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate (default: %(default)s)")
     gen.add_argument("-o", "--output", default="output.png",
@@ -64,17 +71,28 @@ def generate(args: argparse.Namespace) -> None:
     if not out.parent.is_dir():
         raise LdmError(f"-o {args.output}: folder {out.parent} does not exist")
 
-    from ldm.images import numbered_paths, save_png
+    from ldm.images import load_image, numbered_paths, save_png
     from ldm.pipeline import StableDiffusion, check_request
 
+    # everything about the request is checked before gigabytes of weights are loaded
     check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
-                  args.eta)  # before loading gigabytes of weights
+                  args.eta, guidance_rescale=args.guidance_rescale)
+    if args.mask and not args.image:
+        raise LdmError("--mask needs the image it applies to (--image)")
+    if args.strength is not None and not args.image:
+        raise LdmError("--strength applies to image-to-image and inpainting: give an --image")
+    image = load_image(args.image) if args.image else None
+    mask = load_image(args.mask, "mask") if args.mask else None
+    if mask is not None and mask.size != image.size:
+        print(f"note: the mask ({mask.width}x{mask.height}) is resized to the image's {image.width}x{image.height}",
+              file=sys.stderr)
 
     pipe = StableDiffusion.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                            variant=args.variant, revision=args.revision)
-    result = pipe(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                  width=args.width, height=args.height, sampler=args.sampler, num_images=args.num_images,
-                  eta=args.eta, callback=ProgressBar(args.steps))
+    result = pipe(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                  guidance_rescale=args.guidance_rescale, seed=args.seed, width=args.width, height=args.height,
+                  sampler=args.sampler, num_images=args.num_images, eta=args.eta, image=image, mask=mask,
+                  strength=args.strength, progress=ProgressBar())
     if args.seed is None:
         print(f"seed: {result.seed}", file=sys.stderr)
     for image, text, path in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),

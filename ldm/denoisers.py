@@ -18,11 +18,13 @@ Model = Callable[[Tensor, float], Tensor]
 
 
 def guided(unet: Callable[..., Tensor], cond: dict[str, Tensor], uncond: dict[str, Tensor] | None,
-           scale: float) -> Model:
+           scale: float, rescale: float = 0.0) -> Model:
     """`model(x, t)`: the UNet's output under classifier-free guidance of strength `scale`.
 
     `cond`/`uncond` are the UNet's conditioning keyword arguments (context, and SDXL's text_embeds and
-    time_ids). Without `uncond` (guidance off) the UNet runs once on the conditional batch.
+    time_ids). Without `uncond` (guidance off) the UNet runs once on the conditional batch. `rescale`
+    blends in the guided output rescaled to the conditional output's standard deviation (Lin et al. 2023,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.4; diffusers' `guidance_rescale`).
     """
     if uncond is None:
         return lambda x, t: unet(x, t, **cond)
@@ -30,9 +32,27 @@ def guided(unet: Callable[..., Tensor], cond: dict[str, Tensor], uncond: dict[st
 
     def model(x: Tensor, t: float) -> Tensor:
         out_uncond, out_cond = unet(torch.cat([x, x]), t, **both).chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
+        out = out_uncond + scale * (out_cond - out_uncond)
+        if rescale > 0:
+            dims = list(range(1, out.ndim))
+            rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+            out = rescale * rescaled + (1 - rescale) * out
+        return out
 
     return model
+
+
+def with_channels(unet: Callable[..., Tensor], extra: Tensor) -> Callable[..., Tensor]:
+    """The UNet with `extra` channels concatenated to its input (inpainting: mask and masked-image latents).
+
+    The extra channels are not scaled with x and are tiled to the batch, as diffusers does.
+    """
+
+    def conditioned(x: Tensor, t: float, **kwargs) -> Tensor:
+        tiled = extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)
+        return unet(torch.cat([x, tiled.to(x.dtype)], dim=1), t, **kwargs)
+
+    return conditioned
 
 
 class Denoiser:

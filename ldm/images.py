@@ -1,11 +1,53 @@
-"""Images in and out: tensors ↔ PIL, and PNGs carrying AUTOMATIC1111's `parameters` text chunk."""
+"""Images in and out: files → tensors for the VAE, tensors → PIL, and PNGs carrying AUTOMATIC1111's
+`parameters` text chunk. Pre-processing follows diffusers' `VaeImageProcessor`: Lanczos resize, [-1, 1]
+for images, grayscale binarised at 0.5 for masks."""
 
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
+
+from .errors import InputError
+
+
+def load_image(path: str | Path, what: str = "image") -> Image.Image:
+    """Open an image file, fully decoded, or raise an InputError that says what is wrong with it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path}: is a folder, not an image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{what} {path}: not a readable image ({e})") from None
+
+
+def fit_size(image: Image.Image, multiple: int = 8) -> tuple[int, int]:
+    """The image's (width, height) rounded down to a multiple of `multiple`, as diffusers does."""
+    width, height = (v - v % multiple for v in image.size)
+    if width < multiple or height < multiple:
+        raise InputError(f"image of {image.width}x{image.height} is smaller than {multiple}x{multiple} pixels")
+    return width, height
+
+
+def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
+    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> Tensor:
+    """(1, 3, height, width) in [-1, 1]."""
+    x = np.asarray(_resized(image, width, height).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(x).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def mask_to_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
+    """(1, 1, height, width) of 0 (keep) and 1 (repaint): resized, grayscale, binarised at 0.5."""
+    x = np.asarray(_resized(mask, width, height).convert("L"), dtype=np.float32) / 255.0
+    return (torch.from_numpy(x)[None, None] >= 0.5).float()
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

@@ -1,8 +1,11 @@
-"""Text-to-image: prompt → text embeddings → sampled latents → VAE decode → PIL images.
+"""Stable Diffusion: prompt → text embeddings → sampled latents → VAE decode → PIL images.
 
     pipe = StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     result = pipe("a photograph of an astronaut riding a horse", seed=1)
     result.images[0].save("astronaut.png")
+
+Image-to-image (SDEdit) starts from a noised encoding of `image`; inpainting adds a `mask`, fed to a
+9-channel UNet as extra channels, or pasted back after every step for a 4-channel one.
 
 `pipe.unet`, `pipe.vae`, `pipe.text_encoder` and `pipe.tokenizer` are plain attributes: swap them,
 hook them, or call them directly.
@@ -14,20 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from .clip import CLIPTextConfig, CLIPTextModel
-from .denoisers import Denoiser, guided
+from .denoisers import Denoiser, guided, with_channels
 from .errors import InputError, LoadError
-from .images import infotext, to_pil
+from .images import fit_size, image_to_tensor, infotext, mask_to_tensor, to_pil
 from .loading import load_module, read_json, read_safetensors, refuse_pickle, resolve, weights_file
 from .samplers import SAMPLERS, sampler_for_class
-from .schedules import SchedulerConfig
+from .schedules import Schedule, SchedulerConfig
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
 
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_SEED = 2**64 - 1
 
@@ -75,7 +80,8 @@ def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def check_request(steps: int, width: int | None, height: int | None, guidance: float, num_images: int,
-                  seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8) -> None:
+                  seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8,
+                  guidance_rescale: float = 0.0) -> None:
     """Reject out-of-range generation parameters with a message that says what to pass instead."""
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -92,6 +98,8 @@ def check_request(steps: int, width: int | None, height: int | None, guidance: f
         raise InputError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
     if not 0 <= eta <= 1:
         raise InputError(f"eta must be between 0 and 1, got {eta}")
+    if not 0 <= guidance_rescale <= 1:
+        raise InputError(f"guidance rescale must be between 0 and 1, got {guidance_rescale}")
 
 
 @dataclass
@@ -102,7 +110,7 @@ class Generation:
 
 
 class StableDiffusion:
-    """SD 1.x/2.x text-to-image on the official diffusers folder layout."""
+    """SD 1.x/2.x text-to-image, image-to-image and inpainting on the official diffusers folder layout."""
 
     def __init__(self, unet: UNet, vae: VAE, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype, name: str = "model"):
@@ -129,9 +137,9 @@ class StableDiffusion:
                             "diffusers folder (the one with model_index.json) or its Hub id")
         index = read_json(root / "model_index.json")
         pipeline_class = index.get("_class_name")
-        if pipeline_class not in ("StableDiffusionPipeline",):
+        if pipeline_class not in SD_PIPELINES:
             raise LoadError(f"{root}: a {pipeline_class} folder is not supported yet (ldm loads "
-                            "StableDiffusionPipeline folders: SD 1.x)")
+                            f"{', '.join(SD_PIPELINES)} folders: SD 1.x and 2.x)")
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if not (root / part).is_dir():
                 raise LoadError(f"{root}: the {part}/ folder is missing")
@@ -140,6 +148,8 @@ class StableDiffusion:
         vae_cfg = VAEConfig.from_diffusers(read_json(root / "vae" / "config.json"))
         te_cfg = CLIPTextConfig.from_transformers(read_json(root / "text_encoder" / "config.json"))
         family = "SD 1.x" if te_cfg.hidden_act == "quick_gelu" else "SD 2.x"  # CLIP-L vs OpenCLIP-H
+        if unet_cfg.in_channels > vae_cfg.latent_channels:
+            family += " inpainting"
         # the SDXL-style VAE overflows in half precision: decode in fp32 when its config asks for it
         vae_dtype = torch.float32 if (dt == torch.float16 and vae_cfg.force_upcast) else dt
 
@@ -170,48 +180,139 @@ class StableDiffusion:
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                 steps: int = 50, guidance: float = 7.5, seed: int | None = None, width: int | None = None,
-                 height: int | None = None, sampler: str | None = None, num_images: int = 1, eta: float = 0.0,
-                 callback: Callable[[int, Tensor], None] | None = None) -> Generation:
-        """Generate `num_images` images per prompt. Defaults: the model's native size and its folder's
-        sampler; 50 steps, guidance 7.5; a random seed (returned in the result)."""
+                 steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0, seed: int | None = None,
+                 width: int | None = None, height: int | None = None, sampler: str | None = None,
+                 num_images: int = 1, eta: float = 0.0, image: Image.Image | None = None,
+                 mask: Image.Image | None = None, strength: float | None = None,
+                 callback: Callable[[int, Tensor], Tensor | None] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Generation:
+        """Generate `num_images` images per prompt.
+
+        Text-to-image by default; image-to-image (SDEdit) with `image`; inpainting with `image` and
+        `mask` (white = repaint). Defaults: the model's native size (the image's, rounded down to a
+        multiple of 8, when there is one), its folder's sampler, 50 steps, guidance 7.5, strength 0.8
+        (1.0 with a mask), a random seed (returned in the result).
+
+        `callback(i, x)` sees the σ-space latents after step i and may return replacements;
+        `progress(done, total)` is told each finished step.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negatives) != len(prompts):
             raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        size = self.unet.config.sample_size * self.vae_scale
-        width, height = width or size, height or size
+        if mask is not None and image is None:
+            raise InputError("a mask needs the image it applies to (--image)")
+        if self.inpainting and mask is None:
+            raise InputError(f"{self.name} is an inpainting model (9-channel UNet): give it an image and a mask")
+        if image is None and strength is not None:
+            raise InputError("strength applies to image-to-image and inpainting: give an image (--image)")
+        strength = (1.0 if mask is not None else 0.8) if strength is None else strength
+        if not 0 < strength <= 1:
+            raise InputError(f"strength must be in (0, 1], got {strength}")
+        native = self.unet.config.sample_size * self.vae_scale
+        default_w, default_h = fit_size(image, self.vae_scale) if image is not None else (native, native)
+        width, height = width or default_w, height or default_h
         sampler = sampler or self.default_sampler
-        check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale)
+        check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale,
+                      guidance_rescale)
         seed = secrets.randbits(32) if seed is None else seed
         spec = SAMPLERS[sampler]
         schedule = spec.schedule(self.scheduler, steps)
+        if image is not None:
+            schedule = schedule.from_strength(strength)
         generator = torch.Generator("cpu").manual_seed(seed)
 
-        cond = self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)
+        cond = {"context": self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)}
         uncond = None
         if guidance > 1:  # diffusers' rule: guidance is on when the scale exceeds 1
             uncond = {"context": self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)}
-        model = guided(self.unet, {"context": cond}, uncond, guidance)
-        denoiser = Denoiser(model, schedule, self.scheduler.prediction_type)
+        batch = len(prompts) * num_images
+        shape = (batch, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        total = len(schedule.sigmas) - 1
 
-        shape = (len(prompts) * num_images, self.unet.config.out_channels, height // self.vae_scale,
-                 width // self.vae_scale)
-        x = torch.randn(shape, generator=generator, dtype=torch.float32) * schedule.init_noise_sigma
-        x = x.to(self.device, self.dtype)
+        def step_end(i: int, x: Tensor) -> Tensor | None:
+            if progress is not None:
+                progress(i + 1, total)
+            return None if callback is None else callback(i, x)
+
+        unet, x, step_end = self.prepare(shape, schedule, generator, image, mask, strength, step_end)
+        denoiser = Denoiser(guided(unet, cond, uncond, guidance, guidance_rescale), schedule,
+                            self.scheduler.prediction_type)
         options = {"eta": eta, "generator": generator, "output": self.scheduler.prediction_type}
-        x = spec.run(denoiser, x, schedule.sigmas, callback=callback, **{k: options[k] for k in spec.options})
+        x = spec.run(denoiser, x, schedule.sigmas, callback=step_end, **{k: options[k] for k in spec.options})
         images = self.decode(schedule.to_latents(x))
 
         params = {"Steps": steps, "Sampler": spec.label, "CFG scale": guidance, "Seed": seed,
                   "Size": f"{width}x{height}", "Model": self.name}
-        if spec.options and eta:
+        if "eta" in spec.options and eta:
             params["Eta"] = eta
+        if guidance_rescale:
+            params["CFG rescale"] = guidance_rescale
+        if image is not None:
+            params["Denoising strength"] = strength
         texts = []
         for i in range(len(images)):
             extra = {"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {}
             texts.append(infotext(prompts[i // num_images], negatives[i // num_images], params | extra))
         return Generation(images, seed, texts)
+
+    @property
+    def inpainting(self) -> bool:
+        """A UNet that takes mask and masked-image latents besides the noisy latents (9 channels)."""
+        return self.unet.config.in_channels > self.vae.config.latent_channels
+
+    def encode_image(self, image: Tensor, generator: torch.Generator) -> Tensor:
+        """Scaled latents of an image in [-1, 1]: a sample of the VAE posterior, noise from `generator`."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        mean, logvar = self.vae.encode(image.to(self.device, vae_dtype))
+        return (self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor).to(self.dtype)
+
+    def prepare(self, shape, schedule: Schedule, generator: torch.Generator, image: Image.Image | None,
+                mask: Image.Image | None, strength: float, callback):
+        """The UNet to call, the initial σ-space latents and the per-step callback, for each task.
+
+        Random draws come in diffusers' order: text-to-image: noise. Image-to-image: the image's latent
+        sample, then noise. Inpainting: the image's latent sample (4-channel UNet, or strength < 1),
+        noise, then the masked image's latent sample.
+        """
+        batch, _, h, w = shape
+
+        def noise() -> Tensor:
+            return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
+        if image is None:
+            return self.unet, noise() * schedule.init_noise_sigma, callback
+        pixels = image_to_tensor(image, w * self.vae_scale, h * self.vae_scale)
+        if mask is None:  # image-to-image: the init latents noised to the first σ kept
+            init = self.encode_image(pixels, generator).repeat(batch, 1, 1, 1)
+            return self.unet, init + noise() * schedule.sigmas[0], callback
+
+        repaint = mask_to_tensor(mask, w * self.vae_scale, h * self.vae_scale)
+        init = None
+        if not self.inpainting or strength < 1:
+            init = self.encode_image(pixels, generator).repeat(batch, 1, 1, 1)
+        eps = noise()
+        x = eps * schedule.init_noise_sigma if strength == 1 else init + eps * schedule.sigmas[0]
+        latent_mask = F.interpolate(repaint, size=(h, w)).to(self.device, self.dtype)
+        if self.inpainting:
+            masked = self.encode_image(pixels * (repaint < 0.5), generator)
+            return with_channels(self.unet, torch.cat([latent_mask, masked], dim=1)), x, callback
+
+        # A 4-channel UNet. diffusers encodes the masked image here too (unused): draw what its latent
+        # sample draws, so that later random draws (ancestral samplers) stay in step.
+        torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32)
+        sigmas = schedule.sigmas
+
+        def paste_known(i: int, x: Tensor) -> Tensor:
+            """After every step, paste the known region back noised to the new σ with the starting noise;
+            after the last step, clean (scaled so that it is clean once `to_latents` has run)."""
+            sigma = sigmas[i + 1]
+            known = init * (1 + sigma**2) ** 0.5 if i + 2 == len(sigmas) else init + eps * sigma
+            x = (1 - latent_mask) * known + latent_mask * x
+            replaced = None if callback is None else callback(i, x)
+            return x if replaced is None else replaced
+
+        return self.unet, x, paste_known
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:

@@ -5,7 +5,9 @@ parametrisation); `sigmas` is the descending grid to walk, its last entry where 
 the smallest training sigma for DDIM/PNDM without `set_alpha_to_one`). ε/v prediction, guidance and
 the timestep each sigma maps to live in the denoiser (see `denoisers.py`), not here. Each sampler's
 arithmetic is that of the diffusers scheduler of the same name; `schedules.py` builds the grids.
-`callback(i, x)` sees the latent after step i.
+`callback(i, x)` sees the latent after step i; if it returns a tensor, sampling continues from that
+one (as diffusers' `callback_on_step_end` may replace the latents; inpainting with a 4-channel UNet
+pastes the re-noised known region back this way).
 """
 
 from collections.abc import Callable
@@ -17,12 +19,17 @@ from torch import Tensor
 from .schedules import Schedule, SchedulerConfig, ddim_schedule, euler_schedule, pndm_schedule
 
 Denoiser = Callable[[Tensor, float], Tensor]
-Callback = Callable[[int, Tensor], None] | None
+Callback = Callable[[int, Tensor], Tensor | None] | None
 
 
-def _done(callback: Callback, i: int, x: Tensor) -> None:
-    if callback is not None:
-        callback(i, x)
+def _step_end(callback: Callback, i: int, x: Tensor) -> Tensor:
+    replaced = None if callback is None else callback(i, x)
+    return x if replaced is None else replaced
+
+
+def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, 1) like x, drawn on the CPU in float32 (so a seed gives the same image on every device)."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
 
 
 @torch.no_grad()
@@ -32,7 +39,23 @@ def sample_euler(model: Denoiser, x: Tensor, sigmas: list[float], callback: Call
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = (x - model(x, sigma)) / sigma
         x = x + d * (sigma_next - sigma)
-        _done(callback, i, x)
+        x = _step_end(callback, i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model: Denoiser, x: Tensor, sigmas: list[float], generator: torch.Generator | None = None,
+                           callback: Callback = None) -> Tensor:
+    """Ancestral Euler (k-diffusion's `sample_euler_ancestral`, η=1): an Euler step down to σ_down, then
+    fresh noise up to σ_next. diffusers draws the noise at every step, the last one included."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        x = x + _noise(x, generator) * sigma_up
+        x = _step_end(callback, i, x)
     return x
 
 
@@ -48,8 +71,8 @@ def sample_ddim(model: Denoiser, x: Tensor, sigmas: list[float], eta: float = 0.
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         x = x0 + (x - x0) / sigma * sigma_down
         if sigma_up > 0:
-            x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) * sigma_up
-        _done(callback, i, x)
+            x = x + _noise(x, generator) * sigma_up
+        x = _step_end(callback, i, x)
     return x
 
 
@@ -88,7 +111,7 @@ def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "
         elif len(history) == 4:
             out = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
         x = x + to_eps(out, x, sigma) * (sigma_next - sigma)
-        _done(callback, i, x)
+        x = _step_end(callback, i, x)
     return x
 
 
@@ -110,6 +133,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS", options=("output",)),
     "ddim": SamplerSpec(sample_ddim, ddim_schedule, "DDIMScheduler", "DDIM", options=("eta", "generator")),
     "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler"),
+    "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler", "Euler a",
+                           options=("generator",)),
 }
 
 

@@ -73,6 +73,15 @@ class Schedule:
     timesteps: list[float]  # the UNet timestep at each of sigmas[:-1]
     init_noise_sigma: float  # the initial latents are N(0, 1) noise times this
 
+    def from_strength(self, strength: float) -> "Schedule":
+        """The tail that image-to-image runs: the last min(int(steps·strength), steps) steps (diffusers'
+        rule), starting from the init latents noised to the first σ kept."""
+        steps = len(self.timesteps)
+        keep = min(int(steps * strength), steps)
+        if keep < 1:
+            raise InputError(f"strength {strength} × {steps} steps leaves no step to run; raise --strength or --steps")
+        return Schedule(self.sigmas[steps - keep:], self.timesteps[steps - keep:], self.init_noise_sigma)
+
     def to_latents(self, x: Tensor) -> Tensor:
         """The sampler's σ-space result as the variance-preserving latents the VAE decodes."""
         return x / (1.0 + self.sigmas[-1] ** 2) ** 0.5

@@ -6,13 +6,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/official.py
 
-from official import write_sd1_folder  # noqa: E402
+from official import write_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def sd1_folder(tmp_path_factory) -> Path:
     """A tiny random SD 1.5-layout folder, also with the `*.fp16.safetensors` variant files."""
-    return write_sd1_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd1", fp16_variant=True)
+    return write_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd1", "sd1", fp16_variant=True)
+
+
+@pytest.fixture(scope="session")
+def sd21_folder(tmp_path_factory) -> Path:
+    """A tiny random SD 2.1-layout folder (v-prediction, DDIM, OpenCLIP-H-style text tower)."""
+    return write_folder(tmp_path_factory.mktemp("sd21") / "tiny-sd21", "sd21", seed=10)
+
+
+@pytest.fixture(scope="session")
+def sd2_inpaint_folder(tmp_path_factory) -> Path:
+    """A tiny random SD 2-inpainting-layout folder (9-channel UNet)."""
+    return write_folder(tmp_path_factory.mktemp("sd2inp") / "tiny-sd2-inpainting", "sd2-inpaint", seed=20)
 
 
 # fp32 module parity. The project's bar is 1e-4 relative; ldm runs the same torch ops in the same order

@@ -1,7 +1,8 @@
 """Tiny random models written exactly as the official Hub repos lay them out.
 
-Field sets and file names follow `runwayml/stable-diffusion-v1-5` / `CompVis/stable-diffusion-v1-4`
-(see shared/reference/models.md): config.json files with the official fields only (absent fields take
+Field sets and file names follow `runwayml/stable-diffusion-v1-5` / `CompVis/stable-diffusion-v1-4`,
+`stabilityai/stable-diffusion-2-1` and `stabilityai/stable-diffusion-2-inpainting` (see
+shared/reference/models.md): config.json files with the official fields only (absent fields take
 the library defaults, as they do for the real files), `diffusion_pytorch_model.safetensors` /
 `model.safetensors` with the official key names, the text encoder in transformers-4 names with the
 `text_model.` prefix and the `position_ids` buffer, and a tokenizer folder without `tokenizer.json`.
@@ -169,17 +170,83 @@ def save_component(folder: Path, config: dict, state: dict, stem: str, fp16_vari
         save_file(half, str(folder / f"{stem}.fp16.safetensors"), metadata={"format": "pt"})
 
 
-def write_sd1_folder(root: Path, seed: int = 0, fp16_variant: bool = False) -> Path:
-    """A tiny SD 1.5-layout folder (64×64 native size). Returns `root`."""
+# stabilityai/stable-diffusion-2-1: OpenCLIP-H text tower (gelu, 23 layers kept), linear projections,
+# per-level heads of 64 dims (here 16/8/16/16), upcast attention, DDIM with v-prediction, 768 px.
+SD21_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.10.0.dev0",
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SD21_UNET = SD1_UNET | {
+    "_diffusers_version": "0.10.0.dev0",
+    "attention_head_dim": [2, 4, 4, 4],
+    "cross_attention_dim": 48,
+    "dual_cross_attention": False,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "sample_size": 8,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+SD21_VAE = SD1_VAE | {"_diffusers_version": "0.10.0.dev0"}
+SD21_TEXT_ENCODER = SD1_TEXT_ENCODER | {
+    "_name_or_path": "hf-models/stable-diffusion-v2-768x768/text_encoder",
+    "hidden_act": "gelu",
+    "hidden_size": 48,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "projection_dim": 512,
+    "transformers_version": "4.25.0.dev0",
+}
+
+# stabilityai/stable-diffusion-2-inpainting: SD 2 with a 9-channel UNet input, PNDM, epsilon, 512 px.
+SD2_INPAINT_MODEL_INDEX = SD21_MODEL_INDEX | {
+    "_class_name": "StableDiffusionInpaintPipeline",
+    "_diffusers_version": "0.8.0.dev0",
+    "scheduler": ["diffusers", "PNDMScheduler"],
+}
+SD2_INPAINT_SCHEDULER = SD1_SCHEDULER | {"_diffusers_version": "0.8.0"}
+SD2_INPAINT_UNET = SD21_UNET | {"_diffusers_version": "0.8.0.dev0", "in_channels": 9, "upcast_attention": False}
+
+FAMILIES = {
+    "sd1": (SD1_MODEL_INDEX, SD1_SCHEDULER, SD1_UNET, SD1_VAE, SD1_TEXT_ENCODER, "<|endoftext|>"),
+    "sd21": (SD21_MODEL_INDEX, SD21_SCHEDULER, SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER, "!"),
+    "sd2-inpaint": (SD2_INPAINT_MODEL_INDEX, SD2_INPAINT_SCHEDULER, SD2_INPAINT_UNET, SD21_VAE, SD21_TEXT_ENCODER,
+                    "!"),
+}
+
+
+def write_folder(root: Path, family: str = "sd1", seed: int = 0, fp16_variant: bool = False) -> Path:
+    """A tiny folder in the official layout of `family` (64×64 native size). Returns `root`."""
+    model_index, scheduler, unet, vae, text_encoder, pad = FAMILIES[family]
     root = Path(root)
-    write_json(root / "model_index.json", SD1_MODEL_INDEX)
-    write_json(root / "scheduler" / "scheduler_config.json", SD1_SCHEDULER)
-    write_tokenizer_folder(root / "tokenizer", pad_token="<|endoftext|>")
-    save_component(root / "unet", SD1_UNET, make_unet(SD1_UNET, seed).state_dict(), "diffusion_pytorch_model",
-                   fp16_variant)
-    save_component(root / "vae", SD1_VAE, make_vae(SD1_VAE, seed + 1).state_dict(), "diffusion_pytorch_model",
-                   fp16_variant)
-    te = make_text_encoder(SD1_TEXT_ENCODER, seed + 2)
-    save_component(root / "text_encoder", SD1_TEXT_ENCODER, official_text_encoder_state(te), "model",
-                   fp16_variant)
+    write_json(root / "model_index.json", model_index)
+    write_json(root / "scheduler" / "scheduler_config.json", scheduler)
+    write_tokenizer_folder(root / "tokenizer", pad_token=pad)
+    save_component(root / "unet", unet, make_unet(unet, seed).state_dict(), "diffusion_pytorch_model", fp16_variant)
+    save_component(root / "vae", vae, make_vae(vae, seed + 1).state_dict(), "diffusion_pytorch_model", fp16_variant)
+    te = make_text_encoder(text_encoder, seed + 2)
+    save_component(root / "text_encoder", text_encoder, official_text_encoder_state(te), "model", fp16_variant)
     return root

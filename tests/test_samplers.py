@@ -7,19 +7,13 @@ latent of ldm's pure-function samplers can be compared with the scheduler's `ste
 import pytest
 import torch
 from conftest import max_rel_err
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
-from official import SD1_SCHEDULER
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler
+from official import SD1_SCHEDULER, SD21_SCHEDULER
 
 from ldm.denoisers import Denoiser
 from ldm.samplers import SAMPLERS
 from ldm.schedules import SchedulerConfig
 
-SD21_SCHEDULER = {  # stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json
-    "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None,
-}
 SDXL_SCHEDULER = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
     "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
@@ -28,7 +22,8 @@ SDXL_SCHEDULER = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/schedul
     "use_karras_sigmas": False,
 }
 CONFIGS = {"sd1-eps": SD1_SCHEDULER, "sd21-v": SD21_SCHEDULER, "sdxl-eps": SDXL_SCHEDULER}
-DIFFUSERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+DIFFUSERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+             "euler_a": EulerAncestralDiscreteScheduler}
 VP_LATENTS = ("pndm", "ddim")  # diffusers keeps these in variance-preserving form; ldm works in σ-space
 
 
@@ -45,7 +40,7 @@ def diffusers_trajectory(name, config, steps, seed, eta=0.0):
     trajectory = []
     for t in scheduler.timesteps:
         out = fake_unet(scheduler.scale_model_input(x, t), t)
-        extra = {"eta": eta, "generator": generator} if name == "ddim" else {}
+        extra = {"ddim": {"eta": eta, "generator": generator}, "euler_a": {"generator": generator}}.get(name, {})
         x = scheduler.step(out, t, x, **extra).prev_sample
         trajectory.append(x)
     if name == "pndm" and steps > 1:
@@ -104,7 +99,7 @@ def test_schedules_match_diffusers_grids():
             if name in VP_LATENTS:  # in σ-space the initial noise is scaled to σ_max's variance
                 init /= (1 + schedule.sigmas[0] ** 2) ** 0.5
             assert init == pytest.approx(float(scheduler.init_noise_sigma), rel=1e-6)
-            if name == "euler":
+            if name.startswith("euler"):
                 assert schedule.sigmas == pytest.approx(scheduler.sigmas.tolist(), rel=1e-6)
 
 
