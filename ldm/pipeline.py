@@ -164,9 +164,7 @@ class StableDiffusion:
         path, state = weights("text_encoder", "model", dt)
         text_encoder = load_module(lambda: CLIPTextModel(te_cfg), text_encoder_state(state), path, family, dev)
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
-        sched_dir = root / "scheduler"
-        sched_file = sched_dir / "scheduler_config.json"
-        scheduler = SchedulerConfig.from_diffusers(read_json(sched_file))
+        scheduler = SchedulerConfig.from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"))
         name = Path(str(model)).name if Path(str(model)).exists() else str(model)
         return cls(unet, vae, text_encoder, tokenizer, scheduler, dev, dt, name)
 
