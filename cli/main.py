@@ -76,7 +76,7 @@ def generate(args: argparse.Namespace) -> None:
 
     # everything about the request is checked before gigabytes of weights are loaded
     check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
-                  args.eta, guidance_rescale=args.guidance_rescale)
+                  args.eta, guidance_rescale=args.guidance_rescale, strength=args.strength)
     if args.mask and not args.image:
         raise LdmError("--mask needs the image it applies to (--image)")
     if args.strength is not None and not args.image:

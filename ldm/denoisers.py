@@ -58,19 +58,21 @@ def with_channels(unet: Callable[..., Tensor], extra: Tensor) -> Callable[..., T
 class Denoiser:
     """`denoiser(x, σ)` → x0 for a UNet trained on discrete timesteps (ε- or v-prediction).
 
-    The UNet sees x / √(σ²+1) (the variance-preserving latent) at the timestep the schedule pairs with σ.
+    The UNet sees x / √(σ²+1) (the variance-preserving latent) at the timestep the schedule pairs with σ,
+    in `dtype` (the UNet's); the sampler's own state stays in the dtype of x (float32 in the pipelines).
     """
 
-    def __init__(self, model: Model, schedule: Schedule, prediction_type: str = "epsilon"):
+    def __init__(self, model: Model, schedule: Schedule, prediction_type: str = "epsilon",
+                 dtype: torch.dtype | None = None):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
-        self.model, self.prediction_type = model, prediction_type
+        self.model, self.prediction_type, self.dtype = model, prediction_type, dtype
         self.timestep_of = dict(zip(schedule.sigmas, schedule.timesteps, strict=False))
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
         t = self.timestep_of[sigma]
         c_in = 1.0 / (sigma**2 + 1.0) ** 0.5
-        out = self.model(x * c_in, t)
+        out = self.model((x * c_in).to(self.dtype or x.dtype), t).to(x.dtype)
         if self.prediction_type == "epsilon":
             return x - sigma * out
         return x / (sigma**2 + 1.0) - out * (sigma * c_in)

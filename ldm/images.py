@@ -52,8 +52,8 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
 
 def to_pil(images: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] → 8-bit RGB images, rounding as diffusers does: round((x/2+0.5)·255)."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1)
-    x = (x.cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    x = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float()  # denormalised in the VAE's dtype
+    x = (x * 255).round().to(torch.uint8).numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in x]
 
 

@@ -6,8 +6,11 @@ and shape is checked first, and a mismatch names the file, the missing and unexp
 family the config describes.
 """
 
+import dataclasses
 import json
 import re
+import types
+import typing
 from pathlib import Path
 
 import torch
@@ -31,6 +34,38 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def _has_type(value, annotation) -> bool:
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is type(None):
+        return value is None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+    return isinstance(value, origin or annotation)
+
+
+def read_config(path: Path, parse):
+    """`parse(dict)` of a config.json, as a LoadError naming the file when it is malformed or a field has
+    the wrong type (a string where a number belongs, say)."""
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path} is not a JSON object")
+    try:
+        config = parse(raw)
+    except (TypeError, ValueError, KeyError) as e:
+        raise LoadError(f"{path}: unusable config ({e})") from None
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _has_type(value, f.type):
+            raise LoadError(f"{path}: {f.name} = {value!r} is not of the expected type ({f.type})")
+    return config
 
 
 def refuse_pickle(path: Path) -> None:

@@ -11,6 +11,8 @@ Image-to-image (SDEdit) starts from a noised encoding of `image`; inpainting add
 hook them, or call them directly.
 """
 
+import math
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from .clip import CLIPTextConfig, CLIPTextModel
 from .denoisers import Denoiser, guided, with_channels
 from .errors import InputError, LoadError
 from .images import fit_size, image_to_tensor, infotext, mask_to_tensor, to_pil
-from .loading import load_module, read_json, read_safetensors, refuse_pickle, resolve, weights_file
+from .loading import load_module, read_config, read_json, read_safetensors, refuse_pickle, resolve, weights_file
 from .samplers import SAMPLERS, sampler_for_class
 from .schedules import Schedule, SchedulerConfig
 from .tokenizer import CLIPTokenizer
@@ -38,14 +40,20 @@ MAX_SEED = 2**64 - 1
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """auto, cpu, cuda or cuda:N; anything else is refused before it reaches torch."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+    if device == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -81,7 +89,7 @@ def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def check_request(steps: int, width: int | None, height: int | None, guidance: float, num_images: int,
                   seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8,
-                  guidance_rescale: float = 0.0) -> None:
+                  guidance_rescale: float = 0.0, strength: float | None = None) -> None:
     """Reject out-of-range generation parameters with a message that says what to pass instead."""
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -90,8 +98,8 @@ def check_request(steps: int, width: int | None, height: int | None, guidance: f
     for name, value in (("width", width), ("height", height)):
         if value is not None and (not isinstance(value, int) or value < size_multiple or value % size_multiple):
             raise InputError(f"{name} must be a positive multiple of {size_multiple}, got {value!r}")
-    if guidance < 0:
-        raise InputError(f"guidance must be ≥ 0, got {guidance}")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InputError(f"guidance must be a number ≥ 0, got {guidance}")
     if not isinstance(num_images, int) or num_images < 1:
         raise InputError(f"the number of images must be ≥ 1, got {num_images!r}")
     if seed is not None and not 0 <= seed <= MAX_SEED:
@@ -100,6 +108,8 @@ def check_request(steps: int, width: int | None, height: int | None, guidance: f
         raise InputError(f"eta must be between 0 and 1, got {eta}")
     if not 0 <= guidance_rescale <= 1:
         raise InputError(f"guidance rescale must be between 0 and 1, got {guidance_rescale}")
+    if strength is not None and not 0 < strength <= 1:
+        raise InputError(f"strength must be in (0, 1], got {strength}")
 
 
 @dataclass
@@ -136,7 +146,7 @@ class StableDiffusion:
             raise LoadError(f"{root}: single-file checkpoints are not supported yet; pass the model's "
                             "diffusers folder (the one with model_index.json) or its Hub id")
         index = read_json(root / "model_index.json")
-        pipeline_class = index.get("_class_name")
+        pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
         if pipeline_class not in SD_PIPELINES:
             raise LoadError(f"{root}: a {pipeline_class} folder is not supported yet (ldm loads "
                             f"{', '.join(SD_PIPELINES)} folders: SD 1.x and 2.x)")
@@ -144,27 +154,24 @@ class StableDiffusion:
             if not (root / part).is_dir():
                 raise LoadError(f"{root}: the {part}/ folder is missing")
 
-        unet_cfg = UNetConfig.from_diffusers(read_json(root / "unet" / "config.json"))
-        vae_cfg = VAEConfig.from_diffusers(read_json(root / "vae" / "config.json"))
-        te_cfg = CLIPTextConfig.from_transformers(read_json(root / "text_encoder" / "config.json"))
+        unet_cfg = read_config(root / "unet" / "config.json", UNetConfig.from_diffusers)
+        vae_cfg = read_config(root / "vae" / "config.json", VAEConfig.from_diffusers)
+        te_cfg = read_config(root / "text_encoder" / "config.json", CLIPTextConfig.from_transformers)
         family = "SD 1.x" if te_cfg.hidden_act == "quick_gelu" else "SD 2.x"  # CLIP-L vs OpenCLIP-H
         if unet_cfg.in_channels > vae_cfg.latent_channels:
             family += " inpainting"
-        # the SDXL-style VAE overflows in half precision: decode in fp32 when its config asks for it
-        vae_dtype = torch.float32 if (dt == torch.float16 and vae_cfg.force_upcast) else dt
-
         def weights(part, stem, dtype):
             path = weights_file(root / part, stem, variant)
             return path, read_safetensors(path, dtype)
 
         path, state = weights("unet", "diffusion_pytorch_model", dt)
         unet = load_module(lambda: UNet(unet_cfg), state, path, family, dev)
-        path, state = weights("vae", "diffusion_pytorch_model", vae_dtype)
+        path, state = weights("vae", "diffusion_pytorch_model", dt)  # in fp16 too, as StableDiffusionPipeline
         vae = load_module(lambda: VAE(vae_cfg), state, path, family, dev)
         path, state = weights("text_encoder", "model", dt)
         text_encoder = load_module(lambda: CLIPTextModel(te_cfg), text_encoder_state(state), path, family, dev)
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
-        scheduler = SchedulerConfig.from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"))
+        scheduler = read_config(root / "scheduler" / "scheduler_config.json", SchedulerConfig.from_diffusers)
         name = Path(str(model)).name if Path(str(model)).exists() else str(model)
         return cls(unet, vae, text_encoder, tokenizer, scheduler, dev, dt, name)
 
@@ -205,14 +212,12 @@ class StableDiffusion:
         if image is None and strength is not None:
             raise InputError("strength applies to image-to-image and inpainting: give an image (--image)")
         strength = (1.0 if mask is not None else 0.8) if strength is None else strength
-        if not 0 < strength <= 1:
-            raise InputError(f"strength must be in (0, 1], got {strength}")
         native = self.unet.config.sample_size * self.vae_scale
         default_w, default_h = fit_size(image, self.vae_scale) if image is not None else (native, native)
         width, height = width or default_w, height or default_h
         sampler = sampler or self.default_sampler
         check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale,
-                      guidance_rescale)
+                      guidance_rescale, strength)
         seed = secrets.randbits(32) if seed is None else seed
         spec = SAMPLERS[sampler]
         schedule = spec.schedule(self.scheduler, steps)
@@ -235,7 +240,7 @@ class StableDiffusion:
 
         unet, x, step_end = self.prepare(shape, schedule, generator, image, mask, strength, step_end)
         denoiser = Denoiser(guided(unet, cond, uncond, guidance, guidance_rescale), schedule,
-                            self.scheduler.prediction_type)
+                            self.scheduler.prediction_type, self.dtype)
         options = {"eta": eta, "generator": generator, "output": self.scheduler.prediction_type}
         x = spec.run(denoiser, x, schedule.sigmas, callback=step_end, **{k: options[k] for k in spec.options})
         images = self.decode(schedule.to_latents(x))
@@ -260,14 +265,15 @@ class StableDiffusion:
         return self.unet.config.in_channels > self.vae.config.latent_channels
 
     def encode_image(self, image: Tensor, generator: torch.Generator) -> Tensor:
-        """Scaled latents of an image in [-1, 1]: a sample of the VAE posterior, noise from `generator`."""
+        """Scaled float32 latents of an image in [-1, 1]: a sample of the VAE posterior, noise from
+        `generator`."""
         vae_dtype = next(self.vae.parameters()).dtype
         mean, logvar = self.vae.encode(image.to(self.device, vae_dtype))
-        return (self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor).to(self.dtype)
+        return (self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor).float()
 
     def prepare(self, shape, schedule: Schedule, generator: torch.Generator, image: Image.Image | None,
                 mask: Image.Image | None, strength: float, callback):
-        """The UNet to call, the initial σ-space latents and the per-step callback, for each task.
+        """The UNet to call, the initial σ-space latents (float32) and the per-step callback, for each task.
 
         Random draws come in diffusers' order: text-to-image: noise. Image-to-image: the image's latent
         sample, then noise. Inpainting: the image's latent sample (4-channel UNet, or strength < 1),
@@ -276,7 +282,7 @@ class StableDiffusion:
         batch, _, h, w = shape
 
         def noise() -> Tensor:
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+            return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
         if image is None:
             return self.unet, noise() * schedule.init_noise_sigma, callback
@@ -291,7 +297,7 @@ class StableDiffusion:
             init = self.encode_image(pixels, generator).repeat(batch, 1, 1, 1)
         eps = noise()
         x = eps * schedule.init_noise_sigma if strength == 1 else init + eps * schedule.sigmas[0]
-        latent_mask = F.interpolate(repaint, size=(h, w)).to(self.device, self.dtype)
+        latent_mask = F.interpolate(repaint, size=(h, w)).to(self.device)
         if self.inpainting:
             masked = self.encode_image(pixels * (repaint < 0.5), generator)
             return with_channels(self.unet, torch.cat([latent_mask, masked], dim=1)), x, callback

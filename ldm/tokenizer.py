@@ -54,10 +54,15 @@ class CLIPTokenizer:
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
                 raise LoadError(f"tokenizer: {folder / name} is missing")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        merges = _read_merges((folder / "merges.txt").read_text(encoding="utf-8"))
+        vocab = _read_json(folder / "vocab.json")
+        try:
+            merges = _read_merges((folder / "merges.txt").read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise LoadError(f"{folder / 'merges.txt'} is not UTF-8 text: {e}") from None
         config = _read_json(folder / "tokenizer_config.json")
         special = _read_json(folder / "special_tokens_map.json")
+        if not all(isinstance(d, dict) for d in (vocab, config, special)) or len(vocab) < 3:
+            raise LoadError(f"{folder}: the tokenizer files are not CLIP tokenizer files")
         # the special-tokens map wins over tokenizer_config.json (SD 2.x: config says <|endoftext|>,
         # the map says "!"), as transformers resolves it
         pad = _token_content(special.get("pad_token")) or _token_content(config.get("pad_token")) or EOS
@@ -81,7 +86,13 @@ class CLIPTokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON file's content, {} when absent; a LoadError naming the file when unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path} is not valid JSON: {e}") from None
 
 
 def _read_merges(text: str) -> list[tuple[str, str]]:

@@ -64,7 +64,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         y = self.group_norm(x).flatten(2).transpose(1, 2)
-        y = attention(self.to_q(y), self.to_k(y), self.to_v(y), heads=1, upcast=True)
+        y = attention(self.to_q(y), self.to_k(y), self.to_v(y), heads=1)
         y = self.to_out[0](y)
         return x + y.transpose(1, 2).reshape(b, c, h, w)
 

@@ -106,8 +106,10 @@ def test_ckpt_file_is_refused_unread(capsys, tmp_path):
     (["--steps", "0"], "steps must be a whole number ≥ 1"),
     (["--num-images", "0"], "number of images must be ≥ 1"),
     (["--seed", "-1"], "seed must be between 0"),
-    (["--guidance", "-2"], "guidance must be ≥ 0"),
+    (["--guidance", "-2"], "guidance must be a number ≥ 0"),
     (["--eta", "1.5"], "eta must be between 0 and 1"),
+    (["--guidance", "nan"], "guidance must be a number ≥ 0"),
+    (["--image", "x.png", "--strength", "0"], "strength must be in (0, 1]"),
     (["-o", "out.jpg"], "must be a .png file"),
 ])
 def test_out_of_range_parameters_fail_before_loading(capsys, tmp_path, args, message):
@@ -140,3 +142,25 @@ def test_console_script_help_and_error(tmp_path):
 def test_cuda_requested_without_cuda(capsys, sd1_folder):
     code, err = run(capsys, "--model", str(sd1_folder), "--device", "cuda")
     assert code == 2 and "no CUDA device" in err
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "tpu", "cuda:x"])
+def test_unknown_devices(capsys, sd1_folder, device):
+    code, err = run(capsys, "--model", str(sd1_folder), "--device", device)
+    assert code == 2 and ("unknown device" in err or "no CUDA device" in err)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "model_index.json").write_text("[1, 2]"), "StableDiffusionPipeline"),
+    (lambda root: (root / "tokenizer" / "vocab.json").write_text("{not json"), "vocab.json is not valid JSON"),
+    (lambda root: (root / "unet" / "config.json").write_text(
+        (root / "unet" / "config.json").read_text().replace('"attention_head_dim": 8', '"attention_head_dim": "8"')),
+     "heads = ('8', '8', '8', '8') is not of the expected type"),
+    (lambda root: (root / "vae" / "config.json").write_text('"a string"'), "is not a JSON object"),
+    (lambda root: (root / "scheduler" / "scheduler_config.json").write_text(
+        '{"_class_name": "PNDMScheduler", "beta_schedule": "squaredcos_cap_v2"}'), "beta_schedule"),
+])
+def test_damaged_folder_files(capsys, folder_copy, damage, message):
+    damage(folder_copy)
+    code, err = run(capsys, "--model", str(folder_copy), "--steps", "1")
+    assert code == 2 and message in err
