@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .clip import CLIPTextConfig, CLIPTextModel
 from .denoisers import Denoiser, guided, with_channels
-from .errors import InputError, LoadError
+from .errors import InputError, LdmError, LoadError
 from .images import fit_size, image_to_tensor, infotext, mask_to_tensor, to_pil
 from .loading import load_module, read_config, read_json, read_safetensors, refuse_pickle, resolve, weights_file
 from .samplers import SAMPLERS, sampler_for_class
@@ -35,6 +35,7 @@ from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
 
 SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_SEED = 2**64 - 1
 
@@ -67,9 +68,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def hub_files(variant: str | None) -> list[str]:
     """What a text-to-image run needs from an official diffusers repo: configs, tokenizer, safetensors."""
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    return ["model_index.json", "scheduler/*.json", "tokenizer/*", "unet/config.json", "vae/config.json",
-            "text_encoder/config.json", f"unet/diffusion_pytorch_model{suffix}",
-            f"vae/diffusion_pytorch_model{suffix}", f"text_encoder/model{suffix}"]
+    return ["model_index.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*", "unet/config.json",
+            "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+            f"unet/diffusion_pytorch_model{suffix}", f"vae/diffusion_pytorch_model{suffix}",
+            f"text_encoder/model{suffix}", f"text_encoder_2/model{suffix}"]
 
 
 def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -89,7 +91,8 @@ def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def check_request(steps: int, width: int | None, height: int | None, guidance: float, num_images: int,
                   seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8,
-                  guidance_rescale: float = 0.0, strength: float | None = None) -> None:
+                  guidance_rescale: float = 0.0, strength: float | None = None,
+                  denoising_start: float | None = None, denoising_end: float | None = None) -> None:
     """Reject out-of-range generation parameters with a message that says what to pass instead."""
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
@@ -110,6 +113,9 @@ def check_request(steps: int, width: int | None, height: int | None, guidance: f
         raise InputError(f"guidance rescale must be between 0 and 1, got {guidance_rescale}")
     if strength is not None and not 0 < strength <= 1:
         raise InputError(f"strength must be in (0, 1], got {strength}")
+    for name, value in (("denoising start", denoising_start), ("denoising end", denoising_end)):
+        if value is not None and not 0 < value < 1:
+            raise InputError(f"{name} must be strictly between 0 and 1, got {value}")
 
 
 @dataclass
@@ -117,10 +123,13 @@ class Generation:
     images: list[Image.Image]
     seed: int
     infotexts: list[str] = field(default_factory=list)  # AUTOMATIC1111 `parameters`, one per image
+    latents: Tensor | None = None  # σ-space latents, from a run stopped early with denoising_end
 
 
 class StableDiffusion:
     """SD 1.x/2.x text-to-image, image-to-image and inpainting on the official diffusers folder layout."""
+
+    default_strength = 0.8  # image-to-image, as StableDiffusionImg2ImgPipeline
 
     def __init__(self, unet: UNet, vae: VAE, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype, name: str = "model"):
@@ -135,8 +144,9 @@ class StableDiffusion:
     def from_pretrained(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
                         variant: str | None = None, revision: str | None = None,
                         local_files_only: bool = False) -> "StableDiffusion":
-        """Load an official diffusers folder (or its Hub id): model_index.json, unet/, vae/, text_encoder/,
-        tokenizer/, scheduler/. `variant="fp16"` reads the `*.fp16.safetensors` files."""
+        """Load an official diffusers folder (or its Hub id): model_index.json, unet/, vae/, text_encoder/
+        (and text_encoder_2/ for SDXL), tokenizer(s), scheduler/. Returns a `StableDiffusionXL` for SDXL
+        folders. `variant="fp16"` reads the `*.fp16.safetensors` files."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         root = resolve(str(model), hub_files(variant), revision, local_files_only)
@@ -147,33 +157,48 @@ class StableDiffusion:
                             "diffusers folder (the one with model_index.json) or its Hub id")
         index = read_json(root / "model_index.json")
         pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
-        if pipeline_class not in SD_PIPELINES:
+        if pipeline_class not in SD_PIPELINES + XL_PIPELINES:
             raise LoadError(f"{root}: a {pipeline_class} folder is not supported yet (ldm loads "
-                            f"{', '.join(SD_PIPELINES)} folders: SD 1.x and 2.x)")
-        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+                            f"{', '.join(SD_PIPELINES + XL_PIPELINES)} folders)")
+        xl = pipeline_class in XL_PIPELINES
+        listed = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
+        towers = [t for t in ("text_encoder", "text_encoder_2") if t in listed] if xl else ["text_encoder"]
+        needed = ["unet", "vae", "scheduler"] + towers + [t.replace("text_encoder", "tokenizer") for t in towers]
+        for part in needed:
             if not (root / part).is_dir():
                 raise LoadError(f"{root}: the {part}/ folder is missing")
 
         unet_cfg = read_config(root / "unet" / "config.json", UNetConfig.from_diffusers)
         vae_cfg = read_config(root / "vae" / "config.json", VAEConfig.from_diffusers)
-        te_cfg = read_config(root / "text_encoder" / "config.json", CLIPTextConfig.from_transformers)
-        family = "SD 1.x" if te_cfg.hidden_act == "quick_gelu" else "SD 2.x"  # CLIP-L vs OpenCLIP-H
+        te_cfgs = {t: read_config(root / t / "config.json", CLIPTextConfig.from_transformers) for t in towers}
+        if xl:
+            family = "SDXL refiner" if "text_encoder" not in towers else "SDXL base"
+        else:
+            family = "SD 1.x" if te_cfgs["text_encoder"].hidden_act == "quick_gelu" else "SD 2.x"  # CLIP-L/OpenCLIP-H
         if unet_cfg.in_channels > vae_cfg.latent_channels:
             family += " inpainting"
-        def weights(part, stem, dtype):
-            path = weights_file(root / part, stem, variant)
-            return path, read_safetensors(path, dtype)
+        # The SDXL pipelines run a half-precision VAE in fp32 when its config says force_upcast (the SDXL
+        # VAE overflows fp16); StableDiffusionPipeline does not.
+        vae_dtype = torch.float32 if xl and dt == torch.float16 and vae_cfg.force_upcast else dt
 
-        path, state = weights("unet", "diffusion_pytorch_model", dt)
-        unet = load_module(lambda: UNet(unet_cfg), state, path, family, dev)
-        path, state = weights("vae", "diffusion_pytorch_model", dt)  # in fp16 too, as StableDiffusionPipeline
-        vae = load_module(lambda: VAE(vae_cfg), state, path, family, dev)
-        path, state = weights("text_encoder", "model", dt)
-        text_encoder = load_module(lambda: CLIPTextModel(te_cfg), text_encoder_state(state), path, family, dev)
-        tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
+        def load(part, stem, build, dtype=dt, rename=lambda state: state):
+            path = weights_file(root / part, stem, variant)
+            return load_module(build, rename(read_safetensors(path, dtype)), path, family, dev)
+
+        unet = load("unet", "diffusion_pytorch_model", lambda: UNet(unet_cfg))
+        vae = load("vae", "diffusion_pytorch_model", lambda: VAE(vae_cfg), vae_dtype)
+        encoders = {t: load(t, "model", lambda c=cfg: CLIPTextModel(c), rename=text_encoder_state)
+                    for t, cfg in te_cfgs.items()}
+        tokenizers = {t: CLIPTokenizer.from_folder(root / t.replace("text_encoder", "tokenizer")) for t in towers}
         scheduler = read_config(root / "scheduler" / "scheduler_config.json", SchedulerConfig.from_diffusers)
         name = Path(str(model)).name if Path(str(model)).exists() else str(model)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, dev, dt, name)
+        if not xl:
+            return StableDiffusion(unet, vae, encoders["text_encoder"], tokenizers["text_encoder"], scheduler, dev,
+                                   dt, name)
+        return StableDiffusionXL(unet, vae, encoders.get("text_encoder"), tokenizers.get("text_encoder"),
+                                 scheduler, dev, dt, name, encoders["text_encoder_2"], tokenizers["text_encoder_2"],
+                                 force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+                                 requires_aesthetics_score=index.get("requires_aesthetics_score", False))
 
     # ------------------------------------------------------------------------------- generation
 
@@ -183,12 +208,29 @@ class StableDiffusion:
         ids = self.tokenizer(prompts).to(self.device)
         return self.text_encoder(ids).hidden
 
+    def conditioning(self, prompts: list[str], negatives: list[str] | None, num_images: int, guide: bool,
+                     size: tuple[int, int], micro: dict) -> tuple[dict, dict | None]:
+        """The UNet's conditioning keyword arguments for the prompts and, with guidance, the negatives
+        (None: no negative prompt given; SD encodes the empty prompt then, as diffusers does)."""
+        if micro:
+            raise InputError(f"{', '.join(micro)}: SDXL micro-conditioning, and {self.name} is not an SDXL model")
+        cond = {"context": self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)}
+        if not guide:
+            return cond, None
+        negatives = negatives or [""] * len(prompts)
+        return cond, {"context": self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)}
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                  steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0, seed: int | None = None,
                  width: int | None = None, height: int | None = None, sampler: str | None = None,
                  num_images: int = 1, eta: float = 0.0, image: Image.Image | None = None,
                  mask: Image.Image | None = None, strength: float | None = None,
+                 original_size: tuple[int, int] | None = None, crop_coords: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
+                 negative_aesthetic_score: float | None = None, denoising_end: float | None = None,
+                 denoising_start: float | None = None, latents: Tensor | None = None,
+                 generator: torch.Generator | None = None,
                  callback: Callable[[int, Tensor], Tensor | None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Generation:
         """Generate `num_images` images per prompt.
@@ -196,39 +238,56 @@ class StableDiffusion:
         Text-to-image by default; image-to-image (SDEdit) with `image`; inpainting with `image` and
         `mask` (white = repaint). Defaults: the model's native size (the image's, rounded down to a
         multiple of 8, when there is one), its folder's sampler, 50 steps, guidance 7.5, strength 0.8
-        (1.0 with a mask), a random seed (returned in the result).
+        (0.3 for SDXL, 1.0 with a mask), a random seed (returned in the result).
+
+        SDXL only: `original_size`, `crop_coords`, `target_size` as (height, width) / (top, left) pairs,
+        the refiner's `aesthetic_score` / `negative_aesthetic_score`. Base → refiner hand-off:
+        `denoising_end=f` stops after the first fraction f of the schedule and returns σ-space
+        `latents` (no images); `latents=…, denoising_start=f` finishes them (diffusers' rule for the cut).
 
         `callback(i, x)` sees the σ-space latents after step i and may return replacements;
-        `progress(done, total)` is told each finished step.
+        `progress(done, total)` is told each finished step; `generator` replaces the one seeded from `seed`.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-        if len(negatives) != len(prompts):
-            raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        negatives = None
+        if negative_prompt is not None:
+            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
+            if len(negatives) != len(prompts):
+                raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         if mask is not None and image is None:
             raise InputError("a mask needs the image it applies to (--image)")
         if self.inpainting and mask is None:
             raise InputError(f"{self.name} is an inpainting model (9-channel UNet): give it an image and a mask")
         if image is None and strength is not None:
             raise InputError("strength applies to image-to-image and inpainting: give an image (--image)")
-        strength = (1.0 if mask is not None else 0.8) if strength is None else strength
+        if (latents is None) != (denoising_start is None) or (latents is not None and image is not None):
+            raise InputError("denoising_start goes with latents (from a run with denoising_end), without an image")
+        strength = (1.0 if mask is not None else self.default_strength) if strength is None else strength
         native = self.unet.config.sample_size * self.vae_scale
-        default_w, default_h = fit_size(image, self.vae_scale) if image is not None else (native, native)
-        width, height = width or default_w, height or default_h
+        if latents is not None:
+            native_w, native_h = latents.shape[-1] * self.vae_scale, latents.shape[-2] * self.vae_scale
+        else:
+            native_w, native_h = fit_size(image, self.vae_scale) if image is not None else (native, native)
+        width, height = width or native_w, height or native_h
         sampler = sampler or self.default_sampler
         check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale,
-                      guidance_rescale, strength)
+                      guidance_rescale, strength, denoising_start, denoising_end)
         seed = secrets.randbits(32) if seed is None else seed
         spec = SAMPLERS[sampler]
         schedule = spec.schedule(self.scheduler, steps)
+        T = self.scheduler.num_train_timesteps
         if image is not None:
             schedule = schedule.from_strength(strength)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        if denoising_start is not None:
+            schedule = schedule.since(denoising_start, T)
+        if denoising_end is not None:
+            schedule = schedule.until(denoising_end, T)
+        generator = generator or torch.Generator("cpu").manual_seed(seed)
 
-        cond = {"context": self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)}
-        uncond = None
-        if guidance > 1:  # diffusers' rule: guidance is on when the scale exceeds 1
-            uncond = {"context": self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)}
+        micro = {k: v for k, v in (("original_size", original_size), ("crop_coords", crop_coords),
+                                   ("target_size", target_size), ("aesthetic_score", aesthetic_score),
+                                   ("negative_aesthetic_score", negative_aesthetic_score)) if v is not None}
+        cond, uncond = self.conditioning(prompts, negatives, num_images, guidance > 1, (height, width), micro)
         batch = len(prompts) * num_images
         shape = (batch, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         total = len(schedule.sigmas) - 1
@@ -238,11 +297,17 @@ class StableDiffusion:
                 progress(i + 1, total)
             return None if callback is None else callback(i, x)
 
-        unet, x, step_end = self.prepare(shape, schedule, generator, image, mask, strength, step_end)
+        if latents is not None:
+            unet, x = self.unet, latents.to(self.device, torch.float32)
+        else:
+            unet, x, step_end = self.prepare(shape, schedule, generator, image, mask, strength, step_end)
+        # diffusers' rule: guidance is on when the scale exceeds 1
         denoiser = Denoiser(guided(unet, cond, uncond, guidance, guidance_rescale), schedule,
                             self.scheduler.prediction_type, self.dtype)
         options = {"eta": eta, "generator": generator, "output": self.scheduler.prediction_type}
         x = spec.run(denoiser, x, schedule.sigmas, callback=step_end, **{k: options[k] for k in spec.options})
+        if denoising_end is not None:
+            return Generation([], seed, [], latents=x)
         images = self.decode(schedule.to_latents(x))
 
         params = {"Steps": steps, "Sampler": spec.label, "CFG scale": guidance, "Seed": seed,
@@ -256,7 +321,8 @@ class StableDiffusion:
         texts = []
         for i in range(len(images)):
             extra = {"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {}
-            texts.append(infotext(prompts[i // num_images], negatives[i // num_images], params | extra))
+            negative = negatives[i // num_images] if negatives else ""
+            texts.append(infotext(prompts[i // num_images], negative, params | extra))
         return Generation(images, seed, texts)
 
     @property
@@ -321,4 +387,83 @@ class StableDiffusion:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:
         vae_dtype = next(self.vae.parameters()).dtype
-        return to_pil(self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor))
+        images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor)
+        if not torch.isfinite(images).all():
+            raise LdmError(f"the VAE decode produced NaN/inf values ({vae_dtype} overflow): run again with "
+                           "--dtype fp32, or bf16 where the device supports it")
+        return to_pil(images)
+
+    def to(self, device: torch.device | str) -> "StableDiffusion":
+        """Move every network to `device` (to park an idle model on the CPU, say)."""
+        for module in self.modules():
+            module.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, self.text_encoder]
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SDXL base 1.0 and refiner 1.0: two text towers (the refiner has only OpenCLIP-bigG), penultimate
+    hidden states, the pooled bigG embedding and size (or aesthetic-score) micro-conditioning."""
+
+    default_strength = 0.3  # image-to-image, as StableDiffusionXLImg2ImgPipeline
+
+    def __init__(self, unet: UNet, vae: VAE, text_encoder: CLIPTextModel | None, tokenizer: CLIPTokenizer | None,
+                 scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype, name: str,
+                 text_encoder_2: CLIPTextModel, tokenizer_2: CLIPTokenizer, force_zeros_for_empty_prompt: bool = True,
+                 requires_aesthetics_score: bool = False):
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, name)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.requires_aesthetics_score = requires_aesthetics_score
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Each tower's penultimate hidden state (no final LayerNorm), concatenated along the width, and the
+        pooled, projected embedding of the last tower (OpenCLIP-bigG)."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            if encoder is not None:
+                out = encoder(tokenizer(prompts).to(self.device), layer=-2, final_norm=False)
+                hidden.append(out.hidden)
+                pooled = out.pooled
+        return torch.cat(hidden, dim=-1), pooled
+
+    def conditioning(self, prompts: list[str], negatives: list[str] | None, num_images: int, guide: bool,
+                     size: tuple[int, int], micro: dict) -> tuple[dict, dict | None]:
+        """context, text_embeds and time_ids. time_ids: original size, crop top-left, then the target size
+        (base) or the aesthetic score (refiner); sizes as (height, width), defaulting to the output size."""
+        unknown = {"aesthetic_score", "negative_aesthetic_score"} if not self.requires_aesthetics_score \
+            else {"target_size"}
+        if unknown & set(micro):
+            kind = "refiner" if self.requires_aesthetics_score else "base"
+            raise InputError(f"{', '.join(sorted(unknown & set(micro)))} does not apply to an SDXL {kind} model")
+        original, crop = micro.get("original_size", size), micro.get("crop_coords", (0, 0))
+        if self.requires_aesthetics_score:
+            ids = [(*original, *crop, micro.get("aesthetic_score", 6.0)),
+                   (*original, *crop, micro.get("negative_aesthetic_score", 2.5))]
+        else:
+            ids = [(*original, *crop, *micro.get("target_size", size))] * 2
+        batch = len(prompts) * num_images
+
+        def time_ids(values: tuple) -> Tensor:
+            return torch.tensor([values] * batch, dtype=self.dtype, device=self.device)
+
+        def embeds(texts: list[str]) -> dict:
+            context, pooled = self.encode_prompt(texts)
+            return {"context": context.repeat_interleave(num_images, dim=0),
+                    "text_embeds": pooled.repeat_interleave(num_images, dim=0)}
+
+        cond = embeds(prompts) | {"time_ids": time_ids(ids[0])}
+        if not guide:
+            return cond, None
+        if negatives is None and self.force_zeros_for_empty_prompt:  # the folder's choice for no negative
+            uncond = {k: torch.zeros_like(v) for k, v in cond.items() if k != "time_ids"}
+        else:
+            uncond = embeds(negatives or [""] * len(prompts))
+        return cond, uncond | {"time_ids": time_ids(ids[1])}

@@ -82,6 +82,25 @@ class Schedule:
             raise InputError(f"strength {strength} × {steps} steps leaves no step to run; raise --strength or --steps")
         return Schedule(self.sigmas[steps - keep:], self.timesteps[steps - keep:], self.init_noise_sigma)
 
+    def until(self, end: float, num_train_timesteps: int) -> "Schedule":
+        """The head a base model runs before handing off (diffusers' `denoising_end`): the steps whose
+        timestep is at least round(T·(1 - end))."""
+        cutoff = int(round(num_train_timesteps - end * num_train_timesteps))
+        keep = sum(t >= cutoff for t in self.timesteps)
+        if keep < 1:
+            raise InputError(f"denoising end {end} leaves no step to run")
+        return Schedule(self.sigmas[: keep + 1], self.timesteps[:keep], self.init_noise_sigma)
+
+    def since(self, start: float, num_train_timesteps: int) -> "Schedule":
+        """The tail a refiner runs after a hand-off (diffusers' `denoising_start`): the steps whose timestep
+        is below round(T·(1 - start))."""
+        cutoff = int(round(num_train_timesteps - start * num_train_timesteps))
+        keep = sum(t < cutoff for t in self.timesteps)
+        if keep < 1:
+            raise InputError(f"denoising start {start} leaves no step to run")
+        skip = len(self.timesteps) - keep
+        return Schedule(self.sigmas[skip:], self.timesteps[skip:], self.init_noise_sigma)
+
     def to_latents(self, x: Tensor) -> Tensor:
         """The sampler's σ-space result as the variance-preserving latents the VAE decodes."""
         return x / (1.0 + self.sigmas[-1] ** 2) ** 0.5
