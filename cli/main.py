@@ -1,9 +1,12 @@
 """The `ldm` command. Thin: parse, call the library, report. User errors → one line on stderr, exit 2."""
 
 import argparse
+import secrets
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from ldm.errors import LdmError
 from ldm.samplers import SAMPLERS
@@ -52,6 +55,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="inpainting mask for --image: white = repaint, black = keep (binarised at 50%%)")
     gen.add_argument("--strength", type=float, default=None,
                      help="how much of the schedule to run from --image, (0, 1] (default: 0.8; 1.0 with --mask)")
+    sdxl = gen.add_argument_group("SDXL", "micro-conditioning (diffusers' defaults: the output size, crop 0 0) "
+                                          "and the base → refiner hand-off")
+    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("W", "H"), default=None)
+    sdxl.add_argument("--crop-coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None)
+    sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("W", "H"), default=None, help="base only")
+    sdxl.add_argument("--aesthetic-score", type=float, default=None, help="refiner only (default: 6.0)")
+    sdxl.add_argument("--negative-aesthetic-score", type=float, default=None, help="refiner only (default: 2.5)")
+    sdxl.add_argument("--refiner", default=None, help="an SDXL refiner folder or Hub id: it finishes the schedule")
+    sdxl.add_argument("--refiner-start", type=float, default=0.8,
+                      help="fraction of the schedule the base runs before the refiner takes over (default: 0.8)")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM's η: 0 deterministic, 1 DDPM-like noise")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate (default: %(default)s)")
     gen.add_argument("-o", "--output", default="output.png",
@@ -87,14 +100,43 @@ def generate(args: argparse.Namespace) -> None:
         print(f"note: the mask ({mask.width}x{mask.height}) is resized to the image's {image.width}x{image.height}",
               file=sys.stderr)
 
-    pipe = StableDiffusion.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                           variant=args.variant, revision=args.revision)
-    result = pipe(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                  guidance_rescale=args.guidance_rescale, seed=args.seed, width=args.width, height=args.height,
-                  sampler=args.sampler, num_images=args.num_images, eta=args.eta, image=image, mask=mask,
-                  strength=args.strength, progress=ProgressBar())
+    if args.refiner and (image is not None):
+        raise LdmError("--refiner finishes a text-to-image run; it does not combine with --image")
+    if args.refiner and not 0 < args.refiner_start < 1:
+        raise LdmError(f"--refiner-start must be strictly between 0 and 1, got {args.refiner_start}")
+
+    def load(model: str) -> StableDiffusion:
+        return StableDiffusion.from_pretrained(model, device=args.device, dtype=args.dtype, variant=args.variant,
+                                               revision=args.revision)
+
+    def flip(pair):  # W H on the command line, (height, width) in the pipelines
+        return None if pair is None else (pair[1], pair[0])
+
+    seed = secrets.randbits(32) if args.seed is None else args.seed
+    generator = torch.Generator("cpu").manual_seed(seed)  # one stream for base and refiner, as in diffusers
+    common = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale, "seed": seed,
+              "sampler": args.sampler, "num_images": args.num_images, "eta": args.eta, "generator": generator,
+              "original_size": flip(args.original_size),
+              "crop_coords": tuple(args.crop_coords) if args.crop_coords else None}
+    pipe = load(args.model)
+    refiner = load(args.refiner) if args.refiner else None
+    if refiner is None:
+        result = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height, image=image, mask=mask,
+                      strength=args.strength, target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
+                      negative_aesthetic_score=args.negative_aesthetic_score, progress=ProgressBar(), **common)
+    else:
+        first = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height,
+                     target_size=flip(args.target_size), denoising_end=args.refiner_start, progress=ProgressBar(),
+                     **common)
+        if pipe.device.type != "cpu":  # keep one model on the accelerator at a time
+            pipe.to("cpu")
+        result = refiner(args.prompt, args.negative_prompt, latents=first.latents, denoising_start=args.refiner_start,
+                         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+                         progress=ProgressBar(), **common)
+        result.infotexts = [f"{text}, Refiner: {refiner.name}, Refiner switch at: {args.refiner_start}"
+                            for text in result.infotexts]
     if args.seed is None:
-        print(f"seed: {result.seed}", file=sys.stderr)
+        print(f"seed: {seed}", file=sys.stderr)
     for image, text, path in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),
                                  strict=True):
         save_png(image, path, text)

@@ -45,3 +45,15 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory) -> Path:
+    """A tiny random SDXL base 1.0-layout folder (CLIP-L + OpenCLIP-bigG, text_time UNet, Euler)."""
+    return write_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl-base", "sdxl", seed=30)
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner_folder(tmp_path_factory) -> Path:
+    """A tiny random SDXL refiner 1.0-layout folder (bigG only, aesthetic-score conditioning)."""
+    return write_folder(tmp_path_factory.mktemp("sdxlr") / "tiny-sdxl-refiner", "sdxl-refiner", seed=40)

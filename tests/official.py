@@ -230,23 +230,111 @@ SD2_INPAINT_MODEL_INDEX = SD21_MODEL_INDEX | {
 SD2_INPAINT_SCHEDULER = SD1_SCHEDULER | {"_diffusers_version": "0.8.0"}
 SD2_INPAINT_UNET = SD21_UNET | {"_diffusers_version": "0.8.0.dev0", "in_channels": 9, "upcast_attention": False}
 
+# stabilityai/stable-diffusion-xl-base-1.0: CLIP-L + OpenCLIP-bigG (with projection), three UNet levels with
+# per-level transformer depth and `text_time` micro-conditioning, a 0.13025-scaled force_upcast VAE, Euler.
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "_diffusers_version": "0.19.0.dev0",
+    "force_zeros_for_empty_prompt": True,
+    "add_watermarker": None,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+SDXL_TEXT_ENCODER = SD1_TEXT_ENCODER | {"_name_or_path": "openai/clip-vit-large-patch14",
+                                        "transformers_version": "4.32.0.dev0"}
+SDXL_TEXT_ENCODER_2 = SD1_TEXT_ENCODER | {
+    "_name_or_path": "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+    "architectures": ["CLIPTextModelWithProjection"],
+    "hidden_act": "gelu",
+    "hidden_size": 40,
+    "intermediate_size": 80,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "projection_dim": 40,
+    "transformers_version": "4.32.0.dev0",
+}
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 8,
+    "attention_head_dim": [2, 4, 4], "block_out_channels": [32, 64, 64], "center_input_sample": False,
+    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "cross_attention_dim": 32 + 40, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+    "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 6 * 8 + 40, "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 8,
+    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 3],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SDXL_VAE = SD1_VAE | {"_diffusers_version": "0.20.0.dev0", "force_upcast": True, "sample_size": 1024,
+                      "scaling_factor": 0.13025}
+
+# stabilityai/stable-diffusion-xl-refiner-1.0: bigG only, aesthetic-score conditioning, four UNet levels.
+SDXL_REFINER_MODEL_INDEX = SDXL_MODEL_INDEX | {
+    "_class_name": "StableDiffusionXLImg2ImgPipeline",
+    "force_zeros_for_empty_prompt": False,
+    "requires_aesthetics_score": True,
+    "text_encoder": [None, None],
+    "tokenizer": [None, None],
+}
+SDXL_REFINER_UNET = SDXL_UNET | {
+    "attention_head_dim": [2, 4, 4, 4], "block_out_channels": [32, 64, 64, 96], "cross_attention_dim": 40,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "projection_class_embeddings_input_dim": 5 * 8 + 40, "transformer_layers_per_block": 2,
+}
+
+CLIP_L, OPENCLIP = "<|endoftext|>", "!"  # the pad tokens of the two tokenizer folders
 FAMILIES = {
-    "sd1": (SD1_MODEL_INDEX, SD1_SCHEDULER, SD1_UNET, SD1_VAE, SD1_TEXT_ENCODER, "<|endoftext|>"),
-    "sd21": (SD21_MODEL_INDEX, SD21_SCHEDULER, SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER, "!"),
-    "sd2-inpaint": (SD2_INPAINT_MODEL_INDEX, SD2_INPAINT_SCHEDULER, SD2_INPAINT_UNET, SD21_VAE, SD21_TEXT_ENCODER,
-                    "!"),
+    "sd1": (SD1_MODEL_INDEX, SD1_SCHEDULER, SD1_UNET, SD1_VAE, {"text_encoder": (SD1_TEXT_ENCODER, CLIP_L)}),
+    "sd21": (SD21_MODEL_INDEX, SD21_SCHEDULER, SD21_UNET, SD21_VAE, {"text_encoder": (SD21_TEXT_ENCODER, OPENCLIP)}),
+    "sd2-inpaint": (SD2_INPAINT_MODEL_INDEX, SD2_INPAINT_SCHEDULER, SD2_INPAINT_UNET, SD21_VAE,
+                    {"text_encoder": (SD21_TEXT_ENCODER, OPENCLIP)}),
+    "sdxl": (SDXL_MODEL_INDEX, SDXL_SCHEDULER, SDXL_UNET, SDXL_VAE,
+             {"text_encoder": (SDXL_TEXT_ENCODER, CLIP_L), "text_encoder_2": (SDXL_TEXT_ENCODER_2, OPENCLIP)}),
+    "sdxl-refiner": (SDXL_REFINER_MODEL_INDEX, SDXL_SCHEDULER, SDXL_REFINER_UNET, SDXL_VAE,
+                     {"text_encoder_2": (SDXL_TEXT_ENCODER_2, OPENCLIP)}),
 }
 
 
 def write_folder(root: Path, family: str = "sd1", seed: int = 0, fp16_variant: bool = False) -> Path:
     """A tiny folder in the official layout of `family` (64×64 native size). Returns `root`."""
-    model_index, scheduler, unet, vae, text_encoder, pad = FAMILIES[family]
+    model_index, scheduler, unet, vae, towers = FAMILIES[family]
     root = Path(root)
     write_json(root / "model_index.json", model_index)
     write_json(root / "scheduler" / "scheduler_config.json", scheduler)
-    write_tokenizer_folder(root / "tokenizer", pad_token=pad)
     save_component(root / "unet", unet, make_unet(unet, seed).state_dict(), "diffusion_pytorch_model", fp16_variant)
     save_component(root / "vae", vae, make_vae(vae, seed + 1).state_dict(), "diffusion_pytorch_model", fp16_variant)
-    te = make_text_encoder(text_encoder, seed + 2)
-    save_component(root / "text_encoder", text_encoder, official_text_encoder_state(te), "model", fp16_variant)
+    for i, (tower, (config, pad)) in enumerate(towers.items()):
+        write_tokenizer_folder(root / tower.replace("text_encoder", "tokenizer"), pad_token=pad)
+        encoder = make_text_encoder(config, seed + 2 + i)
+        save_component(root / tower, config, official_text_encoder_state(encoder), "model", fp16_variant)
     return root

@@ -8,19 +8,12 @@ import pytest
 import torch
 from conftest import max_rel_err
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler
-from official import SD1_SCHEDULER, SD21_SCHEDULER
+from official import SD1_SCHEDULER, SD21_SCHEDULER, SDXL_SCHEDULER
 
 from ldm.denoisers import Denoiser
 from ldm.samplers import SAMPLERS
 from ldm.schedules import SchedulerConfig
 
-SDXL_SCHEDULER = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 CONFIGS = {"sd1-eps": SD1_SCHEDULER, "sd21-v": SD21_SCHEDULER, "sdxl-eps": SDXL_SCHEDULER}
 DIFFUSERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
              "euler_a": EulerAncestralDiscreteScheduler}

@@ -1,0 +1,128 @@
+"""SDXL base 1.0 and refiner 1.0 through `ldm generate`, against diffusers' StableDiffusionXLPipeline and
+StableDiffusionXLImg2ImgPipeline on the same tiny official-layout folders and seeds."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+from test_image_tasks import picture
+
+from ldm.pipeline import StableDiffusion, StableDiffusionXL
+from ldm_cli.main import main
+
+PROMPT = "a lighthouse on a cliff at dawn"
+SCHEDULERS = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler}
+MAX_PIXEL_DIFF = 2
+
+
+def load(cls, folder, sampler=None):
+    pipe = cls.from_pretrained(folder, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if sampler:
+        pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+    return pipe
+
+
+def as_pixels(images) -> np.ndarray:
+    assert images[0].std() > 0.04  # a real image, not a flat one that any output would match
+    return (images[0] * 255).round().astype(np.int16)
+
+
+def generate(tmp_path, *args) -> tuple[np.ndarray, str]:
+    out = tmp_path / "out.png"
+    assert main(["generate", PROMPT, "-o", str(out), *args]) == 0
+    image = Image.open(out)
+    return np.asarray(image.convert("RGB")).astype(np.int16), image.text["parameters"]
+
+
+def assert_close(name, actual, expected):
+    assert actual.shape == expected.shape
+    diff = np.abs(actual - expected).max()
+    print(f"{name}: max pixel difference {diff}")
+    assert diff <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("negative", [None, "blurry, watermark"])
+def test_base_text_to_image(sdxl_folder, tmp_path, negative):
+    # no negative prompt: the folder's force_zeros_for_empty_prompt makes the unconditional embeddings zeros
+    actual, params = generate(tmp_path, "--model", str(sdxl_folder), "--steps", "6", "--seed", "12",
+                              *(["--negative-prompt", negative] if negative else []))
+    generator = torch.Generator("cpu").manual_seed(12)
+    expected = as_pixels(load(StableDiffusionXLPipeline, sdxl_folder)(
+        PROMPT, negative_prompt=negative, num_inference_steps=6, guidance_scale=7.5, generator=generator,
+        output_type="np").images)
+    assert_close(f"sdxl base, negative {negative!r}", actual, expected)
+    assert "Sampler: Euler," in params  # the folder's EulerDiscreteScheduler
+
+
+def test_base_micro_conditioning(sdxl_folder, tmp_path):
+    actual, _ = generate(tmp_path, "--model", str(sdxl_folder), "--steps", "5", "--seed", "2", "--original-size",
+                         "80", "48", "--crop-coords", "4", "8", "--target-size", "32", "64", "--sampler", "euler_a")
+    expected = as_pixels(load(StableDiffusionXLPipeline, sdxl_folder, "euler_a")(
+        PROMPT, num_inference_steps=5, guidance_scale=7.5, original_size=(48, 80), crops_coords_top_left=(4, 8),
+        target_size=(64, 32), generator=torch.Generator("cpu").manual_seed(2), output_type="np").images)
+    assert_close("sdxl base micro-conditioning euler_a", actual, expected)
+
+
+def test_refiner_image_to_image(sdxl_refiner_folder, tmp_path):
+    init = picture(64, 72, seed=5)
+    init.save(tmp_path / "init.png")
+    actual, params = generate(tmp_path, "--model", str(sdxl_refiner_folder), "--image", str(tmp_path / "init.png"),
+                              "--steps", "10", "--seed", "7")
+    expected = as_pixels(load(StableDiffusionXLImg2ImgPipeline, sdxl_refiner_folder)(
+        PROMPT, image=init, num_inference_steps=10, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np").images)  # diffusers' default strength 0.3, aesthetic scores 6.0 / 2.5
+    assert_close("sdxl refiner img2img strength 0.3", actual, expected)
+    assert "Denoising strength: 0.3" in params
+
+
+@pytest.mark.parametrize("sampler", [None, "euler_a"])
+def test_base_to_refiner_hand_off(sdxl_folder, sdxl_refiner_folder, tmp_path, sampler):
+    actual, params = generate(tmp_path, "--model", str(sdxl_folder), "--refiner", str(sdxl_refiner_folder),
+                              "--refiner-start", "0.8", "--steps", "10", "--seed", "3", "--aesthetic-score", "7",
+                              *(["--sampler", sampler] if sampler else []))
+    generator = torch.Generator("cpu").manual_seed(3)  # diffusers' documented use: one generator for both
+    latents = load(StableDiffusionXLPipeline, sdxl_folder, sampler)(
+        PROMPT, num_inference_steps=10, guidance_scale=7.5, denoising_end=0.8, generator=generator,
+        output_type="latent").images
+    expected = as_pixels(load(StableDiffusionXLImg2ImgPipeline, sdxl_refiner_folder, sampler)(
+        PROMPT, image=latents, num_inference_steps=10, guidance_scale=7.5, denoising_start=0.8, aesthetic_score=7.0,
+        generator=generator, output_type="np").images)
+    assert_close(f"sdxl base→refiner at 0.8, {sampler or 'euler'}", actual, expected)
+    assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.8" in params
+
+
+def test_hand_off_splits_the_schedule(sdxl_folder, sdxl_refiner_folder):
+    base = StableDiffusion.from_pretrained(sdxl_folder)
+    assert isinstance(base, StableDiffusionXL) and base.text_encoder is not None
+    refiner = StableDiffusion.from_pretrained(sdxl_refiner_folder)
+    assert refiner.text_encoder is None and refiner.requires_aesthetics_score
+    steps = []
+    first = base(PROMPT, steps=10, seed=1, denoising_end=0.8, progress=lambda done, total: steps.append(total))
+    assert first.images == [] and first.latents.shape == (1, 4, 8, 8)
+    refiner(PROMPT, steps=10, seed=1, latents=first.latents, denoising_start=0.8,
+            progress=lambda done, total: steps.append(total))
+    assert sorted(set(steps)) == [2, 8]  # timesteps ≥ 200 on the base, < 200 on the refiner
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("sdxl", ["--aesthetic-score", "6"], "aesthetic_score does not apply to an SDXL base model"),
+    ("sdxl-refiner", ["--target-size", "64", "64", "--image", "init.png", "--steps", "10"],
+     "target_size does not apply"),
+    ("sd1", ["--original-size", "64", "64"], "original_size: SDXL micro-conditioning"),
+    ("sdxl", ["--refiner", "x", "--refiner-start", "1.2"], "--refiner-start must be strictly between 0 and 1"),
+    ("sdxl", ["--refiner", "x", "--image", "init.png"], "does not combine with --image"),
+])
+def test_sdxl_errors(request, tmp_path, monkeypatch, capsys, model, args, message):
+    folder = request.getfixturevalue(f"{model.replace('-', '_')}_folder")
+    monkeypatch.chdir(tmp_path)
+    picture(64, 64).save("init.png")
+    code = main(["generate", PROMPT, "--model", str(folder), "--steps", "2", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
