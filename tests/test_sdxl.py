@@ -126,3 +126,20 @@ def test_sdxl_errors(request, tmp_path, monkeypatch, capsys, model, args, messag
     code = main(["generate", PROMPT, "--model", str(folder), "--steps", "2", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_half_precision_keeps_the_force_upcast_vae_in_fp32(sdxl_folder, sd1_folder):
+    xl = StableDiffusion.from_pretrained(sdxl_folder, dtype="fp16")
+    assert next(xl.unet.parameters()).dtype == torch.float16
+    assert next(xl.vae.parameters()).dtype == torch.float32  # the SDXL VAE overflows in fp16
+    sd = StableDiffusion.from_pretrained(sd1_folder, dtype="fp16")
+    assert next(sd.vae.parameters()).dtype == torch.float16  # as StableDiffusionPipeline
+
+
+def test_nan_decode_is_an_error_not_a_black_image(sdxl_folder, monkeypatch):
+    from ldm.errors import LdmError
+
+    pipe = StableDiffusion.from_pretrained(sdxl_folder)
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: torch.full((z.shape[0], 3, 64, 64), float("nan")))
+    with pytest.raises(LdmError, match="NaN/inf"):
+        pipe(PROMPT, steps=1, seed=0)
