@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                      help="sampler (default: the model folder's scheduler): "
                           + ", ".join(f"{name} ({spec.label})" for name, spec in SAMPLERS.items()))
+    gen.add_argument("--karras", action="store_true",
+                     help="Karras et al.'s σ schedule, for: " + ", ".join(n for n, s in SAMPLERS.items() if s.karras))
     gen.add_argument("--guidance-rescale", type=float, default=0.0,
                      help="rescale guided output toward the conditional one's std, 0–1 (default: %(default)s)")
     gen.add_argument("--image", default=None,
@@ -89,7 +91,7 @@ def generate(args: argparse.Namespace) -> None:
 
     # everything about the request is checked before gigabytes of weights are loaded
     check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
-                  args.eta, guidance_rescale=args.guidance_rescale, strength=args.strength)
+                  args.eta, karras=args.karras, guidance_rescale=args.guidance_rescale, strength=args.strength)
     if args.mask and not args.image:
         raise LdmError("--mask needs the image it applies to (--image)")
     if args.strength is not None and not args.image:
@@ -115,7 +117,8 @@ def generate(args: argparse.Namespace) -> None:
     seed = secrets.randbits(32) if args.seed is None else args.seed
     generator = torch.Generator("cpu").manual_seed(seed)  # one stream for base and refiner, as in diffusers
     common = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale, "seed": seed,
-              "sampler": args.sampler, "num_images": args.num_images, "eta": args.eta, "generator": generator,
+              "sampler": args.sampler, "karras": args.karras, "num_images": args.num_images, "eta": args.eta,
+              "generator": generator,
               "original_size": flip(args.original_size),
               "crop_coords": tuple(args.crop_coords) if args.crop_coords else None}
     pipe = load(args.model)

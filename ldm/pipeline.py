@@ -90,12 +90,15 @@ def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def check_request(steps: int, width: int | None, height: int | None, guidance: float, num_images: int,
-                  seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8,
+                  seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8, karras: bool = False,
                   guidance_rescale: float = 0.0, strength: float | None = None,
                   denoising_start: float | None = None, denoising_end: float | None = None) -> None:
     """Reject out-of-range generation parameters with a message that says what to pass instead."""
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if karras and sampler is not None and not SAMPLERS[sampler].karras:
+        raise InputError(f"--karras applies to {', '.join(n for n, s in SAMPLERS.items() if s.karras)}, "
+                         f"not to {sampler}")
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a whole number ≥ 1, got {steps!r}")
     for name, value in (("width", width), ("height", height)):
@@ -224,7 +227,7 @@ class StableDiffusion:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                  steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0, seed: int | None = None,
                  width: int | None = None, height: int | None = None, sampler: str | None = None,
-                 num_images: int = 1, eta: float = 0.0, image: Image.Image | None = None,
+                 karras: bool = False, num_images: int = 1, eta: float = 0.0, image: Image.Image | None = None,
                  mask: Image.Image | None = None, strength: float | None = None,
                  original_size: tuple[int, int] | None = None, crop_coords: tuple[int, int] | None = None,
                  target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
@@ -270,11 +273,11 @@ class StableDiffusion:
             native_w, native_h = fit_size(image, self.vae_scale) if image is not None else (native, native)
         width, height = width or native_w, height or native_h
         sampler = sampler or self.default_sampler
-        check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale,
+        check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale, karras,
                       guidance_rescale, strength, denoising_start, denoising_end)
         seed = secrets.randbits(32) if seed is None else seed
         spec = SAMPLERS[sampler]
-        schedule = spec.schedule(self.scheduler, steps)
+        schedule = spec.schedule(self.scheduler, steps, karras)
         T = self.scheduler.num_train_timesteps
         if image is not None:
             schedule = schedule.from_strength(strength)
@@ -310,7 +313,8 @@ class StableDiffusion:
             return Generation([], seed, [], latents=x)
         images = self.decode(schedule.to_latents(x))
 
-        params = {"Steps": steps, "Sampler": spec.label, "CFG scale": guidance, "Seed": seed,
+        params = {"Steps": steps, "Sampler": spec.label + (" Karras" if karras else ""), "CFG scale": guidance,
+                  "Seed": seed,
                   "Size": f"{width}x{height}", "Model": self.name}
         if "eta" in spec.options and eta:
             params["Eta"] = eta

@@ -10,13 +10,14 @@ one (as diffusers' `callback_on_step_end` may replace the latents; inpainting wi
 pastes the re-noised known region back this way).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .schedules import Schedule, SchedulerConfig, ddim_schedule, euler_schedule, pndm_schedule
+from .schedules import Schedule, SchedulerConfig, ddim_schedule, dpm_schedule, euler_schedule, pndm_schedule
 
 Denoiser = Callable[[Tensor, float], Tensor]
 Callback = Callable[[int, Tensor], Tensor | None] | None
@@ -39,6 +40,42 @@ def sample_euler(model: Denoiser, x: Tensor, sigmas: list[float], callback: Call
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = (x - model(x, sigma)) / sigma
         x = x + d * (sigma_next - sigma)
+        x = _step_end(callback, i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
+    """Heun's method (Karras et al. 2022, Algorithm 1 without churn): Euler, then the trapezoidal
+    correction with the derivative at the Euler point; a plain Euler step into σ = 0."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        d = (x - model(x, sigma)) / sigma
+        x_euler = x + d * (sigma_next - sigma)
+        if sigma_next == 0:
+            x = x_euler
+        else:
+            d_next = (x_euler - model(x_euler, sigma_next)) / sigma_next
+            x = x + (d + d_next) / 2 * (sigma_next - sigma)
+        x = _step_end(callback, i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, midpoint form as diffusers' default): multistep in
+    λ = -log σ; first order on the first step and into σ = 0."""
+    x0_prev = None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, sigma)
+        ratio = sigma_next / sigma  # e^(-h)
+        if x0_prev is None or sigma_next == 0:
+            x = ratio * x + (1 - ratio) * x0
+        else:
+            r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)  # h_prev / h
+            x = ratio * x + (1 - ratio) * (x0 + (x0 - x0_prev) / (2 * r))
+        x0_prev = x0
         x = _step_end(callback, i, x)
     return x
 
@@ -123,18 +160,22 @@ class SamplerSpec:
     """A sampler by name: its function, how it builds its grid, and the diffusers scheduler it matches."""
 
     run: Callable[..., Tensor]
-    schedule: Callable[[SchedulerConfig, int], Schedule]
+    schedule: Callable[[SchedulerConfig, int, bool], Schedule]  # (config, steps, karras)
     diffusers_class: str
     label: str  # AUTOMATIC1111's name, written into the PNG parameters
     options: tuple[str, ...] = ()  # keyword arguments it takes beyond (model, x, sigmas, callback)
+    karras: bool = False  # takes Karras σ (where the diffusers scheduler has `use_karras_sigmas`)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS", options=("output",)),
     "ddim": SamplerSpec(sample_ddim, ddim_schedule, "DDIMScheduler", "DDIM", options=("eta", "generator")),
-    "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler"),
+    "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler", karras=True),
     "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler", "Euler a",
                            options=("generator",)),
+    "heun": SamplerSpec(sample_heun, euler_schedule, "HeunDiscreteScheduler", "Heun", karras=True),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M",
+                            karras=True),
 }
 
 

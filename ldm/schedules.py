@@ -142,8 +142,29 @@ def discrete_schedule(cfg: SchedulerConfig, steps: int, set_alpha_to_one_default
     return Schedule(sigmas, [float(ti) for ti in t], (1.0 + sigmas[0] ** 2) ** 0.5)
 
 
-def euler_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
-    """EulerDiscreteScheduler: σ interpolated linearly at fractional timesteps, then 0."""
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+    """The σ grid of Karras et al. 2022 (eq. 5): uniform in σ^(1/ρ) from σ_max down to σ_min."""
+    ramp = np.linspace(0, 1, steps)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of σ values, by linear interpolation in log σ (k-diffusion, diffusers)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _training_sigmas(cfg: SchedulerConfig) -> np.ndarray:
+    ac = cfg.alphas_cumprod()
+    return (((1 - ac) / ac) ** 0.5).numpy()
+
+
+def euler_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
+    """EulerDiscreteScheduler (and its ancestral and Heun siblings): σ interpolated linearly at fractional
+    timesteps, or Karras σ between the ends of that grid at their log-σ timesteps; then 0."""
     T, spacing = cfg.num_train_timesteps, _spacing(cfg, "linspace")
     if spacing == "linspace":
         t = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
@@ -151,15 +172,39 @@ def euler_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
         t = (np.arange(0, steps) * (T // steps)).round()[::-1].astype(np.float32) + cfg.steps_offset
     else:
         t = np.arange(T, 0, -T / steps).round().astype(np.float32) - 1
-    ac = cfg.alphas_cumprod()
-    all_sigmas = (((1 - ac) / ac) ** 0.5).numpy()
-    sigmas = np.concatenate([np.interp(t, np.arange(T), all_sigmas), [0.0]]).astype(np.float32)
+    all_sigmas = _training_sigmas(cfg)
+    sigmas = np.interp(t, np.arange(T), all_sigmas)
+    if karras:
+        sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
+        t = sigma_to_t(sigmas, np.log(all_sigmas))
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     top = float(sigmas.max())
     init = top if spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
     return Schedule([float(s) for s in sigmas], [float(ti) for ti in t.astype(np.float32)], init)
 
 
-def ddim_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
+def dpm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
+    """DPMSolverMultistepScheduler: integer timesteps (its own spacing rules, "linspace" by default) at
+    their exact σ, or Karras σ over the whole training range at rounded log-σ timesteps; then 0."""
+    T, spacing = cfg.num_train_timesteps, _spacing(cfg, "linspace")
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        t = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + cfg.steps_offset
+    else:
+        t = np.arange(T, 0, -T / steps).round().astype(np.int64) - 1
+    all_sigmas = _training_sigmas(cfg)
+    if karras:
+        sigmas = karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), steps)
+        t = sigma_to_t(sigmas, np.log(all_sigmas)).round()
+    else:
+        sigmas = np.interp(t, np.arange(T), all_sigmas)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    # diffusers feeds DPM-Solver the variance-preserving latents (init_noise_sigma 1)
+    return Schedule([float(s) for s in sigmas], [float(ti) for ti in t], (1.0 + float(sigmas[0]) ** 2) ** 0.5)
+
+
+def ddim_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
     """DDIMScheduler's grid (its class default `set_alpha_to_one` is true)."""
     if cfg.clip_sample is not False:
         raise ConfigError("DDIM with clip_sample (x0 clipped to [-1, 1], the DDIMScheduler default when the "
@@ -167,6 +212,7 @@ def ddim_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
     return discrete_schedule(cfg, steps, set_alpha_to_one_default=True)
 
 
-def pndm_schedule(cfg: SchedulerConfig, steps: int) -> Schedule:
+def pndm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
     """PNDMScheduler's grid with `skip_prk_steps` (its class default `set_alpha_to_one` is false)."""
     return discrete_schedule(cfg, steps, set_alpha_to_one_default=False)
+

@@ -6,8 +6,10 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -18,7 +20,8 @@ from PIL import Image
 from ldm_cli.main import main
 
 SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-              "euler_a": EulerAncestralDiscreteScheduler}
+              "euler_a": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
+              "dpmpp_2m": DPMSolverMultistepScheduler}
 PROMPT = "a red barn in a snowy field"
 MAX_PIXEL_DIFF = 2
 
@@ -73,7 +76,10 @@ def test_sd21_v_prediction_text_to_image(sd21_folder, tmp_path):
     assert_close("sd21 txt2img ddim-v", actual, expected)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "pndm"])
+# Not dpmpp_2m: on this tiny random SD 2.1 model, guidance rescale makes its multistep chaotic — diffusers
+# itself moves by 2.6e-2 relative (8 pixel levels) when its initial latents move by 1e-6. Its trajectory
+# parity (test_samplers.py, 6e-7) and SD 1.x image parity (test_pipeline.py) cover it.
+@pytest.mark.parametrize("sampler", ["euler", "pndm", "heun"])
 def test_sd21_guidance_rescale(sd21_folder, tmp_path, sampler):
     actual = generate(tmp_path, sd21_folder, "--steps", "6", "--seed", "5", "--guidance-rescale", "0.7",
                       "--sampler", sampler)

@@ -3,13 +3,21 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
 from PIL import Image
 
 from ldm.pipeline import StableDiffusion
 from ldm_cli.main import main
 
-SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+              "heun": HeunDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 PROMPT = "a photograph of an astronaut riding a horse"
 MAX_PIXEL_DIFF = 2  # of 255
 
@@ -19,11 +27,13 @@ def reference(sd1_folder):
     pipe = StableDiffusionPipeline.from_pretrained(sd1_folder, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe.folder_scheduler_config = dict(pipe.scheduler.config)  # each test's scheduler starts from the folder's
     return pipe
 
 
-def diffusers_images(pipe, sampler, seed, steps=6, **kwargs):
-    pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+def diffusers_images(pipe, sampler, seed, steps=6, karras=False, **kwargs):
+    config = getattr(pipe, "folder_scheduler_config", pipe.scheduler.config)
+    pipe.scheduler = SCHEDULERS[sampler].from_config(config, **({"use_karras_sigmas": True} if karras else {}))
     # the tiny fixture's native size is 64; diffusers would upgrade its sample_size of this old-version config
     out = pipe(PROMPT, num_inference_steps=steps, height=64, width=64,
                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
@@ -34,14 +44,16 @@ def read_png(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
 
 
-@pytest.mark.parametrize("sampler", [None, "pndm", "ddim", "euler"])
-def test_cli_image_equals_diffusers(sd1_folder, reference, tmp_path, capsys, sampler):
+@pytest.mark.parametrize("sampler, karras", [(None, False), ("pndm", False), ("ddim", False), ("euler", False),
+                                             ("heun", False), ("dpmpp_2m", False), ("dpmpp_2m", True),
+                                             ("euler", True)])
+def test_cli_image_equals_diffusers(sd1_folder, reference, tmp_path, capsys, sampler, karras):
     out = tmp_path / "astronaut.png"
     args = ["generate", PROMPT, "--model", str(sd1_folder), "--steps", "6", "--seed", "42", "-o", str(out)]
-    assert main(args + (["--sampler", sampler] if sampler else [])) == 0
-    expected = diffusers_images(reference, sampler or "pndm", seed=42)[0]  # the folder's default: PNDM
+    assert main(args + (["--sampler", sampler] if sampler else []) + (["--karras"] if karras else [])) == 0
+    expected = diffusers_images(reference, sampler or "pndm", seed=42, karras=karras)[0]  # default: PNDM
     diff = np.abs(read_png(out) - expected).max()
-    print(f"{sampler or 'default(pndm)'}: max pixel difference {diff}")
+    print(f"{sampler or 'default(pndm)'}{' karras' if karras else ''}: max pixel difference {diff}")
     assert diff <= MAX_PIXEL_DIFF
     assert expected.std() > 10  # a real image, not a flat one that any output would match
 
