@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,6 +76,53 @@ def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: list[float], callback: C
         else:
             r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)  # h_prev / h
             x = ratio * x + (1 - ratio) * (x0 + (x0 - x0_prev) / (2 * r))
+        x0_prev = x0
+        x = _step_end(callback, i, x)
+    return x
+
+
+def lms_coefficient(sigmas: list[float], order: int, i: int, j: int) -> float:
+    """∫ from σ_i to σ_(i+1) of the Lagrange basis polynomial of node σ_(i-j) on σ_i, …, σ_(i-order+1)
+    (exactly, where diffusers and k-diffusion call scipy's quad)."""
+    basis = np.poly1d([1.0])
+    for k in range(order):
+        if k != j:
+            basis *= np.poly1d([1.0, -sigmas[i - k]]) / (sigmas[i - j] - sigmas[i - k])
+    antiderivative = basis.integ()
+    return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
+
+
+@torch.no_grad()
+def sample_lms(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 4, callback: Callback = None) -> Tensor:
+    """Linear multistep (k-diffusion's `sample_lms`): Adams–Bashforth on the σ-derivative with
+    coefficients for the uneven σ grid, of order up to 4."""
+    history: list[Tensor] = []
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        history = (history + [(x - model(x, sigma)) / sigma])[-order:]
+        current = min(i + 1, order)
+        coefficients = [lms_coefficient(sigmas, current, i, j) for j in range(current)]
+        x = x + sum(c * d for c, d in zip(coefficients, reversed(history), strict=True))
+        x = _step_end(callback, i, x)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model: Denoiser, x: Tensor, sigmas: list[float], generator: torch.Generator | None = None,
+                        callback: Callback = None) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022; diffusers' `sde-dpmsolver++`, midpoint, η = 1): the 2M update
+    with e^(-2h) weights plus fresh noise σ_next·√(1 - e^(-2h)), drawn at every step."""
+    x0_prev = None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = model(x, sigma)
+        decay = (sigma_next / sigma) ** 2  # e^(-2h)
+        if x0_prev is None or sigma_next == 0:
+            d = x0
+        else:
+            r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
+            d = x0 + (x0 - x0_prev) / (2 * r)
+        x = decay * x + (1 - decay) * d + _noise(x, generator) * (sigma_next * (1 - decay) ** 0.5)
         x0_prev = x0
         x = _step_end(callback, i, x)
     return x
@@ -174,8 +222,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler", "Euler a",
                            options=("generator",)),
     "heun": SamplerSpec(sample_heun, euler_schedule, "HeunDiscreteScheduler", "Heun", karras=True),
+    "lms": SamplerSpec(sample_lms, euler_schedule, "LMSDiscreteScheduler", "LMS", karras=True),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M",
                             karras=True),
+    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M SDE",
+                                options=("generator",), karras=True),
 }
 
 

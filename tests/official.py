@@ -338,3 +338,17 @@ def write_folder(root: Path, family: str = "sd1", seed: int = 0, fp16_variant: b
         encoder = make_text_encoder(config, seed + 2 + i)
         save_component(root / tower, config, official_text_encoder_state(encoder), "model", fp16_variant)
     return root
+
+
+# What a diffusers user picks for each of ldm's samplers: the scheduler class (ldm's registry names it)
+# built with `from_config(<the folder's scheduler config>)`, plus these settings.
+REFERENCE_SCHEDULER_SETTINGS = {"dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++"}}
+
+
+def diffusers_scheduler(name: str, config: dict, karras: bool = False):
+    import diffusers
+
+    from ldm.samplers import SAMPLERS
+
+    settings = REFERENCE_SCHEDULER_SETTINGS.get(name, {}) | ({"use_karras_sigmas": True} if karras else {})
+    return getattr(diffusers, SAMPLERS[name].diffusers_class).from_config(config, **settings)

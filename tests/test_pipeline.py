@@ -3,21 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-)
+from diffusers import StableDiffusionPipeline
+from official import diffusers_scheduler
 from PIL import Image
 
 from ldm.pipeline import StableDiffusion
 from ldm_cli.main import main
 
-SCHEDULERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-              "heun": HeunDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 PROMPT = "a photograph of an astronaut riding a horse"
 MAX_PIXEL_DIFF = 2  # of 255
 
@@ -33,7 +25,7 @@ def reference(sd1_folder):
 
 def diffusers_images(pipe, sampler, seed, steps=6, karras=False, **kwargs):
     config = getattr(pipe, "folder_scheduler_config", pipe.scheduler.config)
-    pipe.scheduler = SCHEDULERS[sampler].from_config(config, **({"use_karras_sigmas": True} if karras else {}))
+    pipe.scheduler = diffusers_scheduler(sampler, config, karras)
     # the tiny fixture's native size is 64; diffusers would upgrade its sample_size of this old-version config
     out = pipe(PROMPT, num_inference_steps=steps, height=64, width=64,
                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
@@ -45,8 +37,9 @@ def read_png(path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("sampler, karras", [(None, False), ("pndm", False), ("ddim", False), ("euler", False),
-                                             ("heun", False), ("dpmpp_2m", False), ("dpmpp_2m", True),
-                                             ("euler", True)])
+                                             ("heun", False), ("lms", False), ("dpmpp_2m", False),
+                                             ("dpmpp_2m", True), ("dpmpp_2m_sde", False), ("euler", True),
+                                             ("lms", True), ("euler_a", False)])
 def test_cli_image_equals_diffusers(sd1_folder, reference, tmp_path, capsys, sampler, karras):
     out = tmp_path / "astronaut.png"
     args = ["generate", PROMPT, "--model", str(sd1_folder), "--steps", "6", "--seed", "42", "-o", str(out)]

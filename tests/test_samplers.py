@@ -11,15 +11,7 @@ latent of ldm's pure-function samplers can be compared with the scheduler's `ste
 import pytest
 import torch
 from conftest import max_rel_err
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    PNDMScheduler,
-)
-from official import SD1_SCHEDULER, SD21_SCHEDULER, SDXL_SCHEDULER
+from official import SD1_SCHEDULER, SD21_SCHEDULER, SDXL_SCHEDULER, diffusers_scheduler
 
 from ldm.denoisers import Denoiser
 from ldm.errors import InputError
@@ -28,12 +20,11 @@ from ldm.samplers import SAMPLERS
 from ldm.schedules import SchedulerConfig
 
 CONFIGS = {"sd1-eps": SD1_SCHEDULER, "sd21-v": SD21_SCHEDULER, "sdxl-eps": SDXL_SCHEDULER}
-DIFFUSERS = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-             "euler_a": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,
-             "dpmpp_2m": DPMSolverMultistepScheduler}
+DIFFUSERS = list(SAMPLERS)
 KARRAS = [name for name, spec in SAMPLERS.items() if spec.karras]
 TRAJECTORY_TOL = 1e-4
-VP_LATENTS = ("pndm", "ddim", "dpmpp_2m")  # diffusers keeps these in variance-preserving form; ldm works in σ-space
+# diffusers keeps these in variance-preserving form; ldm works in σ-space
+VP_LATENTS = ("pndm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 
 
 def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
@@ -42,14 +33,15 @@ def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
 
 
 def diffusers_trajectory(name, config, steps, seed, eta=0.0, karras=False):
-    scheduler = DIFFUSERS[name].from_config(config, **({"use_karras_sigmas": True} if karras else {}))
+    scheduler = diffusers_scheduler(name, config, karras)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 6, 5, generator=generator) * scheduler.init_noise_sigma
     trajectory = []
     for n, t in enumerate(scheduler.timesteps):
         out = fake_unet(scheduler.scale_model_input(x, t), t)
-        extra = {"ddim": {"eta": eta, "generator": generator}, "euler_a": {"generator": generator}}.get(name, {})
+        extra = {"generator": generator} if "generator" in SAMPLERS[name].options else {}
+        extra |= {"eta": eta} if name == "ddim" else {}
         x = scheduler.step(out, t, x, **extra).prev_sample
         # Heun: a step ends after its correction, or after the last (Euler) call into σ = 0
         if getattr(scheduler, "state_in_first_order", True) or n == len(scheduler.timesteps) - 1:
@@ -100,8 +92,9 @@ def test_karras_trajectory_matches_diffusers(name, config, steps):
 
 
 def test_karras_where_diffusers_has_it():
-    assert KARRAS == ["euler", "heun", "dpmpp_2m"]  # EulerAncestral, DDIM and PNDM have no use_karras_sigmas
-    with pytest.raises(InputError, match="--karras applies to euler, heun, dpmpp_2m, not to ddim"):
+    # EulerAncestral, DDIM and PNDM have no use_karras_sigmas
+    assert KARRAS == ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde"]
+    with pytest.raises(InputError, match="--karras applies to euler, heun, lms, dpmpp_2m, dpmpp_2m_sde, not to ddim"):
         check_request(10, 64, 64, 7.5, 1, 1, "ddim", 0.0, karras=True)
 
 
@@ -114,9 +107,9 @@ def test_ddim_eta_draws_noise_like_diffusers(eta):
 
 
 def test_schedules_match_diffusers_grids():
-    for name, cls in DIFFUSERS.items():
+    for name in DIFFUSERS:
         for config in CONFIGS.values():
-            scheduler = cls.from_config(config)
+            scheduler = diffusers_scheduler(name, config)
             scheduler.set_timesteps(10)
             schedule = SAMPLERS[name].schedule(SchedulerConfig.from_diffusers(config), 10)
             timesteps = scheduler.timesteps.tolist()
@@ -129,7 +122,7 @@ def test_schedules_match_diffusers_grids():
             if name in VP_LATENTS:  # in σ-space the initial noise is scaled to σ_max's variance
                 init /= (1 + schedule.sigmas[0] ** 2) ** 0.5
             assert init == pytest.approx(float(scheduler.init_noise_sigma), rel=1e-6)
-            if name in ("euler", "euler_a", "dpmpp_2m"):
+            if name in ("euler", "euler_a", "lms", "dpmpp_2m", "dpmpp_2m_sde"):
                 assert schedule.sigmas == pytest.approx(scheduler.sigmas.tolist(), rel=1e-6)
 
 

@@ -4,12 +4,8 @@ StableDiffusionXLImg2ImgPipeline on the same tiny official-layout folders and se
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from official import diffusers_scheduler
 from PIL import Image
 from test_image_tasks import picture
 
@@ -17,7 +13,6 @@ from ldm.pipeline import StableDiffusion, StableDiffusionXL
 from ldm_cli.main import main
 
 PROMPT = "a lighthouse on a cliff at dawn"
-SCHEDULERS = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler}
 MAX_PIXEL_DIFF = 2
 
 
@@ -25,7 +20,7 @@ def load(cls, folder, sampler=None):
     pipe = cls.from_pretrained(folder, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     if sampler:
-        pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+        pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
     return pipe
 
 
