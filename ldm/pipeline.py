@@ -277,6 +277,7 @@ class StableDiffusion:
                       guidance_rescale, strength, denoising_start, denoising_end)
         seed = secrets.randbits(32) if seed is None else seed
         spec = SAMPLERS[sampler]
+        karras = karras or (self.scheduler.use_karras_sigmas and spec.karras)
         schedule = spec.schedule(self.scheduler, steps, karras)
         T = self.scheduler.num_train_timesteps
         if image is not None:

@@ -128,6 +128,55 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: Tensor, sigmas: list[float], generat
     return x
 
 
+def _unipc_update(x: Tensor, sigmas: list[float], s: int, x0s: list[Tensor], order: int,
+                  x0_new: Tensor | None = None) -> Tensor:
+    """UniPC's B(h)=e^(-h)-1 update from σ_s to σ_(s+1) in data prediction: the predictor UniP, or, given the
+    x0 evaluated at the predicted point, the corrector UniC. `x0s[-1]` is the x0 at σ_s, earlier ones
+    before it."""
+    lam = [-math.log(sg) if sg > 0 else math.inf for sg in sigmas]  # λ = log(α/σ) = -log σ in σ-space
+    h = lam[s + 1] - lam[s]
+    m0 = x0s[-1]
+    rks = [(lam[s - j] - lam[s]) / h for j in range(1, order)] + [1.0]
+    diffs = [(x0s[-(j + 1)] - m0) / rks[j - 1] for j in range(1, order)]
+    h_phi_1 = math.expm1(-h)  # e^(-h) - 1 = σ_(s+1)/σ_s - 1 = B(h)
+    h_phi, factorial, b = h_phi_1 / -h - 1, 1, []
+    for k in range(1, order + 1):
+        b.append(h_phi * factorial / h_phi_1)
+        factorial *= k + 1
+        h_phi = h_phi / -h - 1 / factorial
+    R = np.array([[r ** k for r in rks] for k in range(order)])
+    if x0_new is None:  # predictor, from the earlier x0s only
+        if order <= 2:
+            rhos = [0.5] * (order - 1)
+        else:
+            rhos = list(np.linalg.solve(R[:-1, :-1], b[:-1]))
+        residual = sum((rho * d for rho, d in zip(rhos, diffs, strict=True)), torch.zeros_like(x))
+    else:  # corrector
+        rhos = [0.5] if order == 1 else list(np.linalg.solve(R, b))
+        residual = sum((rho * d for rho, d in zip(rhos[:-1], diffs, strict=True)), rhos[-1] * (x0_new - m0))
+    return (h_phi_1 + 1) * x - h_phi_1 * m0 - h_phi_1 * residual
+
+
+@torch.no_grad()
+def sample_unipc(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 2, callback: Callback = None) -> Tensor:
+    """UniPC (Zhao et al. 2023) as diffusers' UniPCMultistepScheduler defaults (bh2, data prediction,
+    order 2, lower order at the end): each new evaluation first corrects the point it was taken at
+    (UniC, not re-evaluated), then the multistep predictor (UniP) moves on."""
+    x0s: list[Tensor] = []
+    x_prev, prev_order = None, 0
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        x0 = model(x, sigmas[i])
+        if x_prev is not None:
+            x = _unipc_update(x_prev, sigmas, i - 1, x0s, prev_order, x0)
+        x0s = (x0s + [x0])[-order:]
+        prev_order = min(order, steps - i, len(x0s))
+        x_prev = x
+        x = _unipc_update(x, sigmas, i, x0s, prev_order)
+        x = _step_end(callback, i, x)
+    return x
+
+
 @torch.no_grad()
 def sample_euler_ancestral(model: Denoiser, x: Tensor, sigmas: list[float], generator: torch.Generator | None = None,
                            callback: Callback = None) -> Tensor:
@@ -227,6 +276,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
                             karras=True),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M SDE",
                                 options=("generator",), karras=True),
+    "unipc": SamplerSpec(sample_unipc, dpm_schedule, "UniPCMultistepScheduler", "UniPC", karras=True),
 }
 
 

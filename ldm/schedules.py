@@ -32,6 +32,7 @@ class SchedulerConfig:
     clip_sample: bool | None = None
     clip_sample_range: float = 1.0
     interpolation_type: str = "linear"
+    use_karras_sigmas: bool = False  # the folder's own choice; --karras asks for it with any σ-based sampler
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "SchedulerConfig":
@@ -47,7 +48,7 @@ class SchedulerConfig:
             if fields.get(key, getattr(cls, key)) not in allowed:
                 raise ConfigError(f"scheduler config: {key}={fields[key]!r} is not supported")
         for key, unsupported in (("thresholding", True), ("rescale_betas_zero_snr", True),
-                                 ("use_karras_sigmas", True), ("timestep_type", "continuous"),
+                                 ("timestep_type", "continuous"),
                                  ("final_sigmas_type", "sigma_min")):
             if cfg.get(key) == unsupported:
                 raise ConfigError(f"scheduler config: {key}={unsupported!r} is not supported yet")

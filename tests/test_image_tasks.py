@@ -80,7 +80,7 @@ def test_sd21_guidance_rescale(sd21_folder, tmp_path, sampler):
     assert_close(f"sd21 txt2img {sampler}-v rescale 0.7", actual, expected)
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
 def test_sd21_dpm_solvers(sd21_folder, tmp_path, sampler):
     actual = generate(tmp_path, sd21_folder, "--steps", "6", "--seed", "5", "--sampler", sampler)
     expected = reference(load(StableDiffusionPipeline, sd21_folder, sampler), 5, num_inference_steps=6)

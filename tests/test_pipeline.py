@@ -39,7 +39,8 @@ def read_png(path) -> np.ndarray:
 @pytest.mark.parametrize("sampler, karras", [(None, False), ("pndm", False), ("ddim", False), ("euler", False),
                                              ("heun", False), ("lms", False), ("dpmpp_2m", False),
                                              ("dpmpp_2m", True), ("dpmpp_2m_sde", False), ("euler", True),
-                                             ("lms", True), ("euler_a", False)])
+                                             ("lms", True), ("euler_a", False), ("unipc", False),
+                                             ("unipc", True)])
 def test_cli_image_equals_diffusers(sd1_folder, reference, tmp_path, capsys, sampler, karras):
     out = tmp_path / "astronaut.png"
     args = ["generate", PROMPT, "--model", str(sd1_folder), "--steps", "6", "--seed", "42", "-o", str(out)]

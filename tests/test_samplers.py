@@ -24,7 +24,7 @@ DIFFUSERS = list(SAMPLERS)
 KARRAS = [name for name, spec in SAMPLERS.items() if spec.karras]
 TRAJECTORY_TOL = 1e-4
 # diffusers keeps these in variance-preserving form; ldm works in σ-space
-VP_LATENTS = ("pndm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+VP_LATENTS = ("pndm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
 
 def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
@@ -93,8 +93,8 @@ def test_karras_trajectory_matches_diffusers(name, config, steps):
 
 def test_karras_where_diffusers_has_it():
     # EulerAncestral, DDIM and PNDM have no use_karras_sigmas
-    assert KARRAS == ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde"]
-    with pytest.raises(InputError, match="--karras applies to euler, heun, lms, dpmpp_2m, dpmpp_2m_sde, not to ddim"):
+    assert KARRAS == ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
+    with pytest.raises(InputError, match="--karras applies to euler, heun, lms, dpmpp_2m, dpmpp_2m_sde, unipc, not"):
         check_request(10, 64, 64, 7.5, 1, 1, "ddim", 0.0, karras=True)
 
 
@@ -122,7 +122,7 @@ def test_schedules_match_diffusers_grids():
             if name in VP_LATENTS:  # in σ-space the initial noise is scaled to σ_max's variance
                 init /= (1 + schedule.sigmas[0] ** 2) ** 0.5
             assert init == pytest.approx(float(scheduler.init_noise_sigma), rel=1e-6)
-            if name in ("euler", "euler_a", "lms", "dpmpp_2m", "dpmpp_2m_sde"):
+            if name in ("euler", "euler_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"):
                 assert schedule.sigmas == pytest.approx(scheduler.sigmas.tolist(), rel=1e-6)
 
 
@@ -150,3 +150,19 @@ def test_v_prediction_wrapper_is_the_closed_form():
     schedule = type("S", (), {"sigmas": [sigma, 0.0], "timesteps": [500.0]})
     assert torch.allclose(Denoiser(v_model, schedule, "v_prediction")(x, sigma), x0)
     assert torch.allclose(Denoiser(eps_model, schedule, "epsilon")(x, sigma), x0)
+
+
+def test_a_folder_asking_for_karras_gets_it(sd1_folder, tmp_path):
+    import json
+    import shutil
+
+    from ldm.pipeline import StableDiffusion
+
+    folder = shutil.copytree(sd1_folder, tmp_path / "karras")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config |= {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    pipe = StableDiffusion.from_pretrained(folder)
+    assert pipe.default_sampler == "dpmpp_2m"
+    assert "Sampler: DPM++ 2M Karras," in pipe("a cat", steps=2, seed=0).infotexts[0]
+    assert "Sampler: DDIM," in pipe("a cat", steps=2, seed=0, sampler="ddim").infotexts[0]  # no Karras grid
