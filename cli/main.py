@@ -87,7 +87,7 @@ def generate(args: argparse.Namespace) -> None:
         raise LdmError(f"-o {args.output}: folder {out.parent} does not exist")
 
     from ldm.images import load_image, numbered_paths, save_png
-    from ldm.pipeline import StableDiffusion, check_request
+    from ldm.pipeline import DTYPES, StableDiffusion, check_request
 
     # everything about the request is checked before gigabytes of weights are loaded
     check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
@@ -107,8 +107,8 @@ def generate(args: argparse.Namespace) -> None:
     if args.refiner and not 0 < args.refiner_start < 1:
         raise LdmError(f"--refiner-start must be strictly between 0 and 1, got {args.refiner_start}")
 
-    def load(model: str) -> StableDiffusion:
-        return StableDiffusion.from_pretrained(model, device=args.device, dtype=args.dtype, variant=args.variant,
+    def load(model: str, device: str = args.device, dtype: str = args.dtype) -> StableDiffusion:
+        return StableDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
                                                revision=args.revision)
 
     def flip(pair):  # W H on the command line, (height, width) in the pipelines
@@ -122,7 +122,10 @@ def generate(args: argparse.Namespace) -> None:
               "original_size": flip(args.original_size),
               "crop_coords": tuple(args.crop_coords) if args.crop_coords else None}
     pipe = load(args.model)
-    refiner = load(args.refiner) if args.refiner else None
+    refiner = None
+    if args.refiner:  # loaded now (a bad path fails before the base runs), parked on the CPU until its turn
+        dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
+        refiner = load(args.refiner, "cpu", dtype)
     if refiner is None:
         result = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height, image=image, mask=mask,
                       strength=args.strength, target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
@@ -131,8 +134,10 @@ def generate(args: argparse.Namespace) -> None:
         first = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height,
                      target_size=flip(args.target_size), denoising_end=args.refiner_start, progress=ProgressBar(),
                      **common)
-        if pipe.device.type != "cpu":  # keep one model on the accelerator at a time
+        if pipe.device.type != "cpu":  # one model on the accelerator at a time
+            device = pipe.device
             pipe.to("cpu")
+            refiner.to(device)
         result = refiner(args.prompt, args.negative_prompt, latents=first.latents, denoising_start=args.refiner_start,
                          aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                          progress=ProgressBar(), **common)
@@ -140,9 +145,9 @@ def generate(args: argparse.Namespace) -> None:
                             for text in result.infotexts]
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
-    for image, text, path in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),
-                                 strict=True):
-        save_png(image, path, text)
+    for picture, text, path in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),
+                                   strict=True):
+        save_png(picture, path, text)
         print(path)
 
 
