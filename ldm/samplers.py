@@ -195,17 +195,24 @@ def sample_euler_ancestral(model: Denoiser, x: Tensor, sigmas: list[float], gene
 
 @torch.no_grad()
 def sample_ddim(model: Denoiser, x: Tensor, sigmas: list[float], eta: float = 0.0,
-                generator: torch.Generator | None = None, callback: Callback = None) -> Tensor:
+                generator: torch.Generator | None = None, lands: list[float] | None = None,
+                callback: Callback = None) -> Tensor:
     """DDIM (Song et al. 2020) in σ-space: with η=0 the Euler step of the probability-flow ODE; η>0 adds
-    fresh noise of variance η²·σ_next²(σ²-σ_next²)/σ² (eq. 16), drawn from `generator` on the CPU."""
+    fresh noise of variance η²·σ_to²(σ²-σ_to²)/σ² (eq. 16), drawn from `generator` on the CPU.
+
+    `lands[i]`, when given, is where step i lands instead of σ_(i+1); the latent is then read at σ_(i+1)
+    with its variance-preserving value kept, as diffusers does when its step misses the grid."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma_to = sigma_next if lands is None else lands[i]
         x0 = model(x, sigma)
-        sigma_up = eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        sigma_up = eta * (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         x = x0 + (x - x0) / sigma * sigma_down
         if sigma_up > 0:
             x = x + _noise(x, generator) * sigma_up
+        if sigma_to != sigma_next:
+            x = x * ((1 + sigma_next**2) / (1 + sigma_to**2)) ** 0.5
         x = _step_end(callback, i, x)
     return x
 
@@ -266,7 +273,7 @@ class SamplerSpec:
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS", options=("output",)),
-    "ddim": SamplerSpec(sample_ddim, ddim_schedule, "DDIMScheduler", "DDIM", options=("eta", "generator")),
+    "ddim": SamplerSpec(sample_ddim, ddim_schedule, "DDIMScheduler", "DDIM", options=("eta", "generator", "lands")),
     "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler", karras=True),
     "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler", "Euler a",
                            options=("generator",)),

@@ -73,6 +73,15 @@ class Schedule:
     sigmas: list[float]  # descending; the last is where sampling stops
     timesteps: list[float]  # the UNet timestep at each of sigmas[:-1]
     init_noise_sigma: float  # the initial latents are N(0, 1) noise times this
+    # Where each step lands, when that is not the next grid point: diffusers' DDIM steps from t to
+    # t - T//steps whatever the spacing, then reads the same variance-preserving latent at the next grid t.
+    lands: list[float] | None = None
+
+    def _part(self, start: int, stop: int | None = None) -> "Schedule":
+        """Steps start…stop-1 (and the σ they end on)."""
+        end = None if stop is None else stop + 1
+        lands = None if self.lands is None else self.lands[start:stop]
+        return Schedule(self.sigmas[start:end], self.timesteps[start:stop], self.init_noise_sigma, lands)
 
     def from_strength(self, strength: float) -> "Schedule":
         """The tail that image-to-image runs: the last min(int(steps·strength), steps) steps (diffusers'
@@ -81,7 +90,7 @@ class Schedule:
         keep = min(int(steps * strength), steps)
         if keep < 1:
             raise InputError(f"strength {strength} × {steps} steps leaves no step to run; raise --strength or --steps")
-        return Schedule(self.sigmas[steps - keep:], self.timesteps[steps - keep:], self.init_noise_sigma)
+        return self._part(steps - keep)
 
     def until(self, end: float, num_train_timesteps: int) -> "Schedule":
         """The head a base model runs before handing off (diffusers' `denoising_end`): the steps whose
@@ -90,7 +99,7 @@ class Schedule:
         keep = sum(t >= cutoff for t in self.timesteps)
         if keep < 1:
             raise InputError(f"denoising end {end} leaves no step to run")
-        return Schedule(self.sigmas[: keep + 1], self.timesteps[:keep], self.init_noise_sigma)
+        return self._part(0, keep)
 
     def since(self, start: float, num_train_timesteps: int) -> "Schedule":
         """The tail a refiner runs after a hand-off (diffusers' `denoising_start`): the steps whose timestep
@@ -99,8 +108,7 @@ class Schedule:
         keep = sum(t < cutoff for t in self.timesteps)
         if keep < 1:
             raise InputError(f"denoising start {start} leaves no step to run")
-        skip = len(self.timesteps) - keep
-        return Schedule(self.sigmas[skip:], self.timesteps[skip:], self.init_noise_sigma)
+        return self._part(len(self.timesteps) - keep)
 
     def to_latents(self, x: Tensor) -> Tensor:
         """The sampler's σ-space result as the variance-preserving latents the VAE decodes."""
@@ -120,12 +128,6 @@ def discrete_timesteps(cfg: SchedulerConfig, steps: int) -> np.ndarray:
         t = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
     else:
         t = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
-    # diffusers' DDIM/PNDM step from t to t - T//steps, whatever the spacing; ldm's σ grid can only express
-    # that when it is the next timestep of the grid
-    ratio = T // steps
-    if np.any(t[:-1] - t[1:] != ratio) or t[-1] - ratio >= 0:
-        raise InputError(f"timestep_spacing={spacing!r} with {steps} steps is not supported by DDIM/PNDM yet "
-                         f"(their step lands between grid points); use 'leading' or a step count dividing {T}")
     return t
 
 
@@ -139,8 +141,12 @@ def discrete_schedule(cfg: SchedulerConfig, steps: int, set_alpha_to_one_default
     ac = cfg.alphas_cumprod()
     t = discrete_timesteps(cfg, steps)
     one = cfg.set_alpha_to_one if cfg.set_alpha_to_one is not None else set_alpha_to_one_default
-    sigmas = [sigma_of(ac, ti) for ti in t] + [0.0 if one else sigma_of(ac, 0)]
-    return Schedule(sigmas, [float(ti) for ti in t], (1.0 + sigmas[0] ** 2) ** 0.5)
+    final = 0.0 if one else sigma_of(ac, 0)
+    sigmas = [sigma_of(ac, ti) for ti in t] + [final]
+    ratio = cfg.num_train_timesteps // steps  # diffusers steps from t to t - ratio, on the grid or not
+    lands = [sigma_of(ac, ti - ratio) if ti - ratio >= 0 else final for ti in t]
+    return Schedule(sigmas, [float(ti) for ti in t], (1.0 + sigmas[0] ** 2) ** 0.5,
+                    None if lands == sigmas[1:] else lands)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
@@ -215,5 +221,10 @@ def ddim_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sch
 
 def pndm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
     """PNDMScheduler's grid with `skip_prk_steps` (its class default `set_alpha_to_one` is false)."""
-    return discrete_schedule(cfg, steps, set_alpha_to_one_default=False)
+    schedule = discrete_schedule(cfg, steps, set_alpha_to_one_default=False)
+    if schedule.lands is not None:
+        raise InputError(f"PNDM with timestep_spacing={_spacing(cfg, 'leading')!r} and {steps} steps steps off its "
+                         f"grid, which ldm does not imitate; use another sampler, or a step count dividing "
+                         f"{cfg.num_train_timesteps}")
+    return schedule
 

@@ -63,7 +63,7 @@ def ldm_trajectory(name, config, steps, seed, eta=0.0, karras=False):
         sigma_next = schedule.sigmas[i + 1]
         trajectory.append(x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else x)
 
-    options = {"eta": eta, "generator": generator, "output": cfg.prediction_type}
+    options = {"eta": eta, "generator": generator, "output": cfg.prediction_type, "lands": schedule.lands}
     spec.run(Denoiser(fake_unet, schedule, cfg.prediction_type), x, schedule.sigmas, callback=record,
              **{k: options[k] for k in spec.options})
     return trajectory
@@ -166,3 +166,23 @@ def test_a_folder_asking_for_karras_gets_it(sd1_folder, tmp_path):
     assert pipe.default_sampler == "dpmpp_2m"
     assert "Sampler: DPM++ 2M Karras," in pipe("a cat", steps=2, seed=0).infotexts[0]
     assert "Sampler: DDIM," in pipe("a cat", steps=2, seed=0, sampler="ddim").infotexts[0]  # no Karras grid
+
+
+@pytest.mark.parametrize("spacing, steps", [("linspace", 10), ("linspace", 3), ("trailing", 7), ("trailing", 10)])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_ddim_off_grid_steps_match_diffusers(spacing, steps, eta, set_alpha_to_one):
+    # diffusers' DDIM steps from t to t - 1000//steps; with these spacings that misses the next grid timestep
+    config = SD1_SCHEDULER | {"timestep_spacing": spacing, "set_alpha_to_one": set_alpha_to_one}
+    expected = diffusers_trajectory("ddim", config, steps, seed=steps, eta=eta)
+    actual = ldm_trajectory("ddim", config, steps, seed=steps, eta=eta)
+    assert len(actual) == len(expected) == steps
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert max_rel_err(a, e) < TRAJECTORY_TOL, f"step {i}"
+
+
+def test_pndm_off_grid_is_refused_with_a_message():
+    config = SchedulerConfig.from_diffusers(SD1_SCHEDULER | {"timestep_spacing": "linspace"})
+    with pytest.raises(InputError, match="PNDM with timestep_spacing='linspace' and 10 steps steps off its grid"):
+        SAMPLERS["pndm"].schedule(config, 10, False)
+    assert SAMPLERS["ddim"].schedule(config, 10, False).lands is not None
