@@ -308,9 +308,8 @@ class StableDiffusion:
         # diffusers' rule: guidance is on when the scale exceeds 1
         denoiser = Denoiser(guided(unet, cond, uncond, guidance, guidance_rescale), schedule,
                             self.scheduler.prediction_type, self.dtype)
-        options = {"eta": eta, "generator": generator, "output": self.scheduler.prediction_type,
-                   "lands": schedule.lands}
-        x = spec.run(denoiser, x, schedule.sigmas, callback=step_end, **{k: options[k] for k in spec.options})
+        x = spec.sample(denoiser, x, schedule, step_end, eta=eta, generator=generator,
+                        output=self.scheduler.prediction_type)
         if denoising_end is not None:
             return Generation([], seed, [], latents=x)
         images = self.decode(schedule.to_latents(x))

@@ -93,16 +93,22 @@ def lms_coefficient(sigmas: list[float], order: int, i: int, j: int) -> float:
 
 
 @torch.no_grad()
-def sample_lms(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 4, callback: Callback = None) -> Tensor:
+def sample_lms(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 4, grid: list[float] | None = None,
+               offset: int = 0, callback: Callback = None) -> Tensor:
     """Linear multistep (k-diffusion's `sample_lms`): Adams–Bashforth on the σ-derivative with
-    coefficients for the uneven σ grid, of order up to 4."""
+    coefficients for the uneven σ grid, of order up to 4.
+
+    Started part-way (`sigmas` = `grid[offset:]`), diffusers takes the order and the coefficients from
+    the step's place in the whole `grid` and applies as many as it has derivatives; so does this."""
+    grid = sigmas if grid is None else grid
     history: list[Tensor] = []
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         history = (history + [(x - model(x, sigma)) / sigma])[-order:]
-        current = min(i + 1, order)
-        coefficients = [lms_coefficient(sigmas, current, i, j) for j in range(current)]
-        x = x + sum(c * d for c, d in zip(coefficients, reversed(history), strict=True))
+        step = offset + i
+        current = min(step + 1, order)
+        coefficients = [lms_coefficient(grid, current, step, j) for j in range(current)]
+        x = x + sum(c * d for c, d in zip(coefficients, reversed(history), strict=False))
         x = _step_end(callback, i, x)
     return x
 
@@ -164,13 +170,13 @@ def sample_unipc(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 2
     (UniC, not re-evaluated), then the multistep predictor (UniP) moves on."""
     x0s: list[Tensor] = []
     x_prev, prev_order = None, 0
-    steps = len(sigmas) - 1
-    for i in range(steps):
+    for i in range(len(sigmas) - 1):
         x0 = model(x, sigmas[i])
         if x_prev is not None:
             x = _unipc_update(x_prev, sigmas, i - 1, x0s, prev_order, x0)
         x0s = (x0s + [x0])[-order:]
-        prev_order = min(order, steps - i, len(x0s))
+        # lower order at the end of the whole schedule (the step into σ = 0), not of a part run before a hand-off
+        prev_order = min(order, len(x0s), 1 if sigmas[i + 1] == 0 else order)
         x_prev = x
         x = _unipc_update(x, sigmas, i, x0s, prev_order)
         x = _step_end(callback, i, x)
@@ -219,13 +225,24 @@ def sample_ddim(model: Denoiser, x: Tensor, sigmas: list[float], eta: float = 0.
 
 @torch.no_grad()
 def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "epsilon",
+                froms: list[float] | None = None, lands: list[float] | None = None,
                 callback: Callback = None) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022, PNDM/PLMS) as diffusers runs it with `skip_prk_steps`:
     a pseudo improved-Euler first step, then Adams–Bashforth of order 2, 3, 4.
 
+    One iteration per UNet call, as diffusers' list (its second timestep twice): call 0 predicts with
+    Euler, call 1 evaluates there and redoes the step from the saved start with the mean of both outputs.
     diffusers combines the network's own outputs: ε for ε-models, v for v-models (`output`), each then
-    turned into ε at the current point; the two differ for v-models because v depends on x.
+    turned into ε at the point the step starts from; the two differ for v-models because v depends on x.
+    Call c evaluates at σ_c and steps from `froms[c]` to `lands[c]` (default σ_c, σ_(c+1)); a latent is
+    moved between σ labels keeping its variance-preserving value, as diffusers' latents are.
     """
+    froms = sigmas[:-1] if froms is None else froms
+    lands = sigmas[1:] if lands is None else lands
+
+    def relabel(x: Tensor, old: float, new: float) -> Tensor:
+        return x if old == new else x * ((1 + new**2) / (1 + old**2)) ** 0.5
+
 
     def to_output(x: Tensor, x0: Tensor, sigma: float) -> Tensor:
         if output == "epsilon":
@@ -238,21 +255,24 @@ def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "
         return (out + x * (sigma / (1 + sigma**2) ** 0.5)) / (1 + sigma**2) ** 0.5
 
     history: list[Tensor] = []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    saved = None
+    for c in range(len(sigmas) - 1):
+        sigma = sigmas[c]
         out = to_output(x, model(x, sigma), sigma)
-        history = (history + [out])[-4:]
-        if i == 0 and len(sigmas) > 2:  # improved Euler: average here and at the Euler-predicted next point
-            x_next = x + to_eps(out, x, sigma) * (sigma_next - sigma)
-            out = (out + to_output(x_next, model(x_next, sigma_next), sigma_next)) / 2
-        elif len(history) == 2:
-            out = (3 * history[-1] - history[-2]) / 2
-        elif len(history) == 3:
-            out = (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
-        elif len(history) == 4:
-            out = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
-        x = x + to_eps(out, x, sigma) * (sigma_next - sigma)
-        x = _step_end(callback, i, x)
+        if c == 1:  # the correction: the mean of both outputs, from the saved start
+            out, x = (out + history[-1]) / 2, saved
+        else:
+            saved = x if c == 0 else saved
+            history = (history + [out])[-4:]
+            if len(history) == 2:
+                out = (3 * history[-1] - history[-2]) / 2
+            elif len(history) == 3:
+                out = (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
+            elif len(history) == 4:
+                out = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
+        x = relabel(x, sigmas[0] if c == 1 else sigma, froms[c])
+        x = x + to_eps(out, x, froms[c]) * (lands[c] - froms[c])
+        x = _step_end(callback, c, relabel(x, lands[c], sigmas[c + 1]))
     return x
 
 
@@ -270,15 +290,23 @@ class SamplerSpec:
     options: tuple[str, ...] = ()  # keyword arguments it takes beyond (model, x, sigmas, callback)
     karras: bool = False  # takes Karras σ (where the diffusers scheduler has `use_karras_sigmas`)
 
+    def sample(self, model: Denoiser, x: Tensor, schedule: Schedule, callback: Callback = None,
+               **available) -> Tensor:
+        """Run over `schedule`, given the options it takes from `available` (eta, generator, output)."""
+        available |= {"froms": schedule.froms, "lands": schedule.lands, "grid": schedule.grid or schedule.sigmas,
+                      "offset": schedule.offset}
+        return self.run(model, x, schedule.sigmas, callback=callback, **{k: available[k] for k in self.options})
+
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS", options=("output",)),
+    "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS", options=("output", "froms", "lands")),
     "ddim": SamplerSpec(sample_ddim, ddim_schedule, "DDIMScheduler", "DDIM", options=("eta", "generator", "lands")),
     "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler", karras=True),
     "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler", "Euler a",
                            options=("generator",)),
     "heun": SamplerSpec(sample_heun, euler_schedule, "HeunDiscreteScheduler", "Heun", karras=True),
-    "lms": SamplerSpec(sample_lms, euler_schedule, "LMSDiscreteScheduler", "LMS", karras=True),
+    "lms": SamplerSpec(sample_lms, euler_schedule, "LMSDiscreteScheduler", "LMS", options=("grid", "offset"),
+                       karras=True),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M",
                             karras=True),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M SDE",

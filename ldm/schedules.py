@@ -6,7 +6,8 @@ scheduler config>)`: fields present in the config are used, absent ones take tha
 for DDIM but false for PNDM).
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -73,20 +74,35 @@ class Schedule:
     sigmas: list[float]  # descending; the last is where sampling stops
     timesteps: list[float]  # the UNet timestep at each of sigmas[:-1]
     init_noise_sigma: float  # the initial latents are N(0, 1) noise times this
-    # Where each step lands, when that is not the next grid point: diffusers' DDIM steps from t to
-    # t - T//steps whatever the spacing, then reads the same variance-preserving latent at the next grid t.
+    # Where each step starts and lands, when that is not the grid point it is evaluated at and the next
+    # one: diffusers' DDIM and PNDM step from t to t - T//steps whatever the spacing (PNDM's correction
+    # from t + T//steps to t), and read the same variance-preserving latent at whatever t comes next.
+    froms: list[float] | None = None
     lands: list[float] | None = None
+    # The number of inference steps, when the list of UNet calls is longer (PNDM evaluates one step twice).
+    steps: int | None = None
+    # Rebuilds the schedule started at call index k, for samplers whose steps depend on where they start.
+    restart: Callable[[int], "Schedule"] | None = field(default=None, compare=False, repr=False)
+    # A part of a longer schedule: that schedule's σ grid and where this part starts in it (LMS needs them).
+    grid: list[float] | None = None
+    offset: int = 0
 
     def _part(self, start: int, stop: int | None = None) -> "Schedule":
         """Steps start…stop-1 (and the σ they end on)."""
+        if stop is None and self.restart is not None:
+            return self.restart(start)
         end = None if stop is None else stop + 1
-        lands = None if self.lands is None else self.lands[start:stop]
-        return Schedule(self.sigmas[start:end], self.timesteps[start:stop], self.init_noise_sigma, lands)
+
+        def cut(values):
+            return None if values is None else values[start:stop]
+
+        return Schedule(self.sigmas[start:end], self.timesteps[start:stop], self.init_noise_sigma,
+                        cut(self.froms), cut(self.lands), grid=self.grid or self.sigmas, offset=self.offset + start)
 
     def from_strength(self, strength: float) -> "Schedule":
         """The tail that image-to-image runs: the last min(int(steps·strength), steps) steps (diffusers'
         rule), starting from the init latents noised to the first σ kept."""
-        steps = len(self.timesteps)
+        steps = self.steps or len(self.timesteps)
         keep = min(int(steps * strength), steps)
         if keep < 1:
             raise InputError(f"strength {strength} × {steps} steps leaves no step to run; raise --strength or --steps")
@@ -146,7 +162,7 @@ def discrete_schedule(cfg: SchedulerConfig, steps: int, set_alpha_to_one_default
     ratio = cfg.num_train_timesteps // steps  # diffusers steps from t to t - ratio, on the grid or not
     lands = [sigma_of(ac, ti - ratio) if ti - ratio >= 0 else final for ti in t]
     return Schedule(sigmas, [float(ti) for ti in t], (1.0 + sigmas[0] ** 2) ** 0.5,
-                    None if lands == sigmas[1:] else lands)
+                    lands=None if lands == sigmas[1:] else lands)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
@@ -220,11 +236,24 @@ def ddim_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sch
 
 
 def pndm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
-    """PNDMScheduler's grid with `skip_prk_steps` (its class default `set_alpha_to_one` is false)."""
-    schedule = discrete_schedule(cfg, steps, set_alpha_to_one_default=False)
-    if schedule.lands is not None:
-        raise InputError(f"PNDM with timestep_spacing={_spacing(cfg, 'leading')!r} and {steps} steps steps off its "
-                         f"grid, which ldm does not imitate; use another sampler, or a step count dividing "
-                         f"{cfg.num_train_timesteps}")
-    return schedule
+    """PNDMScheduler with `skip_prk_steps` (its class default `set_alpha_to_one` is false): one UNet call per
+    entry of diffusers' list, whose second timestep comes twice (prediction, then correction)."""
+    ac = cfg.alphas_cumprod()
+    t = [int(ti) for ti in discrete_timesteps(cfg, steps)]
+    calls = t[:2] + t[1:] if steps > 1 else t
+    one = cfg.set_alpha_to_one if cfg.set_alpha_to_one is not None else False
+    final = 0.0 if one else sigma_of(ac, 0)
+    ratio = cfg.num_train_timesteps // steps
+
+    def restart(start: int) -> Schedule:
+        """diffusers' step rule on the calls from `start` on: its counter starts again at the first of them."""
+        ts = calls[start:]
+        froms = [sigma_of(ac, tc + ratio if c == 1 else tc) for c, tc in enumerate(ts)]
+        lands = [sigma_of(ac, tc) if c == 1 else sigma_of(ac, tc - ratio) if tc >= ratio else final
+                 for c, tc in enumerate(ts)]
+        sigmas = [sigma_of(ac, tc) for tc in ts] + [final]
+        return Schedule(sigmas, [float(tc) for tc in ts], (1.0 + sigmas[0] ** 2) ** 0.5, froms, lands, steps,
+                        restart)
+
+    return restart(0)
 

@@ -87,7 +87,8 @@ def test_sd21_dpm_solvers(sd21_folder, tmp_path, sampler):
     assert_close(f"sd21 txt2img {sampler}-v", actual, expected)
 
 
-@pytest.mark.parametrize("family, sampler", [("sd21", None), ("sd1", "euler_a"), ("sd1", "euler")])
+@pytest.mark.parametrize("family, sampler", [("sd21", None), ("sd1", None), ("sd1", "euler_a"), ("sd1", "euler"),
+                                             ("sd1", "lms"), ("sd1", "unipc")])
 def test_image_to_image(request, tmp_path, family, sampler):
     folder = request.getfixturevalue(f"{family}_folder")
     init = picture(69, 77)  # → 64×72, rounded down to multiples of 8 as diffusers does
@@ -112,7 +113,7 @@ def test_image_to_image_explicit_size_resizes(sd1_folder, tmp_path):
     assert_close("sd1 img2img resized", actual, expected)
 
 
-@pytest.mark.parametrize("sampler, strength", [(None, None), ("ddim", 0.7), ("euler_a", None)])
+@pytest.mark.parametrize("sampler, strength", [(None, None), (None, 0.7), ("ddim", 0.7), ("euler_a", None)])
 def test_nine_channel_inpainting(sd2_inpaint_folder, tmp_path, sampler, strength):
     image, mask = picture(64, 56, seed=3), rectangle_mask(64, 56, (16, 8, 48, 40))
     image.save(tmp_path / "image.png")
@@ -126,7 +127,8 @@ def test_nine_channel_inpainting(sd2_inpaint_folder, tmp_path, sampler, strength
     assert_close(f"sd2-inpaint 9ch {sampler or 'pndm'} strength {strength or 1.0}", actual, expected)
 
 
-@pytest.mark.parametrize("sampler, strength", [("ddim", None), ("euler", 0.75), ("euler_a", None)])
+@pytest.mark.parametrize("sampler, strength", [("ddim", None), ("euler", 0.75), ("euler_a", None), ("pndm", None),
+                                               ("pndm", 0.7), ("dpmpp_2m", 0.8)])
 def test_four_channel_model_with_a_mask_blends_like_diffusers(sd1_folder, tmp_path, sampler, strength):
     image, mask = picture(64, 64, seed=4), rectangle_mask(64, 64, (0, 20, 40, 64))
     image.save(tmp_path / "image.png")

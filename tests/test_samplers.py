@@ -46,8 +46,6 @@ def diffusers_trajectory(name, config, steps, seed, eta=0.0, karras=False):
         # Heun: a step ends after its correction, or after the last (Euler) call into σ = 0
         if getattr(scheduler, "state_in_first_order", True) or n == len(scheduler.timesteps) - 1:
             trajectory.append(x)
-    if name == "pndm" and steps > 1:
-        trajectory.pop(0)  # PNDM's first call only predicts; ldm's first step is the corrected one
     return trajectory
 
 
@@ -63,9 +61,8 @@ def ldm_trajectory(name, config, steps, seed, eta=0.0, karras=False):
         sigma_next = schedule.sigmas[i + 1]
         trajectory.append(x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else x)
 
-    options = {"eta": eta, "generator": generator, "output": cfg.prediction_type, "lands": schedule.lands}
-    spec.run(Denoiser(fake_unet, schedule, cfg.prediction_type), x, schedule.sigmas, callback=record,
-             **{k: options[k] for k in spec.options})
+    spec.sample(Denoiser(fake_unet, schedule, cfg.prediction_type), x, schedule, record, eta=eta,
+                generator=generator, output=cfg.prediction_type)
     return trajectory
 
 
@@ -75,7 +72,7 @@ def ldm_trajectory(name, config, steps, seed, eta=0.0, karras=False):
 def test_trajectory_matches_diffusers(name, config, steps):
     expected = diffusers_trajectory(name, CONFIGS[config], steps, seed=steps)
     actual = ldm_trajectory(name, CONFIGS[config], steps, seed=steps)
-    assert len(actual) == len(expected) == steps
+    assert len(actual) == len(expected) == steps + (name == "pndm" and steps > 1)  # PNDM: one call per entry
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert max_rel_err(a, e) < TRAJECTORY_TOL, f"step {i}"
 
@@ -113,8 +110,6 @@ def test_schedules_match_diffusers_grids():
             scheduler.set_timesteps(10)
             schedule = SAMPLERS[name].schedule(SchedulerConfig.from_diffusers(config), 10)
             timesteps = scheduler.timesteps.tolist()
-            if name == "pndm":  # diffusers repeats the second timestep for the corrector evaluation
-                timesteps = timesteps[:1] + timesteps[2:]
             if name == "heun":  # diffusers interleaves each timestep after the first for the correction
                 timesteps = timesteps[:1] + timesteps[1::2]
             assert schedule.timesteps == pytest.approx(timesteps)
@@ -169,20 +164,57 @@ def test_a_folder_asking_for_karras_gets_it(sd1_folder, tmp_path):
 
 
 @pytest.mark.parametrize("spacing, steps", [("linspace", 10), ("linspace", 3), ("trailing", 7), ("trailing", 10)])
-@pytest.mark.parametrize("eta", [0.0, 0.5])
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
-def test_ddim_off_grid_steps_match_diffusers(spacing, steps, eta, set_alpha_to_one):
-    # diffusers' DDIM steps from t to t - 1000//steps; with these spacings that misses the next grid timestep
+@pytest.mark.parametrize("name, eta", [("ddim", 0.0), ("ddim", 0.5), ("pndm", 0.0)])
+def test_off_grid_steps_match_diffusers(name, spacing, steps, eta, set_alpha_to_one):
+    # diffusers' DDIM and PNDM step from t to t - 1000//steps; with these spacings that misses the next
+    # grid timestep (and PNDM's correction starts from t + 1000//steps)
     config = SD1_SCHEDULER | {"timestep_spacing": spacing, "set_alpha_to_one": set_alpha_to_one}
-    expected = diffusers_trajectory("ddim", config, steps, seed=steps, eta=eta)
-    actual = ldm_trajectory("ddim", config, steps, seed=steps, eta=eta)
-    assert len(actual) == len(expected) == steps
+    expected = diffusers_trajectory(name, config, steps, seed=steps, eta=eta)
+    actual = ldm_trajectory(name, config, steps, seed=steps, eta=eta)
+    assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert max_rel_err(a, e) < TRAJECTORY_TOL, f"step {i}"
 
 
-def test_pndm_off_grid_is_refused_with_a_message():
-    config = SchedulerConfig.from_diffusers(SD1_SCHEDULER | {"timestep_spacing": "linspace"})
-    with pytest.raises(InputError, match="PNDM with timestep_spacing='linspace' and 10 steps steps off its grid"):
-        SAMPLERS["pndm"].schedule(config, 10, False)
-    assert SAMPLERS["ddim"].schedule(config, 10, False).lands is not None
+@pytest.mark.parametrize("config", ["sd1-eps", "sd21-v"])
+@pytest.mark.parametrize("strength", [0.3, 0.5, 0.75, 0.95])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_started_part_way_like_diffusers_img2img(name, config, strength):
+    # image-to-image: diffusers slices its timestep list at t_start and starts its counters there;
+    # for PNDM that list has its second timestep twice, so the slice shifts by one and the counter restarts
+    steps, cfg = 10, CONFIGS[config]
+    scheduler = diffusers_scheduler(name, cfg)
+    scheduler.set_timesteps(steps)
+    t_start = steps - min(int(steps * strength), steps)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    generator = torch.Generator().manual_seed(3)
+    init = torch.randn(1, 4, 6, 5, generator=generator)
+    noise = torch.randn(1, 4, 6, 5, generator=generator)
+    x = scheduler.add_noise(init, noise, timesteps[:1])
+    expected = []
+    for n, t in enumerate(timesteps):
+        out = fake_unet(scheduler.scale_model_input(x, t), t)
+        extra = {"generator": generator} if "generator" in SAMPLERS[name].options else {}
+        x = scheduler.step(out, t, x, **extra).prev_sample
+        if getattr(scheduler, "state_in_first_order", True) or n == len(timesteps) - 1:
+            expected.append(x)
+
+    spec, config_ = SAMPLERS[name], SchedulerConfig.from_diffusers(cfg)
+    schedule = spec.schedule(config_, steps, False).from_strength(strength)
+    generator = torch.Generator().manual_seed(3)
+    init = torch.randn(1, 4, 6, 5, generator=generator)
+    x = init + torch.randn(1, 4, 6, 5, generator=generator) * schedule.sigmas[0]
+    actual = []
+
+    def record(i, x):
+        sigma_next = schedule.sigmas[i + 1]
+        actual.append(x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else x)
+
+    spec.sample(Denoiser(fake_unet, schedule, config_.prediction_type), x, schedule, record, eta=0.0,
+                generator=generator, output=config_.prediction_type)
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert max_rel_err(a, e) < TRAJECTORY_TOL, f"step {i}"
