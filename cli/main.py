@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sdxl.add_argument("--aesthetic-score", type=float, default=None, help="refiner only (default: 6.0)")
     sdxl.add_argument("--negative-aesthetic-score", type=float, default=None, help="refiner only (default: 2.5)")
     sdxl.add_argument("--refiner", default=None, help="an SDXL refiner folder or Hub id: it finishes the schedule")
-    sdxl.add_argument("--refiner-start", type=float, default=0.8,
+    sdxl.add_argument("--refiner-start", type=float, default=None,
                       help="fraction of the schedule the base runs before the refiner takes over (default: 0.8)")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM's η: 0 deterministic, 1 DDPM-like noise")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate (default: %(default)s)")
@@ -87,7 +87,7 @@ def generate(args: argparse.Namespace) -> None:
         raise LdmError(f"-o {args.output}: folder {out.parent} does not exist")
 
     from ldm.images import load_image, numbered_paths, save_png
-    from ldm.pipeline import DTYPES, StableDiffusion, check_request
+    from ldm.pipeline import DTYPES, StableDiffusion, StableDiffusionXL, check_request
 
     # everything about the request is checked before gigabytes of weights are loaded
     check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
@@ -104,8 +104,11 @@ def generate(args: argparse.Namespace) -> None:
 
     if args.refiner and (image is not None):
         raise LdmError("--refiner finishes a text-to-image run; it does not combine with --image")
-    if args.refiner and not 0 < args.refiner_start < 1:
-        raise LdmError(f"--refiner-start must be strictly between 0 and 1, got {args.refiner_start}")
+    if args.refiner_start is not None and not args.refiner:
+        raise LdmError("--refiner-start goes with --refiner")
+    refiner_start = 0.8 if args.refiner_start is None else args.refiner_start
+    if args.refiner and not 0 < refiner_start < 1:
+        raise LdmError(f"--refiner-start must be strictly between 0 and 1, got {refiner_start}")
 
     def load(model: str, device: str = args.device, dtype: str = args.dtype) -> StableDiffusion:
         return StableDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
@@ -126,22 +129,25 @@ def generate(args: argparse.Namespace) -> None:
     if args.refiner:  # loaded now (a bad path fails before the base runs), parked on the CPU until its turn
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
         refiner = load(args.refiner, "cpu", dtype)
+        if not (isinstance(pipe, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)):
+            raise LdmError(f"--refiner: the hand-off is between SDXL models; {args.model} and {args.refiner} are "
+                           f"{type(pipe).__name__} and {type(refiner).__name__}")
     if refiner is None:
         result = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height, image=image, mask=mask,
                       strength=args.strength, target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
                       negative_aesthetic_score=args.negative_aesthetic_score, progress=ProgressBar(), **common)
     else:
         first = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height,
-                     target_size=flip(args.target_size), denoising_end=args.refiner_start, progress=ProgressBar(),
+                     target_size=flip(args.target_size), denoising_end=refiner_start, progress=ProgressBar(),
                      **common)
         if pipe.device.type != "cpu":  # one model on the accelerator at a time
             device = pipe.device
             pipe.to("cpu")
             refiner.to(device)
-        result = refiner(args.prompt, args.negative_prompt, latents=first.latents, denoising_start=args.refiner_start,
+        result = refiner(args.prompt, args.negative_prompt, latents=first.latents, denoising_start=refiner_start,
                          aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                          progress=ProgressBar(), **common)
-        result.infotexts = [f"{text}, Refiner: {refiner.name}, Refiner switch at: {args.refiner_start}"
+        result.infotexts = [f"{text}, Refiner: {refiner.name}, Refiner switch at: {refiner_start}"
                             for text in result.infotexts]
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)

@@ -28,7 +28,7 @@ from .denoisers import Denoiser, guided, with_channels
 from .errors import InputError, LdmError, LoadError
 from .images import fit_size, image_to_tensor, infotext, mask_to_tensor, to_pil
 from .loading import load_module, read_config, read_json, read_safetensors, refuse_pickle, resolve, weights_file
-from .samplers import SAMPLERS, sampler_for_class
+from .samplers import SAMPLERS, sampler_for
 from .schedules import Schedule, SchedulerConfig
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
@@ -92,15 +92,16 @@ def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def check_request(steps: int, width: int | None, height: int | None, guidance: float, num_images: int,
                   seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8, karras: bool = False,
                   guidance_rescale: float = 0.0, strength: float | None = None,
-                  denoising_start: float | None = None, denoising_end: float | None = None) -> None:
+                  denoising_start: float | None = None, denoising_end: float | None = None,
+                  max_steps: int = 1000) -> None:
     """Reject out-of-range generation parameters with a message that says what to pass instead."""
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if karras and sampler is not None and not SAMPLERS[sampler].karras:
         raise InputError(f"--karras applies to {', '.join(n for n, s in SAMPLERS.items() if s.karras)}, "
                          f"not to {sampler}")
-    if not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be a whole number ≥ 1, got {steps!r}")
+    if not isinstance(steps, int) or not 1 <= steps <= max_steps:
+        raise InputError(f"steps must be a whole number from 1 to {max_steps} (the training timesteps), got {steps!r}")
     for name, value in (("width", width), ("height", height)):
         if value is not None and (not isinstance(value, int) or value < size_multiple or value % size_multiple):
             raise InputError(f"{name} must be a positive multiple of {size_multiple}, got {value!r}")
@@ -138,7 +139,7 @@ class StableDiffusion:
                  scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype, name: str = "model"):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler, self.device, self.dtype, self.name = scheduler, device, dtype, name
-        self.default_sampler = sampler_for_class(scheduler.class_name) or "euler"
+        self.default_sampler = sampler_for(scheduler) or "euler"
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # ---------------------------------------------------------------------------------- loading
@@ -274,7 +275,12 @@ class StableDiffusion:
         width, height = width or native_w, height or native_h
         sampler = sampler or self.default_sampler
         check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale, karras,
-                      guidance_rescale, strength, denoising_start, denoising_end)
+                      guidance_rescale, strength, denoising_start, denoising_end, self.scheduler.num_train_timesteps)
+        cut_or_pasted = denoising_start or denoising_end or (mask is not None and not self.inpainting)
+        if SAMPLERS[sampler].two_calls_per_step and cut_or_pasted:
+            raise InputError(f"{sampler}: diffusers cuts the schedule (refiner hand-off) or pastes the known region "
+                             "(inpainting with a 4-channel model) between the two halves of its steps, which ldm "
+                             "does not imitate; pick another sampler for this")
         seed = secrets.randbits(32) if seed is None else seed
         spec = SAMPLERS[sampler]
         karras = karras or (self.scheduler.use_karras_sigmas and spec.karras)

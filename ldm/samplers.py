@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .schedules import Schedule, SchedulerConfig, ddim_schedule, dpm_schedule, euler_schedule, pndm_schedule
+from .schedules import (
+    Schedule,
+    SchedulerConfig,
+    ddim_schedule,
+    dpm_schedule,
+    euler_schedule,
+    pndm_schedule,
+    unipc_schedule,
+)
 
 Denoiser = Callable[[Tensor, float], Tensor]
 Callback = Callable[[int, Tensor], Tensor | None] | None
@@ -289,6 +297,8 @@ class SamplerSpec:
     label: str  # AUTOMATIC1111's name, written into the PNG parameters
     options: tuple[str, ...] = ()  # keyword arguments it takes beyond (model, x, sigmas, callback)
     karras: bool = False  # takes Karras σ (where the diffusers scheduler has `use_karras_sigmas`)
+    # diffusers runs each step as two scheduler calls (Heun), so cuts and per-call pastes fall mid-step
+    two_calls_per_step: bool = False
 
     def sample(self, model: Denoiser, x: Tensor, schedule: Schedule, callback: Callback = None,
                **available) -> Tensor:
@@ -304,17 +314,21 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler", karras=True),
     "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler", "Euler a",
                            options=("generator",)),
-    "heun": SamplerSpec(sample_heun, euler_schedule, "HeunDiscreteScheduler", "Heun", karras=True),
+    "heun": SamplerSpec(sample_heun, euler_schedule, "HeunDiscreteScheduler", "Heun", karras=True,
+                        two_calls_per_step=True),
     "lms": SamplerSpec(sample_lms, euler_schedule, "LMSDiscreteScheduler", "LMS", options=("grid", "offset"),
                        karras=True),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M",
                             karras=True),
     "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M SDE",
                                 options=("generator",), karras=True),
-    "unipc": SamplerSpec(sample_unipc, dpm_schedule, "UniPCMultistepScheduler", "UniPC", karras=True),
+    "unipc": SamplerSpec(sample_unipc, unipc_schedule, "UniPCMultistepScheduler", "UniPC", karras=True),
 }
 
 
-def sampler_for_class(class_name: str) -> str | None:
-    """The sampler name matching a diffusers scheduler class (a folder's default), if ldm has it."""
-    return next((name for name, s in SAMPLERS.items() if s.diffusers_class == class_name), None)
+def sampler_for(config: SchedulerConfig) -> str | None:
+    """The sampler a folder's scheduler config runs by default, if ldm has it."""
+    name = next((name for name, s in SAMPLERS.items() if s.diffusers_class == config.class_name), None)
+    if name == "dpmpp_2m" and config.extra.get("algorithm_type") == "sde-dpmsolver++":
+        return "dpmpp_2m_sde"
+    return name

@@ -34,10 +34,12 @@ class SchedulerConfig:
     clip_sample_range: float = 1.0
     interpolation_type: str = "linear"
     use_karras_sigmas: bool = False  # the folder's own choice; --karras asks for it with any σ-based sampler
+    extra: dict = field(default_factory=dict, compare=False)  # the other fields, checked by the samplers they affect
 
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "SchedulerConfig":
-        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and cfg[k] is not None}
+        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and cfg[k] is not None and k != "extra"}
+        fields["extra"] = {k: v for k, v in cfg.items() if k not in cls.__dataclass_fields__ and k[0] != "_"}
         if "_class_name" in cfg:
             fields["class_name"] = cfg["_class_name"]
         if "trained_betas" in fields:
@@ -185,9 +187,22 @@ def _training_sigmas(cfg: SchedulerConfig) -> np.ndarray:
     return (((1 - ac) / ac) ** 0.5).numpy()
 
 
+def expect(cfg: SchedulerConfig, sampler: str, **defaults) -> None:
+    """Refuse scheduler-config settings that change `sampler` in diffusers and that ldm does not implement."""
+    for key, allowed in defaults.items():
+        value = cfg.extra.get(key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"scheduler config: {key}={value!r} changes {sampler} in diffusers and ldm does not "
+                              f"implement it; remove it or pick another sampler")
+
+
+SIGMA_GRIDS = {"use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,)}
+
+
 def euler_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
     """EulerDiscreteScheduler (and its ancestral and Heun siblings): σ interpolated linearly at fractional
     timesteps, or Karras σ between the ends of that grid at their log-σ timesteps; then 0."""
+    expect(cfg, "the Euler-family samplers", **SIGMA_GRIDS)
     T, spacing = cfg.num_train_timesteps, _spacing(cfg, "linspace")
     if spacing == "linspace":
         t = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
@@ -207,6 +222,20 @@ def euler_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sc
 
 
 def dpm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
+    """DPMSolverMultistepScheduler's grid, for DPM-Solver++(2M) as ldm implements it."""
+    expect(cfg, "DPM-Solver++", solver_order=(2,), solver_type=("midpoint",), use_lu_lambdas=(False,),
+           algorithm_type=("dpmsolver++", "sde-dpmsolver++"), variance_type=(None,), **SIGMA_GRIDS)
+    return multistep_grid(cfg, steps, karras)
+
+
+def unipc_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
+    """UniPCMultistepScheduler's grid (the same as DPM-Solver's), for UniPC as ldm implements it."""
+    expect(cfg, "UniPC", solver_order=(2,), solver_type=("bh2",), predict_x0=(True,), disable_corrector=([],),
+           **SIGMA_GRIDS)
+    return multistep_grid(cfg, steps, karras)
+
+
+def multistep_grid(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
     """DPMSolverMultistepScheduler: integer timesteps (its own spacing rules, "linspace" by default) at
     their exact σ, or Karras σ over the whole training range at rounded log-σ timesteps; then 0."""
     T, spacing = cfg.num_train_timesteps, _spacing(cfg, "linspace")

@@ -103,7 +103,8 @@ def test_ckpt_file_is_refused_unread(capsys, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--width", "65"], "width must be a positive multiple of 8"),
     (["--height", "0"], "height must be a positive multiple of 8"),
-    (["--steps", "0"], "steps must be a whole number ≥ 1"),
+    (["--steps", "0"], "steps must be a whole number from 1 to 1000"),
+    (["--steps", "1001"], "steps must be a whole number from 1 to 1000"),
     (["--num-images", "0"], "number of images must be ≥ 1"),
     (["--seed", "-1"], "seed must be between 0"),
     (["--guidance", "-2"], "guidance must be a number ≥ 0"),
@@ -163,4 +164,46 @@ def test_unknown_devices(capsys, sd1_folder, device):
 def test_damaged_folder_files(capsys, folder_copy, damage, message):
     damage(folder_copy)
     code, err = run(capsys, "--model", str(folder_copy), "--steps", "1")
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("field, value, sampler", [
+    ("solver_order", 3, "dpmpp_2m"), ("solver_type", "heun", "dpmpp_2m"), ("use_lu_lambdas", True, "dpmpp_2m_sde"),
+    ("algorithm_type", "dpmsolver", "dpmpp_2m"), ("solver_type", "bh1", "unipc"), ("predict_x0", False, "unipc"),
+    ("disable_corrector", [0], "unipc"), ("use_exponential_sigmas", True, "euler"), ("use_beta_sigmas", True, "lms"),
+])
+def test_scheduler_settings_ldm_does_not_implement_are_refused(field, value, sampler):
+    from official import SD1_SCHEDULER
+
+    from ldm.errors import ConfigError
+    from ldm.samplers import SAMPLERS
+    from ldm.schedules import SchedulerConfig
+
+    config = SchedulerConfig.from_diffusers(SD1_SCHEDULER | {field: value})
+    with pytest.raises(ConfigError, match=f"{field}="):
+        SAMPLERS[sampler].schedule(config, 10, False)
+    SAMPLERS["ddim"].schedule(config, 10, False)  # a setting of another scheduler class does not matter to DDIM
+
+
+def test_a_folder_with_an_sde_dpm_scheduler_defaults_to_the_sde_sampler():
+    from official import SD1_SCHEDULER
+
+    from ldm.samplers import sampler_for
+    from ldm.schedules import SchedulerConfig
+
+    dpm = SD1_SCHEDULER | {"_class_name": "DPMSolverMultistepScheduler"}
+    assert sampler_for(SchedulerConfig.from_diffusers(dpm)) == "dpmpp_2m"
+    assert sampler_for(SchedulerConfig.from_diffusers(dpm | {"algorithm_type": "sde-dpmsolver++"})) == "dpmpp_2m_sde"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "heun", "--image", "image.png", "--mask", "image.png"], "heun: diffusers cuts the schedule"),
+    (["--refiner-start", "0.7"], "--refiner-start goes with --refiner"),
+])
+def test_combinations_ldm_refuses(capsys, sd1_folder, tmp_path, monkeypatch, args, message):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 64), "white").save("image.png")
+    code, err = run(capsys, "--model", str(sd1_folder), "--steps", "2", *args)
     assert code == 2 and message in err

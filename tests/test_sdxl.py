@@ -138,3 +138,10 @@ def test_nan_decode_is_an_error_not_a_black_image(sdxl_folder, monkeypatch):
     monkeypatch.setattr(pipe.vae, "decode", lambda z: torch.full((z.shape[0], 3, 64, 64), float("nan")))
     with pytest.raises(LdmError, match="NaN/inf"):
         pipe(PROMPT, steps=1, seed=0)
+
+
+def test_refiner_needs_sdxl_on_both_sides(sd1_folder, sdxl_refiner_folder, capsys, tmp_path):
+    code = main(["generate", PROMPT, "--model", str(sd1_folder), "--refiner", str(sdxl_refiner_folder), "--steps", "2",
+                 "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the hand-off is between SDXL models" in err and "Traceback" not in err
