@@ -147,10 +147,12 @@ def _unipc_update(x: Tensor, sigmas: list[float], s: int, x0s: list[Tensor], ord
     """UniPC's B(h)=e^(-h)-1 update from σ_s to σ_(s+1) in data prediction: the predictor UniP, or, given the
     x0 evaluated at the predicted point, the corrector UniC. `x0s[-1]` is the x0 at σ_s, earlier ones
     before it."""
-    lam = [-math.log(sg) if sg > 0 else math.inf for sg in sigmas]  # λ = log(α/σ) = -log σ in σ-space
-    h = lam[s + 1] - lam[s]
+    def lam(k: int) -> float:  # λ = log(α/σ) = -log σ in σ-space
+        return -math.log(sigmas[k]) if sigmas[k] > 0 else math.inf
+
+    h = lam(s + 1) - lam(s)
     m0 = x0s[-1]
-    rks = [(lam[s - j] - lam[s]) / h for j in range(1, order)] + [1.0]
+    rks = [(lam(s - j) - lam(s)) / h for j in range(1, order)] + [1.0]
     diffs = [(x0s[-(j + 1)] - m0) / rks[j - 1] for j in range(1, order)]
     h_phi_1 = math.expm1(-h)  # e^(-h) - 1 = σ_(s+1)/σ_s - 1 = B(h)
     h_phi, factorial, b = h_phi_1 / -h - 1, 1, []
