@@ -139,7 +139,7 @@ class StableDiffusion:
                  scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype, name: str = "model"):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler, self.device, self.dtype, self.name = scheduler, device, dtype, name
-        self.default_sampler = sampler_for(scheduler) or "euler"
+        self.default_sampler = sampler_for(scheduler)  # None: the folder's scheduler is not one ldm has
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # ---------------------------------------------------------------------------------- loading
@@ -274,6 +274,12 @@ class StableDiffusion:
             native_w, native_h = fit_size(image, self.vae_scale) if image is not None else (native, native)
         width, height = width or native_w, height or native_h
         sampler = sampler or self.default_sampler
+        if sampler is None:
+            raise InputError(f"{self.name}'s scheduler ({self.scheduler.class_name}) is not one ldm implements; "
+                             f"pick a sampler: {', '.join(SAMPLERS)}")
+        if latents is not None and latents.shape[:2] != (len(prompts) * num_images, self.vae.config.latent_channels):
+            raise InputError(f"latents of shape {tuple(latents.shape)} do not fit {len(prompts) * num_images} images "
+                             f"of {self.vae.config.latent_channels} latent channels")
         check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale, karras,
                       guidance_rescale, strength, denoising_start, denoising_end, self.scheduler.num_train_timesteps)
         cut_or_pasted = denoising_start or denoising_end or (mask is not None and not self.inpainting)

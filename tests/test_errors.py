@@ -207,3 +207,14 @@ def test_combinations_ldm_refuses(capsys, sd1_folder, tmp_path, monkeypatch, arg
     Image.new("RGB", (64, 64), "white").save("image.png")
     code, err = run(capsys, "--model", str(sd1_folder), "--steps", "2", *args)
     assert code == 2 and message in err
+
+
+def test_a_scheduler_ldm_lacks_needs_a_sampler_named(capsys, folder_copy, tmp_path):
+    import json
+
+    path = folder_copy / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"_class_name": "KDPM2DiscreteScheduler"}))
+    code, err = run(capsys, "--model", str(folder_copy), "--steps", "1")
+    assert code == 2 and "KDPM2DiscreteScheduler) is not one ldm implements; pick a sampler" in err
+    assert main(["generate", PROMPT, "--model", str(folder_copy), "--steps", "1", "--sampler", "euler",
+                 "-o", str(tmp_path / "ok.png")]) == 0
