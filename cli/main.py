@@ -91,11 +91,8 @@ def generate(args: argparse.Namespace) -> None:
 
     # everything about the request is checked before gigabytes of weights are loaded
     check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
-                  args.eta, karras=args.karras, guidance_rescale=args.guidance_rescale, strength=args.strength)
-    if args.mask and not args.image:
-        raise LdmError("--mask needs the image it applies to (--image)")
-    if args.strength is not None and not args.image:
-        raise LdmError("--strength applies to image-to-image and inpainting: give an --image")
+                  args.eta, karras=args.karras, guidance_rescale=args.guidance_rescale, strength=args.strength,
+                  image=bool(args.image), mask=bool(args.mask))
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask, "mask") if args.mask else None
     if mask is not None and mask.size != image.size:

@@ -93,8 +93,14 @@ def check_request(steps: int, width: int | None, height: int | None, guidance: f
                   seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8, karras: bool = False,
                   guidance_rescale: float = 0.0, strength: float | None = None,
                   denoising_start: float | None = None, denoising_end: float | None = None,
-                  max_steps: int = 1000) -> None:
-    """Reject out-of-range generation parameters with a message that says what to pass instead."""
+                  max_steps: int = 1000, image: bool = False, mask: bool = False) -> None:
+    """Reject out-of-range generation parameters with a message that says what to pass instead.
+
+    `strength` is the one asked for (None: the default); `image`/`mask`: whether one is given."""
+    if mask and not image:
+        raise InputError("--mask needs the image it applies to (--image)")
+    if strength is not None and not image:
+        raise InputError("--strength applies to image-to-image and inpainting: give an --image")
     if sampler is not None and sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if karras and sampler is not None and not SAMPLERS[sampler].karras:
@@ -258,12 +264,15 @@ class StableDiffusion:
             negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts)
             if len(negatives) != len(prompts):
                 raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        if mask is not None and image is None:
-            raise InputError("a mask needs the image it applies to (--image)")
+        sampler = sampler or self.default_sampler
+        if sampler is None:
+            raise InputError(f"{self.name}'s scheduler ({self.scheduler.class_name}) is not one ldm implements; "
+                             f"pick a sampler: {', '.join(SAMPLERS)}")
+        check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale, karras,
+                      guidance_rescale, strength, denoising_start, denoising_end, self.scheduler.num_train_timesteps,
+                      image is not None, mask is not None)
         if self.inpainting and mask is None:
             raise InputError(f"{self.name} is an inpainting model (9-channel UNet): give it an image and a mask")
-        if image is None and strength is not None:
-            raise InputError("strength applies to image-to-image and inpainting: give an image (--image)")
         if (latents is None) != (denoising_start is None) or (latents is not None and image is not None):
             raise InputError("denoising_start goes with latents (from a run with denoising_end), without an image")
         strength = (1.0 if mask is not None else self.default_strength) if strength is None else strength
@@ -273,15 +282,9 @@ class StableDiffusion:
         else:
             native_w, native_h = fit_size(image, self.vae_scale) if image is not None else (native, native)
         width, height = width or native_w, height or native_h
-        sampler = sampler or self.default_sampler
-        if sampler is None:
-            raise InputError(f"{self.name}'s scheduler ({self.scheduler.class_name}) is not one ldm implements; "
-                             f"pick a sampler: {', '.join(SAMPLERS)}")
         if latents is not None and latents.shape[:2] != (len(prompts) * num_images, self.vae.config.latent_channels):
             raise InputError(f"latents of shape {tuple(latents.shape)} do not fit {len(prompts) * num_images} images "
                              f"of {self.vae.config.latent_channels} latent channels")
-        check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale, karras,
-                      guidance_rescale, strength, denoising_start, denoising_end, self.scheduler.num_train_timesteps)
         cut_or_pasted = denoising_start or denoising_end or (mask is not None and not self.inpainting)
         if SAMPLERS[sampler].two_calls_per_step and cut_or_pasted:
             raise InputError(f"{sampler}: diffusers cuts the schedule (refiner hand-off) or pastes the known region "
@@ -327,8 +330,7 @@ class StableDiffusion:
         images = self.decode(schedule.to_latents(x))
 
         params = {"Steps": steps, "Sampler": spec.label + (" Karras" if karras else ""), "CFG scale": guidance,
-                  "Seed": seed,
-                  "Size": f"{width}x{height}", "Model": self.name}
+                  "Seed": seed, "Size": f"{width}x{height}", "Model": self.name}
         if "eta" in spec.options and eta:
             params["Eta"] = eta
         if guidance_rescale:

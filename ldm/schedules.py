@@ -154,12 +154,17 @@ def sigma_of(alphas_cumprod: Tensor, t) -> float:
     return ((1.0 - a) / a) ** 0.5
 
 
+def final_sigma(cfg: SchedulerConfig, alphas_cumprod: Tensor, set_alpha_to_one_default: bool) -> float:
+    """Where DDIM and PNDM stop: ᾱ = 1 (σ = 0) with `set_alpha_to_one`, else ᾱ_0."""
+    one = cfg.set_alpha_to_one if cfg.set_alpha_to_one is not None else set_alpha_to_one_default
+    return 0.0 if one else sigma_of(alphas_cumprod, 0)
+
+
 def discrete_schedule(cfg: SchedulerConfig, steps: int, set_alpha_to_one_default: bool) -> Schedule:
-    """DDIM and PNDM: the integer timestep grid; they stop at ᾱ = 1 (σ = 0) or at ᾱ_0."""
+    """DDIM: the integer timestep grid, then the final σ."""
     ac = cfg.alphas_cumprod()
     t = discrete_timesteps(cfg, steps)
-    one = cfg.set_alpha_to_one if cfg.set_alpha_to_one is not None else set_alpha_to_one_default
-    final = 0.0 if one else sigma_of(ac, 0)
+    final = final_sigma(cfg, ac, set_alpha_to_one_default)
     sigmas = [sigma_of(ac, ti) for ti in t] + [final]
     ratio = cfg.num_train_timesteps // steps  # diffusers steps from t to t - ratio, on the grid or not
     lands = [sigma_of(ac, ti - ratio) if ti - ratio >= 0 else final for ti in t]
@@ -270,8 +275,7 @@ def pndm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sch
     ac = cfg.alphas_cumprod()
     t = [int(ti) for ti in discrete_timesteps(cfg, steps)]
     calls = t[:2] + t[1:] if steps > 1 else t
-    one = cfg.set_alpha_to_one if cfg.set_alpha_to_one is not None else False
-    final = 0.0 if one else sigma_of(ac, 0)
+    final = final_sigma(cfg, ac, set_alpha_to_one_default=False)
     ratio = cfg.num_train_timesteps // steps
 
     def restart(start: int) -> Schedule:

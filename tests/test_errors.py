@@ -218,3 +218,12 @@ def test_a_scheduler_ldm_lacks_needs_a_sampler_named(capsys, folder_copy, tmp_pa
     assert code == 2 and "KDPM2DiscreteScheduler) is not one ldm implements; pick a sampler" in err
     assert main(["generate", PROMPT, "--model", str(folder_copy), "--steps", "1", "--sampler", "euler",
                  "-o", str(tmp_path / "ok.png")]) == 0
+
+
+def test_karras_is_checked_against_the_folders_default_sampler(sd1_folder):
+    from ldm.errors import InputError
+    from ldm.pipeline import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(sd1_folder)  # PNDM folder: no Karras grid in diffusers
+    with pytest.raises(InputError, match="not to pndm"):
+        pipe(PROMPT, steps=2, seed=0, karras=True)
