@@ -6,7 +6,9 @@ shared/reference/models.md): config.json files with the official fields only (ab
 the library defaults, as they do for the real files), `diffusion_pytorch_model.safetensors` /
 `model.safetensors` with the official key names, the text encoder in transformers-4 names with the
 `text_model.` prefix and the `position_ids` buffer, and a tokenizer folder without `tokenizer.json`.
-Weights are random (diffusers' / transformers' own initialisation), only the widths are small.
+Weights are random (diffusers' / transformers' own initialisation), only the widths are small. The
+widths keep each family's head convention (SD 1.x UNet: 8 heads; SD 2.x/SDXL UNet and every text tower:
+64-dim heads), which a single-file checkpoint does not store, so the same models also serve as single files.
 """
 
 import json
@@ -43,7 +45,7 @@ SD1_SCHEDULER = {
     "clip_sample": False,
 }
 
-# The official SD 1.5 unet/config.json, widths shrunk (320/640/1280/1280 → 32/32/64/64, context 768 → 32).
+# The official SD 1.5 unet/config.json, widths shrunk (320/640/1280/1280 → 32/32/64/64, context 768 → 64).
 SD1_UNET = {
     "_class_name": "UNet2DConditionModel",
     "_diffusers_version": "0.6.0",
@@ -51,7 +53,7 @@ SD1_UNET = {
     "attention_head_dim": 8,
     "block_out_channels": [32, 32, 64, 64],
     "center_input_sample": False,
-    "cross_attention_dim": 32,
+    "cross_attention_dim": 64,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "downsample_padding": 1,
     "flip_sin_to_cos": True,
@@ -89,14 +91,14 @@ SD1_TEXT_ENCODER = {
     "dropout": 0.0,
     "eos_token_id": 2,
     "hidden_act": "quick_gelu",
-    "hidden_size": 32,
+    "hidden_size": 64,
     "initializer_factor": 1.0,
     "initializer_range": 0.02,
     "intermediate_size": 37,
     "layer_norm_eps": 1e-05,
     "max_position_embeddings": 77,
     "model_type": "clip_text_model",
-    "num_attention_heads": 4,
+    "num_attention_heads": 1,
     "num_hidden_layers": 2,
     "pad_token_id": 1,
     "projection_dim": 768,
@@ -171,7 +173,7 @@ def save_component(folder: Path, config: dict, state: dict, stem: str, fp16_vari
 
 
 # stabilityai/stable-diffusion-2-1: OpenCLIP-H text tower (gelu, 23 layers kept), linear projections,
-# per-level heads of 64 dims (here 16/8/16/16), upcast attention, DDIM with v-prediction, 768 px.
+# per-level heads of 64 dims (here 1/1/2/2 of widths 64/64/128/128), upcast attention, DDIM with v-prediction, 768 px.
 SD21_MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
     "_diffusers_version": "0.10.0.dev0",
@@ -200,8 +202,9 @@ SD21_SCHEDULER = {
 }
 SD21_UNET = SD1_UNET | {
     "_diffusers_version": "0.10.0.dev0",
-    "attention_head_dim": [2, 4, 4, 4],
-    "cross_attention_dim": 48,
+    "attention_head_dim": [1, 1, 2, 2],
+    "block_out_channels": [64, 64, 128, 128],
+    "cross_attention_dim": 128,
     "dual_cross_attention": False,
     "num_class_embeds": None,
     "only_cross_attention": False,
@@ -213,9 +216,9 @@ SD21_VAE = SD1_VAE | {"_diffusers_version": "0.10.0.dev0"}
 SD21_TEXT_ENCODER = SD1_TEXT_ENCODER | {
     "_name_or_path": "hf-models/stable-diffusion-v2-768x768/text_encoder",
     "hidden_act": "gelu",
-    "hidden_size": 48,
-    "intermediate_size": 64,
-    "num_attention_heads": 4,
+    "hidden_size": 128,
+    "intermediate_size": 80,
+    "num_attention_heads": 2,
     "num_hidden_layers": 3,
     "projection_dim": 512,
     "transformers_version": "4.25.0.dev0",
@@ -269,25 +272,25 @@ SDXL_TEXT_ENCODER_2 = SD1_TEXT_ENCODER | {
     "_name_or_path": "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
     "architectures": ["CLIPTextModelWithProjection"],
     "hidden_act": "gelu",
-    "hidden_size": 40,
-    "intermediate_size": 80,
-    "num_attention_heads": 4,
+    "hidden_size": 128,
+    "intermediate_size": 96,
+    "num_attention_heads": 2,
     "num_hidden_layers": 3,
-    "projection_dim": 40,
+    "projection_dim": 128,
     "transformers_version": "4.32.0.dev0",
 }
 SDXL_UNET = {
     "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
     "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 8,
-    "attention_head_dim": [2, 4, 4], "block_out_channels": [32, 64, 64], "center_input_sample": False,
+    "attention_head_dim": [1, 2, 2], "block_out_channels": [64, 128, 128], "center_input_sample": False,
     "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "cross_attention_dim": 32 + 40, "cross_attention_norm": None,
+    "cross_attention_dim": 64 + 128, "cross_attention_norm": None,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
     "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
     "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
     "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
     "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
-    "out_channels": 4, "projection_class_embeddings_input_dim": 6 * 8 + 40, "resnet_out_scale_factor": 1.0,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 6 * 8 + 128, "resnet_out_scale_factor": 1.0,
     "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 8,
     "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
     "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 3],
@@ -306,10 +309,10 @@ SDXL_REFINER_MODEL_INDEX = SDXL_MODEL_INDEX | {
     "tokenizer": [None, None],
 }
 SDXL_REFINER_UNET = SDXL_UNET | {
-    "attention_head_dim": [2, 4, 4, 4], "block_out_channels": [32, 64, 64, 96], "cross_attention_dim": 40,
+    "attention_head_dim": [1, 2, 2, 3], "block_out_channels": [64, 128, 128, 192], "cross_attention_dim": 128,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "projection_class_embeddings_input_dim": 5 * 8 + 40, "transformer_layers_per_block": 2,
+    "projection_class_embeddings_input_dim": 5 * 8 + 128, "transformer_layers_per_block": 2,
 }
 
 CLIP_L, OPENCLIP = "<|endoftext|>", "!"  # the pad tokens of the two tokenizer folders
