@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Generate images from a text prompt. Defaults (size, sampler) come from the model folder.")
     gen.add_argument("prompt", help="what to draw")
     gen.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     help="a diffusers model folder or a Hub repo id (downloaded on first use); "
+                     help="a diffusers model folder, an original single-file .safetensors checkpoint (a path, "
+                          "or a file name in weights/), or a Hub repo id (downloaded on first use); "
                           "default: %(default)s")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
@@ -76,7 +77,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="auto: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (*.fp16.safetensors)")
     gen.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    gen.add_argument("--prediction-type", default=None, choices=("eps", "v"),
+                     help="override the model's prediction type (a single file does not store it: SD 2.x files "
+                          "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file)")
+
+    dl = sub.add_parser(
+        "download", help="fetch a model into the Hugging Face cache",
+        description="Download an official model's diffusers folder (safetensors only) or, with --single-file, its "
+                    "original single-file checkpoint into the Hugging Face cache ($HF_HOME/hub), and print where "
+                    "it is. MODEL: a name from weights/manifest.json (" + ", ".join(_manifest_names()) + "), a Hub "
+                    "repo id, or an alias such as runwayml/stable-diffusion-v1-5.")
+    dl.add_argument("model", metavar="MODEL")
+    dl.add_argument("--single-file", action="store_true", help="the original single-file .safetensors checkpoint")
+    dl.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (*.fp16.safetensors)")
+    dl.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    dl.add_argument("--force", action="store_true", help="download again even if cached (a damaged file)")
+
+    info = sub.add_parser(
+        "info", help="describe a model: family, configs, dtype, parameters, files",
+        description="Describe a local folder, a single file, or a cached Hub model (nothing is downloaded or "
+                    "loaded: configs and safetensors headers only).")
+    info.add_argument("model", metavar="MODEL")
+    info.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    info.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     return parser.parse_args(argv)
+
+
+def _manifest_names() -> list[str]:
+    from ldm.families import manifest
+
+    try:
+        return list(manifest())
+    except LdmError:
+        return []
+
+
+def download(args: argparse.Namespace) -> None:
+    from ldm.families import lookup
+    from ldm.loading import hub_file, is_hub_id, resolve, safetensors_header
+    from ldm.pipeline import hub_files
+
+    entry = lookup(args.model)
+    if entry is None and not is_hub_id(args.model):
+        raise LdmError(f"{args.model}: not a Hub repo id ('owner/name') or a manifest name "
+                       f"({', '.join(_manifest_names())})")
+    if args.single_file:
+        if entry is None or entry.single_file is None:
+            known = [e.name for e in (lookup(n) for n in _manifest_names()) if e and e.single_file]
+            raise LdmError(f"{args.model}: no safetensors single file is known for it (known: {', '.join(known)})")
+        if args.variant:
+            raise LdmError("--variant selects files of a diffusers folder, not a single file")
+        path = hub_file(entry.repo, entry.single_file, args.revision, force=args.force)
+        files = [path]
+    else:
+        path = resolve(entry.repo if entry else args.model, hub_files(args.variant), args.revision,
+                       force_download=args.force)
+        files = sorted(path.rglob("*.safetensors"))
+        if not files:
+            raise LdmError(f"{args.model}: the repo has no {'.' + args.variant if args.variant else ''}"
+                           ".safetensors weights ldm reads (it never loads .ckpt/.bin pickles)")
+    for file in files:
+        safetensors_header(file)  # a damaged or truncated file is reported now, not at generation time
+    print(path)
+
+
+def info(args: argparse.Namespace) -> None:
+    from ldm.info import model_info
+
+    print("\n".join(model_info(args.model, args.revision, args.variant).lines()))
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -107,9 +175,10 @@ def generate(args: argparse.Namespace) -> None:
     if args.refiner and not 0 < refiner_start < 1:
         raise LdmError(f"--refiner-start must be strictly between 0 and 1, got {refiner_start}")
 
-    def load(model: str, device: str = args.device, dtype: str = args.dtype) -> StableDiffusion:
+    def load(model: str, device: str = args.device, dtype: str = args.dtype,
+             prediction_type: str | None = args.prediction_type) -> StableDiffusion:
         return StableDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
-                                               revision=args.revision)
+                                               revision=args.revision, prediction_type=prediction_type)
 
     def flip(pair):  # W H on the command line, (height, width) in the pipelines
         return None if pair is None else (pair[1], pair[0])
@@ -125,7 +194,7 @@ def generate(args: argparse.Namespace) -> None:
     refiner = None
     if args.refiner:  # loaded now (a bad path fails before the base runs), parked on the CPU until its turn
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
-        refiner = load(args.refiner, "cpu", dtype)
+        refiner = load(args.refiner, "cpu", dtype, prediction_type=None)  # --prediction-type is the base's
         if not (isinstance(pipe, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)):
             raise LdmError(f"--refiner: the hand-off is between SDXL models; {args.model} and {args.refiner} are "
                            f"{type(pipe).__name__} and {type(refiner).__name__}")
@@ -157,8 +226,7 @@ def generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.command == "generate":
-            generate(args)
+        {"generate": generate, "download": download, "info": info}[args.command](args)
     except LdmError as e:
         print(f"ldm: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ and shape is checked first, and a mismatch names the file, the missing and unexp
 family the config describes.
 """
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -18,11 +19,9 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import LoadError
+from .families import lookup, manifest, weights_dir
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-
-# Hub ids that moved: the runwayml repo was removed in 2024 and lives on under its own organisation.
-HUB_ALIASES = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -94,17 +93,31 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
     """All tensors of a safetensors file (memory-mapped), cast to `dtype` if given."""
     if path.suffix in PICKLE_SUFFIXES:
         refuse_pickle(path)
-    if not path.is_file():
-        raise LoadError(f"{path} is missing")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as e:  # safetensors raises its own error type, or OSError, for damaged files
-        raise LoadError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
-                        "download it again") from None
+    with _damaged(path), safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return tensors
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """dtype and shape of every tensor in a safetensors file, from its header (no data read). safetensors
+    checks that the header's offsets cover the file exactly, so a truncated file is reported here."""
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path)
+    with _damaged(path), safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+
+
+@contextlib.contextmanager
+def _damaged(path: Path):
+    if not path.is_file():
+        raise LoadError(f"{path} is missing")
+    try:
+        yield
+    except Exception as e:  # safetensors raises its own error type, or OSError, for damaged files
+        raise LoadError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+                        "download it again (a Hub model: `ldm download MODEL --force`)") from None
 
 
 def load_module(build, state: dict[str, torch.Tensor], source: Path, family: str,
@@ -134,19 +147,42 @@ def is_hub_id(model: str) -> bool:
 
 
 def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
-            local_files_only: bool = False) -> Path:
-    """A local path as is; a Hub repo id downloaded (only `allow_patterns`) into the Hugging Face cache.
-
-    huggingface-hub honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE.
-    """
+            local_files_only: bool = False, force_download: bool = False) -> Path:
+    """Where `model` is on disk: a local path as is; a file or folder name found in the weights/ store; a
+    manifest name (`sd15`), Hub repo id or alias downloaded (only `allow_patterns`) into the Hugging Face
+    cache, which honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE."""
     path = Path(model).expanduser()
     if path.exists():
         return path
-    if not is_hub_id(model):
-        raise LoadError(f"{model}: no such file or folder (and not a Hub repo id like 'owner/name')")
-    repo = HUB_ALIASES.get(model, model)
+    if not path.is_absolute() and (weights_dir() / model).exists():
+        return weights_dir() / model
+    entry = lookup(model)
+    if entry is None and not is_hub_id(model):
+        raise LoadError(f"{model}: no such file or folder, here or in {weights_dir()}, and not a Hub repo id like "
+                        f"'owner/name' or an official checkpoint name ({', '.join(manifest())})")
+    repo = entry.repo if entry else model
     from huggingface_hub import snapshot_download
+
+    with hub_errors(repo, model, revision):
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
+                                      local_files_only=local_files_only, force_download=force_download))
+
+
+def hub_file(repo: str, filename: str, revision: str | None = None, local_files_only: bool = False,
+             force: bool = False) -> Path:
+    """One file of a Hub repo (an original single-file checkpoint), through the Hugging Face cache."""
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(repo, repo, revision):
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_files_only,
+                                    force_download=force))
+
+
+@contextlib.contextmanager
+def hub_errors(repo: str, model: str, revision: str | None):
+    """huggingface-hub's exceptions as LoadErrors that say what to do."""
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -154,8 +190,7 @@ def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
     )
 
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
-                                      local_files_only=local_files_only))
+        yield
     except GatedRepoError:
         raise LoadError(f"{repo} is gated on the Hub: accept its licence on its page and log in "
                         "(`hf auth login`), then run again") from None
@@ -165,7 +200,9 @@ def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
         raise LoadError(f"{repo}: revision {revision!r} not found") from None
     except LocalEntryNotFoundError:
         raise LoadError(f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached "
-                        f"(offline, or HF_HUB_OFFLINE=1). Connect once and run `ldm generate ... --model {model}` "
-                        "to download it, or pass a local folder") from None
+                        f"(offline, or HF_HUB_OFFLINE=1). Run `ldm download {model}` where the Hub is reachable "
+                        "(the cache is $HF_HOME/hub), or pass a local folder or file") from None
+    except EntryNotFoundError as e:
+        raise LoadError(f"{repo}: {e}") from None
     except OSError as e:
         raise LoadError(f"downloading {repo} failed: {e}") from None

@@ -11,6 +11,7 @@ Image-to-image (SDEdit) starts from a noised encoding of `image`; inpainting add
 hook them, or call them directly.
 """
 
+import dataclasses
 import math
 import re
 import secrets
@@ -26,11 +27,22 @@ from torch import Tensor
 from .clip import CLIPTextConfig, CLIPTextModel
 from .denoisers import Denoiser, guided, with_channels
 from .errors import InputError, LdmError, LoadError
+from .families import PREDICTION_TYPES
 from .images import fit_size, image_to_tensor, infotext, mask_to_tensor, to_pil
-from .loading import load_module, read_config, read_json, read_safetensors, refuse_pickle, resolve, weights_file
+from .loading import (
+    PICKLE_SUFFIXES,
+    load_module,
+    read_config,
+    read_json,
+    read_safetensors,
+    refuse_pickle,
+    resolve,
+    weights_file,
+)
 from .samplers import SAMPLERS, sampler_for
 from .schedules import Schedule, SchedulerConfig
-from .tokenizer import CLIPTokenizer
+from .single_file import TOWERS, read_single_file
+from .tokenizer import EOS, CLIPTokenizer, clip_bpe_vocab
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
 
@@ -72,6 +84,21 @@ def hub_files(variant: str | None) -> list[str]:
             "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
             f"unet/diffusion_pytorch_model{suffix}", f"vae/diffusion_pytorch_model{suffix}",
             f"text_encoder/model{suffix}", f"text_encoder_2/model{suffix}"]
+
+
+def folder_family(xl: bool, te_cfgs: dict[str, CLIPTextConfig], unet_cfg: UNetConfig, vae_cfg: VAEConfig) -> str:
+    """The family a diffusers folder's configs describe, for messages and `ldm info`."""
+    if xl:
+        family = "SDXL refiner" if "text_encoder" not in te_cfgs else "SDXL base"
+    else:
+        family = "SD 1.x" if te_cfgs["text_encoder"].hidden_act == "quick_gelu" else "SD 2.x"  # CLIP-L/OpenCLIP-H
+    return family + (" inpainting" if unet_cfg.in_channels > vae_cfg.latent_channels else "")
+
+
+def upcast_vae_dtype(xl: bool, dtype: torch.dtype, vae_cfg: VAEConfig) -> torch.dtype:
+    """The SDXL pipelines run a half-precision VAE in fp32 when its config says force_upcast (the SDXL VAE
+    overflows fp16); StableDiffusionPipeline does not."""
+    return torch.float32 if xl and dtype == torch.float16 and vae_cfg.force_upcast else dtype
 
 
 def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -153,18 +180,23 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
                         variant: str | None = None, revision: str | None = None,
-                        local_files_only: bool = False) -> "StableDiffusion":
-        """Load an official diffusers folder (or its Hub id): model_index.json, unet/, vae/, text_encoder/
-        (and text_encoder_2/ for SDXL), tokenizer(s), scheduler/. Returns a `StableDiffusionXL` for SDXL
-        folders. `variant="fp16"` reads the `*.fp16.safetensors` files."""
+                        local_files_only: bool = False, prediction_type: str | None = None) -> "StableDiffusion":
+        """Load an official diffusers folder (or its Hub id), or an original single-file checkpoint.
+
+        A folder: model_index.json, unet/, vae/, text_encoder/ (and text_encoder_2/ for SDXL), tokenizer(s),
+        scheduler/; `variant="fp16"` reads the `*.fp16.safetensors` files. A `.safetensors` file: see
+        `from_single_file`. Returns a `StableDiffusionXL` for SDXL models. `prediction_type` ("eps" or "v")
+        overrides the scheduler's.
+        """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        if prediction_type not in (None, "eps", "v"):
+            raise InputError(f"unknown prediction type {prediction_type!r} (use eps or v)")
         root = resolve(str(model), hub_files(variant), revision, local_files_only)
         if root.is_file():
-            if root.suffix in (".ckpt", ".bin", ".pt", ".pth", ".pkl"):
-                refuse_pickle(root)
-            raise LoadError(f"{root}: single-file checkpoints are not supported yet; pass the model's "
-                            "diffusers folder (the one with model_index.json) or its Hub id")
+            if variant is not None:
+                raise InputError(f"--variant {variant} selects files in a diffusers folder; {root} is a single file")
+            return cls.from_single_file(root, device, dtype, prediction_type)
         index = read_json(root / "model_index.json")
         pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
         if pipeline_class not in SD_PIPELINES + XL_PIPELINES:
@@ -181,15 +213,8 @@ class StableDiffusion:
         unet_cfg = read_config(root / "unet" / "config.json", UNetConfig.from_diffusers)
         vae_cfg = read_config(root / "vae" / "config.json", VAEConfig.from_diffusers)
         te_cfgs = {t: read_config(root / t / "config.json", CLIPTextConfig.from_transformers) for t in towers}
-        if xl:
-            family = "SDXL refiner" if "text_encoder" not in towers else "SDXL base"
-        else:
-            family = "SD 1.x" if te_cfgs["text_encoder"].hidden_act == "quick_gelu" else "SD 2.x"  # CLIP-L/OpenCLIP-H
-        if unet_cfg.in_channels > vae_cfg.latent_channels:
-            family += " inpainting"
-        # The SDXL pipelines run a half-precision VAE in fp32 when its config says force_upcast (the SDXL
-        # VAE overflows fp16); StableDiffusionPipeline does not.
-        vae_dtype = torch.float32 if xl and dt == torch.float16 and vae_cfg.force_upcast else dt
+        family = folder_family(xl, te_cfgs, unet_cfg, vae_cfg)
+        vae_dtype = upcast_vae_dtype(xl, dt, vae_cfg)
 
         def load(part, stem, build, dtype=dt, rename=lambda state: state):
             path = weights_file(root / part, stem, variant)
@@ -201,14 +226,67 @@ class StableDiffusion:
                     for t, cfg in te_cfgs.items()}
         tokenizers = {t: CLIPTokenizer.from_folder(root / t.replace("text_encoder", "tokenizer")) for t in towers}
         scheduler = read_config(root / "scheduler" / "scheduler_config.json", SchedulerConfig.from_diffusers)
+        if prediction_type is not None:
+            scheduler = dataclasses.replace(scheduler, prediction_type=PREDICTION_TYPES[prediction_type])
         name = Path(str(model)).name if Path(str(model)).exists() else str(model)
+        return cls._assemble(xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, name,
+                             force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+                             requires_aesthetics_score=index.get("requires_aesthetics_score", False))
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, device: str = "auto", dtype: str = "auto",
+                         prediction_type: str | None = None) -> "StableDiffusion":
+        """Load an original single-file checkpoint (`v1-5-pruned-emaonly.safetensors`, `sd_xl_base_1.0.safetensors`…).
+
+        The family is detected from the keys and the configs inferred from the tensor shapes
+        (`ldm.single_file`); the tokenizer is CLIP's BPE as open_clip ships it; the scheduler and the
+        prediction type are the family's official ones (SD 2.x: v-prediction; pass `prediction_type="eps"`
+        for a 512-px SD 2.x base file).
+        """
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        path = Path(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise LoadError(f"{path}: ldm reads single-file checkpoints in the .safetensors format, and diffusers "
+                            "folders")
+        try:
+            checkpoint = read_single_file(read_safetensors(path), prediction_type)
+        except LoadError as e:
+            raise LoadError(f"{path}: {e}") from None
+        family = checkpoint.family
+        unet_cfg = UNetConfig.from_diffusers(checkpoint.configs["unet"])
+        vae_cfg = VAEConfig.from_diffusers(checkpoint.configs["vae"])
+
+        def load(component, build, dtype=dt):
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.states[component].items()}
+            return load_module(build, state, path, family.label, dev)
+
+        unet = load("unet", lambda: UNet(unet_cfg))
+        vae = load("vae", lambda: VAE(vae_cfg), upcast_vae_dtype(family.xl, dt, vae_cfg))
+        encoders, tokenizers = {}, {}
+        vocab, merges = clip_bpe_vocab()
+        for component, _, kind in TOWERS[family.key]:
+            cfg = CLIPTextConfig.from_transformers(checkpoint.configs[component])
+            encoders[component] = load(component, lambda c=cfg: CLIPTextModel(c))
+            tokenizers[component] = CLIPTokenizer(vocab, merges, pad_token=EOS if kind == "clip" else "!")
+        scheduler = SchedulerConfig.from_diffusers(checkpoint.scheduler)
+        return cls._assemble(family.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, path.name,
+                             force_zeros_for_empty_prompt=not family.refiner,
+                             requires_aesthetics_score=family.refiner)
+
+    @classmethod
+    def _assemble(cls, xl: bool, unet: UNet, vae: VAE, encoders: dict, tokenizers: dict, scheduler: SchedulerConfig,
+                  device: torch.device, dtype: torch.dtype, name: str, force_zeros_for_empty_prompt: bool,
+                  requires_aesthetics_score: bool) -> "StableDiffusion":
         if not xl:
-            return StableDiffusion(unet, vae, encoders["text_encoder"], tokenizers["text_encoder"], scheduler, dev,
-                                   dt, name)
+            return StableDiffusion(unet, vae, encoders["text_encoder"], tokenizers["text_encoder"], scheduler,
+                                   device, dtype, name)
         return StableDiffusionXL(unet, vae, encoders.get("text_encoder"), tokenizers.get("text_encoder"),
-                                 scheduler, dev, dt, name, encoders["text_encoder_2"], tokenizers["text_encoder_2"],
-                                 force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
-                                 requires_aesthetics_score=index.get("requires_aesthetics_score", False))
+                                 scheduler, device, dtype, name, encoders["text_encoder_2"],
+                                 tokenizers["text_encoder_2"], force_zeros_for_empty_prompt,
+                                 requires_aesthetics_score)
 
     # ------------------------------------------------------------------------------- generation
 

@@ -57,3 +57,21 @@ def sdxl_folder(tmp_path_factory) -> Path:
 def sdxl_refiner_folder(tmp_path_factory) -> Path:
     """A tiny random SDXL refiner 1.0-layout folder (bigG only, aesthetic-score conditioning)."""
     return write_folder(tmp_path_factory.mktemp("sdxlr") / "tiny-sdxl-refiner", "sdxl-refiner", seed=40)
+
+
+@pytest.fixture(scope="session")
+def single_file(request, tmp_path_factory):
+    """`single_file(family)`: the tiny folder of `family` as an original-layout .safetensors file (with the
+    extras the official files carry), written once per session."""
+    from official import FOLDER_FIXTURES, write_single_file
+
+    written = {}
+
+    def get(family: str) -> Path:
+        if family not in written:
+            folder = request.getfixturevalue(FOLDER_FIXTURES[family])
+            path = tmp_path_factory.mktemp("single") / f"tiny-{family}.safetensors"
+            written[family] = write_single_file(folder, path, family)
+        return written[family]
+
+    return get

@@ -355,3 +355,63 @@ def diffusers_scheduler(name: str, config: dict, karras: bool = False):
 
     settings = REFERENCE_SCHEDULER_SETTINGS.get(name, {}) | ({"use_karras_sigmas": True} if karras else {})
     return getattr(diffusers, SAMPLERS[name].diffusers_class).from_config(config, **settings)
+
+
+# ------------------------------------------------------------------------------------ single files
+
+FOLDER_FIXTURES = {"sd1": "sd1_folder", "sd21": "sd21_folder", "sd2-inpaint": "sd2_inpaint_folder",
+                   "sdxl": "sdxl_folder", "sdxl-refiner": "sdxl_refiner_folder"}  # conftest.py's session folders
+LDM_FAMILY = {"sd1": "sd1", "sd21": "sd2", "sd2-inpaint": "sd2-inpaint", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}
+
+
+def folder_components(root: Path) -> tuple[dict[str, dict], dict[str, dict[str, torch.Tensor]]]:
+    """The config.json dicts and the state dicts (ldm names) of a diffusers folder's networks."""
+    from safetensors.torch import load_file
+
+    from ldm.pipeline import text_encoder_state
+
+    configs, states = {}, {}
+    for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model"), ("text_encoder_2", "model")):
+        if (root / part).is_dir():
+            configs[part] = json.loads((root / part / "config.json").read_text())
+            state = load_file(str(root / part / f"{stem}.safetensors"))
+            states[part] = text_encoder_state(state) if part.startswith("text") else state
+    return configs, states
+
+
+def write_single_file(folder: Path, path: Path, family: str, extras: bool = True, legacy_clip: bool = False) -> Path:
+    """An original-layout single file of a tiny folder, written with ldm's converter (tables run backwards),
+    plus what the official files also carry when `extras`: schedule buffers, EMA bookkeeping, CLIP's
+    position_ids and logit_scale, and for SD 2.x the 24th OpenCLIP block and text_projection it does not use."""
+    from ldm.families import FAMILIES
+    from ldm.single_file import write_single_file_state
+
+    configs, states = folder_components(folder)
+    tensors = write_single_file_state(FAMILIES[LDM_FAMILY[family]], configs, states)
+    if legacy_clip:  # older SD 1.x files: cond_stage_model.transformer.embeddings… (no text_model.)
+        tensors = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+                   for k, v in tensors.items()}
+    if extras:
+        g = torch.Generator().manual_seed(123)
+        if family in ("sd1", "sd21", "sd2-inpaint"):
+            betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+            tensors |= {"betas": betas.float(), "alphas_cumprod": torch.cumprod(1 - betas, 0).float(),
+                        "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)}
+            # EMA copies in a non-pruned file: `model_ema.` + the key without its dots
+            tensors["model_ema.diffusion_modelout2bias"] = torch.randn(4, generator=g)
+        for key in [k for k in tensors if k.endswith("embeddings.position_embedding.weight")]:
+            tensors[key.replace("position_embedding.weight", "position_ids")] = torch.arange(77)[None]
+        for prefix in ("cond_stage_model.model.", "conditioner.embedders.1.model.", "conditioner.embedders.0.model."):
+            if prefix + "token_embedding.weight" in tensors:
+                tensors[prefix + "logit_scale"] = torch.tensor(4.6052)
+        if family in ("sd21", "sd2-inpaint"):
+            p = "cond_stage_model.model."
+            last = configs["text_encoder"]["num_hidden_layers"]
+            for key in [k for k in tensors if k.startswith(f"{p}transformer.resblocks.0.")]:
+                new = key.replace("resblocks.0.", f"resblocks.{last}.")
+                tensors[new] = torch.randn(tensors[key].shape, generator=g)
+            width = configs["text_encoder"]["hidden_size"]
+            tensors[p + "text_projection"] = torch.randn(width, width, generator=g)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
