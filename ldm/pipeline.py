@@ -190,8 +190,8 @@ class StableDiffusion:
         """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        if prediction_type not in (None, "eps", "v"):
-            raise InputError(f"unknown prediction type {prediction_type!r} (use eps or v)")
+        if prediction_type not in (None, *PREDICTION_TYPES):
+            raise InputError(f"unknown prediction type {prediction_type!r} (use {' or '.join(PREDICTION_TYPES)})")
         root = resolve(str(model), hub_files(variant), revision, local_files_only)
         if root.is_file():
             if variant is not None:
@@ -251,8 +251,11 @@ class StableDiffusion:
         if path.suffix != ".safetensors":
             raise LoadError(f"{path}: ldm reads single-file checkpoints in the .safetensors format, and diffusers "
                             "folders")
+        if prediction_type not in (None, *PREDICTION_TYPES):
+            raise InputError(f"unknown prediction type {prediction_type!r} (use {' or '.join(PREDICTION_TYPES)})")
+        tensors = read_safetensors(path)
         try:
-            checkpoint = read_single_file(read_safetensors(path), prediction_type)
+            checkpoint = read_single_file(tensors, prediction_type)
         except LoadError as e:
             raise LoadError(f"{path}: {e}") from None
         family = checkpoint.family

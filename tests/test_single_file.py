@@ -17,7 +17,7 @@ from ldm.clip import CLIPTextConfig, CLIPTextModel
 from ldm.families import FAMILIES
 from ldm.loading import read_safetensors
 from ldm.pipeline import StableDiffusion, StableDiffusionXL
-from ldm.single_file import component_rules, read_single_file
+from ldm.single_file import component_rules, read_single_file, write_single_file_state
 from ldm.unet import UNet, UNetConfig
 from ldm.vae import VAE, VAEConfig
 from ldm_cli.main import main
@@ -225,3 +225,62 @@ def test_inferred_config_json_is_what_diffusers_would_write(single_file):
     assert checkpoint.configs["unet"]["transformer_layers_per_block"] == [1, 2, 3]
     assert checkpoint.configs["text_encoder_2"]["architectures"] == ["CLIPTextModelWithProjection"]
     assert FAMILIES["sdxl"].vae_scaling_factor == checkpoint.configs["vae"]["scaling_factor"]
+
+
+# The official full-size configs (the fields that matter; models.md), to check shape inference at real size.
+SD15_UNET = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8, "cross_attention_dim": 768,
+             "sample_size": 64}
+SD21_UNET = SD15_UNET | {"attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "sample_size": 96,
+                         "use_linear_projection": True, "upcast_attention": True}
+SDXL_UNET = {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+             "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True, "sample_size": 128,
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816}
+REFINER_UNET = SDXL_UNET | {
+    "block_out_channels": [384, 768, 1536, 1536], "attention_head_dim": [6, 12, 24, 24], "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": 4, "projection_class_embeddings_input_dim": 2560}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12}
+OPENCLIP_H = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23,
+              "hidden_act": "gelu"}
+BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+        "hidden_act": "gelu", "architectures": ["CLIPTextModelWithProjection"], "projection_dim": 1280}
+VAE_CFG = {"block_out_channels": [128, 256, 512, 512]}
+OFFICIAL = {
+    "sd1": {"unet": SD15_UNET, "text_encoder": CLIP_L},
+    "sd2": {"unet": SD21_UNET, "text_encoder": OPENCLIP_H},
+    "sd2-inpaint": {"unet": SD21_UNET | {"in_channels": 9, "upcast_attention": False, "sample_size": 64},
+                    "text_encoder": OPENCLIP_H},
+    "sdxl": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": BIGG},
+    "sdxl-refiner": {"unet": REFINER_UNET, "text_encoder_2": BIGG},
+}
+
+
+@pytest.mark.parametrize("family", list(OFFICIAL))
+def test_full_size_official_layouts_infer_the_official_configs(family):
+    """The five official architectures at full size, as meta tensors (no memory): written under their
+    single-file names, shape inference must give back each official config (SD 2.x with all 24 blocks)."""
+    official = OFFICIAL[family] | {"vae": VAE_CFG | ({"scaling_factor": 0.13025} if "xl" in family else {})}
+    builders = {"unet": lambda c: UNet(UNetConfig.from_diffusers(c)), "vae": lambda c: VAE(VAEConfig.from_diffusers(c))}
+    states = {}
+    with torch.device("meta"):
+        for component, cfg in official.items():
+            module = builders[component](cfg) if component in builders else CLIPTextModel(
+                CLIPTextConfig.from_transformers(cfg))
+            states[component] = module.state_dict()
+    tensors = write_single_file_state(FAMILIES[family], official, states)
+    if family.startswith("sd2"):  # the 24th OpenCLIP-H block the folder drops
+        tensors |= {k.replace("resblocks.0.", "resblocks.23."): v for k, v in tensors.items()
+                    if k.startswith("cond_stage_model.model.transformer.resblocks.0.")}
+    checkpoint = read_single_file(tensors)
+    assert checkpoint.family.key == family
+    assert UNetConfig.from_diffusers(checkpoint.configs["unet"]) == UNetConfig.from_diffusers(official["unet"])
+    assert dataclasses.replace(VAEConfig.from_diffusers(checkpoint.configs["vae"]), sample_size=512) == \
+        VAEConfig.from_diffusers(official["vae"])
+    for tower in ("text_encoder", "text_encoder_2"):
+        if tower in official:
+            assert CLIPTextConfig.from_transformers(checkpoint.configs[tower]) == \
+                CLIPTextConfig.from_transformers(official[tower])
