@@ -10,7 +10,8 @@ from ldm.pipeline import StableDiffusion, hub_files
 def test_hub_id_alias_and_patterns(monkeypatch, sd1_folder):
     calls = []
 
-    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False,
+                               force_download=False):
         calls.append((repo_id, revision, allow_patterns))
         return str(sd1_folder)
 
