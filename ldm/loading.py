@@ -164,8 +164,12 @@ def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
     from huggingface_hub import snapshot_download
 
     with hub_errors(repo, model, revision):
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
-                                      local_files_only=local_files_only, force_download=force_download))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
+                                        local_files_only=local_files_only, force_download=force_download))
+    if not (folder / "model_index.json").is_file():  # offline, a cache holding only a single file looks complete
+        raise LoadError(f"{repo}: the cached copy in {folder} is not a whole diffusers folder (no model_index.json): "
+                        f"run `ldm download {model}` where the Hub is reachable")
+    return folder
 
 
 def hub_file(repo: str, filename: str, revision: str | None = None, local_files_only: bool = False,
