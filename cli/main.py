@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="auto: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (*.fp16.safetensors)")
     gen.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    gen.add_argument("--no-safety-checker", action="store_true",
+                     help="skip the safety checker of models that ship one (SD 1.x): nothing is blacked out")
+    gen.add_argument("--local-files-only", action="store_true",
+                     help="never contact the Hub: a Hub model must be in the cache (as with HF_HUB_OFFLINE=1)")
     gen.add_argument("--prediction-type", default=None, choices=("eps", "v"),
                      help="override the model's prediction type (a single file does not store it: SD 2.x files "
                           "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file)")
@@ -130,9 +134,13 @@ def download(args: argparse.Namespace) -> None:
         path = hub_file(entry.repo, entry.single_file, args.revision, force=args.force)
         files = [path]
     else:
-        path = resolve(entry.repo if entry else args.model, hub_files(args.variant), args.revision,
-                       force_download=args.force)
-        files = sorted(path.rglob("*.safetensors"))
+        from huggingface_hub.utils import filter_repo_objects
+
+        patterns = hub_files(args.variant)
+        path = resolve(args.model, patterns, args.revision, force_download=args.force)
+        # the snapshot folder is shared with other variants and single files: check only what this download asked for
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*.safetensors")]
+        files = sorted(path / name for name in filter_repo_objects(names, allow_patterns=patterns))
         if not files:
             raise LdmError(f"{args.model}: the repo has no {'.' + args.variant if args.variant else ''}"
                            ".safetensors weights ldm reads (it never loads .ckpt/.bin pickles)")
@@ -178,7 +186,9 @@ def generate(args: argparse.Namespace) -> None:
     def load(model: str, device: str = args.device, dtype: str = args.dtype,
              prediction_type: str | None = args.prediction_type) -> StableDiffusion:
         return StableDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
-                                               revision=args.revision, prediction_type=prediction_type)
+                                               revision=args.revision, prediction_type=prediction_type,
+                                               local_files_only=args.local_files_only,
+                                               safety_checker=not args.no_safety_checker)
 
     def flip(pair):  # W H on the command line, (height, width) in the pipelines
         return None if pair is None else (pair[1], pair[0])
@@ -217,9 +227,12 @@ def generate(args: argparse.Namespace) -> None:
                             for text in result.infotexts]
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
-    for picture, text, path in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),
-                                   strict=True):
+    for picture, text, path, nsfw in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),
+                                         result.nsfw, strict=True):
         save_png(picture, path, text)
+        if nsfw:
+            print(f"note: {path} was flagged by the safety checker and is black (--no-safety-checker skips the "
+                  "check)", file=sys.stderr)
         print(path)
 
 

@@ -1,9 +1,10 @@
-"""CLIP text towers: CLIP ViT-L/14 (SD 1.x, SDXL), OpenCLIP ViT-H/14 (SD 2.x) and ViT-bigG/14 (SDXL).
+"""CLIP towers: the text towers CLIP ViT-L/14 (SD 1.x, SDXL), OpenCLIP ViT-H/14 (SD 2.x) and ViT-bigG/14
+(SDXL), and the CLIP ViT-L/14 vision tower the SD 1.x safety checker looks through.
 
-Module names are transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` ones
+Module names are transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` / `CLIPVisionModel` ones
 (`text_model.encoder.layers.0.self_attn.q_proj`, …), so the official `text_encoder*/model.safetensors`
-files load with `strict=True`. Every tower is the same pre-norm transformer with a causal mask; they
-differ in width, depth, activation (quick_gelu vs gelu) and in which hidden state the UNet reads.
+files load with `strict=True`. Every tower is the same pre-norm transformer (the text towers with a causal
+mask); they differ in width, depth, activation (quick_gelu vs gelu) and in which hidden state is read.
 """
 
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask))
 
 
@@ -74,7 +75,7 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: "CLIPTextConfig | CLIPVisionConfig"):
         super().__init__()
         d = cfg.hidden_size
         self.self_attn = SelfAttention(d, cfg.num_attention_heads)
@@ -82,7 +83,7 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act)
         self.layer_norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -98,7 +99,7 @@ class Embeddings(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: "CLIPTextConfig | CLIPVisionConfig"):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
@@ -154,3 +155,69 @@ class CLIPTextModel(nn.Module):
         if self.config.projection_dim is not None:
             pooled = self.text_projection(pooled)
         return TextEncoding(hidden, pooled)
+
+
+# ------------------------------------------------------------------------------------ vision tower
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """transformers' `CLIPVisionConfig` fields (defaults: transformers' own, i.e. ViT-B/32)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_transformers(cls, cfg: dict) -> "CLIPVisionConfig":
+        if cfg.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
+            raise ConfigError(f"vision config: hidden_act={cfg['hidden_act']!r} is not supported")
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(pixels.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: transformers' name
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """(B, 3, image_size, image_size) normalised pixels → (B, width) pooled: the class token after the
+        final LayerNorm."""
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder.layers:
+            x = layer(x, None)
+        return self.post_layernorm(x[:, 0])
+
+
+class CLIPVisionModel(nn.Module):
+    """transformers' `CLIPVisionModel` as the official files name it: `vision_model.embeddings…`."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_model = VisionTransformer(cfg)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.vision_model(pixels)

@@ -39,6 +39,7 @@ from .loading import (
     resolve,
     weights_file,
 )
+from .safety import Safety
 from .samplers import SAMPLERS, sampler_for
 from .schedules import Schedule, SchedulerConfig
 from .single_file import TOWERS, read_single_file
@@ -78,12 +79,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def hub_files(variant: str | None) -> list[str]:
-    """What a text-to-image run needs from an official diffusers repo: configs, tokenizer, safetensors."""
+    """What a run needs from an official diffusers repo: configs, tokenizers, safetensors (and the SD 1.x safety
+    checker's)."""
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     return ["model_index.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*", "unet/config.json",
             "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
             f"unet/diffusion_pytorch_model{suffix}", f"vae/diffusion_pytorch_model{suffix}",
-            f"text_encoder/model{suffix}", f"text_encoder_2/model{suffix}"]
+            f"text_encoder/model{suffix}", f"text_encoder_2/model{suffix}",
+            "safety_checker/config.json", f"safety_checker/model{suffix}", "feature_extractor/*.json"]
 
 
 def folder_family(xl: bool, te_cfgs: dict[str, CLIPTextConfig], unet_cfg: UNetConfig, vae_cfg: VAEConfig) -> str:
@@ -161,6 +164,7 @@ class Generation:
     seed: int
     infotexts: list[str] = field(default_factory=list)  # AUTOMATIC1111 `parameters`, one per image
     latents: Tensor | None = None  # σ-space latents, from a run stopped early with denoising_end
+    nsfw: list[bool | None] = field(default_factory=list)  # per image: the safety checker's flag; None: no checker
 
 
 class StableDiffusion:
@@ -174,19 +178,22 @@ class StableDiffusion:
         self.scheduler, self.device, self.dtype, self.name = scheduler, device, dtype, name
         self.default_sampler = sampler_for(scheduler)  # None: the folder's scheduler is not one ldm has
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.safety_checker: Safety | None = None  # set: every image is checked, flagged ones come back black
 
     # ---------------------------------------------------------------------------------- loading
 
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
                         variant: str | None = None, revision: str | None = None,
-                        local_files_only: bool = False, prediction_type: str | None = None) -> "StableDiffusion":
+                        local_files_only: bool = False, prediction_type: str | None = None,
+                        safety_checker: bool = True) -> "StableDiffusion":
         """Load an official diffusers folder (or its Hub id), or an original single-file checkpoint.
 
         A folder: model_index.json, unet/, vae/, text_encoder/ (and text_encoder_2/ for SDXL), tokenizer(s),
         scheduler/; `variant="fp16"` reads the `*.fp16.safetensors` files. A `.safetensors` file: see
         `from_single_file`. Returns a `StableDiffusionXL` for SDXL models. `prediction_type` ("eps" or "v")
-        overrides the scheduler's.
+        overrides the scheduler's. A folder that lists a `safety_checker` (the SD 1.x repos) gets it loaded
+        unless `safety_checker=False`.
         """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -229,9 +236,16 @@ class StableDiffusion:
         if prediction_type is not None:
             scheduler = dataclasses.replace(scheduler, prediction_type=PREDICTION_TYPES[prediction_type])
         name = Path(str(model)).name if Path(str(model)).exists() else str(model)
-        return cls._assemble(xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, name,
+        pipe = cls._assemble(xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, name,
                              force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
                              requires_aesthetics_score=index.get("requires_aesthetics_score", False))
+        if safety_checker and "safety_checker" in listed:
+            for part in ("safety_checker", "feature_extractor"):
+                if not (root / part).is_dir():
+                    raise LoadError(f"{root}: model_index.json lists a safety checker but the {part}/ folder is "
+                                    "missing (load with --no-safety-checker to go without it)")
+            pipe.safety_checker = Safety.from_folder(root, dev, dt, variant)
+        return pipe
 
     @classmethod
     def from_single_file(cls, path: str | Path, device: str = "auto", dtype: str = "auto",
@@ -409,6 +423,9 @@ class StableDiffusion:
         if denoising_end is not None:
             return Generation([], seed, [], latents=x)
         images = self.decode(schedule.to_latents(x))
+        nsfw: list[bool | None] = [None] * len(images)
+        if self.safety_checker is not None:
+            images, nsfw = self.safety_checker(images)
 
         params = {"Steps": steps, "Sampler": spec.label + (" Karras" if karras else ""), "CFG scale": guidance,
                   "Seed": seed, "Size": f"{width}x{height}", "Model": self.name}
@@ -423,7 +440,7 @@ class StableDiffusion:
             extra = {"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {}
             negative = negatives[i // num_images] if negatives else ""
             texts.append(infotext(prompts[i // num_images], negative, params | extra))
-        return Generation(images, seed, texts)
+        return Generation(images, seed, texts, nsfw=nsfw)
 
     @property
     def inpainting(self) -> bool:
@@ -497,6 +514,8 @@ class StableDiffusion:
         """Move every network to `device` (to park an idle model on the CPU, say)."""
         for module in self.modules():
             module.to(device)
+        if self.safety_checker is not None:
+            self.safety_checker.to(device)
         self.device = torch.device(device)
         return self
 

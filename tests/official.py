@@ -108,6 +108,71 @@ SD1_TEXT_ENCODER = {
 }
 
 
+# The official safety_checker/config.json (a transformers-4 CLIPConfig: full sub-configs plus the overrides in
+# *_config_dict) with the ViT-L/14 vision tower shrunk (1024 wide, 24 layers, 16 heads → 32, 2, 2; projection
+# 768 → 16). Patch 14 and 224 px are kept, so the preprocessing is the real one.
+SD1_SAFETY_CHECKER_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2,
+                             "num_hidden_layers": 2, "patch_size": 14}
+SD1_SAFETY_CHECKER = {
+    "_commit_hash": "4bb648a606ef040e7685bde262611766a5fdd67b",
+    "_name_or_path": "CompVis/stable-diffusion-safety-checker",
+    "architectures": ["StableDiffusionSafetyChecker"],
+    "initializer_factor": 1.0,
+    "logit_scale_init_value": 2.6592,
+    "model_type": "clip",
+    "projection_dim": 16,
+    "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2,
+                    "model_type": "clip_text_model"},
+    "text_config_dict": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2},
+    "torch_dtype": "float32",
+    "transformers_version": None,
+    "vision_config": SD1_SAFETY_CHECKER_VISION | {"image_size": 224, "hidden_act": "quick_gelu",
+                                                  "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
+                                                  "num_channels": 3},
+    "vision_config_dict": SD1_SAFETY_CHECKER_VISION,
+}
+SD1_FEATURE_EXTRACTOR = {
+    "crop_size": 224, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
+}
+
+
+def make_safety_checker(seed: int = 0, concept_thresholds=None, special_thresholds=None):
+    """diffusers' StableDiffusionSafetyChecker with random weights and concept embeddings. Thresholds default
+    to 1.0, which no cosine similarity exceeds: nothing is flagged."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    torch.manual_seed(seed)
+    cfg = SD1_SAFETY_CHECKER
+    model = StableDiffusionSafetyChecker(CLIPConfig(text_config=cfg["text_config_dict"],
+                                                    vision_config=cfg["vision_config"],
+                                                    projection_dim=cfg["projection_dim"])).eval()
+    with torch.no_grad():
+        model.concept_embeds.normal_()
+        model.special_care_embeds.normal_()
+        model.concept_embeds_weights.fill_(1.0)
+        model.special_care_embeds_weights.fill_(1.0)
+        if concept_thresholds is not None:
+            model.concept_embeds_weights.copy_(torch.as_tensor(concept_thresholds))
+        if special_thresholds is not None:
+            model.special_care_embeds_weights.copy_(torch.as_tensor(special_thresholds))
+    return perturb_norms(model)
+
+
+def official_safety_checker_state(model) -> dict[str, torch.Tensor]:
+    """transformers-4 names, as in the official safety_checker/model.safetensors: `vision_model.vision_model.…`."""
+    return {("vision_model." + k if k.startswith("vision_model.") else k): v.contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def write_safety_checker(root: Path, model, fp16_variant: bool = False) -> None:
+    save_component(root / "safety_checker", SD1_SAFETY_CHECKER, official_safety_checker_state(model), "model",
+                   fp16_variant)
+    write_json(root / "feature_extractor" / "preprocessor_config.json", SD1_FEATURE_EXTRACTOR)
+
+
 def diffusers_config(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
@@ -340,6 +405,8 @@ def write_folder(root: Path, family: str = "sd1", seed: int = 0, fp16_variant: b
         write_tokenizer_folder(root / tower.replace("text_encoder", "tokenizer"), pad_token=pad)
         encoder = make_text_encoder(config, seed + 2 + i)
         save_component(root / tower, config, official_text_encoder_state(encoder), "model", fp16_variant)
+    if model_index.get("safety_checker", [None])[0] is not None:
+        write_safety_checker(root, make_safety_checker(seed + 5), fp16_variant)
     return root
 
 
