@@ -1,6 +1,7 @@
 """The `ldm` command. Thin: parse, call the library, report. User errors → one line on stderr, exit 2."""
 
 import argparse
+import json
 import secrets
 import sys
 import time
@@ -15,15 +16,46 @@ from ldm.samplers import SAMPLERS
 class ProgressBar:
     """A one-line progress bar over the denoising steps, on stderr."""
 
-    def __init__(self, width: int = 30):
-        self.width, self.start = width, time.monotonic()
+    def __init__(self, width: int = 30, unit: str = "steps"):
+        self.width, self.unit, self.start, self.first = width, unit, time.monotonic(), None
 
     def __call__(self, done: int, total: int) -> None:
+        self.first = done - 1 if self.first is None else self.first  # a resumed batch starts part-way
         filled = self.width * done // total
-        rate = f"{(time.monotonic() - self.start) / done:.2f} s/step"
+        rate = f"{(time.monotonic() - self.start) / max(done - self.first, 1):.2f} s/{self.unit.rstrip('s')}"
         end = "\n" if done == total else ""
-        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} steps, {rate}",
+        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {self.unit}, {rate}",
               end=end, file=sys.stderr, flush=True)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which model to load and how: shared by generate, serve and batch."""
+    parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="a diffusers model folder, an original single-file .safetensors checkpoint (a path, "
+                             "or a file name in weights/), a Hub repo id or a weights/manifest.json name "
+                             "(downloaded on first use); default: %(default)s")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="auto: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (*.fp16.safetensors)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--no-safety-checker", action="store_true",
+                        help="skip the safety checker of models that ship one (SD 1.x): nothing is blacked out")
+    parser.add_argument("--local-files-only", action="store_true",
+                        help="never contact the Hub: a Hub model must be in the cache (as with HF_HUB_OFFLINE=1)")
+    parser.add_argument("--prediction-type", default=None, choices=("eps", "v"),
+                        help="override the model's prediction type (a single file does not store it: SD 2.x files "
+                             "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file)")
+
+
+def load_model(args: argparse.Namespace, refiner: bool = False, device: str | None = None, dtype: str | None = None):
+    """--model (or --refiner, which --prediction-type does not concern) as the options say."""
+    from ldm.pipeline import StableDiffusion
+
+    return StableDiffusion.from_pretrained(
+        args.refiner if refiner else args.model, device=device or args.device, dtype=dtype or args.dtype,
+        variant=args.variant, revision=args.revision, local_files_only=args.local_files_only,
+        prediction_type=None if refiner else args.prediction_type, safety_checker=not args.no_safety_checker)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,10 +65,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "generate", help="generate images from a text prompt",
         description="Generate images from a text prompt. Defaults (size, sampler) come from the model folder.")
     gen.add_argument("prompt", help="what to draw")
-    gen.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     help="a diffusers model folder, an original single-file .safetensors checkpoint (a path, "
-                          "or a file name in weights/), or a Hub repo id (downloaded on first use); "
-                          "default: %(default)s")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     gen.add_argument("--guidance", type=float, default=7.5,
@@ -72,18 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--num-images", type=int, default=1, help="images to generate (default: %(default)s)")
     gen.add_argument("-o", "--output", default="output.png",
                      help="PNG path; several images: NAME.png, NAME-1.png, … (default: %(default)s)")
-    gen.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    gen.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                     help="auto: fp16 on CUDA, fp32 on CPU")
-    gen.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (*.fp16.safetensors)")
-    gen.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    gen.add_argument("--no-safety-checker", action="store_true",
-                     help="skip the safety checker of models that ship one (SD 1.x): nothing is blacked out")
-    gen.add_argument("--local-files-only", action="store_true",
-                     help="never contact the Hub: a Hub model must be in the cache (as with HF_HUB_OFFLINE=1)")
-    gen.add_argument("--prediction-type", default=None, choices=("eps", "v"),
-                     help="override the model's prediction type (a single file does not store it: SD 2.x files "
-                          "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file)")
+    add_model_options(gen)
 
     dl = sub.add_parser(
         "download", help="fetch a model into the Hugging Face cache",
@@ -104,7 +121,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     info.add_argument("model", metavar="MODEL")
     info.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     info.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+
+    srv = sub.add_parser(
+        "serve", help="serve the scoring schema over HTTP (POST /score, GET /health, /docs)",
+        description="A real-time endpoint speaking the Azure ML model-catalog scoring schema (README: 'Serving'). "
+                    "One model, loaded once; requests wait in a bounded queue for the one worker that owns the "
+                    "device; a full queue answers 503 with Retry-After. Needs the serve extra "
+                    "(pip install -e '.[serve]').")
+    add_model_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+    add_limit_options(srv)
+    srv.add_argument("--queue-size", type=int, default=8,
+                     help="requests that may wait for the worker; more get 503 (default: %(default)s)")
+    srv.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default: %(default)s)")
+    srv.add_argument("--timeout", type=float, default=600,
+                     help="seconds a request may wait and run before it is cancelled with 504 (default: %(default)s)")
+
+    bat = sub.add_parser(
+        "batch", help="run a file of prompts (JSON request, JSONL or CSV) into PNGs and results.jsonl",
+        description="Generate one PNG per row (per image) into --output, with results.jsonl in the scoring "
+                    "response form. Row i gets seed + i; a killed run resumes where it stopped.")
+    add_model_options(bat)
+    bat.add_argument("--input", required=True, type=Path,
+                     help="a scoring request (.json), one row a line (.jsonl: a prompt string or an object with "
+                          "prompt/image/mask), or .csv with a prompt column (image/mask: file paths or base64)")
+    bat.add_argument("--output", required=True, type=Path, help="folder for the PNGs, results.jsonl and batch.json")
+    bat.add_argument("--parameters", default=None, type=json.loads, metavar="JSON",
+                     help='scoring parameters for every row, e.g. \'{"num_inference_steps": 30, "width": 512}\'')
+    bat.add_argument("--seed", type=int, default=None, help="seed of row 0 (default: the input's, else random)")
     return parser.parse_args(argv)
+
+
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    from ldm.scoring import FORMS, Limits
+
+    limits = Limits()
+    parser.add_argument("--max-rows", type=int, default=limits.max_rows, help="rows per request (default: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=limits.max_steps, help="(default: %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+                        help="width × height of one image (default: %(default)s)")
+    parser.add_argument("--max-images", type=int, default=limits.max_images_per_prompt,
+                        help="num_images_per_prompt (default: %(default)s)")
+    parser.add_argument("--response-format", default="rows", choices=FORMS,
+                        help="rows: one object per image, as the SD 2.1/SDXL/inpainting cards show (default); "
+                             "sd15 / sd14: the SD 1.5 / 1.4 cards' single object of lists")
 
 
 def _manifest_names() -> list[str]:
@@ -155,6 +216,39 @@ def info(args: argparse.Namespace) -> None:
     print("\n".join(model_info(args.model, args.revision, args.variant).lines()))
 
 
+def serve(args: argparse.Namespace) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise LdmError("ldm serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
+    from ldm.scoring import Limits
+    from ldm.server import ServeConfig
+    from ldm.server import serve as run_server
+
+    for name in ("max_rows", "max_steps", "max_pixels", "max_images", "queue_size", "port"):
+        if getattr(args, name) < 1:
+            raise LdmError(f"--{name.replace('_', '-')} must be at least 1")
+    config = ServeConfig(Limits(args.max_rows, args.max_steps, args.max_pixels, args.max_images), args.queue_size,
+                         int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format)
+    print(f"ldm: serving {args.model} on http://{args.host}:{args.port} (POST /score, GET /health, /docs); "
+          "loading the model…", file=sys.stderr)
+    run_server(lambda: load_model(args), args.model, args.host, args.port, config)
+
+
+def batch(args: argparse.Namespace) -> int:
+    from ldm.batch import run_batch
+
+    if args.parameters is not None and not isinstance(args.parameters, dict):
+        raise LdmError("--parameters must be a JSON object")
+    pipe = load_model(args)
+    ran, skipped, failed = run_batch(pipe, args.input, args.output, args.parameters, args.seed,
+                                     progress=ProgressBar(unit="rows"))
+    print(f"{args.output}: {ran} rows run, {skipped} already done, {failed} failed (see results.jsonl)",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
 def generate(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if out.suffix.lower() != ".png":
@@ -163,7 +257,7 @@ def generate(args: argparse.Namespace) -> None:
         raise LdmError(f"-o {args.output}: folder {out.parent} does not exist")
 
     from ldm.images import load_image, numbered_paths, save_png
-    from ldm.pipeline import DTYPES, StableDiffusion, StableDiffusionXL, check_request
+    from ldm.pipeline import DTYPES, StableDiffusionXL, check_request
 
     # everything about the request is checked before gigabytes of weights are loaded
     check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
@@ -183,13 +277,6 @@ def generate(args: argparse.Namespace) -> None:
     if args.refiner and not 0 < refiner_start < 1:
         raise LdmError(f"--refiner-start must be strictly between 0 and 1, got {refiner_start}")
 
-    def load(model: str, device: str = args.device, dtype: str = args.dtype,
-             prediction_type: str | None = args.prediction_type) -> StableDiffusion:
-        return StableDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=args.variant,
-                                               revision=args.revision, prediction_type=prediction_type,
-                                               local_files_only=args.local_files_only,
-                                               safety_checker=not args.no_safety_checker)
-
     def flip(pair):  # W H on the command line, (height, width) in the pipelines
         return None if pair is None else (pair[1], pair[0])
 
@@ -200,11 +287,11 @@ def generate(args: argparse.Namespace) -> None:
               "generator": generator,
               "original_size": flip(args.original_size),
               "crop_coords": tuple(args.crop_coords) if args.crop_coords else None}
-    pipe = load(args.model)
+    pipe = load_model(args)
     refiner = None
     if args.refiner:  # loaded now (a bad path fails before the base runs), parked on the CPU until its turn
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
-        refiner = load(args.refiner, "cpu", dtype, prediction_type=None)  # --prediction-type is the base's
+        refiner = load_model(args, refiner=True, device="cpu", dtype=dtype)
         if not (isinstance(pipe, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)):
             raise LdmError(f"--refiner: the hand-off is between SDXL models; {args.model} and {args.refiner} are "
                            f"{type(pipe).__name__} and {type(refiner).__name__}")
@@ -239,14 +326,14 @@ def generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        {"generate": generate, "download": download, "info": info}[args.command](args)
+        command = {"generate": generate, "download": download, "info": info, "serve": serve, "batch": batch}
+        return command[args.command](args) or 0
     except LdmError as e:
         print(f"ldm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ldm: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 `parameters` text chunk. Pre-processing follows diffusers' `VaeImageProcessor`: Lanczos resize, [-1, 1]
 for images, grayscale binarised at 0.5 for masks."""
 
+import base64
+import binascii
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,35 @@ def load_image(path: str | Path, what: str = "image") -> Image.Image:
         raise InputError(f"{what} {path}: is a folder, not an image file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{what} {path}: not a readable image ({e})") from None
+
+
+DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+def decode_image(value: str, what: str = "image") -> Image.Image:
+    """A base64 PNG/JPEG (with or without a `data:image/...;base64,` prefix), fully decoded, or an InputError."""
+    if not isinstance(value, str):
+        raise InputError(f"{what}: expected a base64 string, got {type(value).__name__}")
+    try:
+        raw = base64.b64decode(DATA_URL.sub("", value.strip()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{what}: not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{what}: the base64 data is not a readable image ({e})") from None
+
+
+def encode_png(image: Image.Image, parameters: str | None = None) -> str:
+    """Base64 of the image as PNG (with AUTOMATIC1111's `parameters` text when given)."""
+    buffer = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def fit_size(image: Image.Image, multiple: int = 8) -> tuple[int, int]:

@@ -1,0 +1,312 @@
+"""The scoring schema of the Azure ML model-catalog cards, as a thin adapter over the pipeline.
+
+Request (pandas' "split" orientation; `ldm serve` and `ldm batch` both take it):
+
+    {"input_data": {"columns": ["prompt"], "index": [0, 1], "data": ["a cat", "a dog"],
+                    "parameters": {"num_inference_steps": 30, "guidance_scale": 7.5, "seed": 1}}}
+
+Columns `prompt` or `text_prompt` (SD 1.4's card), and `image` and `mask` (or `mask_image`) for image-to-image
+and inpainting as base64 PNG/JPEG; rows as strings, lists in column order, or objects keyed by column.
+
+Response, one object per image in row order (the SD 2.1, SDXL and inpainting cards' form):
+
+    [{"prompt": "a cat", "generated_image": "<base64 PNG>", "nsfw_content_detected": null, "seed": 1}, ...]
+
+`nsfw_content_detected` is the safety checker's flag, null when the model has none. A row that cannot be run
+is reported in place as {"prompt": ..., "index": ..., "error": {"field": ..., "message": ...}}; a request that
+cannot be read at all raises a `RequestError`, whose `as_dict()` is the error body. The SD 1.5 and SD 1.4
+cards' older forms (one object holding lists) are `form="sd15"` / `form="sd14"`.
+"""
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+from PIL import Image
+
+from .errors import InputError
+from .images import decode_image, encode_png, fit_size
+from .pipeline import MAX_SEED
+from .samplers import SAMPLERS
+
+COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "image": "image", "mask": "mask", "mask_image": "mask"}
+FORMS = ("rows", "sd15", "sd14")
+
+
+class RequestError(InputError):
+    """A request ldm cannot run, naming the field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    def as_dict(self) -> dict:
+        return {"error": {"field": self.field, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (the server's flags)."""
+
+    max_rows: int = 16
+    max_steps: int = 150
+    max_pixels: int = 1024 * 1024  # width × height of one image
+    max_images_per_prompt: int = 4
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """`parameters`, with the cards' defaults (50 steps, guidance 7.5) and ldm's extras."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+    strength: float | None = None
+    num_images_per_prompt: int = 1
+
+
+@dataclass
+class Row:
+    position: int  # in `data`
+    label: object  # its `index` label (the position when `index` is shorter, as in the SD 1.5 card)
+    prompt: str | None = None
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    error: RequestError | None = None
+
+
+@dataclass
+class Request:
+    rows: list[Row]
+    parameters: Parameters
+    seed: int  # rows get seed, seed + 1, …: the request's `seed`, or a random one
+    limits: Limits = field(default_factory=Limits)
+    form: str = "rows"
+
+
+def _number(name: str, value, kind: type):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+        isinstance(value, int) and not isinstance(value, bool)
+    if not ok:
+        raise RequestError(f"parameters.{name}", f"expected {'a number' if kind is float else 'an integer'}, "
+                                                 f"got {value!r}")
+    return float(value) if kind is float else value
+
+
+def parse_parameters(raw, limits: Limits) -> Parameters:
+    if raw is None:
+        return Parameters()
+    if not isinstance(raw, dict):
+        raise RequestError("parameters", "expected an object")
+    known = {f.name: f for f in fields(Parameters)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise RequestError(f"parameters.{unknown[0]}", f"unknown parameter (known: {', '.join(known)})")
+    values = {}
+    for name, value in raw.items():
+        if value is None:
+            continue
+        if name in ("negative_prompt", "scheduler"):
+            if not isinstance(value, str):
+                raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
+            values[name] = value
+        else:
+            values[name] = _number(name, value, float if name in ("guidance_scale", "strength") else int)
+    p = Parameters(**values)
+    if not 1 <= p.num_inference_steps <= limits.max_steps:
+        raise RequestError("parameters.num_inference_steps", f"must be from 1 to {limits.max_steps} on this server, "
+                                                             f"got {p.num_inference_steps}")
+    if not 1 <= p.num_images_per_prompt <= limits.max_images_per_prompt:
+        raise RequestError("parameters.num_images_per_prompt",
+                           f"must be from 1 to {limits.max_images_per_prompt}, got {p.num_images_per_prompt}")
+    for name in ("height", "width"):
+        value = getattr(p, name)
+        if value is not None and (value < 8 or value % 8):
+            raise RequestError(f"parameters.{name}", f"must be a positive multiple of 8, got {value}")
+    if p.height and p.width and p.height * p.width > limits.max_pixels:
+        raise RequestError("parameters.height", f"{p.width}x{p.height} is more than this server's "
+                                                f"{limits.max_pixels} pixels per image")
+    if p.scheduler is not None and scheduler_name(p.scheduler) is None:
+        raise RequestError("parameters.scheduler", f"unknown scheduler {p.scheduler!r} (one of: {', '.join(SAMPLERS)}, "
+                                                   "or a diffusers scheduler class name)")
+    if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
+        raise RequestError("parameters.seed", f"must be between 0 and {MAX_SEED}, got {p.seed}")
+    if not 0 <= p.guidance_scale <= 100:
+        raise RequestError("parameters.guidance_scale", f"must be between 0 and 100, got {p.guidance_scale}")
+    if p.strength is not None and not 0 < p.strength <= 1:
+        raise RequestError("parameters.strength", f"must be in (0, 1], got {p.strength}")
+    return p
+
+
+def scheduler_name(name: str) -> str | None:
+    """An ldm sampler name, or the diffusers scheduler class it reproduces (the first sampler of that class)."""
+    if name in SAMPLERS:
+        return name
+    return next((n for n, spec in SAMPLERS.items() if spec.diffusers_class == name), None)
+
+
+def _row(position: int, label, value, columns: list[str], limits: Limits) -> Row:
+    row = Row(position, label)
+    where = f"data[{position}]"
+    try:
+        if isinstance(value, str):
+            if columns != ["prompt"]:
+                raise RequestError(where, f"a bare string row needs the single column 'prompt', not {columns}")
+            cells = {"prompt": value}
+        elif isinstance(value, list):
+            if len(value) != len(columns):
+                raise RequestError(where, f"has {len(value)} values for {len(columns)} columns {columns}")
+            cells = dict(zip(columns, value, strict=True))
+        elif isinstance(value, dict):
+            unknown = sorted(k for k in value if k not in COLUMNS)
+            if unknown:
+                raise RequestError(f"{where}.{unknown[0]}", f"unknown column (known: {', '.join(COLUMNS)})")
+            cells = {COLUMNS[k]: v for k, v in value.items()}
+        else:
+            raise RequestError(where, f"expected a string, a list or an object, got {type(value).__name__}")
+        row.prompt = cells.get("prompt")
+        if not isinstance(row.prompt, str):
+            raise RequestError(f"{where}.prompt", "missing, or not a string")
+        for name in ("image", "mask"):
+            value = cells.get(name)
+            if value is None or isinstance(value, Image.Image):  # `ldm batch` hands over images read from files
+                setattr(row, name, value)
+                continue
+            try:
+                if isinstance(value, InputError):
+                    raise value
+                setattr(row, name, decode_image(value, name))
+            except InputError as e:
+                raise RequestError(f"{where}.{name}", str(e).removeprefix(f"{name}: ")) from None
+        if row.mask is not None and row.image is None:
+            raise RequestError(f"{where}.mask", "a mask needs the image it applies to")
+        if row.mask is not None and row.mask.size != row.image.size:
+            raise RequestError(f"{where}.mask", f"is {row.mask.width}x{row.mask.height}, the image "
+                                                f"{row.image.width}x{row.image.height}: they must match")
+        if row.image is not None:
+            try:
+                width, height = fit_size(row.image)
+            except InputError as e:
+                raise RequestError(f"{where}.image", str(e)) from None
+            if width * height > limits.max_pixels:
+                raise RequestError(f"{where}.image", f"{width}x{height} is more than this server's "
+                                                     f"{limits.max_pixels} pixels per image")
+    except RequestError as e:
+        row.error = e
+    return row
+
+
+def parse(body, limits: Limits = Limits(), form: str = "rows") -> Request:
+    """Read a request body (already JSON-decoded). Request-level problems raise a RequestError; a row that
+    cannot be read carries its own error and the other rows still run."""
+    if form not in FORMS:
+        raise ValueError(f"unknown response form {form!r}")
+    if not isinstance(body, dict) or "input_data" not in body:
+        raise RequestError("input_data", "missing: the body must be {\"input_data\": {\"columns\": [...], "
+                                         "\"data\": [...], \"parameters\": {...}}}")
+    unknown = sorted(set(body) - {"input_data", "parameters"})
+    if unknown:
+        raise RequestError(unknown[0], "unknown top-level field (expected input_data)")
+    data_in = body["input_data"]
+    if not isinstance(data_in, dict):
+        raise RequestError("input_data", "expected an object with columns, index, data and parameters")
+    unknown = sorted(set(data_in) - {"columns", "index", "data", "parameters"})
+    if unknown:
+        raise RequestError(f"input_data.{unknown[0]}", "unknown field (expected columns, index, data, parameters)")
+    columns = data_in.get("columns", ["prompt"])
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        raise RequestError("input_data.columns", "expected a list of column names")
+    for name in columns:
+        if name not in COLUMNS:
+            raise RequestError("input_data.columns", f"unknown column {name!r} (known: {', '.join(COLUMNS)})")
+    columns = [COLUMNS[c] for c in columns]
+    if "prompt" not in columns or len(set(columns)) != len(columns):
+        raise RequestError("input_data.columns", "needs one prompt (or text_prompt) column and no repeats")
+    data = data_in.get("data")
+    if not isinstance(data, list) or not data:
+        raise RequestError("input_data.data", "expected a non-empty list of rows")
+    if len(data) > limits.max_rows:
+        raise RequestError("input_data.data", f"{len(data)} rows; this server takes at most {limits.max_rows} "
+                                              "per request")
+    index = data_in.get("index") or []
+    if not isinstance(index, list):
+        raise RequestError("input_data.index", "expected a list of row labels")
+    # parameters sit inside input_data in the cards; accept them beside it too
+    parameters = parse_parameters(data_in.get("parameters", body.get("parameters")), limits)
+    rows = [_row(i, index[i] if i < len(index) else i, value, columns, limits) for i, value in enumerate(data)]
+    seed = parameters.seed if parameters.seed is not None else secrets.randbits(32)
+    return Request(rows, parameters, seed, limits, form)
+
+
+def row_seed(request: Request, row: Row) -> int:
+    return (request.seed + row.position) % (MAX_SEED + 1)
+
+
+def run_row(pipe, request: Request, row: Row, cancelled: Callable[[], bool] | None = None) -> list[dict]:
+    """The response objects of one row: one per image, or one carrying the row's error."""
+    if row.error is not None:
+        return [error_object(row, row.error)]
+    p = request.parameters
+    seed = row_seed(request, row)
+    native = pipe.unet.config.sample_size * pipe.vae_scale
+    width, height = fit_size(row.image) if row.image is not None else (native, native)
+    width, height = p.width or width, p.height or height
+    if width * height > request.limits.max_pixels:
+        return [error_object(row, RequestError("parameters.width", f"{width}x{height} is more than this server's "
+                                                                   f"{request.limits.max_pixels} pixels per image: "
+                                                                   "give a smaller width and height"))]
+
+    def callback(i, x):
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+
+    try:
+        result = pipe(row.prompt, p.negative_prompt, steps=p.num_inference_steps, guidance=p.guidance_scale,
+                      seed=seed, width=p.width, height=p.height,
+                      sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
+                      num_images=p.num_images_per_prompt, image=row.image, mask=row.mask, strength=p.strength,
+                      callback=callback)
+    except InputError as e:
+        return [error_object(row, RequestError(f"data[{row.position}]", str(e)))]
+    return [{"prompt": row.prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
+             "seed": seed}
+            for image, text, nsfw in zip(result.images, result.infotexts, result.nsfw, strict=True)]
+
+
+class Cancelled(Exception):
+    """The client went away: the work for it stops at the next step."""
+
+
+def error_object(row: Row, error: RequestError) -> dict:
+    return {"prompt": row.prompt, "index": row.label, "error": {"field": error.field, "message": error.message}}
+
+
+def respond(objects: list[dict], form: str = "rows"):
+    """The response body in `form`: "rows" (a list, one object per image or failed row), or the SD 1.5 / 1.4
+    cards' single object of lists (flags as the strings "True"/"False", as those cards show them)."""
+    if form == "rows":
+        return objects
+    images = [o for o in objects if "error" not in o]
+    key = "generated_images" if form == "sd14" else "generated_image"
+    body = {key: [o["generated_image"] for o in images],
+            "nsfw_content_detected": [None if o["nsfw_content_detected"] is None else str(o["nsfw_content_detected"])
+                                      for o in images]}
+    errors = [o for o in objects if "error" in o]
+    return [body | ({"errors": errors} if errors else {})]
+
+
+def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None):
+    """Every row of a parsed request, in order, as the response body."""
+    objects = []
+    for row in request.rows:
+        objects += run_row(pipe, request, row, cancelled)
+    return respond(objects, request.form)
+
+
+def score(pipe, body, limits: Limits = Limits(), form: str = "rows", cancelled: Callable[[], bool] | None = None):
+    """Parse and run a request body. Raises RequestError for a request that cannot be read."""
+    return run(pipe, parse(body, limits, form), cancelled)

@@ -1,0 +1,118 @@
+"""`ldm batch`: JSONL, CSV (with image/mask files) and JSON request inputs; one PNG per image with its
+`parameters`, results.jsonl in the response form, deterministic seeds, and a killed run that resumes with no
+row missing and none twice."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_image_tasks import picture, rectangle_mask
+
+from ldm.batch import run_batch
+from ldm.pipeline import StableDiffusion
+from ldm_cli.main import main
+
+PARAMS = {"num_inference_steps": 2, "height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def sd1(sd1_folder):
+    return StableDiffusion.from_pretrained(sd1_folder)
+
+
+def results(folder):
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_rows_to_pngs_and_results(sd1_folder, sd1, tmp_path, capsys):
+    rows = ["a red apple", {"prompt": "a green pear"}, {"prompt": "a plum", "image": "missing.png"}, "a fig"]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    code = main(["batch", "--model", str(sd1_folder), "--input", str(src), "--output", str(tmp_path / "out"),
+                 "--parameters", json.dumps(PARAMS), "--seed", "70"])
+    assert code == 1  # one row failed; the others ran
+    assert "4 rows run, 0 already done, 1 failed" in capsys.readouterr().err
+    out = results(tmp_path / "out")
+    assert [o["row"] for o in out] == [0, 1, 2, 3]
+    assert [o.get("seed") for o in out] == [70, 71, None, 73]
+    assert out[2]["error"]["field"] == "data[2].image" and "missing.png: no such file" in out[2]["error"]["message"]
+    for o in (out[0], out[1], out[3]):
+        png = Image.open(tmp_path / "out" / o["file"])
+        expected = sd1(o["prompt"], steps=2, seed=o["seed"], width=64, height=64).images[0]
+        assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(expected))
+        assert f"Seed: {o['seed']}" in png.text["parameters"]
+        assert o["generated_image"] and o["nsfw_content_detected"] is False
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000.png", "00001.png", "00003.png"]
+
+
+def test_killed_run_resumes_without_gaps_or_duplicates(sd1, tmp_path):
+    src = write_jsonl(tmp_path / "rows.jsonl", [f"prompt {i}" for i in range(5)])
+    whole = tmp_path / "whole"
+    run_batch(sd1, src, whole, PARAMS, seed=5)
+
+    killed = tmp_path / "killed"
+
+    def kill_after_two(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(sd1, src, killed, PARAMS, seed=5, progress=kill_after_two)
+    assert [o["row"] for o in results(killed)] == [0, 1]
+    with open(killed / "results.jsonl", "a") as f:  # and a line torn by the kill
+        f.write('{"row": 2, "prompt": "prom')
+    (killed / "00002.png").write_bytes(b"half a png")
+    ran, skipped, failed = run_batch(sd1, src, killed, PARAMS)  # the seed comes back from batch.json
+    assert (ran, skipped, failed) == (3, 2, 0)
+    assert [o["row"] for o in results(killed)] == [0, 1, 2, 3, 4]
+    for i in range(5):
+        assert (killed / f"{i:05d}.png").read_bytes() == (whole / f"{i:05d}.png").read_bytes()
+    assert run_batch(sd1, src, killed, PARAMS) == (0, 5, 0)  # nothing left to do
+    assert not list(killed.glob(".*.tmp"))
+
+
+def test_csv_with_image_and_mask_files_for_inpainting(sd2_inpaint_folder, tmp_path):
+    picture(64, 64, 7).save(tmp_path / "room.png")
+    rectangle_mask(64, 64, (8, 8, 40, 40)).save(tmp_path / "hole.png")
+    (tmp_path / "jobs.csv").write_text("prompt,image,mask\na window,room.png,hole.png\n")
+    assert main(["batch", "--model", str(sd2_inpaint_folder), "--input", str(tmp_path / "jobs.csv"),
+                 "--output", str(tmp_path / "out"), "--parameters", '{"num_inference_steps": 2, "seed": 9}']) == 0
+    (o,) = results(tmp_path / "out")
+    pipe = StableDiffusion.from_pretrained(sd2_inpaint_folder)
+    expected = pipe("a window", steps=2, seed=9, image=Image.open(tmp_path / "room.png"),
+                    mask=Image.open(tmp_path / "hole.png")).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / o["file"]).convert("RGB")), np.asarray(expected))
+
+
+def test_json_request_input_and_a_different_input_in_the_same_folder(sd1_folder, tmp_path, capsys):
+    request = {"input_data": {"columns": ["prompt"], "data": ["a boat", "a bridge"],
+                              "parameters": PARAMS | {"seed": 11, "num_images_per_prompt": 2}}}
+    (tmp_path / "req.json").write_text(json.dumps(request))
+    args = ["batch", "--model", str(sd1_folder), "--output", str(tmp_path / "out")]
+    assert main([*args, "--input", str(tmp_path / "req.json")]) == 0
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert files == ["00000-0.png", "00000-1.png", "00001-0.png", "00001-1.png"]
+    assert [o["seed"] for o in results(tmp_path / "out")] == [11, 11, 12, 12]
+    write_jsonl(tmp_path / "other.jsonl", ["a tree"])
+    assert main([*args, "--input", str(tmp_path / "other.jsonl")]) == 2
+    assert "holds a batch of another input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("rows.txt", "a", "expected a .json request, .jsonl rows or a .csv file"),
+    ("rows.jsonl", "{oops\n", "line 1: not valid JSON"),
+    ("rows.csv", "text\nhello\n", "needs a header line with a 'prompt' column"),
+    ("req.json", '{"data": []}', "input_data: missing"),
+])
+def test_bad_inputs_are_named(sd1_folder, tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_text(content)
+    code = main(["batch", "--model", str(sd1_folder), "--input", str(tmp_path / name), "--output",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "batch.json").exists()  # nothing started: a corrected input may use the folder

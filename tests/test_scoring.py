@@ -1,0 +1,129 @@
+"""The Azure ML scoring-schema adapter: every request variant of the model cards, the response forms, and
+bad requests reported by field (request-level) or by row (row-level), without tracebacks."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_image_tasks import picture, rectangle_mask
+
+from ldm.pipeline import StableDiffusion
+from ldm.scoring import Limits, RequestError, parse, score
+
+FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
+
+
+def b64(image: Image.Image, fmt="PNG", prefix="") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return prefix + base64.b64encode(buffer.getvalue()).decode()
+
+
+def pixels(b64png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64png))).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def sd1(sd1_folder):
+    return StableDiffusion.from_pretrained(sd1_folder)
+
+
+@pytest.fixture(scope="module")
+def inpaint(sd2_inpaint_folder):
+    return StableDiffusion.from_pretrained(sd2_inpaint_folder)
+
+
+def test_prompt_rows_give_the_pipelines_images_with_per_row_seeds(sd1):
+    body = {"input_data": {"columns": ["prompt"], "index": [0, 1], "data": ["a cat", "a dog"],
+                           "parameters": FAST | {"seed": 40, "guidance_scale": 5.0}}}
+    out = score(sd1, body)
+    assert [o["prompt"] for o in out] == ["a cat", "a dog"] and [o["seed"] for o in out] == [40, 41]
+    assert [o["nsfw_content_detected"] for o in out] == [False, False]  # the SD 1.5 folder ships a checker
+    for o in out:
+        expected = sd1(o["prompt"], steps=2, guidance=5.0, seed=o["seed"], width=64, height=64).images[0]
+        assert np.array_equal(pixels(o["generated_image"]), np.asarray(expected))
+        assert "Seed: " + str(o["seed"]) in Image.open(io.BytesIO(base64.b64decode(o["generated_image"]))).text[
+            "parameters"]
+
+
+def test_card_variants_are_accepted(sd1):
+    # SD 1.4: text_prompt; SD 1.5: index shorter than data; rows as lists and as objects
+    for data_in in ({"columns": ["text_prompt"], "data": ["a cat"]},
+                    {"columns": ["prompt"], "index": [0], "data": ["a cat", "a dog"]},
+                    {"columns": ["prompt"], "data": [["a cat"]]},
+                    {"columns": ["prompt"], "data": [{"prompt": "a cat"}]}):
+        request = parse({"input_data": data_in | {"parameters": FAST}})
+        assert request.rows[0].prompt == "a cat" and all(r.error is None for r in request.rows)
+    assert [r.label for r in parse({"input_data": {"columns": ["prompt"], "index": ["x"],
+                                                   "data": ["a", "b"]}}).rows] == ["x", 1]
+    assert parse({"input_data": {"data": ["a"]}}).parameters.num_inference_steps == 50  # the cards' defaults
+    assert parse({"input_data": {"data": ["a"]}}).parameters.guidance_scale == 7.5
+
+
+def test_inpainting_rows_with_mask_image_and_data_urls(inpaint):
+    image, mask = picture(64, 64, 2), rectangle_mask(64, 64, (16, 16, 48, 48))
+    body = {"input_data": {"columns": ["prompt", "image", "mask"],
+                           "data": [{"prompt": "a red door", "image": b64(image, "JPEG", "data:image/jpeg;base64,"),
+                                     "mask_image": b64(mask)}],
+                           "parameters": {"num_inference_steps": 2, "seed": 3}}}
+    (out,) = score(inpaint, body)
+    assert out["nsfw_content_detected"] is None  # SD 2 inpainting ships no checker
+    decoded = parse(body).rows[0]
+    expected = inpaint("a red door", steps=2, seed=3, image=decoded.image, mask=decoded.mask).images[0]
+    assert np.array_equal(pixels(out["generated_image"]), np.asarray(expected))
+
+
+def test_older_card_response_forms(sd1):
+    body = {"input_data": {"columns": ["prompt"], "data": ["a", "b"], "parameters": FAST | {"seed": 1}}}
+    (sd15,) = score(sd1, body, form="sd15")
+    assert len(sd15["generated_image"]) == 2 and sd15["nsfw_content_detected"] == ["False", "False"]
+    (sd14,) = score(sd1, body, form="sd14")
+    assert sd14["generated_images"] == sd15["generated_image"]
+
+
+@pytest.mark.parametrize("body, field, message", [
+    ({}, "input_data", "missing"),
+    ({"input_data": []}, "input_data", "expected an object"),
+    ({"input_data": {"columns": ["prompt", "style"], "data": [["a", "b"]]}}, "input_data.columns", "unknown column"),
+    ({"input_data": {"columns": ["prompt"], "data": []}}, "input_data.data", "non-empty"),
+    ({"input_data": {"data": ["a"] * 17}}, "input_data.data", "at most 16"),
+    ({"input_data": {"data": ["a"], "parameters": {"num_inference_steps": 151}}},
+     "parameters.num_inference_steps", "from 1 to 150"),
+    ({"input_data": {"data": ["a"], "parameters": {"num_inference_steps": "20"}}},
+     "parameters.num_inference_steps", "expected an integer"),
+    ({"input_data": {"data": ["a"], "parameters": {"sampler": "euler"}}}, "parameters.sampler", "unknown parameter"),
+    ({"input_data": {"data": ["a"], "parameters": {"scheduler": "magic"}}}, "parameters.scheduler", "unknown"),
+    ({"input_data": {"data": ["a"], "parameters": {"height": 4000, "width": 4000}}}, "parameters.height", "pixels"),
+    ({"input_data": {"data": ["a"], "parameters": {"width": 100}}}, "parameters.width", "multiple of 8"),
+])
+def test_bad_requests_name_the_field(body, field, message):
+    with pytest.raises(RequestError) as info:
+        parse(body, Limits())
+    assert info.value.field == field and message in info.value.message
+    assert info.value.as_dict() == {"error": {"field": field, "message": info.value.message}}
+
+
+def test_bad_rows_are_reported_in_place_and_the_others_run(sd1):
+    good = b64(picture(64, 64, 1))
+    body = {"input_data": {"columns": ["prompt", "image", "mask"], "index": [10, 11, 12, 13, 14],
+                           "data": [["a cat", None, None],
+                                    ["a dog", good],
+                                    ["a fox", "not base64!", None],
+                                    ["a hen", good, b64(rectangle_mask(32, 32, (0, 0, 16, 16)))],
+                                    ["an owl", base64.b64encode(b"not an image").decode(), None]],
+                           "parameters": FAST | {"seed": 2, "scheduler": "EulerDiscreteScheduler"}}}
+    out = score(sd1, body)
+    assert "generated_image" in out[0]
+    errors = {o["index"]: o["error"] for o in out[1:]}
+    assert errors[11] == {"field": "data[1]", "message": "has 2 values for 3 columns ['prompt', 'image', 'mask']"}
+    assert errors[12]["field"] == "data[2].image" and "not valid base64" in errors[12]["message"]
+    assert errors[13]["field"] == "data[3].mask" and "must match" in errors[13]["message"]
+    assert errors[14]["field"] == "data[4].image" and "not a readable image" in errors[14]["message"]
+
+
+def test_default_size_over_the_pixel_limit_fails_the_row(sd1):
+    out = score(sd1, {"input_data": {"data": ["a"], "parameters": {"num_inference_steps": 1}}},
+                Limits(max_pixels=32 * 32))
+    assert out[0]["error"]["field"] == "parameters.width" and "64x64" in out[0]["error"]["message"]

@@ -1,0 +1,194 @@
+"""`ldm serve` for real: uvicorn on a loopback port, driven with real HTTP requests (16 at once), a bounded
+queue answering 503 with Retry-After, limits, and a client that goes away."""
+
+import base64
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import uvicorn
+
+from ldm.pipeline import StableDiffusion
+from ldm.scoring import Limits, score
+from ldm.server import ServeConfig, Worker, create_app
+
+FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
+
+
+class Server:
+    """An ldm endpoint in a thread: the worker, the FastAPI app and uvicorn on a pre-bound loopback socket."""
+
+    def __init__(self, load, config: ServeConfig):
+        self.worker = Worker(load, config.queue_size)
+        self.worker.start()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(self.worker, config, "tiny-sd1"), log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.uvicorn.started:
+            time.sleep(0.01)
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout: float = 120):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        content = response.read()
+        conn.close()
+        try:
+            payload = json.loads(content)
+        except json.JSONDecodeError:
+            payload = content
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
+
+    def close(self):
+        self.uvicorn.should_exit = True
+        self.thread.join(10)
+        self.worker.stop()
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1_folder):
+    return StableDiffusion.from_pretrained(sd1_folder)
+
+
+@pytest.fixture
+def server(pipe, request):
+    config = getattr(request, "param", ServeConfig(queue_size=16))
+    s = Server(lambda: pipe, config)
+    yield s
+    s.close()
+
+
+def body(prompt: str, seed: int, **parameters) -> dict:
+    return {"input_data": {"columns": ["prompt"], "index": [0], "data": [prompt],
+                           "parameters": FAST | {"seed": seed} | parameters}}
+
+
+def test_health_score_and_docs(server, pipe):
+    status, _, health = server.request("GET", "/health")
+    assert status == 200 and health["status"] == "ready" and health["model"] == "tiny-sd1"
+    status, _, out = server.request("POST", "/score", body("a lighthouse", 3))
+    assert status == 200
+    assert out == score(pipe, body("a lighthouse", 3))  # exactly what the adapter gives
+    assert out[0]["nsfw_content_detected"] is False and base64.b64decode(out[0]["generated_image"])[:4] == b"\x89PNG"
+    status, _, spec = server.request("GET", "/openapi.json")
+    assert status == 200 and "/score" in spec["paths"] and "/health" in spec["paths"]
+    assert server.request("GET", "/docs")[0] == 200
+
+
+def test_bad_requests_are_400_with_the_field(server):
+    status, _, out = server.request("POST", "/score", raw=b"{not json")
+    assert status == 400 and out["error"]["field"] == "body" and "not valid JSON" in out["error"]["message"]
+    status, _, out = server.request("POST", "/score", {"data": ["a"]})
+    assert status == 400 and out["error"]["field"] == "input_data"
+    status, _, out = server.request("POST", "/score", body("a", 1, num_inference_steps=1000))
+    assert status == 400 and out["error"]["field"] == "parameters.num_inference_steps"
+    status, _, out = server.request("POST", "/score", {"input_data": {"columns": ["prompt", "image"],
+                                                                      "data": [["a", "%%%"]], "parameters": FAST}})
+    assert status == 200 and out[0]["error"]["field"] == "data[0].image"  # a bad row is reported in place
+
+
+@pytest.mark.parametrize("server", [ServeConfig(max_body_bytes=1000)], indirect=True)
+def test_body_over_the_limit_is_413(server):
+    status, _, out = server.request("POST", "/score", body("a" * 2000, 1))
+    assert status == 413 and out["error"]["field"] == "body"
+
+
+def test_sixteen_concurrent_requests_all_answered_in_order_of_their_seeds(server, pipe):
+    requests = [body(f"prompt number {i}", 100 + i) for i in range(16)]
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda b: server.request("POST", "/score", b), requests))
+    elapsed = time.monotonic() - start
+    assert [status for status, _, _ in answers] == [200] * 16
+    for request, (_, _, out) in zip(requests, answers, strict=True):
+        assert out[0]["prompt"] == request["input_data"]["data"][0] and out[0]["seed"] == request["input_data"][
+            "parameters"]["seed"]
+    # each answer is the image a lone request gets: no cross-talk between concurrent requests
+    assert answers[5][2] == score(pipe, requests[5])
+    print(f"16 concurrent requests: all 200 in {elapsed:.2f} s, {server.worker.served} served by one worker")
+
+
+@pytest.mark.parametrize("server", [ServeConfig(queue_size=2)], indirect=True)
+def test_a_full_queue_answers_503_with_retry_after(server):
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: server.request("POST", "/score", body("busy", i, num_inference_steps=4)),
+                                range(16)))
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 3  # one running, two waiting, at the least
+    for status, headers, out in answers:
+        if status == 503:
+            assert headers["retry-after"] == "10" and out["error"]["field"] == "queue"
+    print(f"queue of 2, 16 at once: {statuses.count(200)} answered, {statuses.count(503)} told to retry")
+
+
+def test_a_client_that_disconnects_stops_its_work(server):
+    conn = socket.create_connection(("127.0.0.1", server.port))
+    payload = json.dumps(body("a long one", 1, num_inference_steps=150)).encode()
+    conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    time.sleep(1.0)  # it is running now
+    conn.close()
+    start = time.monotonic()
+    status, _, _ = server.request("POST", "/score", body("next", 2, num_inference_steps=1))
+    waited = time.monotonic() - start
+    assert status == 200
+    # 150 steps take far longer than this: the abandoned job stopped at its next step
+    print(f"next request answered {waited:.2f} s after the disconnect")
+    assert waited < 5
+
+
+@pytest.mark.parametrize("server", [ServeConfig(timeout_s=1.0)], indirect=True)
+def test_timeout_cancels_with_504(server):
+    status, _, out = server.request("POST", "/score", body("slow", 1, num_inference_steps=150))
+    assert status == 504 and out["error"]["field"] == "timeout"
+
+
+def test_health_while_loading_and_after_a_failed_load(pipe):
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(10)
+        return pipe
+
+    s = Server(slow_load, ServeConfig())
+    try:
+        status, headers, out = s.request("GET", "/health")
+        assert status == 503 and out["status"] == "loading" and "retry-after" in headers
+        assert s.request("POST", "/score", body("a", 1))[0] == 503
+        gate.set()
+        s.worker.ready.wait(10)
+        assert s.request("GET", "/health")[0] == 200
+    finally:
+        s.close()
+
+    from ldm.errors import LoadError
+
+    def broken():
+        raise LoadError("/models/x: model_index.json is missing")
+
+    s = Server(broken, ServeConfig())
+    try:
+        s.worker.ready.wait(10)
+        status, _, out = s.request("GET", "/health")
+        assert status == 503 and out["status"] == "failed" and "model_index.json is missing" in out["error"]
+    finally:
+        s.close()
+
+
+def test_limits_are_the_servers(pipe):
+    s = Server(lambda: pipe, ServeConfig(limits=Limits(max_rows=2, max_steps=10)))
+    try:
+        status, _, out = s.request("POST", "/score", {"input_data": {"data": ["a", "b", "c"], "parameters": FAST}})
+        assert status == 400 and "at most 2" in out["error"]["message"]
+        status, _, out = s.request("POST", "/score", body("a", 1, num_inference_steps=11))
+        assert status == 400 and "from 1 to 10" in out["error"]["message"]
+    finally:
+        s.close()
