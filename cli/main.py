@@ -134,6 +134,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_limit_options(srv)
     srv.add_argument("--queue-size", type=int, default=8,
                      help="requests that may wait for the worker; more get 503 (default: %(default)s)")
+    srv.add_argument("--batch-size", type=int, default=None,
+                     help="text-to-image rows of a request that run through the networks together (default: 4 on "
+                          "CUDA, where batching raises throughput; 1 on the CPU, where it does not)")
     srv.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default: %(default)s)")
     srv.add_argument("--timeout", type=float, default=600,
                      help="seconds a request may wait and run before it is cancelled with 504 (default: %(default)s)")
@@ -229,8 +232,14 @@ def serve(args: argparse.Namespace) -> None:
     for name in ("max_rows", "max_steps", "max_pixels", "max_images", "queue_size", "port"):
         if getattr(args, name) < 1:
             raise LdmError(f"--{name.replace('_', '-')} must be at least 1")
+    import torch
+
+    batch_size = args.batch_size or (4 if args.device != "cpu" and torch.cuda.is_available() else 1)
+    if batch_size < 1:
+        raise LdmError("--batch-size must be at least 1")
     config = ServeConfig(Limits(args.max_rows, args.max_steps, args.max_pixels, args.max_images), args.queue_size,
-                         int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format)
+                         int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
+                         batch_size=batch_size)
     print(f"ldm: serving {args.model} on http://{args.host}:{args.port} (POST /score, GET /health, /docs); "
           "loading the model…", file=sys.stderr)
     run_server(lambda: load_model(args), args.model, args.host, args.port, config)

@@ -40,7 +40,7 @@ from .loading import (
     weights_file,
 )
 from .safety import Safety
-from .samplers import SAMPLERS, sampler_for
+from .samplers import SAMPLERS, randn, sampler_for
 from .schedules import Schedule, SchedulerConfig
 from .single_file import TOWERS, read_single_file
 from .tokenizer import EOS, CLIPTokenizer, clip_bpe_vocab
@@ -327,7 +327,8 @@ class StableDiffusion:
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                 steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0, seed: int | None = None,
+                 steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0,
+                 seed: int | list[int] | None = None,
                  width: int | None = None, height: int | None = None, sampler: str | None = None,
                  karras: bool = False, num_images: int = 1, eta: float = 0.0, image: Image.Image | None = None,
                  mask: Image.Image | None = None, strength: float | None = None,
@@ -335,7 +336,7 @@ class StableDiffusion:
                  target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
                  negative_aesthetic_score: float | None = None, denoising_end: float | None = None,
                  denoising_start: float | None = None, latents: Tensor | None = None,
-                 generator: torch.Generator | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
                  callback: Callable[[int, Tensor], Tensor | None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Generation:
         """Generate `num_images` images per prompt.
@@ -352,6 +353,8 @@ class StableDiffusion:
 
         `callback(i, x)` sees the σ-space latents after step i and may return replacements;
         `progress(done, total)` is told each finished step; `generator` replaces the one seeded from `seed`.
+        Text-to-image also takes one seed per prompt (`seed=[…]`): each prompt's images then come out as they
+        would from a call of their own with that seed, while the batch runs through the networks together.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
@@ -363,6 +366,13 @@ class StableDiffusion:
         if sampler is None:
             raise InputError(f"{self.name}'s scheduler ({self.scheduler.class_name}) is not one ldm implements; "
                              f"pick a sampler: {', '.join(SAMPLERS)}")
+        seeds = seed if isinstance(seed, list) else None
+        if seeds is not None:
+            if len(seeds) != len(prompts) or image is not None or latents is not None:
+                raise InputError("one seed per prompt is for text-to-image, with as many seeds as prompts")
+            for s in seeds[1:]:
+                check_request(steps, width, height, guidance, num_images, s, sampler, eta)
+            seed = seeds[0]
         check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale, karras,
                       guidance_rescale, strength, denoising_start, denoising_end, self.scheduler.num_train_timesteps,
                       image is not None, mask is not None)
@@ -396,7 +406,11 @@ class StableDiffusion:
             schedule = schedule.since(denoising_start, T)
         if denoising_end is not None:
             schedule = schedule.until(denoising_end, T)
+        if generator is None and seeds is not None:  # each prompt's generator serves its images in turn
+            generator = [g for s in seeds for g in [torch.Generator("cpu").manual_seed(s)] * num_images]
         generator = generator or torch.Generator("cpu").manual_seed(seed)
+        if isinstance(generator, list) and (len(generator) != len(prompts) * num_images or image is not None):
+            raise InputError(f"a list of generators is for text-to-image, one per image ({len(prompts) * num_images})")
 
         micro = {k: v for k, v in (("original_size", original_size), ("crop_coords", crop_coords),
                                    ("target_size", target_size), ("aesthetic_score", aesthetic_score),
@@ -439,7 +453,8 @@ class StableDiffusion:
         for i in range(len(images)):
             extra = {"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {}
             negative = negatives[i // num_images] if negatives else ""
-            texts.append(infotext(prompts[i // num_images], negative, params | extra))
+            own_seed = {"Seed": seeds[i // num_images]} if seeds else {}
+            texts.append(infotext(prompts[i // num_images], negative, params | own_seed | extra))
         return Generation(images, seed, texts, nsfw=nsfw)
 
     @property
@@ -465,7 +480,7 @@ class StableDiffusion:
         batch, _, h, w = shape
 
         def noise() -> Tensor:
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+            return randn(shape, generator).to(self.device)
 
         if image is None:
             return self.unet, noise() * schedule.init_noise_sigma, callback

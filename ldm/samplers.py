@@ -37,9 +37,16 @@ def _step_end(callback: Callback, i: int, x: Tensor) -> Tensor:
     return x if replaced is None else replaced
 
 
-def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """N(0, 1) like x, drawn on the CPU in float32 (so a seed gives the same image on every device)."""
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+def randn(shape, generator: "torch.Generator | list[torch.Generator] | None") -> Tensor:
+    """N(0, 1) drawn on the CPU in float32 (so a seed gives the same image on every device). With a list of
+    generators, one per image (diffusers' `randn_tensor` rule), image i's noise comes from generator i."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def _noise(x: Tensor, generator: "torch.Generator | list[torch.Generator] | None") -> Tensor:
+    return randn(x.shape, generator).to(x.device, x.dtype)
 
 
 @torch.no_grad()

@@ -246,35 +246,44 @@ def row_seed(request: Request, row: Row) -> int:
     return (request.seed + row.position) % (MAX_SEED + 1)
 
 
-def run_row(pipe, request: Request, row: Row, cancelled: Callable[[], bool] | None = None) -> list[dict]:
-    """The response objects of one row: one per image, or one carrying the row's error."""
-    if row.error is not None:
-        return [error_object(row, row.error)]
+def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bool] | None = None) -> list[dict]:
+    """The response objects of some rows: one per image, or one carrying a row's error. Several error-free
+    text-to-image rows go through the pipeline as one batch, each with its own seed, so each image is the one
+    the row gets alone (up to float rounding of a batched matmul)."""
+    if len(rows) == 1 and rows[0].error is not None:
+        return [error_object(rows[0], rows[0].error)]
     p = request.parameters
-    seed = row_seed(request, row)
+    seeds = [row_seed(request, row) for row in rows]
     native = pipe.unet.config.sample_size * pipe.vae_scale
-    width, height = fit_size(row.image) if row.image is not None else (native, native)
+    first = rows[0]
+    width, height = fit_size(first.image) if first.image is not None else (native, native)
     width, height = p.width or width, p.height or height
     if width * height > request.limits.max_pixels:
-        return [error_object(row, RequestError("parameters.width", f"{width}x{height} is more than this server's "
-                                                                   f"{request.limits.max_pixels} pixels per image: "
-                                                                   "give a smaller width and height"))]
+        error = RequestError("parameters.width", f"{width}x{height} is more than this server's "
+                                                 f"{request.limits.max_pixels} pixels per image: give a smaller "
+                                                 "width and height")
+        return [error_object(row, error) for row in rows]
 
     def callback(i, x):
         if cancelled is not None and cancelled():
             raise Cancelled()
 
     try:
-        result = pipe(row.prompt, p.negative_prompt, steps=p.num_inference_steps, guidance=p.guidance_scale,
-                      seed=seed, width=p.width, height=p.height,
-                      sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
-                      num_images=p.num_images_per_prompt, image=row.image, mask=row.mask, strength=p.strength,
+        result = pipe([row.prompt for row in rows], p.negative_prompt, steps=p.num_inference_steps,
+                      guidance=p.guidance_scale, seed=seeds if len(rows) > 1 else seeds[0], width=p.width,
+                      height=p.height, sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
+                      num_images=p.num_images_per_prompt, image=first.image, mask=first.mask, strength=p.strength,
                       callback=callback)
     except InputError as e:
-        return [error_object(row, RequestError(f"data[{row.position}]", str(e)))]
-    return [{"prompt": row.prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
-             "seed": seed}
-            for image, text, nsfw in zip(result.images, result.infotexts, result.nsfw, strict=True)]
+        return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
+    n = p.num_images_per_prompt
+    return [{"prompt": rows[i // n].prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
+             "seed": seeds[i // n]}
+            for i, (image, text, nsfw) in enumerate(zip(result.images, result.infotexts, result.nsfw, strict=True))]
+
+
+def run_row(pipe, request: Request, row: Row, cancelled: Callable[[], bool] | None = None) -> list[dict]:
+    return run_rows(pipe, request, [row], cancelled)
 
 
 class Cancelled(Exception):
@@ -299,14 +308,26 @@ def respond(objects: list[dict], form: str = "rows"):
     return [body | ({"errors": errors} if errors else {})]
 
 
-def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None):
-    """Every row of a parsed request, in order, as the response body."""
-    objects = []
+def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, batch_size: int = 1):
+    """Every row of a parsed request, in order, as the response body; up to `batch_size` consecutive
+    text-to-image rows at a time go through the networks together (they share the request's parameters)."""
+    objects, group = [], []
     for row in request.rows:
-        objects += run_row(pipe, request, row, cancelled)
+        if batch_size > 1 and row.error is None and row.image is None:
+            group.append(row)
+            if len(group) < batch_size:
+                continue
+        if group:
+            objects += run_rows(pipe, request, group, cancelled)
+            group = []
+        if row.error is not None or row.image is not None or batch_size == 1:
+            objects += run_rows(pipe, request, [row], cancelled)
+    if group:
+        objects += run_rows(pipe, request, group, cancelled)
     return respond(objects, request.form)
 
 
-def score(pipe, body, limits: Limits = Limits(), form: str = "rows", cancelled: Callable[[], bool] | None = None):
+def score(pipe, body, limits: Limits = Limits(), form: str = "rows", cancelled: Callable[[], bool] | None = None,
+          batch_size: int = 1):
     """Parse and run a request body. Raises RequestError for a request that cannot be read."""
-    return run(pipe, parse(body, limits, form), cancelled)
+    return run(pipe, parse(body, limits, form), cancelled, batch_size)

@@ -32,6 +32,7 @@ class ServeConfig:
     timeout_s: float = 600.0  # from arrival to response
     retry_after_s: int = 10
     form: str = "rows"
+    batch_size: int = 1  # text-to-image rows of one request run through the networks together
 
 
 @dataclass
@@ -44,9 +45,9 @@ class Job:
 class Worker(threading.Thread):
     """Loads the model, then runs queued jobs one at a time (the only thread that touches the device)."""
 
-    def __init__(self, load: Callable[[], object], queue_size: int):
+    def __init__(self, load: Callable[[], object], queue_size: int, batch_size: int = 1):
         super().__init__(name="ldm-worker", daemon=True)
-        self.load, self.jobs = load, queue.Queue(maxsize=queue_size)
+        self.load, self.jobs, self.batch_size = load, queue.Queue(maxsize=queue_size), batch_size
         self.pipe, self.error = None, None
         self.ready = threading.Event()
         self.served = 0
@@ -64,7 +65,7 @@ class Worker(threading.Thread):
             if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
                 continue  # its client went away (or timed out) while it waited
             try:
-                job.future.set_result(run(self.pipe, job.request, job.cancelled.is_set))
+                job.future.set_result(run(self.pipe, job.request, job.cancelled.is_set, self.batch_size))
             except Exception as e:  # delivered to the handler, which answers for it
                 job.future.set_exception(e)
             self.served += 1
@@ -166,7 +167,7 @@ def serve(load: Callable[[], object], model_name: str, host: str, port: int, con
     """Run the endpoint until interrupted (the model loads in the background; /health says when it is ready)."""
     import uvicorn
 
-    worker = Worker(load, config.queue_size)
+    worker = Worker(load, config.queue_size, config.batch_size)
     worker.start()
     try:
         uvicorn.run(create_app(worker, config, model_name), host=host, port=port, log_level=log_level)

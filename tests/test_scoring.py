@@ -127,3 +127,33 @@ def test_default_size_over_the_pixel_limit_fails_the_row(sd1):
     out = score(sd1, {"input_data": {"data": ["a"], "parameters": {"num_inference_steps": 1}}},
                 Limits(max_pixels=32 * 32))
     assert out[0]["error"]["field"] == "parameters.width" and "64x64" in out[0]["error"]["message"]
+
+
+def test_micro_batched_rows_match_rows_run_alone(sd1):
+    body = {"input_data": {"data": ["a cat", "a dog", "a fox", "a hen", "an owl"],
+                           "parameters": FAST | {"seed": 8, "num_images_per_prompt": 2, "scheduler": "euler_a"}}}
+    alone = score(sd1, body)
+    batched = score(sd1, body, batch_size=4)  # rows 0-3 in one batch (8 images), row 4 alone
+    assert [(o["prompt"], o["seed"]) for o in batched] == [(o["prompt"], o["seed"]) for o in alone]
+    assert len(batched) == 10
+    for a, b in zip(alone, batched, strict=True):
+        diff = np.abs(pixels(a["generated_image"]).astype(int) - pixels(b["generated_image"]).astype(int)).max()
+        assert diff <= 2  # the same noise (ancestral steps too); only the batched matmuls round differently
+        text = Image.open(io.BytesIO(base64.b64decode(b["generated_image"]))).text["parameters"]
+        assert f"Seed: {b['seed']}," in text
+
+
+def test_one_seed_per_prompt_matches_diffusers_with_a_generator_per_image(sd1_folder, sd1):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from official import diffusers_scheduler
+
+    reference = StableDiffusionPipeline.from_pretrained(sd1_folder, safety_checker=None, feature_extractor=None,
+                                                        requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = diffusers_scheduler("euler_a", reference.scheduler.config)
+    expected = reference(["a cat", "a dog"], num_inference_steps=3, height=64, width=64, output_type="np",
+                         generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)]).images
+    actual = sd1(["a cat", "a dog"], steps=3, seed=[5, 9], width=64, height=64, sampler="euler_a").images
+    for a, e in zip(actual, expected, strict=True):
+        assert np.abs(np.asarray(a).astype(int) - (e * 255).round()).max() <= 2

@@ -23,7 +23,7 @@ class Server:
     """An ldm endpoint in a thread: the worker, the FastAPI app and uvicorn on a pre-bound loopback socket."""
 
     def __init__(self, load, config: ServeConfig):
-        self.worker = Worker(load, config.queue_size)
+        self.worker = Worker(load, config.queue_size, config.batch_size)
         self.worker.start()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -190,5 +190,15 @@ def test_limits_are_the_servers(pipe):
         assert status == 400 and "at most 2" in out["error"]["message"]
         status, _, out = s.request("POST", "/score", body("a", 1, num_inference_steps=11))
         assert status == 400 and "from 1 to 10" in out["error"]["message"]
+    finally:
+        s.close()
+
+
+def test_a_micro_batching_server_answers_like_the_adapter(pipe):
+    s = Server(lambda: pipe, ServeConfig(batch_size=4))
+    try:
+        request = {"input_data": {"data": ["a", "b", "c"], "parameters": FAST | {"seed": 4}}}
+        status, _, out = s.request("POST", "/score", request)
+        assert status == 200 and out == score(pipe, request, batch_size=4)
     finally:
         s.close()
