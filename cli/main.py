@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import secrets
 import sys
 import time
@@ -43,6 +44,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="skip the safety checker of models that ship one (SD 1.x): nothing is blacked out")
     parser.add_argument("--local-files-only", action="store_true",
                         help="never contact the Hub: a Hub model must be in the cache (as with HF_HUB_OFFLINE=1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="fuse attention projections, channels_last, torch.compile the UNet and VAE decoder "
+                             "(CUDA graphs on CUDA, weight freezing on the CPU); the first run compiles (minutes "
+                             "on a CPU), later runs reuse the on-disk cache")
     parser.add_argument("--prediction-type", default=None, choices=("eps", "v"),
                         help="override the model's prediction type (a single file does not store it: SD 2.x files "
                              "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file)")
@@ -52,10 +57,15 @@ def load_model(args: argparse.Namespace, refiner: bool = False, device: str | No
     """--model (or --refiner, which --prediction-type does not concern) as the options say."""
     from ldm.pipeline import StableDiffusion
 
-    return StableDiffusion.from_pretrained(
+    pipe = StableDiffusion.from_pretrained(
         args.refiner if refiner else args.model, device=device or args.device, dtype=dtype or args.dtype,
         variant=args.variant, revision=args.revision, local_files_only=args.local_files_only,
         prediction_type=None if refiner else args.prediction_type, safety_checker=not args.no_safety_checker)
+    if args.compile and not refiner:  # the refiner waits on the CPU for its turn; it runs uncompiled
+        from ldm.fast import accelerate
+
+        accelerate(pipe)
+    return pipe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -153,7 +163,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bat.add_argument("--parameters", default=None, type=json.loads, metavar="JSON",
                      help='scoring parameters for every row, e.g. \'{"num_inference_steps": 30, "width": 512}\'')
     bat.add_argument("--seed", type=int, default=None, help="seed of row 0 (default: the input's, else random)")
+
+    bench = sub.add_parser(
+        "bench", help="time ldm against diffusers on identical weights (README: 'Performance')",
+        description="Times load, first step, text encode, UNet step, VAE decode, end to end and peak RSS of ldm "
+                    "and (when installed) diffusers, eager and with --compile, each in a fresh process, on a "
+                    "full-size random model in the official layout (or --model), and prints a table with ratios.")
+    bench.add_argument("--model", default=None, help="a diffusers folder to time (default: full-size random weights)")
+    bench.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"), help="random architecture (default: sd15)")
+    bench.add_argument("--size", type=int, default=None, help="image size (default: 512 on CUDA, 256 on the CPU)")
+    bench.add_argument("--steps", type=int, default=4, help="steps of the end-to-end run (default: %(default)s)")
+    bench.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="(default: %(default)s)")
+    bench.add_argument("--compile", action="store_true", help="also time both compiled")
+    bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="auto: fp16 on CUDA, fp32 on the CPU")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats of each part (default: %(default)s)")
+    bench.add_argument("--no-diffusers", action="store_true", help="time ldm only")
     return parser.parse_args(argv)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from ldm.bench import bench, table
+    from ldm.pipeline import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else "fp16" if device.type == "cuda" else "fp32"
+    size = args.size or (512 if device.type == "cuda" else 256)
+    with_diffusers = not args.no_diffusers and importlib.util.find_spec("diffusers") is not None
+    if not with_diffusers and not args.no_diffusers:
+        print("note: diffusers is not installed; timing ldm only", file=sys.stderr)
+    rows = bench(args.model, args.arch, size, args.steps, args.sampler, args.compile, device.type, dtype,
+                 args.repeats, with_diffusers, log=lambda m: print(m, file=sys.stderr, flush=True))
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU threads"
+    weights = f", weights {rows[0]['weight_gib']:.2f} GiB" if rows else ""
+    print(f"{args.model or args.arch + ' (random weights)'}{weights}, {size}x{size}, {args.steps} steps "
+          f"{args.sampler}, {dtype}, {gpu}, {platform.machine()}, torch {torch.__version__}")
+    print(table(rows))
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -335,7 +387,8 @@ def generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        command = {"generate": generate, "download": download, "info": info, "serve": serve, "batch": batch}
+        command = {"generate": generate, "download": download, "info": info, "serve": serve, "batch": batch,
+                   "bench": run_bench}
         return command[args.command](args) or 0
     except LdmError as e:
         print(f"ldm: error: {e}", file=sys.stderr)

@@ -1,0 +1,111 @@
+"""Speed, applied from outside the reference networks (design decision 5): `accelerate(pipe)`.
+
+The networks in `ldm/` stay plain fp32 PyTorch, the definition of correct. This module rewrites a loaded
+pipeline in place for speed, each step optional and each one checked against the reference in the tests:
+
+- fused projections: every self-attention computes q, k and v with one matmul (`to_qkv`), every
+  cross-attention k and v of the text with one (`to_kv`); the weights are concatenated once, here;
+- channels_last memory format for the convolutional networks (UNet, VAE);
+- `torch.compile(fullgraph=True, dynamic=False)` of the UNet and the VAE decoder: one graph each, no
+  graph breaks; the timestep reaches the UNet as a tensor, so the denoising steps of a run, and later
+  runs of the same shape, reuse the compiled code. On CUDA the "max-autotune" mode also captures the
+  UNet step as a CUDA graph; on the CPU inductor's freezing folds the weights into the graph (pre-packed
+  for the CPU's matmul and convolution kernels). Compiled code is cached on disk between runs
+  (inductor's cache, in `$LDM_CACHE` or ~/.cache/ldm/inductor).
+
+Half precision is a load-time choice (`--dtype`), not this module's: on the CPU it only pays where the
+cores have native bf16/fp16 arithmetic.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .attention import attention
+from .unet import Attention, TransformerBlock
+
+
+class FusedSelfAttention(Attention):
+    """Self-attention with q, k and v from one projection."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        return self.to_out[0](attention(q, k, v, self.heads, upcast=self.upcast))
+
+
+class FusedCrossAttention(Attention):
+    """Cross-attention with k and v of the context from one projection."""
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        k, v = self.to_kv(x if context is None else context).chunk(2, dim=-1)
+        return self.to_out[0](attention(self.to_q(x), k, v, self.heads, upcast=self.upcast))
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([p.weight for p in parts])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
+def fuse_projections(unet: nn.Module) -> int:
+    """Fuse the attention projections of every transformer block in place; returns how many were fused."""
+    n = 0
+    for block in unet.modules():
+        if not isinstance(block, TransformerBlock) or type(block.attn1) is not Attention:
+            continue
+        a1, a2 = block.attn1, block.attn2
+        a1.to_qkv = _fused_linear([a1.to_q, a1.to_k, a1.to_v])
+        del a1.to_q, a1.to_k, a1.to_v
+        a1.__class__ = FusedSelfAttention
+        a2.to_kv = _fused_linear([a2.to_k, a2.to_v])
+        del a2.to_k, a2.to_v
+        a2.__class__ = FusedCrossAttention
+        n += 2
+    return n
+
+
+class TensorTimestep(nn.Module):
+    """Calls a compiled UNet with the timestep as a float32 tensor on the UNet's device: a Python number
+    would be baked into the graph and recompile it at every step."""
+
+    def __init__(self, unet: nn.Module, compiled):
+        super().__init__()
+        self.unet, self.compiled, self.config = unet, compiled, unet.config
+
+    def forward(self, x: Tensor, t, context: Tensor, **kwargs) -> Tensor:
+        if not torch.is_tensor(t):
+            t = torch.full((1,), float(t), dtype=torch.float32, device=x.device)
+        return self.compiled(x, t, context, **kwargs)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LDM_CACHE") or Path.home() / ".cache" / "ldm") / "inductor"
+
+
+def accelerate(pipe, compile: bool = True, channels_last: bool = True, fuse: bool = True, mode: str | None = None,
+               backend: str = "inductor"):
+    """Make `pipe` fast in place and return it. `mode`: torch.compile's mode (default: "max-autotune" on CUDA,
+    which includes CUDA graphs; inductor's default plus weight freezing on the CPU). `backend` is for tests
+    ("aot_eager" traces the same graphs without generating code)."""
+    unet = pipe.unet.unet if isinstance(pipe.unet, TensorTimestep) else pipe.unet
+    if fuse:
+        fuse_projections(unet)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+        import torch._inductor.config as inductor
+
+        cuda = pipe.device.type == "cuda"
+        if not cuda and backend == "inductor":
+            inductor.freezing = True  # weights become constants of the graph: pre-packed, folded (process-wide)
+        options = {"fullgraph": True, "dynamic": False, "backend": backend}
+        if backend == "inductor":
+            options["mode"] = mode or ("max-autotune" if cuda else None)
+        pipe.unet = TensorTimestep(unet, torch.compile(unet, **options))
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, **options)
+    return pipe

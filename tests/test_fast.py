@@ -1,0 +1,79 @@
+"""`ldm.fast.accelerate`: fused projections, channels_last and torch.compile applied from outside, checked
+against the reference path (fp32 on the CPU here; the CUDA path is marked `gpu`)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import max_rel_err
+
+from ldm.fast import FusedCrossAttention, FusedSelfAttention, TensorTimestep, accelerate, fuse_projections
+from ldm.pipeline import StableDiffusion
+
+PROMPT = "a small house by a lake"
+
+
+def image(pipe, **kwargs) -> np.ndarray:
+    args = {"steps": 3, "seed": 1, "width": 64, "height": 64} | kwargs
+    return np.asarray(pipe(PROMPT, **args).images[0]).astype(np.int16)
+
+
+@pytest.mark.parametrize("fixture", ["sd1_folder", "sdxl_folder"])
+def test_fused_projections_match_the_reference_unet(request, fixture):
+    pipe = StableDiffusion.from_pretrained(request.getfixturevalue(fixture))
+    cfg = pipe.unet.config
+    torch.manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 8, 8)
+    kwargs = {"context": torch.randn(2, 77, cfg.cross_attention_dim)}
+    if cfg.addition_embed_type:
+        kwargs |= {"text_embeds": torch.randn(2, 128), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():
+        expected = pipe.unet(x, 500, **kwargs)
+        n = fuse_projections(pipe.unet)
+        actual = pipe.unet(x, 500, **kwargs)
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, FusedSelfAttention | FusedCrossAttention)]
+    assert n == len(blocks) > 0 and not any(hasattr(b, "to_k") for b in blocks)
+    assert max_rel_err(actual, expected) < 1e-5  # the same sums, grouped into fewer matmuls
+
+
+def test_accelerated_images_match_without_compile(sd1_folder):
+    reference = image(StableDiffusion.from_pretrained(sd1_folder))
+    fast = accelerate(StableDiffusion.from_pretrained(sd1_folder), compile=False)
+    assert np.abs(image(fast) - reference).max() <= 2
+
+
+def test_compiled_graphs_have_no_breaks_and_no_recompiles(sd1_folder, monkeypatch):
+    """fullgraph=True fails on any graph break; error_on_recompile fails if a later step or call (another
+    prompt, seed, step count or sampler of the same shape) would compile again. aot_eager traces the same
+    graphs as inductor without generating code, which takes minutes on two cores (BENCHMARKS.md)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    reference = StableDiffusion.from_pretrained(sd1_folder)
+    fast = accelerate(StableDiffusion.from_pretrained(sd1_folder), backend="aot_eager")
+    assert isinstance(fast.unet, TensorTimestep)
+    first = image(fast)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for kwargs in ({"seed": 2, "steps": 4}, {"sampler": "euler_a", "seed": 3}, {"sampler": "dpmpp_2m"}):
+        assert np.abs(image(fast, **kwargs) - image(reference, **kwargs)).max() <= 2
+    assert np.abs(first - image(reference)).max() <= 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_cuda_half_precision_compiled_matches_fp32_reference(sd1_folder):
+    reference = image(StableDiffusion.from_pretrained(sd1_folder, device="cpu", dtype="fp32"))
+    fast = accelerate(StableDiffusion.from_pretrained(sd1_folder, device="cuda", dtype="fp16"))
+    for _ in range(2):
+        assert np.abs(image(fast) - reference).max() <= 8  # fp16 vs fp32 on a tiny random model
+
+
+def test_bench_times_ldm_and_diffusers_on_a_folder(sd1_folder, capsys):
+    from ldm_cli.main import main
+
+    assert main(["bench", "--model", str(sd1_folder), "--size", "64", "--steps", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| metric | ldm | diffusers | ldm/diffusers |" in out
+    for label in ("load (s)", "first step (s)", "UNet step (s)", "VAE decode (s)", "end to end (s)", "peak RSS"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {label}"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 4 and all(float(c) > 0 for c in cells[1:]), row
