@@ -145,8 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     srv.add_argument("--queue-size", type=int, default=8,
                      help="requests that may wait for the worker; more get 503 (default: %(default)s)")
     srv.add_argument("--batch-size", type=int, default=None,
-                     help="text-to-image rows of a request that run through the networks together (default: 4 on "
-                          "CUDA, where batching raises throughput; 1 on the CPU, where it does not)")
+                     help="images of a request's text-to-image rows that run through the networks together "
+                          "(default: 4 on CUDA, where batching raises throughput; 1 on the CPU, where it does not)")
     srv.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default: %(default)s)")
     srv.add_argument("--timeout", type=float, default=600,
                      help="seconds a request may wait and run before it is cancelled with 504 (default: %(default)s)")
@@ -286,9 +286,11 @@ def serve(args: argparse.Namespace) -> None:
             raise LdmError(f"--{name.replace('_', '-')} must be at least 1")
     import torch
 
-    batch_size = args.batch_size or (4 if args.device != "cpu" and torch.cuda.is_available() else 1)
-    if batch_size < 1:
-        raise LdmError("--batch-size must be at least 1")
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = 4 if args.device != "cpu" and torch.cuda.is_available() else 1
+    if batch_size < 1 or args.timeout <= 0 or args.max_body_mb <= 0:
+        raise LdmError("--batch-size must be at least 1, --timeout and --max-body-mb above 0")
     config = ServeConfig(Limits(args.max_rows, args.max_steps, args.max_pixels, args.max_images), args.queue_size,
                          int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
                          batch_size=batch_size)
@@ -298,13 +300,15 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def batch(args: argparse.Namespace) -> int:
-    from ldm.batch import run_batch
+    from ldm.batch import prepare_batch, run_batch
 
     if args.parameters is not None and not isinstance(args.parameters, dict):
         raise LdmError("--parameters must be a JSON object")
+    settings = {k: getattr(args, k) for k in ("model", "variant", "revision", "prediction_type", "no_safety_checker",
+                                              "dtype")}
+    job = prepare_batch(args.input, args.output, args.parameters, args.seed, settings)  # before the model loads
     pipe = load_model(args)
-    ran, skipped, failed = run_batch(pipe, args.input, args.output, args.parameters, args.seed,
-                                     progress=ProgressBar(unit="rows"))
+    ran, skipped, failed = run_batch(pipe, job, progress=ProgressBar(unit="rows"))
     print(f"{args.output}: {ran} rows run, {skipped} already done, {failed} failed (see results.jsonl)",
           file=sys.stderr)
     return 1 if failed else 0

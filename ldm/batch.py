@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
 from .images import load_image
-from .scoring import Limits, RequestError, parse, run_row
+from .scoring import Limits, Request, RequestError, parse, run_row
 
 NO_LIMITS = Limits(max_rows=10**9, max_steps=1000, max_pixels=4096 * 4096, max_images_per_prompt=64)
 
@@ -53,7 +54,7 @@ def read_input(path: Path, parameters: dict | None) -> dict:
     if path.suffix == ".json":
         try:
             body = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:
             raise InputError(f"--input {path}: not valid JSON ({e})") from None
         data_in = body.get("input_data") if isinstance(body, dict) else None
         if isinstance(data_in, dict):  # otherwise the adapter names what is wrong with it
@@ -75,7 +76,7 @@ def read_input(path: Path, parameters: dict | None) -> dict:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
                 raise InputError(f"--input {path}, line {n}: not valid JSON ({e})") from None
             if isinstance(row, str):
                 row = {"prompt": row}
@@ -104,59 +105,87 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _done_rows(results: Path) -> set[int]:
-    """Rows already in results.jsonl; a torn last line (killed mid-write) is cut off."""
+    """Rows whose every line is in results.jsonl (each line says how many its row has: `of`). What a kill
+    left behind — a torn line, or the first lines of a row — is cut off, and that row runs again."""
     if not results.exists():
         return set()
-    done, good = set(), 0
+    done, good, offset, current, seen = set(), 0, 0, None, 0
     with open(results, "rb") as f:
         for line in f:
             try:
-                done.add(json.loads(line)["row"])
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                obj = json.loads(line)
+                row, of = obj["row"], obj["of"]
+            except (ValueError, KeyError, TypeError):
                 break
-            good += len(line)
+            if row != current:
+                if current is not None and current not in done:
+                    break  # an earlier row stopped short: nothing after it can be complete
+                current, seen = row, 0
+            seen += 1
+            offset += len(line)
+            if seen == of:
+                done.add(row)
+                good = offset
     if good != results.stat().st_size:
         with open(results, "r+b") as f:
             f.truncate(good)
     return done
 
 
-def run_batch(pipe, input_path: Path, output: Path, parameters: dict | None = None, seed: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int]:
-    """Run every row not done yet. Returns (rows run now, rows skipped as done, rows that failed)."""
+@dataclass
+class Batch:
+    """A batch read and checked, its output folder claimed; the model is loaded after this."""
+
+    request: Request
+    output: Path
+    done: set[int]
+
+
+def prepare_batch(input_path: Path, output: Path, parameters: dict | None = None, seed: int | None = None,
+                  settings: dict | None = None) -> Batch:
+    """Read and check the input, then claim or resume `output`. `settings` (the model and how it is loaded)
+    must be those the folder was started with: a resumed run may not mix two models' images."""
     body = read_input(input_path, parameters)
     try:
         request = parse(body, NO_LIMITS)
     except RequestError as e:
         raise InputError(f"--input {input_path}: {e}") from None
-    fingerprint = hashlib.sha256(input_path.read_bytes() + json.dumps(parameters, sort_keys=True).encode()).hexdigest()
+    fingerprint = hashlib.sha256(input_path.read_bytes() + json.dumps([parameters, settings], sort_keys=True)
+                                 .encode()).hexdigest()
     output.mkdir(parents=True, exist_ok=True)
     state_path = output / "batch.json"
     if state_path.exists():
-        state = json.loads(state_path.read_text())
+        try:
+            state = json.loads(state_path.read_text())
+        except (ValueError, OSError):
+            raise InputError(f"{state_path} is unreadable; remove it to start the batch again") from None
         if state.get("input") != fingerprint:
-            raise InputError(f"--output {output} holds a batch of another input or parameters; resume with the same "
-                             "ones, or choose a new output folder")
+            started = state.get("settings")
+            raise InputError(f"--output {output} holds a batch of another input, parameters or model (started with "
+                             f"{started}); resume with the same ones, or choose a new output folder")
         if seed is not None and seed != state["seed"]:
             raise InputError(f"--output {output} was started with seed {state['seed']}; resume without --seed")
     else:
         # request.seed: the input's own seed, or one drawn now and kept for a resumed run
-        state = {"input": fingerprint, "seed": seed if seed is not None else request.seed,
-                 "model": getattr(pipe, "name", None)}
+        state = {"input": fingerprint, "seed": seed if seed is not None else request.seed, "settings": settings}
         _atomic_write(state_path, json.dumps(state, indent=2).encode())
     request.seed = state["seed"]  # row i: seed + i
-    results = output / "results.jsonl"
-    done = _done_rows(results)
+    return Batch(request, output, _done_rows(output / "results.jsonl"))
+
+
+def run_batch(pipe, batch: Batch, progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int]:
+    """Run every row not done yet. Returns (rows run now, rows skipped as done, rows that failed)."""
+    request, output, done = batch.request, batch.output, batch.done
     ran = failed = 0
     total = len(request.rows)
-    with open(results, "ab") as log:
+    with open(output / "results.jsonl", "ab") as log:
         for row in request.rows:
             if row.position in done:
                 continue
             objects = run_row(pipe, request, row)
             lines = []
             for k, obj in enumerate(objects):
-                obj = {"row": row.position, **obj}
+                obj = {"row": row.position, "of": len(objects), **obj}
                 if "generated_image" in obj:
                     name = f"{row.position:05d}" + (f"-{k}" if len(objects) > 1 else "") + ".png"
                     _atomic_write(output / name, base64.b64decode(obj["generated_image"]))

@@ -36,10 +36,6 @@ class Family:
     xl: bool = False
     refiner: bool = False  # SDXL refiner: aesthetic-score conditioning, no CLIP-L tower
 
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.get("prediction_type", "epsilon")
-
 
 FAMILIES = {f.key: f for f in (
     Family("sd1", "SD 1.x", unet_heads=8, head_dim=None, sample_size=64, vae_scaling_factor=0.18215, scheduler=PNDM),
@@ -72,7 +68,7 @@ class Checkpoint:
     name: str
     family: str
     repo: str  # Hub repo of the diffusers folder (and of the single file)
-    components: tuple[str, ...]  # the folder's component subfolders ldm reads
+    components: tuple[str, ...]  # the folder's component subfolders ldm downloads
     single_file: str | None  # the original single-file checkpoint in the same repo, if it is safetensors
     aliases: tuple[str, ...] = ()
 
@@ -84,8 +80,8 @@ def manifest() -> dict[str, Checkpoint]:
         entries = {name: Checkpoint(name=name, family=e["family"], repo=e["repo"], components=tuple(e["components"]),
                                     single_file=e.get("single_file"), aliases=tuple(e.get("aliases", ())))
                    for name, e in raw["checkpoints"].items()}
-    except FileNotFoundError:
-        raise LoadError(f"{path} is missing (set LDM_WEIGHTS to the folder that holds manifest.json)") from None
+    except FileNotFoundError:  # a store without the manifest: repo ids and paths still work, names do not
+        return {}
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise LoadError(f"{path} is malformed ({e})") from None
     for entry in entries.values():

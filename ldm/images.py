@@ -15,25 +15,34 @@ from torch import Tensor
 
 from .errors import InputError
 
+MAX_INPUT_PIXELS = 8192 * 8192  # larger inputs are refused before they are decoded
 
-def load_image(path: str | Path, what: str = "image") -> Image.Image:
+
+def _decoded(source, what: str, max_pixels: int) -> Image.Image:
+    with Image.open(source) as image:  # lazy: only the header is read here
+        if image.width * image.height > max_pixels:
+            raise InputError(f"{what}: {image.width}x{image.height} is larger than the {max_pixels} pixels ldm "
+                             "decodes; resize it first")
+        image.load()
+        return image.copy()
+
+
+def load_image(path: str | Path, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
     """Open an image file, fully decoded, or raise an InputError that says what is wrong with it."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        return _decoded(path, f"{what} {path}", max_pixels)
     except FileNotFoundError:
         raise InputError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{what} {path}: is a folder, not an image file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{what} {path}: not a readable image ({e})") from None
 
 
 DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 
-def decode_image(value: str, what: str = "image") -> Image.Image:
+def decode_image(value: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
     """A base64 PNG/JPEG (with or without a `data:image/...;base64,` prefix), fully decoded, or an InputError."""
     if not isinstance(value, str):
         raise InputError(f"{what}: expected a base64 string, got {type(value).__name__}")
@@ -42,10 +51,8 @@ def decode_image(value: str, what: str = "image") -> Image.Image:
     except (binascii.Error, ValueError):
         raise InputError(f"{what}: not valid base64") from None
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return _decoded(io.BytesIO(raw), what, max_pixels)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{what}: the base64 data is not a readable image ({e})") from None
 
 

@@ -161,14 +161,19 @@ def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
         raise LoadError(f"{model}: no such file or folder, here or in {weights_dir()}, and not a Hub repo id like "
                         f"'owner/name' or an official checkpoint name ({', '.join(manifest())})")
     repo = entry.repo if entry else model
-    from huggingface_hub import snapshot_download
+    if entry is not None:  # only the components the manifest lists for it
+        allow_patterns = [p for p in allow_patterns if "/" not in p or p.split("/")[0] in entry.components]
+    from huggingface_hub import constants, snapshot_download
 
     with hub_errors(repo, model, revision):
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
                                         local_files_only=local_files_only, force_download=force_download))
-    if not (folder / "model_index.json").is_file():  # offline, a cache holding only a single file looks complete
-        raise LoadError(f"{repo}: the cached copy in {folder} is not a whole diffusers folder (no model_index.json): "
-                        f"run `ldm download {model}` where the Hub is reachable")
+    if not (folder / "model_index.json").is_file():
+        if local_files_only or constants.HF_HUB_OFFLINE:  # a cache holding only the single file looks complete
+            raise LoadError(f"{repo}: the cached copy in {folder} is not a whole diffusers folder (no "
+                            f"model_index.json): run `ldm download {model}` where the Hub is reachable")
+        raise LoadError(f"{repo} has no model_index.json: it is not a diffusers folder (for a single-file "
+                        "checkpoint, download the .safetensors file and pass its path)")
     return folder
 
 

@@ -80,13 +80,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def hub_files(variant: str | None) -> list[str]:
     """What a run needs from an official diffusers repo: configs, tokenizers, safetensors (and the SD 1.x safety
-    checker's)."""
+    checker's). `resolve` keeps those of the components the manifest lists for an official repo."""
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    return ["model_index.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*", "unet/config.json",
-            "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
-            f"unet/diffusion_pytorch_model{suffix}", f"vae/diffusion_pytorch_model{suffix}",
-            f"text_encoder/model{suffix}", f"text_encoder_2/model{suffix}",
-            "safety_checker/config.json", f"safety_checker/model{suffix}", "feature_extractor/*.json"]
+    patterns = ["scheduler/*.json", "tokenizer/*", "tokenizer_2/*", "unet/config.json",
+                "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                f"unet/diffusion_pytorch_model{suffix}", f"vae/diffusion_pytorch_model{suffix}",
+                f"text_encoder/model{suffix}", f"text_encoder_2/model{suffix}",
+                "safety_checker/config.json", f"safety_checker/model{suffix}", "feature_extractor/*.json"]
+    return ["model_index.json", *patterns]
 
 
 def folder_family(xl: bool, te_cfgs: dict[str, CLIPTextConfig], unet_cfg: UNetConfig, vae_cfg: VAEConfig) -> str:
@@ -406,17 +407,17 @@ class StableDiffusion:
             schedule = schedule.since(denoising_start, T)
         if denoising_end is not None:
             schedule = schedule.until(denoising_end, T)
-        if generator is None and seeds is not None:  # each prompt's generator serves its images in turn
-            generator = [g for s in seeds for g in [torch.Generator("cpu").manual_seed(s)] * num_images]
+        if generator is None and seeds is not None:  # one generator per prompt, for all its images
+            generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         generator = generator or torch.Generator("cpu").manual_seed(seed)
-        if isinstance(generator, list) and (len(generator) != len(prompts) * num_images or image is not None):
-            raise InputError(f"a list of generators is for text-to-image, one per image ({len(prompts) * num_images})")
+        batch = len(prompts) * num_images
+        if isinstance(generator, list) and (batch % len(generator) or image is not None):
+            raise InputError(f"a list of generators is for text-to-image: one per image ({batch}) or per prompt")
 
         micro = {k: v for k, v in (("original_size", original_size), ("crop_coords", crop_coords),
                                    ("target_size", target_size), ("aesthetic_score", aesthetic_score),
                                    ("negative_aesthetic_score", negative_aesthetic_score)) if v is not None}
         cond, uncond = self.conditioning(prompts, negatives, num_images, guidance > 1, (height, width), micro)
-        batch = len(prompts) * num_images
         shape = (batch, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         total = len(schedule.sigmas) - 1
 

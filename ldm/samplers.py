@@ -39,9 +39,12 @@ def _step_end(callback: Callback, i: int, x: Tensor) -> Tensor:
 
 def randn(shape, generator: "torch.Generator | list[torch.Generator] | None") -> Tensor:
     """N(0, 1) drawn on the CPU in float32 (so a seed gives the same image on every device). With a list of
-    generators, one per image (diffusers' `randn_tensor` rule), image i's noise comes from generator i."""
+    k generators, the batch is k equal groups and group i's noise is one draw from generator i: one generator
+    per image is diffusers' `randn_tensor` rule; one per prompt gives each prompt's images exactly the noise a
+    call of their own draws (one draw of n images is not n draws of one: CPU normal_ fills in blocks of 16)."""
     if isinstance(generator, list):
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+        n = shape[0] // len(generator)
+        return torch.cat([torch.randn((n, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 

@@ -179,7 +179,7 @@ def _row(position: int, label, value, columns: list[str], limits: Limits) -> Row
             try:
                 if isinstance(value, InputError):
                     raise value
-                setattr(row, name, decode_image(value, name))
+                setattr(row, name, decode_image(value, name, max_pixels=4 * limits.max_pixels))
             except InputError as e:
                 raise RequestError(f"{where}.{name}", str(e).removeprefix(f"{name}: ")) from None
         if row.mask is not None and row.image is None:
@@ -309,19 +309,23 @@ def respond(objects: list[dict], form: str = "rows"):
 
 
 def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, batch_size: int = 1):
-    """Every row of a parsed request, in order, as the response body; up to `batch_size` consecutive
-    text-to-image rows at a time go through the networks together (they share the request's parameters)."""
+    """Every row of a parsed request, in order, as the response body. Consecutive text-to-image rows go
+    through the networks together (they share the request's parameters), up to `batch_size` images a pass;
+    a row with more images than that still runs, alone."""
+    per_row = request.parameters.num_images_per_prompt
+    rows_per_pass = max(1, batch_size // per_row)
     objects, group = [], []
     for row in request.rows:
-        if batch_size > 1 and row.error is None and row.image is None:
+        if row.error is None and row.image is None and rows_per_pass > 1:
             group.append(row)
-            if len(group) < batch_size:
-                continue
+            if len(group) == rows_per_pass:
+                objects += run_rows(pipe, request, group, cancelled)
+                group = []
+            continue
         if group:
             objects += run_rows(pipe, request, group, cancelled)
             group = []
-        if row.error is not None or row.image is not None or batch_size == 1:
-            objects += run_rows(pipe, request, [row], cancelled)
+        objects += run_rows(pipe, request, [row], cancelled)
     if group:
         objects += run_rows(pipe, request, group, cancelled)
     return respond(objects, request.form)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import LdmError
-from .scoring import Cancelled, Limits, Request, RequestError, parse, run
+from .scoring import Limits, Request, RequestError, parse, run
 
 log = logging.getLogger("ldm.serve")
 
@@ -43,27 +43,49 @@ class Job:
 
 
 class Worker(threading.Thread):
-    """Loads the model, then runs queued jobs one at a time (the only thread that touches the device)."""
+    """Loads the model, then runs queued jobs one at a time (the only thread that touches the device).
+
+    The queue is bounded by the jobs still waiting: a job cancelled while it waits (its client went away,
+    or it timed out) gives its place back at once, not when the worker reaches it."""
 
     def __init__(self, load: Callable[[], object], queue_size: int, batch_size: int = 1):
         super().__init__(name="ldm-worker", daemon=True)
-        self.load, self.jobs, self.batch_size = load, queue.Queue(maxsize=queue_size), batch_size
+        self.load, self.queue_size, self.batch_size = load, queue_size, batch_size
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.lock, self.waiting = threading.Lock(), 0
         self.pipe, self.error = None, None
         self.ready = threading.Event()
         self.served = 0
 
+    def submit(self, job: Job) -> bool:
+        """Queue `job` unless `queue_size` jobs already wait."""
+        with self.lock:
+            if self.waiting >= self.queue_size:
+                return False
+            self.waiting += 1
+        self.jobs.put(job)
+        return True
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled.set()
+        if job.future.cancel():  # still waiting: its place is free now (a running job stops at its next step)
+            with self.lock:
+                self.waiting -= 1
+
     def run(self) -> None:
         try:
             self.pipe = self.load()
-        except LdmError as e:
-            self.error = str(e)
-            log.error("loading the model failed: %s", e)
+        except Exception as e:  # LdmError: a message for the user; anything else (out of memory, a bug) too
+            self.error = str(e) if isinstance(e, LdmError) else f"{type(e).__name__}: {e}"
+            log.exception("loading the model failed")
             return
         finally:
             self.ready.set()
         while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
-                continue  # its client went away (or timed out) while it waited
+            if not job.future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited; cancel() has given its place back
+            with self.lock:
+                self.waiting -= 1
             try:
                 job.future.set_result(run(self.pipe, job.request, job.cancelled.is_set, self.batch_size))
             except Exception as e:  # delivered to the handler, which answers for it
@@ -80,6 +102,15 @@ def error_body(field_name: str, message: str) -> dict:
 
 REQUEST_EXAMPLE = {"input_data": {"columns": ["prompt"], "index": [0], "data": ["a photograph of an astronaut"],
                                   "parameters": {"num_inference_steps": 30, "guidance_scale": 7.5, "seed": 1}}}
+
+
+def read_request(raw: bytes, config: ServeConfig) -> Request:
+    """A body as a parsed request, or a RequestError for anything that is not one."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd nesting, huge integers
+        raise RequestError("body", f"not valid JSON ({str(e)[:200]})") from None
+    return parse(body, config.limits, config.form)
 
 
 def create_app(worker: Worker, config: ServeConfig, model_name: str):
@@ -100,7 +131,7 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
             return answer(503, {"status": "failed", "model": model_name, "error": worker.error})
         if worker.pipe is None:
             return answer(503, {"status": "loading", "model": model_name}, retry=True)
-        return {"status": "ready", "model": model_name, "queued": worker.jobs.qsize(), "served": worker.served}
+        return {"status": "ready", "model": model_name, "queued": worker.waiting, "served": worker.served}
 
     @app.post("/score", summary="Generate images for the rows of a scoring-schema request", openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {"example": REQUEST_EXAMPLE}}}})
@@ -115,12 +146,8 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
             raw += chunk
             if len(raw) > config.max_body_bytes:
                 return answer(413, error_body("body", f"more than this server's {config.max_body_bytes} bytes"))
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return answer(400, error_body("body", f"not valid JSON ({e})"))
-        try:
-            request = parse(body, config.limits, config.form)
+        try:  # decoding base64 images is work: off the event loop
+            request = await asyncio.to_thread(read_request, bytes(raw), config)
         except RequestError as e:
             return answer(400, e.as_dict())
         if worker.pipe is None:
@@ -128,9 +155,7 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
                 return answer(503, error_body("model", f"the model failed to load: {worker.error}"))
             return answer(503, error_body("model", "the model is still loading"), retry=True)
         job = Job(request)
-        try:
-            worker.jobs.put_nowait(job)
-        except queue.Full:
+        if not worker.submit(job):
             return answer(503, error_body("queue", f"the queue is full ({config.queue_size} requests waiting); "
                                                    "retry later"), retry=True)
         waiting = asyncio.wrap_future(job.future)
@@ -138,19 +163,16 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
             await asyncio.wait({waiting}, timeout=0.2)
             if waiting.done():
                 break
-            if await http.is_disconnected():
-                job.cancelled.set()
-                job.future.cancel()
-                log.info("client went away: request cancelled")
-                return answer(499, error_body("client", "disconnected"))
-            if time.monotonic() - start > config.timeout_s:
-                job.cancelled.set()
-                job.future.cancel()
+            gone = await http.is_disconnected()
+            if gone or time.monotonic() - start > config.timeout_s:
+                worker.cancel(job)
+                waiting.cancel()  # the worker's Cancelled, if it comes, is then nobody's to report
+                if gone:
+                    log.info("client went away: request cancelled")
+                    return answer(499, error_body("client", "disconnected"))
                 return answer(504, error_body("timeout", f"not done within {config.timeout_s:g} s"))
         try:
             return answer(200, waiting.result())
-        except (Cancelled, asyncio.CancelledError):
-            return answer(504, error_body("timeout", f"not done within {config.timeout_s:g} s"))
         except RequestError as e:
             return answer(400, e.as_dict())
         except LdmError as e:

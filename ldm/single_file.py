@@ -116,7 +116,8 @@ def unet_rules(cfg: UNetConfig, prefix: str = UNET) -> list[Rule]:
                "add_embedding.linear_2": ("label_emb.0.2", {}), "mid_block.resnets.0": ("middle_block.0", RESNET),
                "mid_block.attentions.0": ("middle_block.1", {}), "mid_block.resnets.1": ("middle_block.2", RESNET),
                "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {})}
-    for level, kind in enumerate(cfg.up_block_types):
+    for level in range(len(cfg.block_out_channels)):
+        kind = cfg.up_block_types[level]
         first_in, first_out = 1 + level * (n + 1), level * (n + 1)  # each level: its resnets, then a resampler
         for j in range(n):
             modules[f"down_blocks.{level}.resnets.{j}"] = (f"input_blocks.{first_in + j}.0", RESNET)
@@ -327,7 +328,8 @@ def infer_vae(tensors: dict[str, Tensor], family: Family) -> dict:
     }
 
 
-def infer_text_encoder(tensors: dict[str, Tensor], prefix: str, kind: str, drop_last: bool) -> dict:
+def infer_text_encoder(tensors: dict[str, Tensor], prefix: str, kind: str, drop_last: bool = False,
+                       projected: bool = False) -> dict:
     """A transformers text_encoder/config.json for a CLIP-L (`clip`) or OpenCLIP (`openclip`) tower."""
     t = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if kind == "clip":
@@ -341,7 +343,7 @@ def infer_text_encoder(tensors: dict[str, Tensor], prefix: str, kind: str, drop_
         layers = len(_indices(t, "transformer.resblocks.")) - drop_last
         positions = _shape(t, "positional_embedding")[0]
         mlp = _shape(t, "transformer.resblocks.0.mlp.c_fc.weight")[0]
-        projection = None if drop_last else _shape(t, "text_projection")[1]
+        projection = _shape(t, "text_projection")[1] if projected else None  # SDXL's bigG: the pooled embedding
     if width % TEXT_HEAD_DIM:
         raise LoadError(f"text encoder width {width} under {prefix} is not a multiple of CLIP's 64-wide heads")
     return {"architectures": ["CLIPTextModelWithProjection" if projection else "CLIPTextModel"],
@@ -383,6 +385,13 @@ def component_rules(family: Family, configs: dict[str, dict], legacy_clip: bool 
     return rules
 
 
+def sd2_drops_last_block(family: Family, tensors: dict[str, Tensor]) -> bool:
+    """SD 2.x conditions on OpenCLIP-H's penultimate layer. The original files hold all 24 blocks (and the
+    unused text_projection): the last is dropped. Files converted back from a diffusers folder (diffusers'
+    convert_diffusers_to_original_stable_diffusion.py) hold only the 23 the folder keeps, and no projection."""
+    return family.key in ("sd2", "sd2-inpaint") and "cond_stage_model.model.text_projection" in tensors
+
+
 def read_single_file(tensors: dict[str, Tensor], prediction_type: str | None = None) -> SingleFile:
     """Detect, infer and map a single file's tensors (LoadError with the reason when they do not fit)."""
     family = FAMILIES[detect(tensors)]
@@ -391,7 +400,8 @@ def read_single_file(tensors: dict[str, Tensor], prediction_type: str | None = N
     for component, prefix, kind in TOWERS[family.key]:
         if kind == "clip" and not legacy_clip:
             prefix += "text_model."
-        configs[component] = infer_text_encoder(tensors, prefix, kind, drop_last=family.key in ("sd2", "sd2-inpaint"))
+        configs[component] = infer_text_encoder(tensors, prefix, kind, sd2_drops_last_block(family, tensors),
+                                                projected=family.xl)
     configs["unet"] = infer_unet(tensors, family, configs)
     configs["vae"] = infer_vae(tensors, family)
     rules = component_rules(family, configs, legacy_clip)
@@ -405,7 +415,7 @@ def read_single_file(tensors: dict[str, Tensor], prediction_type: str | None = N
     used = {r.theirs for table in rules.values() for r in table}
     ignored, unexpected = {}, []
     sd2_unused = ()
-    if family.key in ("sd2", "sd2-inpaint"):
+    if sd2_drops_last_block(family, tensors):
         last = configs["text_encoder"]["num_hidden_layers"]
         sd2_unused = (f"cond_stage_model.model.transformer.resblocks.{last}.", "cond_stage_model.model.text_projection")
     for key in tensors:

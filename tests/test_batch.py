@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from test_image_tasks import picture, rectangle_mask
 
-from ldm.batch import run_batch
+from ldm.batch import prepare_batch, run_batch
 from ldm.pipeline import StableDiffusion
 from ldm_cli.main import main
 
@@ -19,6 +19,10 @@ PARAMS = {"num_inference_steps": 2, "height": 64, "width": 64}
 @pytest.fixture(scope="module")
 def sd1(sd1_folder):
     return StableDiffusion.from_pretrained(sd1_folder)
+
+
+def go(pipe, src, out, params, seed=None, progress=None, settings=None):
+    return run_batch(pipe, prepare_batch(src, out, params, seed, settings), progress)
 
 
 def results(folder):
@@ -53,7 +57,7 @@ def test_jsonl_rows_to_pngs_and_results(sd1_folder, sd1, tmp_path, capsys):
 def test_killed_run_resumes_without_gaps_or_duplicates(sd1, tmp_path):
     src = write_jsonl(tmp_path / "rows.jsonl", [f"prompt {i}" for i in range(5)])
     whole = tmp_path / "whole"
-    run_batch(sd1, src, whole, PARAMS, seed=5)
+    go(sd1, src, whole, PARAMS, seed=5)
 
     killed = tmp_path / "killed"
 
@@ -62,17 +66,17 @@ def test_killed_run_resumes_without_gaps_or_duplicates(sd1, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch(sd1, src, killed, PARAMS, seed=5, progress=kill_after_two)
+        go(sd1, src, killed, PARAMS, seed=5, progress=kill_after_two)
     assert [o["row"] for o in results(killed)] == [0, 1]
     with open(killed / "results.jsonl", "a") as f:  # and a line torn by the kill
-        f.write('{"row": 2, "prompt": "prom')
+        f.write('{"row": 2, "of": 1, "prompt": "prom')
     (killed / "00002.png").write_bytes(b"half a png")
-    ran, skipped, failed = run_batch(sd1, src, killed, PARAMS)  # the seed comes back from batch.json
+    ran, skipped, failed = go(sd1, src, killed, PARAMS)  # the seed comes back from batch.json
     assert (ran, skipped, failed) == (3, 2, 0)
     assert [o["row"] for o in results(killed)] == [0, 1, 2, 3, 4]
     for i in range(5):
         assert (killed / f"{i:05d}.png").read_bytes() == (whole / f"{i:05d}.png").read_bytes()
-    assert run_batch(sd1, src, killed, PARAMS) == (0, 5, 0)  # nothing left to do
+    assert go(sd1, src, killed, PARAMS) == (0, 5, 0)  # nothing left to do
     assert not list(killed.glob(".*.tmp"))
 
 
@@ -116,3 +120,30 @@ def test_bad_inputs_are_named(sd1_folder, tmp_path, capsys, name, content, messa
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "batch.json").exists()  # nothing started: a corrected input may use the folder
+
+
+def test_a_row_of_several_images_cut_short_runs_again(sd1, tmp_path):
+    src = write_jsonl(tmp_path / "rows.jsonl", ["a", "b", "c"])
+    params = PARAMS | {"num_images_per_prompt": 2}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    go(sd1, src, whole, params, seed=1)
+    go(sd1, src, cut, params, seed=1)
+    lines = (cut / "results.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 6 and all(json.loads(line)["of"] == 2 for line in lines)
+    # killed after row 1's first image line: row 1 is not done, and its line goes
+    (cut / "results.jsonl").write_text("".join(lines[:3]) + lines[3][:40])
+    assert go(sd1, src, cut, params) == (2, 1, 0)
+    assert (cut / "results.jsonl").read_text() == (whole / "results.jsonl").read_text()
+
+
+def test_resuming_with_another_model_is_refused_and_bad_input_is_found_before_loading(sd1_folder, tmp_path,
+                                                                                      capsys):
+    src = write_jsonl(tmp_path / "rows.jsonl", ["a"])
+    args = ["batch", "--input", str(src), "--output", str(tmp_path / "out"), "--parameters", json.dumps(PARAMS)]
+    assert main([*args, "--model", str(sd1_folder)]) == 0
+    assert main([*args, "--model", str(sd1_folder), "--no-safety-checker"]) == 2
+    assert "another input, parameters or model" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    code = main(["batch", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o2"),
+                 "--model", str(tmp_path / "no-such-model")])
+    assert code == 2 and "not valid JSON" in capsys.readouterr().err  # not "no such model": the input came first

@@ -20,7 +20,9 @@ def test_hub_id_alias_and_patterns(monkeypatch, sd1_folder):
     assert pipe.name == "runwayml/stable-diffusion-v1-5"
     repo, revision, patterns = calls[0]
     assert repo == "stable-diffusion-v1-5/stable-diffusion-v1-5" and revision == "main"
-    assert patterns == hub_files(None)
+    # the manifest's components of SD 1.5: no second text tower, the safety checker included
+    assert patterns == [p for p in hub_files(None) if not p.startswith(("text_encoder_2/", "tokenizer_2/"))]
+    assert "safety_checker/model.safetensors" in patterns
     StableDiffusion.from_pretrained("CompVis/stable-diffusion-v1-4", variant="fp16")
     assert calls[1][0] == "CompVis/stable-diffusion-v1-4"
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[1][2]

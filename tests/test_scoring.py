@@ -129,11 +129,13 @@ def test_default_size_over_the_pixel_limit_fails_the_row(sd1):
     assert out[0]["error"]["field"] == "parameters.width" and "64x64" in out[0]["error"]["message"]
 
 
-def test_micro_batched_rows_match_rows_run_alone(sd1):
+@pytest.mark.parametrize("size", [(64, 64), (72, 80)])  # 72x80: latents of 90 values, not a multiple of 16
+def test_micro_batched_rows_match_rows_run_alone(sd1, size):
     body = {"input_data": {"data": ["a cat", "a dog", "a fox", "a hen", "an owl"],
-                           "parameters": FAST | {"seed": 8, "num_images_per_prompt": 2, "scheduler": "euler_a"}}}
+                           "parameters": FAST | {"seed": 8, "num_images_per_prompt": 2, "scheduler": "euler_a",
+                                                 "width": size[0], "height": size[1]}}}
     alone = score(sd1, body)
-    batched = score(sd1, body, batch_size=4)  # rows 0-3 in one batch (8 images), row 4 alone
+    batched = score(sd1, body, batch_size=8)  # rows 0-3 in one pass (8 images), row 4 alone
     assert [(o["prompt"], o["seed"]) for o in batched] == [(o["prompt"], o["seed"]) for o in alone]
     assert len(batched) == 10
     for a, b in zip(alone, batched, strict=True):

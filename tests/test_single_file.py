@@ -218,13 +218,18 @@ def test_truncated_and_pickle_files_are_refused(single_file, tmp_path, capsys):
     assert "never unpickles" in capsys.readouterr().err
 
 
-def test_inferred_config_json_is_what_diffusers_would_write(single_file):
-    """The inferred configs are plain diffusers/transformers config.json dicts (`ldm info` prints them)."""
-    checkpoint = read_single_file(read_safetensors(single_file("sdxl")))
-    json.dumps(checkpoint.configs)
-    assert checkpoint.configs["unet"]["transformer_layers_per_block"] == [1, 2, 3]
-    assert checkpoint.configs["text_encoder_2"]["architectures"] == ["CLIPTextModelWithProjection"]
-    assert FAMILIES["sdxl"].vae_scaling_factor == checkpoint.configs["vae"]["scaling_factor"]
+def test_sd2_file_converted_back_from_a_folder_keeps_all_its_blocks(sd21_folder, single_file, tmp_path):
+    """diffusers' convert_diffusers_to_original_stable_diffusion.py writes the folder's 23 OpenCLIP blocks and no
+    text_projection: nothing is dropped then, and the networks are those of the 24-block original."""
+    converted = write_single_file(sd21_folder, tmp_path / "converted.safetensors", "sd21", extras=False)
+    checkpoint = read_single_file(read_safetensors(converted))
+    original = read_single_file(read_safetensors(single_file("sd21")))
+    assert checkpoint.configs["text_encoder"] == original.configs["text_encoder"]
+    assert checkpoint.configs["text_encoder"]["num_hidden_layers"] == \
+        json.loads((sd21_folder / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    a = StableDiffusion.from_pretrained(converted)(PROMPT, steps=2, seed=1, width=64, height=64).images[0]
+    b = StableDiffusion.from_pretrained(single_file("sd21"))(PROMPT, steps=2, seed=1, width=64, height=64).images[0]
+    assert a.tobytes() == b.tobytes()
 
 
 # The official full-size configs (the fields that matter; models.md), to check shape inference at real size.
@@ -272,9 +277,10 @@ def test_full_size_official_layouts_infer_the_official_configs(family):
                 CLIPTextConfig.from_transformers(cfg))
             states[component] = module.state_dict()
     tensors = write_single_file_state(FAMILIES[family], official, states)
-    if family.startswith("sd2"):  # the 24th OpenCLIP-H block the folder drops
+    if family.startswith("sd2"):  # the 24th OpenCLIP-H block the folder drops, and the unused projection
         tensors |= {k.replace("resblocks.0.", "resblocks.23."): v for k, v in tensors.items()
                     if k.startswith("cond_stage_model.model.transformer.resblocks.0.")}
+        tensors["cond_stage_model.model.text_projection"] = torch.empty(1024, 1024, device="meta")
     checkpoint = read_single_file(tensors)
     assert checkpoint.family.key == family
     assert UNetConfig.from_diffusers(checkpoint.configs["unet"]) == UNetConfig.from_diffusers(official["unet"])
