@@ -25,8 +25,13 @@ from pathlib import Path
 START = time.monotonic()  # the runner subprocess imports this module first
 
 SD15 = {
-    "unet": {"_class_name": "UNet2DConditionModel", "attention_head_dim": 8,
-             "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "sample_size": 64},
+    "unet": {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+             "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"], "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+             "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+             "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]},
     "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hidden_size": 768,
                      "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
                      "max_position_embeddings": 77, "vocab_size": 49408, "model_type": "clip_text_model",
@@ -67,7 +72,8 @@ def write_random_folder(root: Path, arch: str) -> Path:
     if (root / "model_index.json").is_file():
         return root
     family = FAMILIES["sdxl" if arch == "sdxl" else "sd1"]
-    vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "latent_channels": 4,
+    vae = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+           "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
            "sample_size": family.sample_size * 8, "scaling_factor": family.vae_scaling_factor,
            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
     towers = [t for t in ("text_encoder", "text_encoder_2") if t in spec]

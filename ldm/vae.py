@@ -18,15 +18,16 @@ from .unet import Downsample, ResnetBlock, Upsample
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The fields of an official `vae/config.json`, with diffusers' defaults for absent ones."""
+    """The fields of an official `vae/config.json`, with diffusers' `AutoencoderKL` defaults for absent ones
+    (the official files state the SD widths — 128, 256, 512, 512 and two resnets a level — in full)."""
 
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
     norm_num_groups: int = 32
-    sample_size: int = 512
+    sample_size: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
     force_upcast: bool = True
@@ -43,6 +44,10 @@ class VAEConfig:
                 raise ConfigError(f"vae config: {key} must all be {kind!r}, got {cfg[key]}")
         if cfg.get("latents_mean") is not None:
             raise ConfigError("vae config: latents_mean/latents_std are not supported")
+        levels = len(cfg.get("block_out_channels", cls.block_out_channels))
+        for key in ("down_block_types", "up_block_types"):
+            if len(cfg.get(key, [None])) != levels:
+                raise ConfigError(f"vae config: {key} has {len(cfg.get(key, [None]))} entries for {levels} levels")
         fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
         if "block_out_channels" in fields:
             fields["block_out_channels"] = tuple(fields["block_out_channels"])

@@ -137,3 +137,18 @@ def test_text_encoder_matches_transformers(tmp_path, family, names):
     assert max_rel_err(penultimate.hidden, out.hidden_states[-2]) < TOL
     pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
     assert max_rel_err(last.pooled, pooled) < TOL
+
+
+def test_absent_config_fields_take_diffusers_class_defaults():
+    """A config.json that leaves a field out means diffusers' class default: the same network must come out."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ldm.unet import UNet
+    from ldm.vae import VAE, VAEConfig
+
+    with torch.device("meta"):  # shapes only
+        pairs = ((VAE(VAEConfig.from_diffusers({})), AutoencoderKL()),
+                 (UNet(UNetConfig.from_diffusers({"sample_size": 64})), UNet2DConditionModel(sample_size=64)))
+    for ours, theirs in pairs:
+        expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expected

@@ -253,7 +253,8 @@ OPENCLIP_H = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_hea
               "hidden_act": "gelu"}
 BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
         "hidden_act": "gelu", "architectures": ["CLIPTextModelWithProjection"], "projection_dim": 1280}
-VAE_CFG = {"block_out_channels": [128, 256, 512, 512]}
+VAE_CFG = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 512,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
 OFFICIAL = {
     "sd1": {"unet": SD15_UNET, "text_encoder": CLIP_L},
     "sd2": {"unet": SD21_UNET, "text_encoder": OPENCLIP_H},
