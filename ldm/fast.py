@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import attention
-from .unet import Attention, TransformerBlock
+from .unet import Attention, ResnetBlock, TransformerBlock
 
 
 class FusedSelfAttention(Attention):
@@ -67,6 +67,32 @@ def fuse_projections(unet: nn.Module) -> int:
     return n
 
 
+class KernelResnetBlock(ResnetBlock):
+    """A resnet whose GroupNorm+SiLU pairs run as the fused `ldm::group_norm_silu` op (kernels/)."""
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        op = torch.ops.ldm.group_norm_silu
+        h = self.conv1(op(x, self.norm1.weight, self.norm1.bias, self.norm1.num_groups, self.norm1.eps))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(torch.nn.functional.silu(temb))[:, :, None, None]
+        h = self.conv2(op(h, self.norm2.weight, self.norm2.bias, self.norm2.num_groups, self.norm2.eps))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+def use_kernels(*modules: nn.Module) -> int:
+    """Route the resnets of `modules` through the Triton kernels of kernels/ (installed as `ldm_kernels`);
+    returns how many resnets now use them. Without Triton the op is the reference, so this is always safe."""
+    import ldm_kernels.group_norm_silu  # noqa: F401  (registers torch.ops.ldm.group_norm_silu)
+
+    n = 0
+    for module in modules:
+        for block in module.modules():
+            if type(block) is ResnetBlock:
+                block.__class__ = KernelResnetBlock
+                n += 1
+    return n
+
+
 class TensorTimestep(nn.Module):
     """Calls a compiled UNet with the timestep as a float32 tensor on the UNet's device: a Python number
     would be baked into the graph and recompile it at every step."""
@@ -86,13 +112,16 @@ def cache_dir() -> Path:
 
 
 def accelerate(pipe, compile: bool = True, channels_last: bool = True, fuse: bool = True, mode: str | None = None,
-               backend: str = "inductor"):
+               backend: str = "inductor", kernels: bool = False):
     """Make `pipe` fast in place and return it. `mode`: torch.compile's mode (default: "max-autotune" on CUDA,
     which includes CUDA graphs; inductor's default plus weight freezing on the CPU). `backend` is for tests
-    ("aot_eager" traces the same graphs without generating code)."""
+    ("aot_eager" traces the same graphs without generating code). `kernels`: the Triton kernels of kernels/
+    (off by default: they have not yet been measured to beat what inductor generates, see BENCHMARKS.md)."""
     unet = pipe.unet.unet if isinstance(pipe.unet, TensorTimestep) else pipe.unet
     if fuse:
         fuse_projections(unet)
+    if kernels:
+        use_kernels(unet, pipe.vae)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
