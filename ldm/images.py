@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,10 @@ MAX_INPUT_PIXELS = 8192 * 8192  # larger inputs are refused before they are deco
 
 
 def _decoded(source, what: str, max_pixels: int) -> Image.Image:
-    with Image.open(source) as image:  # lazy: only the header is read here
+    with warnings.catch_warnings():  # PIL's size warning: the check below says it better
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(source)  # lazy: only the header is read here
+    with image:
         if image.width * image.height > max_pixels:
             raise InputError(f"{what}: {image.width}x{image.height} is larger than the {max_pixels} pixels ldm "
                              "decodes; resize it first")

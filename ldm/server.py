@@ -63,14 +63,19 @@ class Worker(threading.Thread):
             if self.waiting >= self.queue_size:
                 return False
             self.waiting += 1
+        # cancelled while it waits, by whoever: its place is free at once (a running job cannot be cancelled)
+        job.future.add_done_callback(lambda future: future.cancelled() and self._release())
         self.jobs.put(job)
         return True
 
+    def _release(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
     def cancel(self, job: Job) -> None:
+        """Stop `job`: dropped if it still waits, stopped at its next denoising step if it runs."""
         job.cancelled.set()
-        if job.future.cancel():  # still waiting: its place is free now (a running job stops at its next step)
-            with self.lock:
-                self.waiting -= 1
+        job.future.cancel()
 
     def run(self) -> None:
         try:
@@ -83,9 +88,8 @@ class Worker(threading.Thread):
             self.ready.set()
         while (job := self.jobs.get()) is not None:
             if not job.future.set_running_or_notify_cancel():
-                continue  # cancelled while it waited; cancel() has given its place back
-            with self.lock:
-                self.waiting -= 1
+                continue  # cancelled while it waited: its place was given back then
+            self._release()
             try:
                 job.future.set_result(run(self.pipe, job.request, job.cancelled.is_set, self.batch_size))
             except Exception as e:  # delivered to the handler, which answers for it
