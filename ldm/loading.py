@@ -89,14 +89,40 @@ def weights_file(folder: Path, stem: str, variant: str | None = None) -> Path:
     raise LoadError(f"{folder}: no weights found (looked for {', '.join(candidates)})")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file (memory-mapped), cast to `dtype` if given."""
-    if path.suffix in PICKLE_SUFFIXES:
-        refuse_pickle(path)
-    with _damaged(path), safe_open(str(path), framework="pt", device="cpu") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    """All tensors of a safetensors file, cast to `dtype` if given.
+
+    Without a cast the tensors are views of the memory-mapped file (no copy). With one, each tensor is read
+    on its own and converted, so the memory peak is the converted weights plus one tensor, not plus the
+    whole file's pages as a cast of the mapped tensors would hold."""
+    header = safetensors_header(path)  # checks the file is whole and not a pickle
+    unknown = sorted({d for d, _ in header.values()} - set(SAFETENSORS_DTYPES))
+    if unknown:
+        raise LoadError(f"{path}: tensors of type {', '.join(unknown)} are not supported (ldm reads float and "
+                        "integer tensors)")
+    if dtype is None or all(SAFETENSORS_DTYPES[d] == dtype or not SAFETENSORS_DTYPES[d].is_floating_point
+                            for d, _ in header.values()):
+        with _damaged(path), safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    tensors = {}
+    with _damaged(path), open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(size))
+        for key, info in meta.items():
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            f.seek(8 + size + start)
+            raw = bytearray(f.read(end - start))
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
+            t = torch.frombuffer(raw, dtype=stored) if raw else torch.empty(0, dtype=stored)
+            t = t.reshape(info["shape"])
+            tensors[key] = t.to(dtype) if t.is_floating_point() else t.clone()
     return tensors
 
 

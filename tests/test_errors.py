@@ -227,3 +227,21 @@ def test_karras_is_checked_against_the_folders_default_sampler(sd1_folder):
     pipe = StableDiffusion.from_pretrained(sd1_folder)  # PNDM folder: no Karras grid in diffusers
     with pytest.raises(InputError, match="not to pndm"):
         pipe(PROMPT, steps=2, seed=0, karras=True)
+
+
+def test_a_cast_on_load_reads_each_tensor_once_and_gives_the_same_values(sd1_folder):
+    """Casting while loading streams the file tensor by tensor (the memory peak is the cast weights plus one
+    tensor); the values must be those of casting the memory-mapped tensors."""
+    import torch
+
+    from ldm.loading import read_safetensors
+
+    for path in (sd1_folder / "unet" / "diffusion_pytorch_model.safetensors", sd1_folder / "text_encoder" /
+                 "model.safetensors"):
+        mapped = read_safetensors(path)
+        for dtype in (torch.float16, torch.bfloat16):
+            cast = read_safetensors(path, dtype)
+            assert set(cast) == set(mapped)
+            for k, v in mapped.items():
+                expected = v.to(dtype) if v.is_floating_point() else v
+                assert cast[k].dtype == expected.dtype and torch.equal(cast[k], expected), k
