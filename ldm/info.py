@@ -6,14 +6,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .clip import CLIPTextConfig
 from .errors import LoadError
 from .families import lookup
-from .loading import read_config, read_json, read_safetensors, resolve, safetensors_header, weights_file
-from .pipeline import SD_PIPELINES, XL_PIPELINES, folder_family, hub_files
+from .loading import read_json, read_safetensors, resolve, safetensors_header, weights_file
+from .pipeline import hub_files, read_folder
 from .single_file import read_single_file
-from .unet import UNetConfig
-from .vae import VAEConfig
 
 
 @dataclass
@@ -65,18 +62,11 @@ def model_info(model: str, revision: str | None = None, variant: str | None = No
     root = resolve(model, hub_files(variant), revision, local_files_only=True)
     if root.is_file():
         return _single_file_info(model, root)
-    index = read_json(root / "model_index.json")
-    pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
-    if pipeline_class not in SD_PIPELINES + XL_PIPELINES:
-        raise LoadError(f"{root}: a {pipeline_class} folder is not one ldm loads")
-    xl = pipeline_class in XL_PIPELINES
-    towers = [t for t in ("text_encoder", "text_encoder_2") if isinstance(index.get(t), list) and index[t][0]]
-    te_cfgs = {t: read_config(root / t / "config.json", CLIPTextConfig.from_transformers) for t in towers}
-    family = folder_family(xl, te_cfgs, read_config(root / "unet" / "config.json", UNetConfig.from_diffusers),
-                           read_config(root / "vae" / "config.json", VAEConfig.from_diffusers))
-    info = ModelInfo(model, "diffusers folder", root, family, read_json(root / "scheduler" / "scheduler_config.json"))
-    for part in ["unet", "vae", *towers]:
-        path = weights_file(root / part, "model" if part in towers else "diffusion_pytorch_model", variant)
+    folder = read_folder(root)
+    info = ModelInfo(model, "diffusers folder", root, folder.family,
+                     read_json(root / "scheduler" / "scheduler_config.json"))
+    for part in ["unet", "vae", *folder.towers]:
+        path = weights_file(root / part, "model" if part in folder.towers else "diffusion_pytorch_model", variant)
         header = {k: v for k, v in safetensors_header(path).items() if v[0] in FLOAT_DTYPES}  # not position_ids
         config = {k: v for k, v in read_json(root / part / "config.json").items() if not k.startswith("_")}
         info.components.append(Component(part, path, _dtypes([d for d, _ in header.values()]),

@@ -90,13 +90,43 @@ def hub_files(variant: str | None) -> list[str]:
     return ["model_index.json", *patterns]
 
 
-def folder_family(xl: bool, te_cfgs: dict[str, CLIPTextConfig], unet_cfg: UNetConfig, vae_cfg: VAEConfig) -> str:
-    """The family a diffusers folder's configs describe, for messages and `ldm info`."""
+@dataclass
+class Folder:
+    """What a diffusers folder's model_index.json and config.json files say, before any weight is read."""
+
+    index: dict
+    xl: bool
+    listed: set[str]  # the components model_index.json names (not [null, null])
+    towers: list[str]  # text_encoder, text_encoder_2
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoders: dict[str, CLIPTextConfig]
+    family: str  # for messages and `ldm info`
+
+
+def read_folder(root: Path) -> Folder:
+    """Read and check a folder's layout and configs (LoadError naming what is missing or malformed)."""
+    index = read_json(root / "model_index.json")
+    pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
+    if pipeline_class not in SD_PIPELINES + XL_PIPELINES:
+        raise LoadError(f"{root}: a {pipeline_class} folder is not supported yet (ldm loads "
+                        f"{', '.join(SD_PIPELINES + XL_PIPELINES)} folders)")
+    xl = pipeline_class in XL_PIPELINES
+    listed = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
+    towers = [t for t in ("text_encoder", "text_encoder_2") if t in listed] if xl else ["text_encoder"]
+    needed = ["unet", "vae", "scheduler"] + towers + [t.replace("text_encoder", "tokenizer") for t in towers]
+    for part in needed:
+        if not (root / part).is_dir():
+            raise LoadError(f"{root}: the {part}/ folder is missing")
+    unet = read_config(root / "unet" / "config.json", UNetConfig.from_diffusers)
+    vae = read_config(root / "vae" / "config.json", VAEConfig.from_diffusers)
+    text_encoders = {t: read_config(root / t / "config.json", CLIPTextConfig.from_transformers) for t in towers}
     if xl:
-        family = "SDXL refiner" if "text_encoder" not in te_cfgs else "SDXL base"
-    else:
-        family = "SD 1.x" if te_cfgs["text_encoder"].hidden_act == "quick_gelu" else "SD 2.x"  # CLIP-L/OpenCLIP-H
-    return family + (" inpainting" if unet_cfg.in_channels > vae_cfg.latent_channels else "")
+        family = "SDXL refiner" if "text_encoder" not in text_encoders else "SDXL base"
+    else:  # CLIP-L or OpenCLIP-H
+        family = "SD 1.x" if text_encoders["text_encoder"].hidden_act == "quick_gelu" else "SD 2.x"
+    family += " inpainting" if unet.in_channels > vae.latent_channels else ""
+    return Folder(index, xl, listed, towers, unet, vae, text_encoders, family)
 
 
 def upcast_vae_dtype(xl: bool, dtype: torch.dtype, vae_cfg: VAEConfig) -> torch.dtype:
@@ -205,23 +235,9 @@ class StableDiffusion:
             if variant is not None:
                 raise InputError(f"--variant {variant} selects files in a diffusers folder; {root} is a single file")
             return cls.from_single_file(root, device, dtype, prediction_type)
-        index = read_json(root / "model_index.json")
-        pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
-        if pipeline_class not in SD_PIPELINES + XL_PIPELINES:
-            raise LoadError(f"{root}: a {pipeline_class} folder is not supported yet (ldm loads "
-                            f"{', '.join(SD_PIPELINES + XL_PIPELINES)} folders)")
-        xl = pipeline_class in XL_PIPELINES
-        listed = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
-        towers = [t for t in ("text_encoder", "text_encoder_2") if t in listed] if xl else ["text_encoder"]
-        needed = ["unet", "vae", "scheduler"] + towers + [t.replace("text_encoder", "tokenizer") for t in towers]
-        for part in needed:
-            if not (root / part).is_dir():
-                raise LoadError(f"{root}: the {part}/ folder is missing")
-
-        unet_cfg = read_config(root / "unet" / "config.json", UNetConfig.from_diffusers)
-        vae_cfg = read_config(root / "vae" / "config.json", VAEConfig.from_diffusers)
-        te_cfgs = {t: read_config(root / t / "config.json", CLIPTextConfig.from_transformers) for t in towers}
-        family = folder_family(xl, te_cfgs, unet_cfg, vae_cfg)
+        folder = read_folder(root)
+        index, xl, listed, towers = folder.index, folder.xl, folder.listed, folder.towers
+        unet_cfg, vae_cfg, te_cfgs, family = folder.unet, folder.vae, folder.text_encoders, folder.family
         vae_dtype = upcast_vae_dtype(xl, dt, vae_cfg)
 
         def load(part, stem, build, dtype=dt, rename=lambda state: state):
