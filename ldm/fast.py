@@ -6,6 +6,10 @@ pipeline in place for speed, each step optional and each one checked against the
 - fused projections: every self-attention computes q, k and v with one matmul (`to_qkv`), every
   cross-attention k and v of the text with one (`to_kv`); the weights are concatenated once, here;
 - channels_last memory format for the convolutional networks (UNet, VAE);
+- on the CPU in fp32, Winograd F(4×4, 3×3) for the 3×3 convolutions of the UNet and VAE decoder where it
+  pays (kernels/winograd.py, installed as `ldm_kernels`): a quarter of the multiplications, about 2× faster
+  convolutions at the widths and sizes where the matmuls stay large, for 4× the converted filters' memory
+  (see `use_winograd`);
 - `torch.compile(fullgraph=True, dynamic=False)` of the UNet and the VAE decoder: one graph each, no
   graph breaks; the timestep reaches the UNet as a tensor, so the denoising steps of a run, and later
   runs of the same shape, reuse the compiled code. On CUDA the "max-autotune" mode also captures the
@@ -93,6 +97,47 @@ def use_kernels(*modules: nn.Module) -> int:
     return n
 
 
+class WinogradConv2d(nn.Conv2d):
+    """A 3×3 convolution (stride 1, padding 1) that also holds its filters in the Winograd domain and runs
+    as Winograd F(4×4, 3×3) for the input shapes where that is faster (`ldm_kernels.winograd.pays`); other
+    shapes take the direct convolution. Shapes are static under torch.compile, so the choice is made when
+    tracing and costs nothing per call."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        from ldm_kernels import winograd
+
+        n, c, h, w = x.shape
+        if winograd.pays(n, c, self.out_channels, h, w):
+            return winograd.conv2d(x, self.winograd_weight, self.bias)
+        return super().forward(x)
+
+
+WINOGRAD_MAX_FILTERS = 1920 * 640  # in × out channels: up to the widest convolution of the 640-wide levels
+
+
+def use_winograd(*modules: nn.Module, min_channels: int = 256, max_filters: int = WINOGRAD_MAX_FILTERS) -> int:
+    """Convert the 3×3 convolutions of `modules` that Winograd can speed up (at least `min_channels` in and
+    out, as `pays` requires) to `WinogradConv2d`; returns how many. The Winograd-domain filters take 4× the
+    memory of the originals, which stay for the shapes that run direct, so convolutions with more than
+    `max_filters` in × out channels are left alone. In SD 1.5 that keeps the 1280-wide levels direct (464 M
+    of the UNet's 541 M convolution weights; at 256² they are at 8×8 and 4×4, too small to pay) and adds
+    1.15 GB for the 320- and 640-wide levels, 0.75 GB for the VAE decoder's 256- and 512-wide ones.
+    """
+    from ldm_kernels import winograd
+
+    n = 0
+    for module in modules:
+        for conv in module.modules():
+            if (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+                    and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                    and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= min_channels
+                    and conv.in_channels * conv.out_channels <= max_filters):
+                conv.winograd_weight = nn.Parameter(winograd.transform_weight(conv.weight), requires_grad=False)
+                conv.__class__ = WinogradConv2d
+                n += 1
+    return n
+
+
 class TensorTimestep(nn.Module):
     """Calls a compiled UNet with the timestep as a float32 tensor on the UNet's device: a Python number
     would be baked into the graph and recompile it at every step."""
@@ -112,16 +157,22 @@ def cache_dir() -> Path:
 
 
 def accelerate(pipe, compile: bool = True, channels_last: bool = True, fuse: bool = True, mode: str | None = None,
-               backend: str = "inductor", kernels: bool = False):
+               backend: str = "inductor", kernels: bool = False, winograd: bool | None = None):
     """Make `pipe` fast in place and return it. `mode`: torch.compile's mode (default: "max-autotune" on CUDA,
     which includes CUDA graphs; inductor's default plus weight freezing on the CPU). `backend` is for tests
     ("aot_eager" traces the same graphs without generating code). `kernels`: the Triton kernels of kernels/
-    (off by default: they have not yet been measured to beat what inductor generates, see BENCHMARKS.md)."""
+    (off by default: they have not yet been measured to beat what inductor generates, see BENCHMARKS.md).
+    `winograd`: Winograd 3×3 convolutions (`use_winograd`; default: on for fp32 on the CPU, where it was
+    measured to pay, off elsewhere: cuDNN chooses its own algorithms)."""
     unet = pipe.unet.unet if isinstance(pipe.unet, TensorTimestep) else pipe.unet
     if fuse:
         fuse_projections(unet)
     if kernels:
         use_kernels(unet, pipe.vae)
+    if winograd is None:
+        winograd = pipe.device.type == "cpu" and next(unet.parameters()).dtype == torch.float32
+    if winograd:
+        use_winograd(unet, pipe.vae.decoder)  # not the encoder: it runs once, for image-to-image only
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)

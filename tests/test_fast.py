@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import max_rel_err
 
-from ldm.fast import FusedCrossAttention, FusedSelfAttention, TensorTimestep, accelerate, fuse_projections
+from ldm.fast import (
+    FusedCrossAttention,
+    FusedSelfAttention,
+    TensorTimestep,
+    WinogradConv2d,
+    accelerate,
+    fuse_projections,
+    use_winograd,
+)
 from ldm.pipeline import StableDiffusion
 
 PROMPT = "a small house by a lake"
@@ -41,15 +49,36 @@ def test_accelerated_images_match_without_compile(sd1_folder):
     assert np.abs(image(fast) - reference).max() <= 2
 
 
+def winograd_everywhere(pipe, monkeypatch) -> int:
+    """The tiny fixtures are narrower than the 256 channels from which Winograd pays: convert every 3×3
+    convolution and take the Winograd path at every shape, to check it inside the networks."""
+    from ldm_kernels import winograd
+
+    monkeypatch.setattr(winograd, "pays", lambda *shape: True)
+    return use_winograd(pipe.unet, pipe.vae, min_channels=1)
+
+
+def test_winograd_images_match_the_reference(sd1_folder, monkeypatch):
+    reference = image(StableDiffusion.from_pretrained(sd1_folder))
+    fast = StableDiffusion.from_pretrained(sd1_folder)
+    n = winograd_everywhere(fast, monkeypatch)
+    assert n == sum(isinstance(m, WinogradConv2d) for m in [*fast.unet.modules(), *fast.vae.modules()]) > 10
+    assert np.abs(image(fast) - reference).max() <= 2
+    assert np.abs(image(accelerate(fast, compile=False)) - reference).max() <= 2
+
+
 def test_compiled_graphs_have_no_breaks_and_no_recompiles(sd1_folder, monkeypatch):
     """fullgraph=True fails on any graph break; error_on_recompile fails if a later step or call (another
     prompt, seed, step count or sampler of the same shape) would compile again. aot_eager traces the same
-    graphs as inductor without generating code, which takes minutes on two cores (BENCHMARKS.md)."""
+    graphs as inductor without generating code, which takes minutes on two cores (BENCHMARKS.md). The
+    Winograd convolutions are in the graphs too."""
     import torch._dynamo
 
     torch._dynamo.reset()
     reference = StableDiffusion.from_pretrained(sd1_folder)
-    fast = accelerate(StableDiffusion.from_pretrained(sd1_folder), backend="aot_eager")
+    fast = StableDiffusion.from_pretrained(sd1_folder)
+    assert winograd_everywhere(fast, monkeypatch) > 0
+    fast = accelerate(fast, backend="aot_eager")
     assert isinstance(fast.unet, TensorTimestep)
     first = image(fast)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
