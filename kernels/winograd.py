@@ -17,7 +17,6 @@ error (tests/test_kernels.py). Only fp32 on the CPU uses it: on CUDA cuDNN picks
 """
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 M, R = 4, 3  # output tile, filter size
@@ -76,3 +75,41 @@ def pays(n: int, c: int, k: int, h: int, w: int) -> bool:
     reads) and enough channels that the transforms, which cost 36 per tile and channel, stay small."""
     tiles = n * -(-h // M) * -(-w // M)
     return min(c, k) >= 256 and tiles >= 32 and h * w <= 128 * 128
+
+
+def _bench(shapes=((2, 320, 32), (2, 640, 16), (2, 1280, 8), (2, 1280, 4), (2, 1280, 16), (1, 512, 64),
+                   (1, 256, 128), (1, 128, 128)), repeats: int = 5) -> None:
+    """`python -m ldm_kernels.winograd`: one convolution (C in = C out), direct and pre-packed by oneDNN as
+    inductor's freezing leaves it, against `torch.compile(conv2d)`; the medians of `repeats` calls."""
+    import statistics
+    import time
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def measure(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[float, float]:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+        u = transform_weight(weight)
+        fast = torch.compile(lambda t: conv2d(t, u, bias), fullgraph=True)
+        with torch.no_grad():
+            direct = timed(lambda: torch.ops.mkldnn._convolution_pointwise(
+                x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""))
+            return direct, timed(lambda: fast(x))
+
+    print("| N × C × H×W | direct (pre-packed) | Winograd (compiled) | speed-up | pays |\n|---|---|---|---|---|")
+    for n, c, s in shapes:
+        torch._dynamo.reset()
+        x = torch.randn(n, c, s, s).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(c, c, 3, 3).contiguous(memory_format=torch.channels_last) / (9 * c) ** 0.5
+        direct, wino = measure(x, weight, torch.randn(c))
+        print(f"| {n} × {c} × {s}² | {direct * 1e3:.1f} ms | {wino * 1e3:.1f} ms | {direct / wino:.2f}× "
+              f"| {pays(n, c, c, s, s)} |", flush=True)
+
+if __name__ == "__main__":
+    _bench()
