@@ -13,7 +13,7 @@ Everything is plain PyTorch (the transforms are small dense matmuls with the Kro
 maps), so it runs eagerly and torch.compile traces it. The filter transform is done once, when a convolution
 is converted (`transform_weight`). Error: F(4, 3)'s interpolation points (0, ±1, ±2, ∞) keep
 fp32 results within ~1e-5 relative of the float64 convolution, about 3× the direct fp32 convolution's own
-error (tests/test_kernels.py). Only fp32 on the CPU uses it: on CUDA cuDNN picks its own algorithms.
+error (tests/test_winograd.py). Only fp32 on the CPU uses it: on CUDA cuDNN picks its own algorithms.
 """
 
 import torch
@@ -72,7 +72,8 @@ def conv2d(x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
 def pays(n: int, c: int, k: int, h: int, w: int) -> bool:
     """Whether Winograd beats the direct (pre-packed oneDNN) convolution for this call on the CPU, from the
     measurements in BENCHMARKS.md: it needs wide matmuls (enough tiles for the 36 · C · K filter values it
-    reads) and enough channels that the transforms, which cost 36 per tile and channel, stay small."""
+    reads) and enough channels that the transforms, which cost 36 per tile and channel, stay small; above
+    128×128 the transforms' memory traffic grows past what the matmuls save (0.93–1.24× at 256 × 128² already)."""
     tiles = n * -(-h // M) * -(-w // M)
     return min(c, k) >= 256 and tiles >= 32 and h * w <= 128 * 128
 
@@ -110,6 +111,7 @@ def _bench(shapes=((2, 320, 32), (2, 640, 16), (2, 1280, 8), (2, 1280, 4), (2, 1
         direct, wino = measure(x, weight, torch.randn(c))
         print(f"| {n} × {c} × {s}² | {direct * 1e3:.1f} ms | {wino * 1e3:.1f} ms | {direct / wino:.2f}× "
               f"| {pays(n, c, c, s, s)} |", flush=True)
+
 
 if __name__ == "__main__":
     _bench()
