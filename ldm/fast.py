@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldm_kernels import winograd as _winograd
+
 from .attention import attention
 from .unet import Attention, ResnetBlock, TransformerBlock
 
@@ -104,11 +106,9 @@ class WinogradConv2d(nn.Conv2d):
     tracing and costs nothing per call."""
 
     def forward(self, x: Tensor) -> Tensor:
-        from ldm_kernels import winograd
-
         n, c, h, w = x.shape
-        if winograd.pays(n, c, self.out_channels, h, w):
-            return winograd.conv2d(x, self.winograd_weight, self.bias)
+        if _winograd.pays(n, c, self.out_channels, h, w):
+            return _winograd.conv2d(x, self.winograd_weight, self.bias)
         return super().forward(x)
 
 
@@ -123,8 +123,6 @@ def use_winograd(*modules: nn.Module, min_channels: int = 256, max_filters: int 
     of the UNet's 541 M convolution weights; at 256² they are at 8×8 and 4×4, too small to pay) and adds
     1.15 GB for the 320- and 640-wide levels, 0.75 GB for the VAE decoder's 256- and 512-wide ones.
     """
-    from ldm_kernels import winograd
-
     n = 0
     for module in modules:
         for conv in module.modules():
@@ -132,7 +130,7 @@ def use_winograd(*modules: nn.Module, min_channels: int = 256, max_filters: int 
                     and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
                     and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= min_channels
                     and conv.in_channels * conv.out_channels <= max_filters):
-                conv.winograd_weight = nn.Parameter(winograd.transform_weight(conv.weight), requires_grad=False)
+                conv.winograd_weight = nn.Parameter(_winograd.transform_weight(conv.weight), requires_grad=False)
                 conv.__class__ = WinogradConv2d
                 n += 1
     return n
