@@ -82,17 +82,11 @@ def _bench(shapes=((2, 320, 32), (2, 640, 16), (2, 1280, 8), (2, 1280, 4), (2, 1
                    (1, 256, 128), (1, 128, 128)), repeats: int = 5) -> None:
     """`python -m ldm_kernels.winograd`: one convolution (C in = C out), direct and pre-packed by oneDNN as
     inductor's freezing leaves it, against `torch.compile(conv2d)`; the medians of `repeats` calls."""
-    import statistics
-    import time
+    from ldm.bench import median_time
 
     def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        fn()  # warm-up (compiles)
+        return median_time(fn, repeats)
 
     def measure(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[float, float]:
         packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))

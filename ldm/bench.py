@@ -110,7 +110,7 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     import torch
 
     times = []
@@ -215,10 +215,10 @@ def run_one(impl: str, model: str, size: int, steps: int, sampler: str, compile:
         conds = encode() if impl == "ldm" else None
         result = {"impl": impl, "compile": compile, "load_s": load, "to_first_step_s": first_step.get("start"),
                   "first_step_s": first_step.get("t"),
-                  "text_encode_s": _median_time(encode, repeats),
-                  "unet_step_s": _median_time(unet_call, repeats),
-                  "vae_decode_s": _median_time(lambda: vae_decode(z), repeats),
-                  "end_to_end_s": _median_time(generate, 1),
+                  "text_encode_s": median_time(encode, repeats),
+                  "unet_step_s": median_time(unet_call, repeats),
+                  "vae_decode_s": median_time(lambda: vae_decode(z), repeats),
+                  "end_to_end_s": median_time(generate, 1),
                   "peak_rss_gib": _peak_rss_bytes() / 2**30}
     return result
 
