@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ldm.errors import LdmError
+from ldm.prompts import EMPHASES
 from ldm.samplers import SAMPLERS
 
 
@@ -74,8 +75,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen = sub.add_parser(
         "generate", help="generate images from a text prompt",
         description="Generate images from a text prompt. Defaults (size, sampler) come from the model folder.")
-    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument("prompt", nargs="?", default=None,
+                     help="what to draw, in AUTOMATIC1111's prompt syntax: (word:1.3) emphasis, any length, BREAK, "
+                          "embedding trigger words")
     gen.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    prompts = gen.add_argument_group("prompts", "README: 'Prompts'")
+    prompts.add_argument("--prompt-syntax", default="a1111", choices=("a1111", "plain"),
+                         help="a1111: AUTOMATIC1111's emphasis, chunks of 75 tokens and BREAK (default); plain: "
+                              "the text read literally and cut at 77 tokens, as diffusers does")
+    prompts.add_argument("--emphasis", default="original", choices=("original", "no-norm", "none"),
+                         help="A1111's emphasis mode: original (weights, then each chunk's mean restored; default), "
+                              "no-norm (weights only), none (brackets are text)")
+    prompts.add_argument("--clip-skip", type=int, default=1,
+                         help="condition on the text tower's N-th layer from the end: 1 = the last (default), 2 = "
+                              "the penultimate (A1111's Clip skip; see README for SD 2.x and SDXL)")
+    prompts.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                         help="a textual-inversion embedding (.safetensors, or A1111 .pt); its trigger word is the "
+                              "file name without extension. Repeatable; weights/embeddings/ is always loaded")
+    prompts.add_argument("--from-png", default=None, metavar="IMAGE.png",
+                         help="take prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, clip skip "
+                              "and strength from a PNG's A1111 parameters; flags given beside it override them")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     gen.add_argument("--guidance", type=float, default=7.5,
                      help="classifier-free guidance scale; ≤ 1 turns it off (default: %(default)s)")
@@ -180,7 +199,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="auto: fp16 on CUDA, fp32 on the CPU")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats of each part (default: %(default)s)")
     bench.add_argument("--no-diffusers", action="store_true", help="time ldm only")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "generate":  # which options were given (they override a PNG's parameters)
+        for action in gen._actions:
+            action.default = argparse.SUPPRESS
+        args.given = set(vars(parser.parse_args(argv))) - {"command"}
+    return args
+
+
+def from_png(args: argparse.Namespace) -> None:
+    """Fill the options not given on the command line from the A1111 parameters of `--from-png`."""
+    from ldm.images import parse_infotext, png_parameters
+
+    prompt, negative, params = parse_infotext(png_parameters(args.from_png))
+    by_label = {spec.label: name for name, spec in SAMPLERS.items()}
+
+    def value(key, kind):
+        try:
+            return kind(params[key])
+        except ValueError:
+            raise LdmError(f"--from-png {args.from_png}: {key}: {params[key]!r} is not a valid value") from None
+
+    found = {"prompt": prompt, "negative_prompt": negative or None}
+    for key, dest, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
+                            ("Clip skip", "clip_skip", int), ("Eta", "eta", float),
+                            ("CFG rescale", "guidance_rescale", float)):
+        if key in params:
+            found[dest] = value(key, kind)
+    if "Size" in params:
+        size = params["Size"].split("x")
+        if len(size) != 2 or not all(v.isdigit() for v in size):
+            raise LdmError(f"--from-png {args.from_png}: Size: {params['Size']!r} is not WxH")
+        found["width"], found["height"] = int(size[0]), int(size[1])
+    sampler = params.get("Sampler")
+    if sampler is not None:
+        karras = sampler.endswith(" Karras")  # A1111 before 1.9 wrote "DPM++ 2M Karras"
+        label = sampler.removesuffix(" Karras")
+        if label not in by_label:
+            raise LdmError(f"--from-png {args.from_png}: sampler {sampler!r} is not one ldm has ("
+                           f"{', '.join(by_label)}): pass --sampler")
+        found["sampler"], found["karras"] = by_label[label], karras or params.get("Schedule type") == "Karras"
+    emphasis = {v: k for k, v in EMPHASES.items()}.get(params.get("Emphasis", "Original"))
+    if emphasis is None:
+        raise LdmError(f"--from-png {args.from_png}: emphasis {params['Emphasis']!r} is not one ldm has")
+    found["emphasis"] = emphasis
+    found["prompt_syntax"] = params.get("Prompt syntax", "a1111")
+    if "Denoising strength" in params:
+        if args.image is None:
+            raise LdmError(f"--from-png {args.from_png}: the image was made by image-to-image (Denoising strength "
+                           f"{params['Denoising strength']}): give its --image")
+        found["strength"] = value("Denoising strength", float)
+    for dest, v in found.items():
+        if dest not in args.given:
+            setattr(args, dest, v)
+    if params.get("Model") and "model" not in args.given:
+        print(f"note: the PNG was made with {params['Model']}; this run uses --model {args.model}", file=sys.stderr)
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -324,10 +397,18 @@ def generate(args: argparse.Namespace) -> None:
     from ldm.images import load_image, numbered_paths, save_png
     from ldm.pipeline import DTYPES, StableDiffusionXL, check_request
 
+    if args.from_png:
+        from_png(args)
+    if args.prompt is None:
+        raise LdmError("give a prompt (or --from-png IMAGE.png)")
     # everything about the request is checked before gigabytes of weights are loaded
     check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
                   args.eta, karras=args.karras, guidance_rescale=args.guidance_rescale, strength=args.strength,
-                  image=bool(args.image), mask=bool(args.mask))
+                  image=bool(args.image), mask=bool(args.mask), clip_skip=args.clip_skip,
+                  prompt_syntax=args.prompt_syntax, emphasis=args.emphasis)
+    for path in args.embedding:
+        if not Path(path).is_file():
+            raise LdmError(f"--embedding {path}: no such file")
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask, "mask") if args.mask else None
     if mask is not None and mask.size != image.size:
@@ -349,14 +430,19 @@ def generate(args: argparse.Namespace) -> None:
     generator = torch.Generator("cpu").manual_seed(seed)  # one stream for base and refiner, as in diffusers
     common = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale, "seed": seed,
               "sampler": args.sampler, "karras": args.karras, "num_images": args.num_images, "eta": args.eta,
-              "generator": generator,
+              "generator": generator, "prompt_syntax": args.prompt_syntax, "emphasis": args.emphasis,
+              "clip_skip": args.clip_skip,
               "original_size": flip(args.original_size),
               "crop_coords": tuple(args.crop_coords) if args.crop_coords else None}
     pipe = load_model(args)
+    for path in args.embedding:
+        pipe.load_embedding(path)
     refiner = None
     if args.refiner:  # loaded now (a bad path fails before the base runs), parked on the CPU until its turn
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
         refiner = load_model(args, refiner=True, device="cpu", dtype=dtype)
+        for path in args.embedding:
+            refiner.load_embedding(path)
         if not (isinstance(pipe, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)):
             raise LdmError(f"--refiner: the hand-off is between SDXL models; {args.model} and {args.refiner} are "
                            f"{type(pipe).__name__} and {type(refiner).__name__}")
@@ -377,6 +463,8 @@ def generate(args: argparse.Namespace) -> None:
                          progress=ProgressBar(), **common)
         result.infotexts = [f"{text}, Refiner: {refiner.name}, Refiner switch at: {refiner_start}"
                             for text in result.infotexts]
+    for note in dict.fromkeys(pipe.notes + result.notes):
+        print(f"note: {note}", file=sys.stderr)
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
     for picture, text, path, nsfw in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),

@@ -147,7 +147,7 @@ def prepare_batch(input_path: Path, output: Path, parameters: dict | None = None
     must be those the folder was started with: a resumed run may not mix two models' images."""
     body = read_input(input_path, parameters)
     try:
-        request = parse(body, NO_LIMITS)
+        request = parse(body, NO_LIMITS, prompt_syntax="a1111")  # batch files are read as the CLI reads prompts
     except RequestError as e:
         raise InputError(f"--input {input_path}: {e}") from None
     fingerprint = hashlib.sha256(input_path.read_bytes() + json.dumps([parameters, settings], sort_keys=True)

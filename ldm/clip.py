@@ -103,8 +103,9 @@ class Embeddings(nn.Module):
         self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+    def forward(self, ids: Tensor, token_embeds: Tensor | None = None) -> Tensor:
+        tokens = self.token_embedding(ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding.weight[: ids.shape[1]]
 
 
 class Encoder(nn.Module):
@@ -128,12 +129,14 @@ class TextEncoding:
 
 
 class CLIPTextModel(nn.Module):
-    """`model(ids, layer=-1, final_norm=True)` → `TextEncoding`.
+    """`model(ids, layer=-1, final_norm=True, token_embeds=None)` → `TextEncoding`.
 
     `layer` picks the hidden state: -1 the last layer's output (SD 1.x, and SD 2.x whose folder already
     dropped OpenCLIP's last layer), -2 the penultimate (SDXL). `final_norm` applies the final LayerNorm to
     it (SD 1.x/2.x yes, SDXL no). The pooled output always comes from the last layer through the final
     LayerNorm at the first EOS token (transformers' rule: `argmax(ids)`; EOS is the largest id).
+    `token_embeds` (B, tokens, width), when given, replaces the lookup of `ids` in the token embedding: how
+    textual-inversion vectors enter (`ldm.prompts`); `ids` still mark the EOS token.
     """
 
     def __init__(self, cfg: CLIPTextConfig):
@@ -143,9 +146,10 @@ class CLIPTextModel(nn.Module):
         if cfg.projection_dim is not None:
             self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
-    def forward(self, ids: Tensor, layer: int = -1, final_norm: bool = True) -> TextEncoding:
+    def forward(self, ids: Tensor, layer: int = -1, final_norm: bool = True,
+                token_embeds: Tensor | None = None) -> TextEncoding:
         tm = self.text_model
-        x = tm.embeddings(ids)
+        x = tm.embeddings(ids, token_embeds)
         n = ids.shape[1]
         mask = torch.full((n, n), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
         layers = tm.encoder.layers

@@ -26,8 +26,10 @@ from torch import Tensor
 
 from .clip import CLIPTextConfig, CLIPTextModel
 from .denoisers import Denoiser, guided, with_channels
+from .embeddings import Embedding, folder_embeddings, load_embedding
 from .errors import InputError, LdmError, LoadError
 from .families import PREDICTION_TYPES
+from .hashes import sha256
 from .images import fit_size, image_to_tensor, infotext, mask_to_tensor, to_pil
 from .loading import (
     PICKLE_SUFFIXES,
@@ -39,6 +41,7 @@ from .loading import (
     resolve,
     weights_file,
 )
+from .prompts import EMPHASES, SYNTAXES, EmbeddingLookup, empty_chunk, encode_chunks, prompt_chunks
 from .safety import Safety
 from .samplers import SAMPLERS, randn, sampler_for
 from .schedules import Schedule, SchedulerConfig
@@ -51,6 +54,7 @@ SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "St
 XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_SEED = 2**64 - 1
+MAX_CLIP_SKIP = 12  # A1111's range; a model with fewer text layers refuses what it cannot skip
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -154,10 +158,18 @@ def check_request(steps: int, width: int | None, height: int | None, guidance: f
                   seed: int | None, sampler: str | None, eta: float, size_multiple: int = 8, karras: bool = False,
                   guidance_rescale: float = 0.0, strength: float | None = None,
                   denoising_start: float | None = None, denoising_end: float | None = None,
-                  max_steps: int = 1000, image: bool = False, mask: bool = False) -> None:
+                  max_steps: int = 1000, image: bool = False, mask: bool = False, clip_skip: int = 1,
+                  prompt_syntax: str = "a1111", emphasis: str = "original") -> None:
     """Reject out-of-range generation parameters with a message that says what to pass instead.
 
     `strength` is the one asked for (None: the default); `image`/`mask`: whether one is given."""
+    if prompt_syntax not in SYNTAXES:
+        raise InputError(f"unknown prompt syntax {prompt_syntax!r} (use {' or '.join(SYNTAXES)})")
+    if emphasis not in EMPHASES:
+        raise InputError(f"unknown emphasis {emphasis!r} (use {', '.join(EMPHASES)})")
+    if not isinstance(clip_skip, int) or not 1 <= clip_skip <= MAX_CLIP_SKIP:
+        raise InputError(f"clip skip must be a whole number from 1 (the last layer) to {MAX_CLIP_SKIP}, "
+                         f"got {clip_skip!r}")
     if mask and not image:
         raise InputError("--mask needs the image it applies to (--image)")
     if strength is not None and not image:
@@ -196,6 +208,7 @@ class Generation:
     infotexts: list[str] = field(default_factory=list)  # AUTOMATIC1111 `parameters`, one per image
     latents: Tensor | None = None  # σ-space latents, from a run stopped early with denoising_end
     nsfw: list[bool | None] = field(default_factory=list)  # per image: the safety checker's flag; None: no checker
+    notes: list[str] = field(default_factory=list)  # what the user should know (a prompt cut at 77 tokens, …)
 
 
 class StableDiffusion:
@@ -210,6 +223,9 @@ class StableDiffusion:
         self.default_sampler = sampler_for(scheduler)  # None: the folder's scheduler is not one ldm has
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.safety_checker: Safety | None = None  # set: every image is checked, flagged ones come back black
+        self.embeddings: dict[str, Embedding] = {}  # textual inversion, by trigger word (`load_embedding`)
+        self.notes: list[str] = []  # said once, at load: embeddings of the folder that do not fit, …
+        self.model_file: Path | None = None  # a single-file checkpoint: its sha256 is the infotext's Model hash
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -306,41 +322,109 @@ class StableDiffusion:
             encoders[component] = load(component, lambda c=cfg: CLIPTextModel(c))
             tokenizers[component] = CLIPTokenizer(vocab, merges, pad_token=EOS if kind == "clip" else "!")
         scheduler = SchedulerConfig.from_diffusers(checkpoint.scheduler)
-        return cls._assemble(family.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, path.name,
+        pipe = cls._assemble(family.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, path.stem,
                              force_zeros_for_empty_prompt=not family.refiner,
                              requires_aesthetics_score=family.refiner)
+        pipe.model_file = path
+        return pipe
 
     @classmethod
     def _assemble(cls, xl: bool, unet: UNet, vae: VAE, encoders: dict, tokenizers: dict, scheduler: SchedulerConfig,
                   device: torch.device, dtype: torch.dtype, name: str, force_zeros_for_empty_prompt: bool,
                   requires_aesthetics_score: bool) -> "StableDiffusion":
         if not xl:
-            return StableDiffusion(unet, vae, encoders["text_encoder"], tokenizers["text_encoder"], scheduler,
+            pipe = StableDiffusion(unet, vae, encoders["text_encoder"], tokenizers["text_encoder"], scheduler,
                                    device, dtype, name)
-        return StableDiffusionXL(unet, vae, encoders.get("text_encoder"), tokenizers.get("text_encoder"),
-                                 scheduler, device, dtype, name, encoders["text_encoder_2"],
-                                 tokenizers["text_encoder_2"], force_zeros_for_empty_prompt,
-                                 requires_aesthetics_score)
+        else:
+            pipe = StableDiffusionXL(unet, vae, encoders.get("text_encoder"), tokenizers.get("text_encoder"),
+                                     scheduler, device, dtype, name, encoders["text_encoder_2"],
+                                     tokenizers["text_encoder_2"], force_zeros_for_empty_prompt,
+                                     requires_aesthetics_score)
+        found, pipe.notes = folder_embeddings(pipe.tower_widths())
+        pipe.embeddings = {e.name: e for e in found}
+        return pipe
 
     # ------------------------------------------------------------------------------- generation
 
+    # --------------------------------------------------------------------------------- prompts
+
+    def text_towers(self, clip_skip: int = 1) -> list[tuple[str, CLIPTokenizer, CLIPTextModel, int, bool]]:
+        """(component, tokenizer, encoder, hidden layer, final LayerNorm) of each text tower. SD 1.x/2.x read
+        the last layer through the final LayerNorm; clip skip N reads layer -N instead (A1111's meaning; SD
+        2.x folders already dropped OpenCLIP's last layer, so N counts from the penultimate there)."""
+        return [self._tower("text_encoder", self.tokenizer, self.text_encoder, -clip_skip, True)]
+
+    def _tower(self, name: str, tokenizer, encoder, layer: int, final_norm: bool):
+        depth = encoder.config.num_hidden_layers
+        if -layer > depth:
+            raise InputError(f"clip skip {-layer if final_norm else -layer - 1} is more than the {depth} layers of "
+                             f"{self.name}'s {name}")
+        return name, tokenizer, encoder, layer, final_norm
+
+    def tower_widths(self) -> dict[str, int]:
+        return {name: enc.config.hidden_size for name, _, enc, _, _ in self.text_towers()}
+
+    def load_embedding(self, path: str | Path) -> Embedding:
+        """Add a textual-inversion embedding (`ldm.embeddings`); its trigger word is the file's stem."""
+        embedding = load_embedding(path, self.tower_widths())
+        self.embeddings[embedding.name] = embedding
+        return embedding
+
+    def chunk_count(self, text: str, prompt_syntax: str = "a1111") -> int:
+        """How many chunks of 75 tokens `text` takes (the prompts of one batch are padded to the most)."""
+        name, tokenizer = self.text_towers()[0][:2]
+        return len(prompt_chunks(tokenizer, text, prompt_syntax, "original", self._lookup(name, tokenizer))[0])
+
+    def _lookup(self, tower: str, tokenizer: CLIPTokenizer) -> EmbeddingLookup:
+        return EmbeddingLookup(tokenizer, {n: e.vectors[tower] for n, e in self.embeddings.items()})
+
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Tensor:
-        """(len(prompts), 77, width) text embeddings: the last hidden state after the final LayerNorm."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids).hidden
+    def encode_text(self, groups: list[list[str]], prompt_syntax: str = "a1111", emphasis: str = "original",
+                    clip_skip: int = 1, notes: list[str] | None = None,
+                    used: set[str] | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Each group of texts (the prompts; the negatives) → (hidden (texts, 77·k, width), pooled (texts,
+        width)), every text padded with empty chunks to the same number of chunks k (`ldm.prompts`). The
+        towers' hidden states are concatenated along the width; the pooled embedding is the last tower's.
+        `notes` receives what the plain syntax cut off; `used` the embeddings the texts name."""
+        towers = self.text_towers(clip_skip)
+        chunked = []  # [tower][group][text] → chunks
+        for name, tokenizer, _, _, _ in towers:
+            lookup = self._lookup(name, tokenizer)
+            per_group = []
+            for texts in groups:
+                rows = []
+                for text in texts:
+                    chunks, dropped = prompt_chunks(tokenizer, text, prompt_syntax, emphasis, lookup)
+                    if dropped and notes is not None and name == towers[0][0]:
+                        notes.append(f"the prompt {text[:40]!r}… is longer than 75 tokens: its last {dropped} "
+                                     "tokens were dropped (the plain syntax truncates as diffusers does)")
+                    rows.append(chunks)
+                per_group.append(rows)
+            chunked.append(per_group)
+            if used is not None:
+                used |= lookup.used
+        k = max(len(chunks) for tower in chunked for rows in tower for chunks in rows)
+        encoded = []
+        for g in range(len(groups)):
+            hidden, pooled = [], None
+            for (_, tokenizer, encoder, layer, final_norm), tower in zip(towers, chunked, strict=True):
+                rows = [chunks + [empty_chunk(tokenizer)] * (k - len(chunks)) for chunks in tower[g]]
+                out = encode_chunks(encoder, rows, layer, final_norm, emphasis)
+                hidden.append(out.hidden)
+                pooled = out.pooled
+            encoded.append((torch.cat(hidden, dim=-1), pooled))
+        return encoded
 
     def conditioning(self, prompts: list[str], negatives: list[str] | None, num_images: int, guide: bool,
-                     size: tuple[int, int], micro: dict) -> tuple[dict, dict | None]:
+                     size: tuple[int, int], micro: dict, **text) -> tuple[dict, dict | None]:
         """The UNet's conditioning keyword arguments for the prompts and, with guidance, the negatives
-        (None: no negative prompt given; SD encodes the empty prompt then, as diffusers does)."""
+        (None: no negative prompt given; SD encodes the empty prompt then, as diffusers does). `text`: the
+        keyword arguments of `encode_text`."""
         if micro:
             raise InputError(f"{', '.join(micro)}: SDXL micro-conditioning, and {self.name} is not an SDXL model")
-        cond = {"context": self.encode_prompt(prompts).repeat_interleave(num_images, dim=0)}
-        if not guide:
-            return cond, None
-        negatives = negatives or [""] * len(prompts)
-        return cond, {"context": self.encode_prompt(negatives).repeat_interleave(num_images, dim=0)}
+        groups = [prompts] + ([negatives or [""] * len(prompts)] if guide else [])
+        encoded = [hidden.repeat_interleave(num_images, dim=0) for hidden, _ in self.encode_text(groups, **text)]
+        return {"context": encoded[0]}, ({"context": encoded[1]} if guide else None)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
@@ -353,6 +437,7 @@ class StableDiffusion:
                  target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
                  negative_aesthetic_score: float | None = None, denoising_end: float | None = None,
                  denoising_start: float | None = None, latents: Tensor | None = None,
+                 prompt_syntax: str = "a1111", emphasis: str = "original", clip_skip: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  callback: Callable[[int, Tensor], Tensor | None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Generation:
@@ -367,6 +452,12 @@ class StableDiffusion:
         the refiner's `aesthetic_score` / `negative_aesthetic_score`. Base → refiner hand-off:
         `denoising_end=f` stops after the first fraction f of the schedule and returns σ-space
         `latents` (no images); `latents=…, denoising_start=f` finishes them (diffusers' rule for the cut).
+
+        Prompts are read as AUTOMATIC1111 reads them (`ldm.prompts`): `(word:1.3)` emphasis, any length in
+        chunks of 75 tokens, `BREAK`, textual-inversion trigger words (`load_embedding`, weights/embeddings);
+        `prompt_syntax="plain"` reads them literally and truncates at 77 tokens as diffusers does. `emphasis`:
+        "original" (A1111's default), "no-norm" or "none". `clip_skip` N > 1 conditions on the text tower's
+        N-th layer from the end (A1111's meaning for SD 1.x).
 
         `callback(i, x)` sees the σ-space latents after step i and may return replacements;
         `progress(done, total)` is told each finished step; `generator` replaces the one seeded from `seed`.
@@ -392,7 +483,7 @@ class StableDiffusion:
             seed = seeds[0]
         check_request(steps, width, height, guidance, num_images, seed, sampler, eta, self.vae_scale, karras,
                       guidance_rescale, strength, denoising_start, denoising_end, self.scheduler.num_train_timesteps,
-                      image is not None, mask is not None)
+                      image is not None, mask is not None, clip_skip, prompt_syntax, emphasis)
         if self.inpainting and mask is None:
             raise InputError(f"{self.name} is an inpainting model (9-channel UNet): give it an image and a mask")
         if (latents is None) != (denoising_start is None) or (latents is not None and image is not None):
@@ -433,7 +524,10 @@ class StableDiffusion:
         micro = {k: v for k, v in (("original_size", original_size), ("crop_coords", crop_coords),
                                    ("target_size", target_size), ("aesthetic_score", aesthetic_score),
                                    ("negative_aesthetic_score", negative_aesthetic_score)) if v is not None}
-        cond, uncond = self.conditioning(prompts, negatives, num_images, guidance > 1, (height, width), micro)
+        notes, used = [], set()
+        cond, uncond = self.conditioning(prompts, negatives, num_images, guidance > 1, (height, width), micro,
+                                         prompt_syntax=prompt_syntax, emphasis=emphasis, clip_skip=clip_skip,
+                                         notes=notes, used=used)
         shape = (batch, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         total = len(schedule.sigmas) - 1
 
@@ -452,27 +546,30 @@ class StableDiffusion:
         x = spec.sample(denoiser, x, schedule, step_end, eta=eta, generator=generator,
                         output=self.scheduler.prediction_type)
         if denoising_end is not None:
-            return Generation([], seed, [], latents=x)
+            return Generation([], seed, [], latents=x, notes=notes)
         images = self.decode(schedule.to_latents(x))
         nsfw: list[bool | None] = [None] * len(images)
         if self.safety_checker is not None:
             images, nsfw = self.safety_checker(images)
 
-        params = {"Steps": steps, "Sampler": spec.label + (" Karras" if karras else ""), "CFG scale": guidance,
-                  "Seed": seed, "Size": f"{width}x{height}", "Model": self.name}
-        if "eta" in spec.options and eta:
-            params["Eta"] = eta
-        if guidance_rescale:
-            params["CFG rescale"] = guidance_rescale
-        if image is not None:
-            params["Denoising strength"] = strength
+        # A1111's keys, in A1111's order
+        params = {"Steps": steps, "Sampler": spec.label, "Schedule type": "Karras" if karras else None,
+                  "CFG scale": guidance, "Seed": seed, "Size": f"{width}x{height}",
+                  "Model hash": sha256(self.model_file)[:10] if self.model_file else None, "Model": self.name,
+                  "Denoising strength": strength if image is not None else None,
+                  "Clip skip": clip_skip if clip_skip > 1 else None,
+                  "Eta": eta if "eta" in spec.options and eta else None,
+                  "CFG rescale": guidance_rescale or None,
+                  "TI hashes": ", ".join(f"{n}: {self.embeddings[n].hash}" for n in sorted(used)) or None,
+                  "Emphasis": EMPHASES[emphasis] if emphasis != "original" else None,
+                  "Prompt syntax": prompt_syntax if prompt_syntax != "a1111" else None}
         texts = []
         for i in range(len(images)):
             extra = {"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {}
             negative = negatives[i // num_images] if negatives else ""
             own_seed = {"Seed": seeds[i // num_images]} if seeds else {}
             texts.append(infotext(prompts[i // num_images], negative, params | own_seed | extra))
-        return Generation(images, seed, texts, nsfw=nsfw)
+        return Generation(images, seed, texts, nsfw=nsfw, notes=notes)
 
     @property
     def inpainting(self) -> bool:
@@ -573,20 +670,15 @@ class StableDiffusionXL(StableDiffusion):
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Each tower's penultimate hidden state (no final LayerNorm), concatenated along the width, and the
-        pooled, projected embedding of the last tower (OpenCLIP-bigG)."""
-        hidden, pooled = [], None
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            if encoder is not None:
-                out = encoder(tokenizer(prompts).to(self.device), layer=-2, final_norm=False)
-                hidden.append(out.hidden)
-                pooled = out.pooled
-        return torch.cat(hidden, dim=-1), pooled
+    def text_towers(self, clip_skip: int = 1) -> list[tuple[str, CLIPTokenizer, CLIPTextModel, int, bool]]:
+        """Each tower's penultimate hidden state, without the final LayerNorm; clip skip N reads layer -(N+1)
+        (diffusers' `clip_skip=N-1`). The pooled embedding is the last tower's (OpenCLIP-bigG)."""
+        towers = (("text_encoder", self.tokenizer, self.text_encoder), ("text_encoder_2", self.tokenizer_2,
+                                                                          self.text_encoder_2))
+        return [self._tower(name, tok, enc, -1 - clip_skip, False) for name, tok, enc in towers if enc is not None]
 
     def conditioning(self, prompts: list[str], negatives: list[str] | None, num_images: int, guide: bool,
-                     size: tuple[int, int], micro: dict) -> tuple[dict, dict | None]:
+                     size: tuple[int, int], micro: dict, **text) -> tuple[dict, dict | None]:
         """context, text_embeds and time_ids. time_ids: original size, crop top-left, then the target size
         (base) or the aesthetic score (refiner); sizes as (height, width), defaulting to the output size."""
         unknown = {"aesthetic_score", "negative_aesthetic_score"} if not self.requires_aesthetics_score \
@@ -605,16 +697,13 @@ class StableDiffusionXL(StableDiffusion):
         def time_ids(values: tuple) -> Tensor:
             return torch.tensor([values] * batch, dtype=self.dtype, device=self.device)
 
-        def embeds(texts: list[str]) -> dict:
-            context, pooled = self.encode_prompt(texts)
-            return {"context": context.repeat_interleave(num_images, dim=0),
-                    "text_embeds": pooled.repeat_interleave(num_images, dim=0)}
-
-        cond = embeds(prompts) | {"time_ids": time_ids(ids[0])}
+        zeros = negatives is None and self.force_zeros_for_empty_prompt  # the folder's choice for no negative
+        groups = [prompts] + ([negatives or [""] * len(prompts)] if guide and not zeros else [])
+        embeds = [{"context": context.repeat_interleave(num_images, dim=0),
+                   "text_embeds": pooled.repeat_interleave(num_images, dim=0)}
+                  for context, pooled in self.encode_text(groups, **text)]
+        cond = embeds[0] | {"time_ids": time_ids(ids[0])}
         if not guide:
             return cond, None
-        if negatives is None and self.force_zeros_for_empty_prompt:  # the folder's choice for no negative
-            uncond = {k: torch.zeros_like(v) for k, v in cond.items() if k != "time_ids"}
-        else:
-            uncond = embeds(negatives or [""] * len(prompts))
+        uncond = {k: torch.zeros_like(v) for k, v in embeds[0].items()} if zeros else embeds[1]
         return cond, uncond | {"time_ids": time_ids(ids[1])}

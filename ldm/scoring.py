@@ -26,7 +26,8 @@ from PIL import Image
 
 from .errors import InputError
 from .images import decode_image, encode_png, fit_size
-from .pipeline import MAX_SEED
+from .pipeline import MAX_CLIP_SKIP, MAX_SEED
+from .prompts import SYNTAXES
 from .samplers import SAMPLERS
 
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "image": "image", "mask": "mask", "mask_image": "mask"}
@@ -67,6 +68,8 @@ class Parameters:
     scheduler: str | None = None
     strength: float | None = None
     num_images_per_prompt: int = 1
+    prompt_syntax: str | None = None  # "plain" (a request's default: diffusers reads brackets literally) or "a1111"
+    clip_skip: int = 1
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Request:
     seed: int  # rows get seed, seed + 1, …: the request's `seed`, or a random one
     limits: Limits = field(default_factory=Limits)
     form: str = "rows"
+    prompt_syntax: str = "plain"  # when the parameters do not say (`ldm batch`: "a1111")
 
 
 def _number(name: str, value, kind: type):
@@ -110,7 +114,7 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     for name, value in raw.items():
         if value is None:
             continue
-        if name in ("negative_prompt", "scheduler"):
+        if name in ("negative_prompt", "scheduler", "prompt_syntax"):
             if not isinstance(value, str):
                 raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
             values[name] = value
@@ -139,6 +143,10 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
         raise RequestError("parameters.guidance_scale", f"must be between 0 and 100, got {p.guidance_scale}")
     if p.strength is not None and not 0 < p.strength <= 1:
         raise RequestError("parameters.strength", f"must be in (0, 1], got {p.strength}")
+    if p.prompt_syntax not in (None, *SYNTAXES):
+        raise RequestError("parameters.prompt_syntax", f"must be {' or '.join(SYNTAXES)}, got {p.prompt_syntax!r}")
+    if not 1 <= p.clip_skip <= MAX_CLIP_SKIP:
+        raise RequestError("parameters.clip_skip", f"must be from 1 to {MAX_CLIP_SKIP}, got {p.clip_skip}")
     return p
 
 
@@ -200,9 +208,10 @@ def _row(position: int, label, value, columns: list[str], limits: Limits) -> Row
     return row
 
 
-def parse(body, limits: Limits = Limits(), form: str = "rows") -> Request:
+def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: str = "plain") -> Request:
     """Read a request body (already JSON-decoded). Request-level problems raise a RequestError; a row that
-    cannot be read carries its own error and the other rows still run."""
+    cannot be read carries its own error and the other rows still run. `prompt_syntax`: how prompts are read
+    when the parameters do not say."""
     if form not in FORMS:
         raise ValueError(f"unknown response form {form!r}")
     if not isinstance(body, dict) or "input_data" not in body:
@@ -239,7 +248,7 @@ def parse(body, limits: Limits = Limits(), form: str = "rows") -> Request:
     parameters = parse_parameters(data_in.get("parameters", body.get("parameters")), limits)
     rows = [_row(i, index[i] if i < len(index) else i, value, columns, limits) for i, value in enumerate(data)]
     seed = parameters.seed if parameters.seed is not None else secrets.randbits(32)
-    return Request(rows, parameters, seed, limits, form)
+    return Request(rows, parameters, seed, limits, form, parameters.prompt_syntax or prompt_syntax)
 
 
 def row_seed(request: Request, row: Row) -> int:
@@ -273,7 +282,7 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
                       guidance=p.guidance_scale, seed=seeds if len(rows) > 1 else seeds[0], width=p.width,
                       height=p.height, sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
                       num_images=p.num_images_per_prompt, image=first.image, mask=first.mask, strength=p.strength,
-                      callback=callback)
+                      prompt_syntax=request.prompt_syntax, clip_skip=p.clip_skip, callback=callback)
     except InputError as e:
         return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
     n = p.num_images_per_prompt
@@ -315,8 +324,20 @@ def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, bat
     per_row = request.parameters.num_images_per_prompt
     rows_per_pass = max(1, batch_size // per_row)
     objects, group = [], []
+
+    def chunks(row: Row) -> int:
+        """A batch pads every prompt to the longest one's chunks (77 tokens each), which would change the images
+        of the shorter ones: rows of a pass have equally many."""
+        try:
+            return pipe.chunk_count(row.prompt, request.prompt_syntax)
+        except InputError:
+            return -1  # runs alone, and reports its error
+
     for row in request.rows:
         if row.error is None and row.image is None and rows_per_pass > 1:
+            if group and chunks(row) != chunks(group[0]):
+                objects += run_rows(pipe, request, group, cancelled)
+                group = []
             group.append(row)
             if len(group) == rows_per_pass:
                 objects += run_rows(pipe, request, group, cancelled)

@@ -35,6 +35,7 @@ class CLIPTokenizer:
         self.max_length = max_length
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
         self.pad_token = pad_token
+        self.comma_id = vocab.get(",</w>")  # where A1111 may cut a long prompt into chunks
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                             fuse_unk=False, unk_token=EOS))
         tok.normalizer = normalizers.Sequence(

@@ -97,6 +97,9 @@ def test_older_card_response_forms(sd1):
     ({"input_data": {"data": ["a"], "parameters": {"scheduler": "magic"}}}, "parameters.scheduler", "unknown"),
     ({"input_data": {"data": ["a"], "parameters": {"height": 4000, "width": 4000}}}, "parameters.height", "pixels"),
     ({"input_data": {"data": ["a"], "parameters": {"width": 100}}}, "parameters.width", "multiple of 8"),
+    ({"input_data": {"data": ["a"], "parameters": {"prompt_syntax": "comfy"}}}, "parameters.prompt_syntax",
+     "plain or a1111"),
+    ({"input_data": {"data": ["a"], "parameters": {"clip_skip": 0}}}, "parameters.clip_skip", "from 1 to 12"),
 ])
 def test_bad_requests_name_the_field(body, field, message):
     with pytest.raises(RequestError) as info:
@@ -159,3 +162,21 @@ def test_one_seed_per_prompt_matches_diffusers_with_a_generator_per_image(sd1_fo
     actual = sd1(["a cat", "a dog"], steps=3, seed=[5, 9], width=64, height=64, sampler="euler_a").images
     for a, e in zip(actual, expected, strict=True):
         assert np.abs(np.asarray(a).astype(int) - (e * 255).round()).max() <= 2
+
+
+def test_prompt_syntax_plain_by_default_and_a1111_on_request(sd1):
+    """The documented deployments are diffusers pipelines, which read brackets literally: so does a request,
+    unless it asks for A1111's syntax. Rows of different chunk counts do not share a pass (the padding would
+    change the shorter prompt's image)."""
+    prompts = ["a (red:1.5) cat", "a [[quiet]] dog, " + "word " * 80]
+    body = {"input_data": {"data": prompts, "parameters": FAST | {"seed": 3, "scheduler": "euler"}}}
+    plain = score(sd1, body)
+    a1111 = score(sd1, body | {"input_data": body["input_data"] | {
+        "parameters": body["input_data"]["parameters"] | {"prompt_syntax": "a1111"}}}, batch_size=4)
+    for i, prompt in enumerate(prompts):
+        run = {"steps": 2, "width": 64, "height": 64, "sampler": "euler", "seed": 3 + i}
+        expected_plain = np.asarray(sd1(prompt, prompt_syntax="plain", **run).images[0])
+        expected_a1111 = np.asarray(sd1(prompt, **run).images[0])
+        assert np.abs(pixels(plain[i]["generated_image"]).astype(int) - expected_plain).max() == 0
+        assert np.abs(pixels(a1111[i]["generated_image"]).astype(int) - expected_a1111).max() <= 2
+        assert np.abs(expected_plain.astype(int) - expected_a1111).max() > 10
