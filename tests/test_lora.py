@@ -1,0 +1,561 @@
+"""LoRA and LyCORIS adapters (`ldm.lora`): merged weights against diffusers' `load_lora_weights` + `fuse_lora` on
+the same tiny official-layout folders (tensor by tensor, and whole images), LoHa/LoKr against LyCORIS's merge
+formulas computed here, exact unloading, LoRAs before and after `ldm.fast.accelerate`, and bad input."""
+
+import hashlib
+import json
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import MODULE_TOL, max_rel_err
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from lora_files import (
+    ATTENTION,
+    CONVS,
+    TEXT,
+    draw,
+    kohya_key,
+    loha_factors,
+    lokr_factors,
+    modules,
+    save_kohya,
+    save_lycoris,
+    save_peft,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ldm.errors import InputError, LoadError
+from ldm.fast import WinogradConv2d, accelerate, use_winograd
+from ldm.lora import find_lora, load_lora, lora_hash, loras_dir, unload_loras
+from ldm.pipeline import StableDiffusion
+from ldm.single_file import unet_rules
+
+PROMPT = "a red boat on a calm sea"
+FIXTURES = {"sd1": "sd1_folder", "sd21": "sd21_folder", "sdxl": "sdxl_folder"}
+TOWERS = {"sd1": ["text_encoder"], "sd21": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
+WEIGHT = 0.7
+
+
+def states(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of every network's tensors (UNet, VAE, text towers), by component."""
+    nets = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+            "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
+    return {c: {k: v.detach().clone() for k, v in m.state_dict().items()} for c, m in nets.items() if m is not None}
+
+
+def assert_same_bits(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for component in expected:
+        assert actual[component].keys() == expected[component].keys(), component
+        for key, value in expected[component].items():
+            assert torch.equal(actual[component][key], value), f"{component} {key}"
+
+
+def spec_for(pipe, family: str, convs: bool, **kwargs) -> dict:
+    """A random LoRA for `pipe`'s networks: attention (and, with `convs`, LoCon convolutions) and text towers. Module
+    names come from ldm's networks, which carry the official diffusers / transformers-4 names."""
+    unet = f"({ATTENTION})|({CONVS})" if convs else ATTENTION
+    targets = {"unet": modules(pipe.unet, unet)} | {t: modules(getattr(pipe, t), TEXT) for t in TOWERS[family]}
+    return draw(targets, **kwargs)
+
+
+def ldm_unet_names(pipe) -> dict[str, str]:
+    """diffusers module name → LDM/SGM module name, from the single-file tables (which test_single_file checks
+    against diffusers' own single-file loader)."""
+    return {r.ours.removesuffix(".weight"): r.theirs.removesuffix(".weight")
+            for r in unet_rules(pipe.unet.config, prefix="") if r.ours.endswith(".weight")}
+
+
+def write(fmt: str, path, pipe, family: str, spec: dict):
+    if fmt == "kohya":
+        return save_kohya(path, spec, xl=family == "sdxl")
+    if fmt == "kohya-ldm":
+        return save_kohya(path, spec, xl=family == "sdxl", ldm_names=ldm_unet_names(pipe))
+    return save_peft(path, spec, old=fmt == "old")
+
+
+# ------------------------------------------------------------------------------------- reference
+
+
+class Reference:
+    """diffusers pipelines on the tiny folders, one per family, restored to their own weights before each use."""
+
+    def __init__(self, request):
+        self.request, self.pipes = request, {}
+
+    def pipe(self, family: str):
+        if family not in self.pipes:
+            folder = self.request.getfixturevalue(FIXTURES[family])
+            if family == "sdxl":
+                pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                               requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            nets = ["unet", *TOWERS[family]]
+            self.pipes[family] = (pipe, {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()}
+                                         for n in nets})
+        pipe, originals = self.pipes[family]
+        for name, state in originals.items():
+            getattr(pipe, name).load_state_dict(state)
+        return pipe
+
+    def merged(self, family: str, *loras) -> tuple:
+        """The reference pipeline with each (path, weight) fused in turn (fuse_lora, then the adapter unloaded),
+        and its UNet and text-tower tensors under ldm's names (transformers 5 drops the `text_model.` prefix)."""
+        pipe = self.pipe(family)
+        for path, weight in loras:
+            pipe.load_lora_weights(str(path))
+            pipe.fuse_lora(lora_scale=weight)
+            pipe.unload_lora_weights()
+        out = {}
+        for name in ["unet", *TOWERS[family]]:
+            state = getattr(pipe, name).state_dict()
+            out[name] = {(k if name == "unet" or k.startswith(("text_model.", "text_projection")) else
+                          "text_model." + k): v for k, v in state.items()}
+        return pipe, out
+
+
+@pytest.fixture(scope="module")
+def reference(request):
+    return Reference(request)
+
+
+def assert_merged_like(pipe, expected: dict, before: dict, changed: dict[str, set[str]]) -> None:
+    """Every UNet/text-tower tensor of `pipe` within MODULE_TOL of the reference's; exactly `changed` differ from
+    `before` (no module silently skipped, on either side)."""
+    for component, theirs in expected.items():
+        ours = getattr(pipe, component).state_dict()
+        for key, value in ours.items():
+            if key.endswith("position_ids"):
+                continue
+            assert close(value, theirs[key]), f"{component} {key}"
+        moved = {k for k, v in ours.items() if not torch.equal(v, before[component][k])}
+        moved_ref = {k for k, v in before[component].items() if k in theirs and not torch.equal(theirs[k], v)}
+        assert moved == moved_ref == changed[component], component
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Within MODULE_TOL relative (equal, for the all-zero biases the random init leaves)."""
+    return torch.equal(actual, expected) or max_rel_err(actual, expected) <= MODULE_TOL
+
+
+def changed_weights(spec: dict) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for component, name in spec:
+        out.setdefault(component, set()).add(f"{name}.weight")
+    return out
+
+
+def image(pipe, **kwargs) -> np.ndarray:
+    args = {"steps": 3, "seed": 5, "width": 64, "height": 64} | kwargs
+    return np.asarray(pipe(PROMPT, **args).images[0]).astype(np.int16)
+
+
+def reference_image(pipe, family: str) -> np.ndarray:
+    """diffusers' image with the folder's scheduler, the same seed and steps as `image`."""
+    kwargs = {"guidance_scale": 7.5} if family == "sdxl" else {}
+    out = pipe(PROMPT, num_inference_steps=3, height=64, width=64, generator=torch.Generator("cpu").manual_seed(5),
+               output_type="np", **kwargs).images[0]
+    return (out * 255).round().astype(np.int16)
+
+
+# ------------------------------------------------------------------------------------------ formats
+
+
+@pytest.mark.parametrize("family, fmt, convs, images", [
+    ("sd1", "kohya", True, True),  # LoRA + LoCon (1×1-conv proj_in, 3×3 resnet convs, resamplers), CLIP-L
+    ("sd21", "kohya", False, False),  # linear projections, OpenCLIP-H-style tower
+    ("sdxl", "kohya-ldm", True, True),  # kohya's SDXL trainer: LDM/SGM UNet names, both towers
+    ("sdxl", "kohya", False, False),  # diffusers-named SDXL UNet
+    ("sd1", "peft", True, False),  # lora_A/lora_B, alphas from lora_adapter_metadata (alpha_pattern for convs)
+    ("sdxl", "peft", False, False),  # unet. / text_encoder. / text_encoder_2.
+    ("sd1", "old", False, False),  # diffusers 0.21: lora.down/lora.up, lora_linear_layer (alpha = rank)
+])
+def test_lora_merges_like_diffusers(request, reference, tmp_path, family, fmt, convs, images):
+    pipe = StableDiffusion.from_pretrained(request.getfixturevalue(FIXTURES[family]))
+    before = states(pipe)
+    plain = image(pipe) if images else None
+    ranks = {"alpha": 4, "conv_alpha": 3} if fmt == "old" else {}  # the old format has no alphas: alpha = rank
+    spec = spec_for(pipe, family, convs, seed=len(fmt), **ranks)
+    path = write(fmt, tmp_path / f"{family}-{fmt}.safetensors", pipe, family, spec)
+
+    lora = load_lora(pipe, path, WEIGHT)
+    assert (lora.name, lora.path, lora.weight, lora.keys) == (path.stem, path, WEIGHT, len(spec))
+    assert lora.hash == lora_hash(path) and pipe.loras == [lora]
+    ref, expected = reference.merged(family, (path, WEIGHT))
+    assert_merged_like(pipe, expected, before, changed_weights(spec))
+    assert {c for c, _ in spec} == {"unet", *TOWERS[family]}  # every network adapted
+    if images:
+        ours, theirs = image(pipe), reference_image(ref, family)
+        print(f"{family} {fmt}: max pixel difference {np.abs(ours - theirs).max()}, "
+              f"LoRA moved pixels by {np.abs(ours - plain).max()} (mean {np.abs(ours - plain).mean():.1f})")
+        assert np.abs(ours - theirs).max() <= 2
+        assert np.abs(ours - plain).mean() > 5  # the LoRA visibly changes the image
+
+    unload_loras(pipe)
+    assert pipe.loras == [] and not pipe._lora_originals
+    assert_same_bits(states(pipe), before)
+
+
+def test_ldm_names_equal_diffusers_names_on_sd1(sd1_folder, tmp_path):
+    """SD 1.x files with LDM UNet names (A1111 reads them; diffusers' SD 1.x loader does not map them) merge
+    exactly like the same factors under diffusers names, which the test above holds to diffusers."""
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    spec = spec_for(pipe, "sd1", convs=True, seed=3)
+    load_lora(pipe, write("kohya", tmp_path / "a.safetensors", pipe, "sd1", spec), WEIGHT)
+    expected = states(pipe)
+    unload_loras(pipe)
+    ldm_named = write("kohya-ldm", tmp_path / "b.safetensors", pipe, "sd1", spec)
+    with safe_open(str(ldm_named), "pt") as f:
+        assert any(k.startswith("lora_unet_input_blocks_1_1_") for k in f.keys())  # noqa: SIM118
+        assert any(k.startswith("lora_unet_output_blocks_2_1_conv.") for k in f.keys())  # noqa: SIM118 (upsampler)
+    load_lora(pipe, ldm_named, WEIGHT)
+    assert_same_bits(states(pipe), expected)
+
+
+def test_two_loras_stack_like_diffusers_and_unload_exactly(sd1_folder, reference, tmp_path):
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    before = states(pipe)
+    first = save_kohya(tmp_path / "first.safetensors", spec_for(pipe, "sd1", convs=True, seed=1), xl=False)
+    second_spec = spec_for(pipe, "sd1", convs=False, seed=2, alpha=1.0)
+    second = save_peft(tmp_path / "second.safetensors", second_spec)
+    load_lora(pipe, first, 0.6)
+    load_lora(pipe, second, -0.4)
+    assert [lora.name for lora in pipe.loras] == ["first", "second"]
+    _, expected = reference.merged("sd1", (first, 0.6), (second, -0.4))
+    changed = changed_weights(spec_for(pipe, "sd1", convs=True))
+    assert_merged_like(pipe, expected, before, changed)
+    assert len(pipe._lora_originals) == sum(len(v) for v in changed.values())  # each kept once, at first touch
+    unload_loras(pipe)
+    assert_same_bits(states(pipe), before)
+
+
+def test_weight_zero_is_the_unmodified_model(sdxl_folder, tmp_path):
+    pipe = StableDiffusion.from_pretrained(sdxl_folder)
+    before = states(pipe)
+    path = save_kohya(tmp_path / "z.safetensors", spec_for(pipe, "sdxl", convs=True), xl=True,
+                      ldm_names=ldm_unet_names(pipe))
+    lora = load_lora(pipe, path, 0.0)
+    assert lora.weight == 0 and lora.keys > 0 and pipe.loras == [lora]
+    assert_same_bits(states(pipe), before)
+
+
+def test_model_file_is_untouched_by_merging(sd1_folder, tmp_path):
+    """ldm loads fp32 files without a cast: the parameters are safetensors' tensors. Merging into them in place
+    must never reach the file."""
+    model_file = sd1_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    load_lora(pipe, save_kohya(tmp_path / "l.safetensors", spec_for(pipe, "sd1", convs=True), xl=False))
+    del pipe
+    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == digest
+
+
+# ---------------------------------------------------------------------------------------- LyCORIS
+
+
+def kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Kronecker product written out: block (i, j) of the result is w1[i, j] · w2 (w2 may carry a kernel)."""
+    a, b = w1.shape
+    c, d, *kernel = w2.shape
+    blocks = w1[:, None, :, None].reshape(a, 1, b, 1, *[1] * len(kernel)) * w2[None, :, None, :]
+    return blocks.reshape(a * c, b * d, *kernel)
+
+
+def tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's Tucker rebuild, as two tensordots: core [r1, r2, kh, kw], a [r1, out], b [r2, in]."""
+    x = torch.tensordot(core, b, dims=([1], [0]))  # [r1, kh, kw, in]
+    return torch.tensordot(a, x, dims=([0], [0])).permute(0, 3, 1, 2)  # [out, in, kh, kw]
+
+
+def lycoris_delta(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """The documented merge of each LyCORIS layout (A1111 network_hada / network_lokr / network_lora)."""
+    if "hada_w1_a" in f:
+        halves = [tucker(f[f"hada_t{i}"], f[f"hada_w{i}_a"], f[f"hada_w{i}_b"]) if f"hada_t{i}" in f
+                  else f[f"hada_w{i}_a"] @ f[f"hada_w{i}_b"] for i in (1, 2)]
+        return (halves[0].reshape(shape) * halves[1].reshape(shape))
+    if "lora_mid" in f:
+        return tucker(f["lora_mid"], f["lora_up"].reshape(shape[0], -1).T,
+                      f["lora_down"].reshape(f["lora_down"].shape[0], -1))
+    if "lora_up" in f:
+        return (f["lora_up"].reshape(shape[0], -1) @ f["lora_down"].reshape(f["lora_down"].shape[0], -1)).reshape(shape)
+    w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+    if "lokr_w2" in f:
+        w2 = f["lokr_w2"]
+    elif "lokr_t2" in f:
+        w2 = tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+    else:
+        w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+    return kron(w1, w2).reshape(shape)
+
+
+def test_lycoris_loha_and_lokr_merge_by_their_formulas(sd1_folder, tmp_path):
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    weights = {n: m.weight for n, m in [*pipe.unet.named_modules(), *pipe.text_encoder.named_modules()]
+               if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+    g = torch.Generator().manual_seed(7)
+    attn, res, te = "down_blocks.1.attentions.0", "down_blocks.1.resnets.0", "text_model.encoder.layers.1"
+    # module → (factors, alpha in the file, scale A1111's rules give: alpha / rank, 1 without alpha or rank)
+    cases = {
+        f"{attn}.transformer_blocks.0.attn1.to_q": (loha_factors(weights[f"{attn}.transformer_blocks.0.attn1.to_q"]
+                                                                 .shape, 4, g), 3.0, 3.0 / 4),
+        f"{res}.conv1": (loha_factors(weights[f"{res}.conv1"].shape, 3, g), None, 1.0),  # conv, w1_b flattened
+        f"{res}.conv2": (loha_factors(weights[f"{res}.conv2"].shape, 2, g, tucker=True), 1.0, 1.0 / 2),
+        f"{te}.mlp.fc1": (loha_factors(weights[f"{te}.mlp.fc1"].shape, 2, g), 0.0, 1.0),  # alpha 0 = rank
+        f"{attn}.transformer_blocks.0.ff.net.2": (
+            lokr_factors(weights[f"{attn}.transformer_blocks.0.ff.net.2"].shape, 4, g), 5.0, 1.0),  # alpha unused
+        f"{attn}.transformer_blocks.0.attn2.to_k": (
+            lokr_factors(weights[f"{attn}.transformer_blocks.0.attn2.to_k"].shape, 4, g, "low", "low", rank=2),
+            1.0, 1.0 / 2),
+        f"{attn}.transformer_blocks.0.attn1.to_v": (
+            lokr_factors(weights[f"{attn}.transformer_blocks.0.attn1.to_v"].shape, 2, g, "low", rank=3), 1.5,
+            1.5 / 3),  # only w1 factorised: rank of w1_b
+        "down_blocks.0.resnets.0.conv1": (lokr_factors(weights["down_blocks.0.resnets.0.conv1"].shape, 4, g),
+                                          None, 1.0),  # w2 a full 3×3 conv
+        "down_blocks.0.resnets.0.conv2": (lokr_factors(weights["down_blocks.0.resnets.0.conv2"].shape, 2, g,
+                                                       w2="tucker", rank=2), 1.0, 1.0 / 2),
+        "down_blocks.0.resnets.1.conv1": (lokr_factors(weights["down_blocks.0.resnets.1.conv1"].shape, 4, g,
+                                                       w2="low", rank=2), 4.0, 2.0),  # w2_b flattened
+        "down_blocks.0.resnets.1.conv2": ({"lora_up": torch.randn(32, 4, 1, 1, generator=g) * 0.3,
+                                           "lora_mid": torch.randn(4, 4, 3, 3, generator=g) * 0.3,
+                                           "lora_down": torch.randn(4, 32, 1, 1, generator=g) * 0.3}, 2.0, 0.5),
+    }
+    keys = {name: ("lora_te_" if name.startswith("text_model") else "lora_unet_") + name.replace(".", "_")
+            for name in cases}
+    path = save_lycoris(tmp_path / "lycoris.safetensors", {keys[n]: f for n, (f, _, _) in cases.items()},
+                        {keys[n]: a for n, (_, a, _) in cases.items()})
+    before = {n: w.detach().clone() for n, w in weights.items()}
+    assert load_lora(pipe, path, WEIGHT).keys == len(cases)
+    for name, w in weights.items():
+        if name not in cases:
+            assert torch.equal(w, before[name]), name
+            continue
+        factors, _, scale = cases[name]
+        expected = before[name] + WEIGHT * scale * lycoris_delta(factors, tuple(w.shape))
+        assert max_rel_err(w, expected) <= MODULE_TOL, name
+        assert max_rel_err(w, before[name]) > 0.05, name  # a real change
+    unload_loras(pipe)
+    assert all(torch.equal(weights[n], before[n]) for n in weights)
+
+
+# ------------------------------------------------------------------------------------- accelerate
+
+
+def winograd_everywhere(pipe, monkeypatch) -> int:
+    """As in test_fast: the tiny models are narrower than where Winograd pays, so take it everywhere."""
+    from ldm_kernels import winograd
+
+    monkeypatch.setattr(winograd, "pays", lambda *shape: True)
+    return use_winograd(pipe.unet, pipe.vae, min_channels=1)
+
+
+@pytest.fixture(scope="module")
+def locon(sd1_folder, tmp_path_factory):
+    """An SD 1.x LoRA + LoCon file (attention, resnet and resampler convs, text tower) and the image it gives
+    without accelerate."""
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    path = save_kohya(tmp_path_factory.mktemp("locon") / "locon.safetensors",
+                      spec_for(pipe, "sd1", convs=True, seed=11), xl=False)
+    plain = image(pipe)
+    load_lora(pipe, path, WEIGHT)
+    return path, image(pipe), plain
+
+
+def test_lora_then_accelerate_and_accelerate_then_lora(sd1_folder, locon, monkeypatch):
+    path, expected, _ = locon
+    early = StableDiffusion.from_pretrained(sd1_folder)
+    load_lora(early, path, WEIGHT)
+    assert winograd_everywhere(early, monkeypatch) > 10
+    accelerate(early, compile=False)
+    assert np.abs(image(early) - expected).max() <= 2
+
+    late = StableDiffusion.from_pretrained(sd1_folder)
+    winograd_everywhere(late, monkeypatch)
+    accelerate(late, compile=False)
+    fused = states(late)
+    assert any(k.endswith("to_qkv.weight") for k in fused["unet"])
+    assert any(k.endswith("winograd_weight") for k in fused["unet"])
+    load_lora(late, path, WEIGHT)
+    assert np.abs(image(late) - expected).max() <= 2
+    unload_loras(late)
+    assert_same_bits(states(late), fused)  # fused projections and Winograd filters back, bit for bit
+
+    unload_loras(early)  # loaded before accelerate, unloaded after it
+    assert_same_bits(states(early), fused)
+    assert sum(isinstance(m, WinogradConv2d) for m in early.unet.modules()) > 10
+
+
+def test_lora_on_a_compiled_pipeline(sd1_folder, locon, monkeypatch):
+    """A pipeline compiled with aot_eager (the graphs inductor would compile, without its code generation, which
+    takes minutes here). With inductor's CPU freezing the weights would be constants of the compiled code, so with
+    freezing on a LoRA must drop the compiled code: the next call compiles again and sees the merged weights."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    path, expected, plain = locon
+    compiles = []
+
+    def counting_aot_eager(gm, example_inputs):
+        compiles.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
+    pipe = accelerate(StableDiffusion.from_pretrained(sd1_folder), backend=counting_aot_eager)
+    assert np.abs(image(pipe) - plain).max() <= 2
+    warm = len(compiles)
+    assert warm >= 2  # the UNet and the VAE decoder
+
+    load_lora(pipe, path, WEIGHT)
+    assert len(resets) == 1
+    assert np.abs(image(pipe) - expected).max() <= 2
+    assert len(compiles) == 2 * warm  # compiled again, with the merged weights
+    unload_loras(pipe)
+    assert len(resets) == 2  # dropped again: the next call compiles with the original weights
+    real_reset()
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+
+def test_a_lora_for_another_family_is_one_clear_error(sd1_folder, sdxl_folder, tmp_path):
+    sd1 = StableDiffusion.from_pretrained(sd1_folder)
+    path = save_kohya(tmp_path / "sd15-style.safetensors", spec_for(sd1, "sd1", convs=False), xl=False)
+    xl = StableDiffusion.from_pretrained(sdxl_folder)
+    before = states(xl)
+    with pytest.raises(LoadError) as error:
+        load_lora(xl, path)
+    message = str(error.value)
+    assert str(path) in message and "another model family" in message
+    key, lora_shape, model_shape = re.search(r"(lora_unet_\w+): LoRA \(([\d, ]+)\) vs model \(([\d, ]+)\)",
+                                             message).groups()
+    with safe_open(str(path), "pt") as f:
+        up, down = f.get_slice(f"{key}.lora_up.weight").get_shape(), f.get_slice(f"{key}.lora_down.weight").get_shape()
+    assert lora_shape == ", ".join(map(str, [up[0], *down[1:]]))
+    module = key.removeprefix("lora_unet_")
+    weight = next(m.weight for n, m in xl.unet.named_modules() if n.replace(".", "_") == module)
+    assert model_shape == ", ".join(map(str, weight.shape))
+    assert_same_bits(states(xl), before)  # nothing merged
+    assert getattr(xl, "loras", None) in (None, [])
+
+
+def test_keys_for_modules_the_model_lacks_are_named(sd1_folder, sdxl_folder, tmp_path):
+    xl = StableDiffusion.from_pretrained(sdxl_folder)
+    xl_lora = save_kohya(tmp_path / "xl.safetensors", spec_for(xl, "sdxl", convs=False), xl=True)
+    with pytest.raises(LoadError, match=r"lora_te2_text_model_encoder_layers_0_\w+ \(this model has no "
+                                        r"text_encoder_2\)"):
+        load_lora(StableDiffusion.from_pretrained(sd1_folder), xl_lora)
+
+    sd1 = StableDiffusion.from_pretrained(sd1_folder)
+    spec = spec_for(sd1, "sd1", convs=False)
+    tensors = {f"{kohya_key(c, n, False)}.{p}.weight": f[p] for (c, n), f in spec.items() for p in ("lora_down",
+                                                                                                  "lora_up")}
+    tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 32)
+    tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 4)
+    tensors["text_projection.lora_A.weight"] = torch.zeros(4, 64)  # no naming ldm knows
+    tensors["lora_unet_mid_block_attentions_0_proj_out.dora_scale"] = torch.ones(1, 64)
+    tensors["lora_unet_mid_block_resnets_0_conv1.lora_down.weight"] = torch.zeros(4, 64, 3, 3)  # no lora_up
+    save_file(tensors, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(LoadError) as error:
+        load_lora(sd1, tmp_path / "odd.safetensors")
+    message = str(error.value)
+    for needle in ("lora_unet_down_blocks_9_attentions_0_proj_in", "text_projection.lora_A.weight",
+                   "lora_unet_mid_block_attentions_0_proj_out.dora_scale (DoRA)",
+                   "lora_unet_mid_block_resnets_0_conv1.lora_down.weight"):
+        assert needle in message
+
+
+def test_truncated_and_pickled_files_are_refused(sd1_folder, tmp_path):
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    path = save_kohya(tmp_path / "cut.safetensors", spec_for(pipe, "sd1", convs=False), xl=False)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(LoadError, match=r"(?s)cut\.safetensors is not a readable safetensors file .*truncated"):
+        load_lora(pipe, path)
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"lora_unet_x.lora_down.weight": Payload()}))
+    for where in (tmp_path / "evil.pt", str(tmp_path / "evil.pt")):
+        with pytest.raises(LoadError, match="pickle checkpoint; ldm never unpickles"):
+            load_lora(pipe, where)
+    assert not marker.exists()
+
+
+def test_lora_hash_is_a1111s_and_ignores_the_header(sd1_folder, tmp_path):
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    spec = spec_for(pipe, "sd1", convs=False)
+    path = save_kohya(tmp_path / "h.safetensors", spec, xl=False)
+    raw = path.read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert lora_hash(path) == hashlib.sha256(raw[8 + header:]).hexdigest()[:12]
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(tmp_path / "renamed.safetensors"), metadata={"ss_output_name": "something else"})
+    assert lora_hash(tmp_path / "renamed.safetensors") == lora_hash(path)  # metadata is not hashed
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, str(tmp_path / "changed.safetensors"), metadata={"ss_network_module": "networks.lora"})
+    assert lora_hash(tmp_path / "changed.safetensors") != lora_hash(path)
+
+
+def test_find_lora_by_name_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_WEIGHTS", str(tmp_path / "store"))
+    folder = loras_dir()
+    assert folder == tmp_path / "store" / "loras"
+    folder.mkdir(parents=True)
+    save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(folder / "detail.safetensors"))
+    save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(folder / "style.safetensors"))
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({"lora_unet_x.alpha": torch.tensor(1.0)}, str(outside))
+
+    for name in ("detail", "detail.safetensors"):
+        assert find_lora(name) == folder / "detail.safetensors"
+        assert find_lora(name, allow_paths=False) == folder / "detail.safetensors"
+    assert find_lora(str(outside)) == outside
+    for bad in (str(outside), "../elsewhere", "sub/detail", "..", "a\\b", "/etc/passwd"):
+        with pytest.raises(InputError, match="not a path"):
+            find_lora(bad, allow_paths=False)
+    with pytest.raises(InputError, match=r"'missing'.*it holds detail, style"):
+        find_lora("missing")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="not a path"):
+        find_lora("elsewhere.safetensors/", allow_paths=False)
+    with pytest.raises(InputError, match="'elsewhere.safetensors': not in"):
+        find_lora("elsewhere.safetensors", allow_paths=False)  # a file in the working directory is not in the folder
+
+
+def test_peft_metadata_alpha_pattern_and_alpha_keys(sd1_folder, tmp_path):
+    """PEFT files: alpha from `<module>.alpha` keys when the file has them, else from the header's
+    lora_adapter_metadata, module by module (alpha_pattern); checked against the kohya file of the same factors."""
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    spec = spec_for(pipe, "sd1", convs=True, seed=4)
+    load_lora(pipe, save_kohya(tmp_path / "k.safetensors", spec, xl=False, dtype=torch.float32), WEIGHT)
+    expected = states(pipe)
+    unload_loras(pipe)
+
+    peft = save_peft(tmp_path / "p.safetensors", spec)
+    with safe_open(str(peft), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert meta["unet.alpha_pattern"]  # the convolutions' alpha differs from the linears'
+    load_lora(pipe, peft, WEIGHT)
+    assert all(close(v, expected[c][k]) for c, s in states(pipe).items() for k, v in s.items())
+    unload_loras(pipe)
+
+    for (component, name), f in spec.items():
+        tensors[f"{component}.{name}.alpha"] = torch.tensor(float(f["alpha"]))
+    save_file(tensors, str(tmp_path / "keys.safetensors"))  # no metadata: the alpha keys alone
+    load_lora(pipe, tmp_path / "keys.safetensors", WEIGHT)
+    assert all(close(v, expected[c][k]) for c, s in states(pipe).items() for k, v in s.items())
