@@ -167,19 +167,37 @@ def reference_image(pipe, family: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ formats
 
 
-@pytest.mark.parametrize("family, fmt, convs, images", [
-    ("sd1", "kohya", True, True),  # LoRA + LoCon (1×1-conv proj_in, 3×3 resnet convs, resamplers), CLIP-L
-    ("sd21", "kohya", False, False),  # linear projections, OpenCLIP-H-style tower
-    ("sdxl", "kohya-ldm", True, True),  # kohya's SDXL trainer: LDM/SGM UNet names, both towers
-    ("sdxl", "kohya", False, False),  # diffusers-named SDXL UNet
-    ("sd1", "peft", True, False),  # lora_A/lora_B, alphas from lora_adapter_metadata (alpha_pattern for convs)
-    ("sdxl", "peft", False, False),  # unet. / text_encoder. / text_encoder_2.
-    ("sd1", "old", False, False),  # diffusers 0.21: lora.down/lora.up, lora_linear_layer (alpha = rank)
+@pytest.fixture(scope="module")
+def locon(sd1_folder, tmp_path_factory):
+    """An SD 1.x kohya LoRA + LoCon file (attention, 1×1-conv proj_in/out, resnet and resampler convolutions, the
+    text tower), and ldm's images without it and with it (no accelerate)."""
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    path = save_kohya(tmp_path_factory.mktemp("locon") / "locon.safetensors",
+                      spec_for(pipe, "sd1", convs=True, seed=11), xl=False)
+    plain = image(pipe)
+    load_lora(pipe, path, WEIGHT)
+    return path, image(pipe), plain
+
+
+def assert_image_like_diffusers(name: str, ours: np.ndarray, theirs: np.ndarray, plain: np.ndarray) -> None:
+    print(f"{name}: max pixel difference {np.abs(ours - theirs).max()}, the LoRA moved pixels by "
+          f"{np.abs(ours - plain).max()} (mean {np.abs(ours - plain).mean():.1f})")
+    assert np.abs(ours - theirs).max() <= 2
+    assert np.abs(ours - plain).mean() > 5  # the LoRA visibly changes the image: the comparison means something
+
+
+@pytest.mark.parametrize("family, fmt, convs", [
+    ("sd1", "kohya", True),  # LoRA + LoCon (1×1-conv proj_in, 3×3 resnet convs, resamplers), CLIP-L
+    ("sd21", "kohya", False),  # linear projections, OpenCLIP-H-style tower
+    ("sdxl", "kohya-ldm", True),  # kohya's SDXL trainer: LDM/SGM UNet names (+ LoCon), both towers
+    ("sdxl", "kohya", False),  # diffusers-named SDXL UNet
+    ("sd1", "peft", True),  # lora_A/lora_B, alphas from lora_adapter_metadata (alpha_pattern for the convs)
+    ("sdxl", "peft", False),  # unet. / text_encoder. / text_encoder_2.
+    ("sd1", "old", False),  # diffusers 0.21: lora.down/lora.up, lora_linear_layer (alpha = rank)
 ])
-def test_lora_merges_like_diffusers(request, reference, tmp_path, family, fmt, convs, images):
+def test_lora_merges_like_diffusers(request, reference, tmp_path, family, fmt, convs):
     pipe = StableDiffusion.from_pretrained(request.getfixturevalue(FIXTURES[family]))
     before = states(pipe)
-    plain = image(pipe) if images else None
     ranks = {"alpha": 4, "conv_alpha": 3} if fmt == "old" else {}  # the old format has no alphas: alpha = rank
     spec = spec_for(pipe, family, convs, seed=len(fmt), **ranks)
     path = write(fmt, tmp_path / f"{family}-{fmt}.safetensors", pipe, family, spec)
@@ -187,19 +205,29 @@ def test_lora_merges_like_diffusers(request, reference, tmp_path, family, fmt, c
     lora = load_lora(pipe, path, WEIGHT)
     assert (lora.name, lora.path, lora.weight, lora.keys) == (path.stem, path, WEIGHT, len(spec))
     assert lora.hash == lora_hash(path) and pipe.loras == [lora]
-    ref, expected = reference.merged(family, (path, WEIGHT))
+    _, expected = reference.merged(family, (path, WEIGHT))
     assert_merged_like(pipe, expected, before, changed_weights(spec))
     assert {c for c, _ in spec} == {"unet", *TOWERS[family]}  # every network adapted
-    if images:
-        ours, theirs = image(pipe), reference_image(ref, family)
-        print(f"{family} {fmt}: max pixel difference {np.abs(ours - theirs).max()}, "
-              f"LoRA moved pixels by {np.abs(ours - plain).max()} (mean {np.abs(ours - plain).mean():.1f})")
-        assert np.abs(ours - theirs).max() <= 2
-        assert np.abs(ours - plain).mean() > 5  # the LoRA visibly changes the image
 
     unload_loras(pipe)
     assert pipe.loras == [] and not pipe._lora_originals
     assert_same_bits(states(pipe), before)
+
+
+def test_sd1_image_with_a_locon_lora_equals_diffusers(locon, reference):
+    path, ours, plain = locon
+    ref, _ = reference.merged("sd1", (path, WEIGHT))
+    assert_image_like_diffusers("sd1 kohya LoCon", ours, reference_image(ref, "sd1"), plain)
+
+
+def test_sdxl_image_with_a_kohya_sdxl_lora_equals_diffusers(sdxl_folder, reference, tmp_path):
+    pipe = StableDiffusion.from_pretrained(sdxl_folder)
+    plain = image(pipe)
+    path = save_kohya(tmp_path / "xl.safetensors", spec_for(pipe, "sdxl", convs=True, seed=12), xl=True,
+                      ldm_names=ldm_unet_names(pipe))
+    load_lora(pipe, path, WEIGHT)
+    ref, _ = reference.merged("sdxl", (path, WEIGHT))
+    assert_image_like_diffusers("sdxl kohya LDM-named", image(pipe), reference_image(ref, "sdxl"), plain)
 
 
 def test_ldm_names_equal_diffusers_names_on_sd1(sd1_folder, tmp_path):
@@ -354,18 +382,6 @@ def winograd_everywhere(pipe, monkeypatch) -> int:
     return use_winograd(pipe.unet, pipe.vae, min_channels=1)
 
 
-@pytest.fixture(scope="module")
-def locon(sd1_folder, tmp_path_factory):
-    """An SD 1.x LoRA + LoCon file (attention, resnet and resampler convs, text tower) and the image it gives
-    without accelerate."""
-    pipe = StableDiffusion.from_pretrained(sd1_folder)
-    path = save_kohya(tmp_path_factory.mktemp("locon") / "locon.safetensors",
-                      spec_for(pipe, "sd1", convs=True, seed=11), xl=False)
-    plain = image(pipe)
-    load_lora(pipe, path, WEIGHT)
-    return path, image(pipe), plain
-
-
 def test_lora_then_accelerate_and_accelerate_then_lora(sd1_folder, locon, monkeypatch):
     path, expected, _ = locon
     early = StableDiffusion.from_pretrained(sd1_folder)
@@ -391,33 +407,40 @@ def test_lora_then_accelerate_and_accelerate_then_lora(sd1_folder, locon, monkey
 
 
 def test_lora_on_a_compiled_pipeline(sd1_folder, locon, monkeypatch):
-    """A pipeline compiled with aot_eager (the graphs inductor would compile, without its code generation, which
-    takes minutes here). With inductor's CPU freezing the weights would be constants of the compiled code, so with
-    freezing on a LoRA must drop the compiled code: the next call compiles again and sees the merged weights."""
+    """A pipeline compiled with aot_eager: the graphs inductor would compile, without its code generation (minutes
+    here). Inductor's CPU freezing would make the weights constants of the compiled code, so with freezing on,
+    loading and unloading must drop the compiled code: the next call compiles again, with the merged weights."""
     import torch._dynamo
     import torch._inductor.config
 
-    path, expected, plain = locon
+    path, expected, _ = locon
     compiles = []
 
     def counting_aot_eager(gm, example_inputs):
         compiles.append(gm)
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "freezing", True)
-    resets = []
     real_reset = torch._dynamo.reset
+    resets = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
+    real_reset()
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
     pipe = accelerate(StableDiffusion.from_pretrained(sd1_folder), backend=counting_aot_eager)
-    assert np.abs(image(pipe) - plain).max() <= 2
-    warm = len(compiles)
-    assert warm >= 2  # the UNet and the VAE decoder
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
 
+    def unet_step():  # the UNet call of a guided step, as the sampler makes it
+        with torch.no_grad():
+            return pipe.unet(x, 500.0, context=context), pipe.unet.unet(x, 500.0, context=context)
+
+    unet_step()
+    unet_step()
+    assert len(compiles) == 1  # compiled once, then reused
     load_lora(pipe, path, WEIGHT)
-    assert len(resets) == 1
+    compiled, eager = unet_step()
+    assert len(resets) == 1 and len(compiles) == 2  # the compiled UNet was dropped and compiled again …
+    assert max_rel_err(compiled, eager) < 1e-5  # … computing with the merged weights
     assert np.abs(image(pipe) - expected).max() <= 2
-    assert len(compiles) == 2 * warm  # compiled again, with the merged weights
     unload_loras(pipe)
     assert len(resets) == 2  # dropped again: the next call compiles with the original weights
     real_reset()
