@@ -72,7 +72,6 @@ from .loading import read_safetensors
 from .single_file import unet_rules
 from .unet import UNetConfig
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
@@ -294,6 +293,16 @@ class _Factors:
             rank = next((t[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in t), None)
         use_alpha = alpha is not None and alpha != 0 and rank is not None
         self.scale = (alpha / (math.sqrt(rank) if rslora else rank)) if use_alpha else 1.0
+        if self.low_rank() is None:  # check that the factors compose before anything is merged: on the meta device
+            meta = _Factors.__new__(_Factors)
+            meta.kind, meta.shape = kind, self.shape
+            meta.t = {k: torch.empty(v.shape, device="meta") for k, v in t.items()}
+            try:
+                numel = meta.delta().numel()
+            except RuntimeError as e:
+                raise ValueError(f"its factors do not compose ({e})") from None
+            if numel != math.prod(self.shape):
+                raise ValueError(f"its factors give {numel} values for a {self.shape} delta")
 
     @staticmethod
     def _loha_shape(a: Tensor, b: Tensor, core: Tensor | None) -> tuple[int, ...]:
@@ -389,8 +398,10 @@ def _parse(path: Path, tensors: dict[str, Tensor], metadata: dict, components: d
         component, token, suffix, peft = split
         part = (PEFT_PARTS if peft else KOHYA_PARTS).get(suffix)
         if part is None:
-            kind = UNSUPPORTED.get(suffix)
-            unsupported.append(f"{key} ({kind})" if kind else key)
+            if suffix in UNSUPPORTED:
+                unsupported.append(f"{key} ({UNSUPPORTED[suffix]})")
+            else:
+                unknown.append(key)
             continue
         stem = key[:len(key) - len(suffix) - 1] if suffix else key
         group = modules.setdefault((component, token, peft), _Module(component, token, stem, {}))
@@ -438,7 +449,7 @@ def _parse(path: Path, tensors: dict[str, Tensor], metadata: dict, components: d
             alpha = _peft_alpha(config, module) if peft else None
         try:
             factors = _Factors(kind, t, alpha, rslora=bool(config.get("use_rslora")))
-        except ValueError as e:
+        except (ValueError, IndexError) as e:  # IndexError: a factor with too few dimensions
             incomplete.append(f"{group.stem}: {e}")
             continue
         weight_shape = tuple(_weight(targets[component][module]).shape)

@@ -486,14 +486,20 @@ def test_keys_for_modules_the_model_lacks_are_named(sd1_folder, sdxl_folder, tmp
     tensors["text_projection.lora_A.weight"] = torch.zeros(4, 64)  # no naming ldm knows
     tensors["lora_unet_mid_block_attentions_0_proj_out.dora_scale"] = torch.ones(1, 64)
     tensors["lora_unet_mid_block_resnets_0_conv1.lora_down.weight"] = torch.zeros(4, 64, 3, 3)  # no lora_up
+    tensors |= {"lora_unet_mid_block_resnets_0_conv2.lokr_w1_a": torch.zeros(4, 2),  # w1_a @ w1_b cannot be
+                "lora_unet_mid_block_resnets_0_conv2.lokr_w1_b": torch.zeros(3, 4),  # formed (2 vs 3)
+                "lora_unet_mid_block_resnets_0_conv2.lokr_w2": torch.zeros(16, 16, 3, 3)}
     save_file(tensors, str(tmp_path / "odd.safetensors"))
+    before = states(sd1)
     with pytest.raises(LoadError) as error:
         load_lora(sd1, tmp_path / "odd.safetensors")
     message = str(error.value)
     for needle in ("lora_unet_down_blocks_9_attentions_0_proj_in", "text_projection.lora_A.weight",
                    "lora_unet_mid_block_attentions_0_proj_out.dora_scale (DoRA)",
-                   "lora_unet_mid_block_resnets_0_conv1.lora_down.weight"):
+                   "lora_unet_mid_block_resnets_0_conv1.lora_down.weight",
+                   "lora_unet_mid_block_resnets_0_conv2: its factors do not compose"):
         assert needle in message
+    assert_same_bits(states(sd1), before)  # checked whole before anything is merged
 
 
 def test_truncated_and_pickled_files_are_refused(sd1_folder, tmp_path):
