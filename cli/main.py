@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prompts.add_argument("--embedding", action="append", default=[], metavar="FILE",
                          help="a textual-inversion embedding (.safetensors, or A1111 .pt); its trigger word is the "
                               "file name without extension. Repeatable; weights/embeddings/ is always loaded")
+    prompts.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                         help="merge a LoRA/LyCORIS file (a path, or a name in weights/loras) at WEIGHT (default 1); "
+                              "repeatable. <lora:NAME:WEIGHT> in the prompt does the same for names in weights/loras")
     prompts.add_argument("--from-png", default=None, metavar="IMAGE.png",
                          help="take prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, clip skip "
                               "and strength from a PNG's A1111 parameters; flags given beside it override them")
@@ -205,6 +208,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             action.default = argparse.SUPPRESS
         args.given = set(vars(parser.parse_args(argv))) - {"command"}
     return args
+
+
+def lora_option(value: str):
+    """--lora FILE[:WEIGHT] → (the file, a path or a name in weights/loras; the weight)."""
+    from ldm.lora import find_lora
+
+    name, weight = value, 1.0
+    if ":" in value:
+        head, tail = value.rsplit(":", 1)
+        try:
+            name, weight = head, float(tail)
+        except ValueError:
+            pass  # a colon of the path itself
+    return find_lora(name), weight
 
 
 def from_png(args: argparse.Namespace) -> None:
@@ -409,6 +426,7 @@ def generate(args: argparse.Namespace) -> None:
     for path in args.embedding:
         if not Path(path).is_file():
             raise LdmError(f"--embedding {path}: no such file")
+    loras = [lora_option(value) for value in args.lora]
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask, "mask") if args.mask else None
     if mask is not None and mask.size != image.size:
@@ -437,6 +455,8 @@ def generate(args: argparse.Namespace) -> None:
     pipe = load_model(args)
     for path in args.embedding:
         pipe.load_embedding(path)
+    for path, weight in loras:
+        pipe.load_lora(path, weight)
     refiner = None
     if args.refiner:  # loaded now (a bad path fails before the base runs), parked on the CPU until its turn
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
@@ -459,6 +479,7 @@ def generate(args: argparse.Namespace) -> None:
             pipe.to("cpu")
             refiner.to(device)
         result = refiner(args.prompt, args.negative_prompt, latents=first.latents, denoising_start=refiner_start,
+                         prompt_loras=False,  # the base's <lora:…> tags are for the base
                          aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                          progress=ProgressBar(), **common)
         result.infotexts = [f"{text}, Refiner: {refiner.name}, Refiner switch at: {refiner_start}"

@@ -41,7 +41,18 @@ from .loading import (
     resolve,
     weights_file,
 )
-from .prompts import EMPHASES, SYNTAXES, EmbeddingLookup, empty_chunk, encode_chunks, prompt_chunks
+from .lora import LoadedLora, find_lora
+from .lora import load_lora as merge_lora
+from .lora import unload_loras as unmerge_loras
+from .prompts import (
+    EMPHASES,
+    SYNTAXES,
+    EmbeddingLookup,
+    empty_chunk,
+    encode_chunks,
+    extract_extra_networks,
+    prompt_chunks,
+)
 from .safety import Safety
 from .samplers import SAMPLERS, randn, sampler_for
 from .schedules import Schedule, SchedulerConfig
@@ -226,6 +237,7 @@ class StableDiffusion:
         self.embeddings: dict[str, Embedding] = {}  # textual inversion, by trigger word (`load_embedding`)
         self.notes: list[str] = []  # said once, at load: embeddings of the folder that do not fit, …
         self.model_file: Path | None = None  # a single-file checkpoint: its sha256 is the infotext's Model hash
+        self.loras: list[LoadedLora] = []  # merged adapters, in load order (`load_lora`)
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -361,6 +373,15 @@ class StableDiffusion:
                              f"{self.name}'s {name}")
         return name, tokenizer, encoder, layer, final_norm
 
+    def load_lora(self, path: str | Path, weight: float = 1.0) -> LoadedLora:
+        """Merge a LoRA/LyCORIS file (a path, or a name in weights/loras) into the UNet and text towers
+        (`ldm.lora`): it applies to every later call, at no cost per step, until `unload_loras()`."""
+        return merge_lora(self, find_lora(str(path)), weight)
+
+    def unload_loras(self) -> None:
+        """Restore every weight a LoRA touched, bit for bit."""
+        unmerge_loras(self)
+
     def tower_widths(self) -> dict[str, int]:
         return {name: enc.config.hidden_size for name, _, enc, _, _ in self.text_towers()}
 
@@ -426,21 +447,8 @@ class StableDiffusion:
         encoded = [hidden.repeat_interleave(num_images, dim=0) for hidden, _ in self.encode_text(groups, **text)]
         return {"context": encoded[0]}, ({"context": encoded[1]} if guide else None)
 
-    @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                 steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0,
-                 seed: int | list[int] | None = None,
-                 width: int | None = None, height: int | None = None, sampler: str | None = None,
-                 karras: bool = False, num_images: int = 1, eta: float = 0.0, image: Image.Image | None = None,
-                 mask: Image.Image | None = None, strength: float | None = None,
-                 original_size: tuple[int, int] | None = None, crop_coords: tuple[int, int] | None = None,
-                 target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
-                 negative_aesthetic_score: float | None = None, denoising_end: float | None = None,
-                 denoising_start: float | None = None, latents: Tensor | None = None,
-                 prompt_syntax: str = "a1111", emphasis: str = "original", clip_skip: int = 1,
-                 generator: torch.Generator | list[torch.Generator] | None = None,
-                 callback: Callable[[int, Tensor], Tensor | None] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Generation:
+                 loras: list[tuple[str, float]] | None = None, prompt_loras: bool = True, **options) -> Generation:
         """Generate `num_images` images per prompt.
 
         Text-to-image by default; image-to-image (SDEdit) with `image`; inpainting with `image` and
@@ -459,11 +467,55 @@ class StableDiffusion:
         "original" (A1111's default), "no-norm" or "none". `clip_skip` N > 1 conditions on the text tower's
         N-th layer from the end (A1111's meaning for SD 1.x).
 
+        LoRA/LyCORIS adapters: those merged with `load_lora` apply to every call; `<lora:NAME:WEIGHT>` in a
+        prompt (A1111's syntax; NAME a file in weights/loras) and `loras=[(NAME, WEIGHT), …]` are merged for this
+        call only (the tags stay in the infotext's prompt and are left out of the text encoded;
+        `prompt_loras=False` ignores them, as a refiner does that finishes a base's run).
+
         `callback(i, x)` sees the σ-space latents after step i and may return replacements;
         `progress(done, total)` is told each finished step; `generator` replaces the one seeded from `seed`.
         Text-to-image also takes one seed per prompt (`seed=[…]`): each prompt's images then come out as they
         would from a call of their own with that seed, while the batch runs through the networks together.
         """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        tagged: dict[str, float] = {}  # the prompts' tags, each LoRA once (a batch of prompts shares them)
+        for text in prompts if prompt_loras else []:
+            for name, args in extract_extra_networks(text)[1]:
+                try:
+                    weight = float(args[0]) if args else 1.0
+                except ValueError:
+                    raise InputError(f"<lora:{name}:{':'.join(args)}>: the weight must be a number") from None
+                if tagged.setdefault(name, weight) != weight:
+                    raise InputError(f"the prompts of one call ask for LoRA {name!r} at {tagged[name]} and {weight}")
+        wanted = list(loras or []) + list(tagged.items())
+        if not wanted:
+            return self._generate(prompt, negative_prompt, **options)
+        kept = [(lora.path, lora.weight) for lora in self.loras]
+        try:
+            for name, weight in wanted:  # names in the LoRA folder only: prompts and requests may not name paths
+                merge_lora(self, find_lora(name, allow_paths=False), weight)
+            return self._generate(prompt, negative_prompt, **options)
+        finally:  # back to the LoRAs merged before the call, bit for bit
+            unmerge_loras(self)
+            for path, weight in kept:
+                merge_lora(self, path, weight)
+
+    @torch.no_grad()
+    def _generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 steps: int = 50, guidance: float = 7.5, guidance_rescale: float = 0.0,
+                 seed: int | list[int] | None = None,
+                 width: int | None = None, height: int | None = None, sampler: str | None = None,
+                 karras: bool = False, num_images: int = 1, eta: float = 0.0, image: Image.Image | None = None,
+                 mask: Image.Image | None = None, strength: float | None = None,
+                 original_size: tuple[int, int] | None = None, crop_coords: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
+                 negative_aesthetic_score: float | None = None, denoising_end: float | None = None,
+                 denoising_start: float | None = None, latents: Tensor | None = None,
+                 prompt_syntax: str = "a1111", emphasis: str = "original", clip_skip: int = 1,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 callback: Callable[[int, Tensor], Tensor | None] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Generation:
+        """Generate images (see `__call__`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
         if negative_prompt is not None:
@@ -560,6 +612,7 @@ class StableDiffusion:
                   "Clip skip": clip_skip if clip_skip > 1 else None,
                   "Eta": eta if "eta" in spec.options and eta else None,
                   "CFG rescale": guidance_rescale or None,
+                  "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in self.loras) or None,
                   "TI hashes": ", ".join(f"{n}: {self.embeddings[n].hash}" for n in sorted(used)) or None,
                   "Emphasis": EMPHASES[emphasis] if emphasis != "original" else None,
                   "Prompt syntax": prompt_syntax if prompt_syntax != "a1111" else None}

@@ -167,6 +167,7 @@ def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "
 
     `tokenizer` is an `ldm.tokenizer.CLIPTokenizer`; `embeddings` the textual-inversion vectors of this tower.
     """
+    text = extract_extra_networks(text)[0]  # <lora:…> tags choose adapters; they are not text to encode
     literal = syntax == "plain" or emphasis == "none"
     parsed = [(text, 1.0)] if literal else parse_attention(text)
     comma = tokenizer.comma_id

@@ -18,16 +18,18 @@ cannot be read at all raises a `RequestError`, whose `as_dict()` is the error bo
 cards' older forms (one object holding lists) are `form="sd15"` / `form="sd14"`.
 """
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from PIL import Image
 
-from .errors import InputError
+from .errors import InputError, LdmError
 from .images import decode_image, encode_png, fit_size
+from .lora import find_lora
 from .pipeline import MAX_CLIP_SKIP, MAX_SEED
-from .prompts import SYNTAXES
+from .prompts import SYNTAXES, extract_extra_networks
 from .samplers import SAMPLERS
 
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "image": "image", "mask": "mask", "mask_image": "mask"}
@@ -70,6 +72,7 @@ class Parameters:
     num_images_per_prompt: int = 1
     prompt_syntax: str | None = None  # "plain" (a request's default: diffusers reads brackets literally) or "a1111"
     clip_skip: int = 1
+    loras: tuple[tuple[str, float], ...] = ()  # files of the server's LoRA folder, by name, with their weights
 
 
 @dataclass
@@ -114,7 +117,9 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     for name, value in raw.items():
         if value is None:
             continue
-        if name in ("negative_prompt", "scheduler", "prompt_syntax"):
+        if name == "loras":
+            values[name] = parse_loras(value)
+        elif name in ("negative_prompt", "scheduler", "prompt_syntax"):
             if not isinstance(value, str):
                 raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
             values[name] = value
@@ -148,6 +153,31 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     if not 1 <= p.clip_skip <= MAX_CLIP_SKIP:
         raise RequestError("parameters.clip_skip", f"must be from 1 to {MAX_CLIP_SKIP}, got {p.clip_skip}")
     return p
+
+
+def parse_loras(value) -> tuple[tuple[str, float], ...]:
+    """`loras`: {"NAME": WEIGHT, …} or ["NAME", "NAME:WEIGHT", …], NAME a file of the server's LoRA folder
+    (weights/loras): a request never names a path."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        pairs = [(v.rsplit(":", 1)[0], v.rsplit(":", 1)[1]) if ":" in v else (v, 1.0) for v in value]
+    else:
+        raise RequestError("parameters.loras", 'expected {"NAME": WEIGHT} or ["NAME", "NAME:WEIGHT"]')
+    out = []
+    for name, weight in pairs:
+        try:
+            weight = float(weight) if not isinstance(weight, bool) else math.nan
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise RequestError("parameters.loras", f"{name}: the weight must be a finite number")
+        try:
+            find_lora(str(name), allow_paths=False)
+        except InputError as e:
+            raise RequestError("parameters.loras", str(e)) from None
+        out.append((str(name), weight))
+    return tuple(out)
 
 
 def scheduler_name(name: str) -> str | None:
@@ -282,8 +312,9 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
                       guidance=p.guidance_scale, seed=seeds if len(rows) > 1 else seeds[0], width=p.width,
                       height=p.height, sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
                       num_images=p.num_images_per_prompt, image=first.image, mask=first.mask, strength=p.strength,
-                      prompt_syntax=request.prompt_syntax, clip_skip=p.clip_skip, callback=callback)
-    except InputError as e:
+                      prompt_syntax=request.prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
+                      callback=callback)
+    except LdmError as e:  # a bad value for this model, or a LoRA of the folder that does not fit it
         return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
     n = p.num_images_per_prompt
     return [{"prompt": rows[i // n].prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
@@ -325,17 +356,18 @@ def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, bat
     rows_per_pass = max(1, batch_size // per_row)
     objects, group = [], []
 
-    def chunks(row: Row) -> int:
-        """A batch pads every prompt to the longest one's chunks (77 tokens each), which would change the images
-        of the shorter ones: rows of a pass have equally many."""
+    def kind(row: Row) -> tuple:
+        """Rows of a pass must have equally many chunks (a batch pads every prompt to the longest one's, which
+        would change the images of the shorter ones) and the same <lora:…> tags (merged for the whole pass)."""
+        tags = extract_extra_networks(row.prompt)[1]
         try:
-            return pipe.chunk_count(row.prompt, request.prompt_syntax)
+            return pipe.chunk_count(row.prompt, request.prompt_syntax), tags
         except InputError:
-            return -1  # runs alone, and reports its error
+            return -1, tags  # runs alone, and reports its error
 
     for row in request.rows:
         if row.error is None and row.image is None and rows_per_pass > 1:
-            if group and chunks(row) != chunks(group[0]):
+            if group and kind(row) != kind(group[0]):
                 objects += run_rows(pipe, request, group, cancelled)
                 group = []
             group.append(row)

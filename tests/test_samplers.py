@@ -159,7 +159,7 @@ def test_a_folder_asking_for_karras_gets_it(sd1_folder, tmp_path):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     pipe = StableDiffusion.from_pretrained(folder)
     assert pipe.default_sampler == "dpmpp_2m"
-    assert "Sampler: DPM++ 2M Karras," in pipe("a cat", steps=2, seed=0).infotexts[0]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in pipe("a cat", steps=2, seed=0).infotexts[0]
     assert "Sampler: DDIM," in pipe("a cat", steps=2, seed=0, sampler="ddim").infotexts[0]  # no Karras grid
 
 

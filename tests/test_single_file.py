@@ -147,7 +147,7 @@ def test_single_file_image_matches_diffusers_on_the_folder(request, single_file,
 def test_single_file_loads_the_same_networks_as_the_folder(sd1_folder, single_file):
     from_file = StableDiffusion.from_pretrained(single_file("sd1"))
     from_folder = StableDiffusion.from_pretrained(sd1_folder)
-    assert type(from_file) is StableDiffusion and from_file.name == single_file("sd1").name
+    assert type(from_file) is StableDiffusion and from_file.name == single_file("sd1").stem
     for a, b in zip(from_file.modules(), from_folder.modules(), strict=True):
         sa, sb = a.state_dict(), b.state_dict()
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
