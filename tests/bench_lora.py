@@ -1,7 +1,7 @@
 """Benchmark (a script, not a test): loading + merging a kohya SDXL LoRA into a full-size SDXL base (UNet and both
 text towers, official config sizes, constant weights), then unloading it.
 
-    python tests/bench_lora.py                  # fp16 networks, rank 24 (≈ 150 MB fp16 file)
+    python tests/bench_lora.py                  # fp16 networks, rank 21 (a 150 MB fp16 file)
     python tests/bench_lora.py --dtype fp32 --towers-only
 
 The networks are built on the meta device and materialised with `to_empty` (no random init); the LoRA has
@@ -51,7 +51,8 @@ def build(make, dtype: torch.dtype) -> torch.nn.Module:
     return module
 
 
-def write_lora(path: Path, nets: dict, rank: int, unet_cfg: UNetConfig | None) -> int:
+def write_lora(path: Path, nets: dict, rank: int, unet_cfg: UNetConfig | None) -> tuple[int, int]:
+    """Write the LoRA; returns (modules, parameters of the weights it touches)."""
     from safetensors.torch import save_file
 
     ldm = {}
@@ -60,21 +61,22 @@ def write_lora(path: Path, nets: dict, rank: int, unet_cfg: UNetConfig | None) -
                for r in unet_rules(unet_cfg, prefix="") if r.ours.endswith(".weight")}
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     g = torch.Generator().manual_seed(0)
-    tensors = {}
+    tensors, touched = {}, 0
     for component, net in nets.items():
         for name, shape in modules(net, ATTENTION if component == "unet" else TEXT).items():
+            touched += shape[0] * shape[1]
             key = prefixes[component] + ldm.get(name, name).replace(".", "_")
             tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, shape[1], generator=g) * 0.01).half()
             tensors[f"{key}.lora_up.weight"] = (torch.randn(shape[0], rank, generator=g) * 0.01).half()
             tensors[f"{key}.alpha"] = torch.tensor(rank / 2, dtype=torch.float16)
     save_file(tensors, str(path))
-    return len(tensors) // 3
+    return len(tensors) // 3, touched
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
-    parser.add_argument("--rank", type=int, default=24)
+    parser.add_argument("--rank", type=int, default=21)
     parser.add_argument("--towers-only", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -94,8 +96,9 @@ def main() -> None:
         pipe.unet.config = UNetConfig()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "sdxl-lora.safetensors"
-        count = write_lora(path, nets, args.rank, unet_cfg)
-        print(f"LoRA: {count} modules, rank {args.rank}, {path.stat().st_size / 1e6:.0f} MB")
+        count, touched = write_lora(path, nets, args.rank, unet_cfg)
+        print(f"LoRA: {count} modules, rank {args.rank}, {path.stat().st_size / 1e6:.0f} MB; the weights it touches: "
+              f"{touched / 1e9:.2f} B parameters, {2 * args.rank * touched / 1e9:.0f} GFLOP of deltas")
         loads, unloads = [], []
         for _ in range(args.repeats + 1):
             t = time.perf_counter()
@@ -106,7 +109,7 @@ def main() -> None:
             unloads.append(time.perf_counter() - t)
             assert lora.keys == count
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"load + merge: first {loads[0]:.2f} s (builds the LDM name table once), then median "
+    print(f"load + merge: first {loads[0]:.2f} s (fresh memory for the originals, the LDM name table), then median "
           f"{statistics.median(loads[1:]):.2f} s; unload: median {statistics.median(unloads[1:]):.2f} s")
 
 
