@@ -408,41 +408,27 @@ def test_lora_then_accelerate_and_accelerate_then_lora(sd1_folder, locon, monkey
 
 def test_lora_on_a_compiled_pipeline(sd1_folder, locon, monkeypatch):
     """A pipeline compiled with aot_eager: the graphs inductor would compile, without its code generation (minutes
-    here). Inductor's CPU freezing would make the weights constants of the compiled code, so with freezing on,
-    loading and unloading must drop the compiled code: the next call compiles again, with the merged weights."""
+    here). Under inductor's CPU freezing, which `accelerate` turns on, the weights become constants of the compiled
+    code and a weight changed in place is not seen until the code is dropped (checked by hand on a small module);
+    so with freezing on, loading and unloading drop the compiled code (torch._dynamo.reset), and only then."""
     import torch._dynamo
     import torch._inductor.config
 
     path, expected, _ = locon
-    compiles = []
-
-    def counting_aot_eager(gm, example_inputs):
-        compiles.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    real_reset = torch._dynamo.reset
-    resets = []
+    real_reset, resets = torch._dynamo.reset, []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
     real_reset()
-    monkeypatch.setattr(torch._inductor.config, "freezing", True)
-    pipe = accelerate(StableDiffusion.from_pretrained(sd1_folder), backend=counting_aot_eager)
-    g = torch.Generator().manual_seed(0)
-    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g)
-
-    def unet_step():  # the UNet call of a guided step, as the sampler makes it
-        with torch.no_grad():
-            return pipe.unet(x, 500.0, context=context), pipe.unet.unet(x, 500.0, context=context)
-
-    unet_step()
-    unet_step()
-    assert len(compiles) == 1  # compiled once, then reused
+    pipe = accelerate(StableDiffusion.from_pretrained(sd1_folder), backend="aot_eager")
+    monkeypatch.setattr(torch._inductor.config, "freezing", False)
     load_lora(pipe, path, WEIGHT)
-    compiled, eager = unet_step()
-    assert len(resets) == 1 and len(compiles) == 2  # the compiled UNet was dropped and compiled again …
-    assert max_rel_err(compiled, eager) < 1e-5  # … computing with the merged weights
-    assert np.abs(image(pipe) - expected).max() <= 2
     unload_loras(pipe)
-    assert len(resets) == 2  # dropped again: the next call compiles with the original weights
+    assert resets == []  # graphs that read the parameters (CUDA graphs included) see in-place writes
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+    load_lora(pipe, path, WEIGHT)
+    assert len(resets) == 1
+    assert np.abs(image(pipe) - expected).max() <= 2  # compiled with the merged weights
+    unload_loras(pipe)
+    assert len(resets) == 2
     real_reset()
 
 
