@@ -41,8 +41,9 @@ bit. A reference name is resolved at merge and unmerge time to wherever the tens
 parameter, or its rows of the fused `to_qkv` / `to_kv` projection that `ldm.fast.accelerate` builds. So a LoRA
 loaded before or after `accelerate`, and unloaded after it, all work. Writes are in place (`copy_`, `addmm_`):
 CUDA graphs and compiled code that read the parameters see the new values. A Winograd convolution's derived
-filters (`winograd_weight`) are recomputed from its changed weight. Tensors that safetensors loaded without a
-cast are private to the process (writing them never reaches the file; tests/test_lora.py checks it).
+filters (`winograd_weight`) are recomputed from its changed weight. Weights loaded without a cast are
+safetensors' copy-on-write memory maps: writing one copies its pages into the process and never reaches the
+file (tests/test_lora.py checks it).
 
 Compiled pipelines: on the CPU `accelerate` compiles with inductor's freezing, which folds the weights into
 the generated code as constants: a weight changed in place would not be seen. When the UNet is compiled and
