@@ -419,16 +419,16 @@ def test_lora_on_a_compiled_pipeline(sd1_folder, locon, monkeypatch):
     monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
     real_reset()
     pipe = accelerate(StableDiffusion.from_pretrained(sd1_folder), backend="aot_eager")
-    monkeypatch.setattr(torch._inductor.config, "freezing", False)
-    load_lora(pipe, path, WEIGHT)
-    unload_loras(pipe)
+    with torch._inductor.config.patch(freezing=False):  # (pytest's monkeypatch breaks torch's config modules)
+        load_lora(pipe, path, WEIGHT)
+        unload_loras(pipe)
     assert resets == []  # graphs that read the parameters (CUDA graphs included) see in-place writes
-    monkeypatch.setattr(torch._inductor.config, "freezing", True)
-    load_lora(pipe, path, WEIGHT)
-    assert len(resets) == 1
-    assert np.abs(image(pipe) - expected).max() <= 2  # compiled with the merged weights
-    unload_loras(pipe)
-    assert len(resets) == 2
+    with torch._inductor.config.patch(freezing=True):
+        load_lora(pipe, path, WEIGHT)
+        assert len(resets) == 1
+        assert np.abs(image(pipe) - expected).max() <= 2  # compiled with the merged weights
+        unload_loras(pipe)
+        assert len(resets) == 2
     real_reset()
 
 
