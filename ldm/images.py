@@ -4,9 +4,14 @@ for images, grayscale binarised at 0.5 for masks."""
 
 import base64
 import binascii
+import http.client
 import io
 import json
 import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -45,20 +50,80 @@ def load_image(path: str | Path, what: str = "image", max_pixels: int = MAX_INPU
 
 
 DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+WHITESPACE = re.compile(r"\s+")
 
 
 def decode_image(value: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """A base64 PNG/JPEG (with or without a `data:image/...;base64,` prefix), fully decoded, or an InputError."""
+    """A base64 PNG/JPEG (with or without a `data:image/...;base64,` prefix), fully decoded, or an InputError.
+    Whitespace inside the base64 is skipped, as MIME decoders do (`base64.encodebytes` breaks lines every 76
+    characters); any other character outside the alphabet is refused."""
     if not isinstance(value, str):
         raise InputError(f"{what}: expected a base64 string, got {type(value).__name__}")
     try:
-        raw = base64.b64decode(DATA_URL.sub("", value.strip()), validate=True)
+        raw = base64.b64decode(WHITESPACE.sub("", DATA_URL.sub("", value.strip())), validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{what}: not valid base64") from None
+    return image_from_bytes(raw, what, max_pixels, "the base64 data")
+
+
+def image_from_bytes(raw: bytes, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS,
+                     source: str = "the data") -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, …), fully decoded, or an InputError."""
     try:
         return _decoded(io.BytesIO(raw), what, max_pixels)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{what}: the base64 data is not a readable image ({e})") from None
+        raise InputError(f"{what}: {source} is not a readable image ({e})") from None
+
+
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+URL_SCHEMES = ("http", "https")
+
+
+def is_url(value) -> bool:
+    """Whether a cell holds a URL (`scheme://…`) rather than base64 (whose alphabet has no colon)."""
+    return isinstance(value, str) and URL.match(value.lstrip()) is not None
+
+
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects to ftp:// too; an image URL may only lead to http(s)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in URL_SCHEMES:
+            raise InputError(f"redirected to {newurl[:200]}: only http and https URLs are fetched")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_url(url: str, max_bytes: int, timeout_s: float = 10.0) -> bytes:
+    """The body at an http(s) URL: at most `max_bytes`, all of it within `timeout_s`, or an InputError that
+    says why not (for the request's row that named it)."""
+    url = url.strip()
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise InputError(f"{url[:200]}: only http and https URLs are fetched, not {scheme}://")
+    deadline = time.monotonic() + timeout_s
+    opener = urllib.request.build_opener(_HttpRedirectsOnly)
+    request = urllib.request.Request(url, headers={"User-Agent": "ldm", "Accept": "image/*"})
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise InputError(f"{url[:200]}: {declared} bytes, more than this server's {max_bytes} bytes")
+            body = bytearray()
+            while chunk := response.read(64 * 1024):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise InputError(f"{url[:200]}: more than this server's {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError()
+            return bytes(body)
+    except urllib.error.HTTPError as e:
+        raise InputError(f"{url[:200]}: the server answered {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise InputError(f"{url[:200]}: could not be fetched ({e.reason})") from None
+    except TimeoutError:
+        raise InputError(f"{url[:200]}: not fetched within {timeout_s:g} s") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # a reset, a malformed URL or response
+        raise InputError(f"{url[:200]}: could not be fetched ({type(e).__name__}: {e})") from None
 
 
 def encode_png(image: Image.Image, parameters: str | None = None) -> str:

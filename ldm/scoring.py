@@ -5,8 +5,10 @@ Request (pandas' "split" orientation; `ldm serve` and `ldm batch` both take it):
     {"input_data": {"columns": ["prompt"], "index": [0, 1], "data": ["a cat", "a dog"],
                     "parameters": {"num_inference_steps": 30, "guidance_scale": 7.5, "seed": 1}}}
 
-Columns `prompt` or `text_prompt` (SD 1.4's card), and `image` and `mask` (or `mask_image`) for image-to-image
-and inpainting as base64 PNG/JPEG; rows as strings, lists in column order, or objects keyed by column.
+Columns `prompt` or `text_prompt` (SD 1.4's card), `negative_prompt` (a row's own, over the parameter), and
+`image` and `mask` (or `mask_image`) for image-to-image and inpainting as base64 PNG/JPEG (line breaks
+allowed, as `base64.encodebytes` writes them) or, where the caller allows it, http(s) URLs; rows as strings,
+lists in column order, or objects keyed by column.
 
 Response, one object per image in row order (the SD 2.1, SDXL and inpainting cards' form):
 
@@ -26,14 +28,16 @@ from dataclasses import dataclass, field, fields
 from PIL import Image
 
 from .errors import InputError, LdmError
-from .images import decode_image, encode_png, fit_size
+from .images import decode_image, encode_png, fit_size, image_from_bytes, is_url
 from .lora import find_lora
 from .pipeline import MAX_CLIP_SKIP, MAX_SEED
 from .prompts import SYNTAXES, extract_extra_networks
 from .samplers import SAMPLERS
 
-COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "image": "image", "mask": "mask", "mask_image": "mask"}
+COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
+           "mask": "mask", "mask_image": "mask"}
 FORMS = ("rows", "sd15", "sd14")
+NO_URLS = "image URLs are not fetched by this server (start it with --allow-image-urls to allow them)"
 
 
 class RequestError(InputError):
@@ -80,6 +84,7 @@ class Row:
     position: int  # in `data`
     label: object  # its `index` label (the position when `index` is shorter, as in the SD 1.5 card)
     prompt: str | None = None
+    negative_prompt: str | None = None  # its own; None: the request's `negative_prompt` parameter
     image: Image.Image | None = None
     mask: Image.Image | None = None
     error: RequestError | None = None
@@ -187,7 +192,8 @@ def scheduler_name(name: str) -> str | None:
     return next((n for n, spec in SAMPLERS.items() if spec.diffusers_class == name), None)
 
 
-def _row(position: int, label, value, columns: list[str], limits: Limits) -> Row:
+def _row(position: int, label, value, columns: list[str], limits: Limits,
+         fetch: Callable[[str], bytes] | None = None) -> Row:
     row = Row(position, label)
     where = f"data[{position}]"
     try:
@@ -209,15 +215,24 @@ def _row(position: int, label, value, columns: list[str], limits: Limits) -> Row
         row.prompt = cells.get("prompt")
         if not isinstance(row.prompt, str):
             raise RequestError(f"{where}.prompt", "missing, or not a string")
+        row.negative_prompt = cells.get("negative_prompt")
+        if row.negative_prompt is not None and not isinstance(row.negative_prompt, str):
+            raise RequestError(f"{where}.negative_prompt", "not a string")
         for name in ("image", "mask"):
             value = cells.get(name)
             if value is None or isinstance(value, Image.Image):  # `ldm batch` hands over images read from files
                 setattr(row, name, value)
                 continue
+            if is_url(value) and fetch is None:
+                raise RequestError(f"{where}.{name}", NO_URLS)
             try:
                 if isinstance(value, InputError):
                     raise value
-                setattr(row, name, decode_image(value, name, max_pixels=4 * limits.max_pixels))
+                if is_url(value):
+                    image = image_from_bytes(fetch(value), name, 4 * limits.max_pixels, f"{value.strip()[:200]}")
+                else:
+                    image = decode_image(value, name, max_pixels=4 * limits.max_pixels)
+                setattr(row, name, image)
             except InputError as e:
                 raise RequestError(f"{where}.{name}", str(e).removeprefix(f"{name}: ")) from None
         if row.mask is not None and row.image is None:
@@ -238,10 +253,12 @@ def _row(position: int, label, value, columns: list[str], limits: Limits) -> Row
     return row
 
 
-def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: str = "plain") -> Request:
+def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: str = "plain",
+          fetch: Callable[[str], bytes] | None = None) -> Request:
     """Read a request body (already JSON-decoded). Request-level problems raise a RequestError; a row that
     cannot be read carries its own error and the other rows still run. `prompt_syntax`: how prompts are read
-    when the parameters do not say."""
+    when the parameters do not say. `fetch`: an image URL's bytes (or an InputError), such as
+    `functools.partial(ldm.images.fetch_url, max_bytes=…)`; without it a URL is the row's error."""
     if form not in FORMS:
         raise ValueError(f"unknown response form {form!r}")
     if not isinstance(body, dict) or "input_data" not in body:
@@ -276,7 +293,7 @@ def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: st
         raise RequestError("input_data.index", "expected a list of row labels")
     # parameters sit inside input_data in the cards; accept them beside it too
     parameters = parse_parameters(data_in.get("parameters", body.get("parameters")), limits)
-    rows = [_row(i, index[i] if i < len(index) else i, value, columns, limits) for i, value in enumerate(data)]
+    rows = [_row(i, index[i] if i < len(index) else i, value, columns, limits, fetch) for i, value in enumerate(data)]
     seed = parameters.seed if parameters.seed is not None else secrets.randbits(32)
     return Request(rows, parameters, seed, limits, form, parameters.prompt_syntax or prompt_syntax)
 
@@ -285,12 +302,21 @@ def row_seed(request: Request, row: Row) -> int:
     return (request.seed + row.position) % (MAX_SEED + 1)
 
 
+def negative_prompt(request: Request, row: Row) -> str | None:
+    """The row's own negative prompt, else the request's."""
+    return row.negative_prompt if row.negative_prompt is not None else request.parameters.negative_prompt
+
+
 def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bool] | None = None) -> list[dict]:
     """The response objects of some rows: one per image, or one carrying a row's error. Several error-free
     text-to-image rows go through the pipeline as one batch, each with its own seed, so each image is the one
-    the row gets alone (up to float rounding of a batched matmul)."""
+    the row gets alone (up to float rounding of a batched matmul). The rows of a pass share one negative prompt
+    (`run` groups them so)."""
     if len(rows) == 1 and rows[0].error is not None:
         return [error_object(rows[0], rows[0].error)]
+    negative = negative_prompt(request, rows[0])
+    if any(negative_prompt(request, row) != negative for row in rows):
+        raise ValueError("rows of different negative prompts cannot share a pass")
     p = request.parameters
     seeds = [row_seed(request, row) for row in rows]
     native = pipe.unet.config.sample_size * pipe.vae_scale
@@ -308,7 +334,7 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
             raise Cancelled()
 
     try:
-        result = pipe([row.prompt for row in rows], p.negative_prompt, steps=p.num_inference_steps,
+        result = pipe([row.prompt for row in rows], negative, steps=p.num_inference_steps,
                       guidance=p.guidance_scale, seed=seeds if len(rows) > 1 else seeds[0], width=p.width,
                       height=p.height, sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
                       num_images=p.num_images_per_prompt, image=first.image, mask=first.mask, strength=p.strength,
@@ -358,12 +384,13 @@ def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, bat
 
     def kind(row: Row) -> tuple:
         """Rows of a pass must have equally many chunks (a batch pads every prompt to the longest one's, which
-        would change the images of the shorter ones) and the same <lora:…> tags (merged for the whole pass)."""
-        tags = extract_extra_networks(row.prompt)[1]
+        would change the images of the shorter ones), the same <lora:…> tags (merged for the whole pass) and the
+        same negative prompt (one for the pass)."""
+        tags, negative = extract_extra_networks(row.prompt)[1], negative_prompt(request, row)
         try:
-            return pipe.chunk_count(row.prompt, request.prompt_syntax), tags
+            return pipe.chunk_count(row.prompt, request.prompt_syntax), tags, negative
         except InputError:
-            return -1, tags  # runs alone, and reports its error
+            return -1, tags, negative  # runs alone, and reports its error
 
     for row in request.rows:
         if row.error is None and row.image is None and rows_per_pass > 1:

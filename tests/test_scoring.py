@@ -180,3 +180,72 @@ def test_prompt_syntax_plain_by_default_and_a1111_on_request(sd1):
         assert np.abs(pixels(plain[i]["generated_image"]).astype(int) - expected_plain).max() == 0
         assert np.abs(pixels(a1111[i]["generated_image"]).astype(int) - expected_a1111).max() <= 2
         assert np.abs(expected_plain.astype(int) - expected_a1111).max() > 10
+
+
+# The documented example clients (azureml-examples' online-endpoint notebooks), their payloads as written there
+
+
+def test_text_to_image_notebook_payload_with_a_negative_prompt_column(sd1):
+    """Each row's negative prompt is its own (a row without one takes the parameter's); rows of different negative
+    prompts do not share a pass, so each image is exactly the pipeline's for that negative prompt."""
+    body = {"input_data": {"columns": ["prompt", "negative_prompt"],
+                           "data": [{"prompt": "a photograph of an astronaut", "negative_prompt": "blurry; cartoonish"},
+                                    {"prompt": "a lighthouse at night", "negative_prompt": "daylight"},
+                                    {"prompt": "a lighthouse at dawn"}],
+                           "parameters": {"num_inference_steps": 2, "guidance_scale": 7.5} | FAST
+                           | {"seed": 7, "negative_prompt": "fog"}}}
+    rows = body["input_data"]["data"]
+    out = score(sd1, body, batch_size=4)
+    assert [o["prompt"] for o in out] == [row["prompt"] for row in rows] and all("error" not in o for o in out)
+    for i, (o, row) in enumerate(zip(out, rows, strict=True)):
+        negative = row.get("negative_prompt", "fog")
+        expected = sd1(row["prompt"], negative, steps=2, guidance=7.5, seed=7 + i, width=64, height=64,
+                       prompt_syntax="plain").images[0]
+        assert np.array_equal(pixels(o["generated_image"]), np.asarray(expected))
+        text = Image.open(io.BytesIO(base64.b64decode(o["generated_image"]))).text["parameters"]
+        assert f"Negative prompt: {negative}\n" in text
+    bad = parse({"input_data": {"columns": ["prompt", "negative_prompt"], "data": [["a", 3]]}}).rows[0].error
+    assert bad.field == "data[0].negative_prompt"
+
+
+def test_inpainting_notebook_payload_with_encodebytes_images(inpaint):
+    def encodebytes(image: Image.Image) -> str:  # as the notebook reads its files: a newline every 76 characters
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.encodebytes(buffer.getvalue()).decode("utf-8")
+
+    image, mask = picture(64, 64, 2), rectangle_mask(64, 64, (16, 16, 48, 48))
+    body = {"input_data": {"columns": ["prompt", "image", "mask_image", "negative_prompt"],
+                           "data": [{"prompt": "a small white cottage", "image": encodebytes(image),
+                                     "mask_image": encodebytes(mask), "negative_prompt": "blurry; cartoonish"}],
+                           "parameters": {"num_inference_steps": 2, "guidance_scale": 7.5, "seed": 3}}}
+    assert "\n" in body["input_data"]["data"][0]["image"]
+    (out,) = score(inpaint, body)
+    expected = inpaint("a small white cottage", "blurry; cartoonish", steps=2, guidance=7.5, seed=3, image=image,
+                       mask=mask, prompt_syntax="plain").images[0]
+    assert np.array_equal(pixels(out["generated_image"]), np.asarray(expected))
+
+
+def test_base64_may_hold_line_breaks_but_not_other_characters():
+    from ldm.errors import InputError
+    from ldm.images import decode_image
+
+    buffer = io.BytesIO()
+    picture(16, 16).save(buffer, format="PNG")
+    lines = base64.encodebytes(buffer.getvalue()).decode()
+    for text in (lines, lines.replace("\n", "\r\n"), "data:image/png;base64," + lines, " \t" + lines):
+        assert decode_image(text).size == (16, 16)
+    for garbage in (lines.replace("\n", "*", 1), lines[:40] + "é" + lines[40:], lines.replace("\n", "\\n")):
+        with pytest.raises(InputError, match="not valid base64"):
+            decode_image(garbage)
+
+
+def test_image_urls_are_refused_unless_the_server_allows_them():
+    request = parse({"input_data": {"columns": ["prompt", "image", "mask_image"],
+                                    "data": [["a", "https://example.com/house.png", None],
+                                             ["b", b64(picture(16, 16)), " HTTP://example.com/mask.png"],
+                                             ["c", "ftp://example.com/house.png", None]]}})
+    for row, field in zip(request.rows, ("data[0].image", "data[1].mask", "data[2].image"), strict=True):
+        assert row.error.field == field
+        assert row.error.message == ("image URLs are not fetched by this server (start it with --allow-image-urls "
+                                     "to allow them)")
