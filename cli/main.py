@@ -8,11 +8,28 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ldm.errors import LdmError
-from ldm.prompts import EMPHASES
-from ldm.samplers import SAMPLERS
+from ldm.options import EMPHASES, KARRAS_SAMPLERS, SAMPLER_LABELS
+
+# Nothing here imports torch at module level: `ldm --help` and argument errors answer at once.
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("ldm")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line and a pointer to --help instead of the whole usage."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
 
 
 class ProgressBar:
@@ -70,7 +87,8 @@ def load_model(args: argparse.Namespace, refiner: bool = False, device: str | No
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion in pure PyTorch.")
+    parser = Parser(prog="ldm", description="Latent diffusion in pure PyTorch.")
+    parser.add_argument("--version", action="version", version=f"ldm {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser(
         "generate", help="generate images from a text prompt",
@@ -104,11 +122,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     gen.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
     gen.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's native size)")
-    gen.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+    gen.add_argument("--sampler", default=None, choices=list(SAMPLER_LABELS),
                      help="sampler (default: the model folder's scheduler): "
-                          + ", ".join(f"{name} ({spec.label})" for name, spec in SAMPLERS.items()))
+                          + ", ".join(f"{name} ({label})" for name, label in SAMPLER_LABELS.items()))
     gen.add_argument("--karras", action="store_true",
-                     help="Karras et al.'s σ schedule, for: " + ", ".join(n for n, s in SAMPLERS.items() if s.karras))
+                     help="Karras et al.'s σ schedule, for: " + ", ".join(KARRAS_SAMPLERS))
     gen.add_argument("--guidance-rescale", type=float, default=0.0,
                      help="rescale guided output toward the conditional one's std, 0–1 (default: %(default)s)")
     gen.add_argument("--image", default=None,
@@ -120,15 +138,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="how much of the schedule to run from --image, (0, 1] (default: 0.8; 1.0 with --mask)")
     sdxl = gen.add_argument_group("SDXL", "micro-conditioning (diffusers' defaults: the output size, crop 0 0) "
                                           "and the base → refiner hand-off")
-    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("W", "H"), default=None)
-    sdxl.add_argument("--crop-coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None)
+    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                      help="the size the image is to look as if it came from (default: the output size)")
+    sdxl.add_argument("--crop-coords", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                      help="the crop it is to look as if it were cut from (default: 0 0, uncropped)")
     sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("W", "H"), default=None, help="base only")
     sdxl.add_argument("--aesthetic-score", type=float, default=None, help="refiner only (default: 6.0)")
     sdxl.add_argument("--negative-aesthetic-score", type=float, default=None, help="refiner only (default: 2.5)")
     sdxl.add_argument("--refiner", default=None, help="an SDXL refiner folder or Hub id: it finishes the schedule")
     sdxl.add_argument("--refiner-start", type=float, default=None,
                       help="fraction of the schedule the base runs before the refiner takes over (default: 0.8)")
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM's η: 0 deterministic, 1 DDPM-like noise")
+    gen.add_argument("--eta", type=float, default=0.0,
+                     help="DDIM's η: 0 deterministic, 1 DDPM-like noise (default: %(default)s)")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate (default: %(default)s)")
     gen.add_argument("-o", "--output", default="output.png",
                      help="PNG path; several images: NAME.png, NAME-1.png, … (default: %(default)s)")
@@ -140,7 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "original single-file checkpoint into the Hugging Face cache ($HF_HOME/hub), and print where "
                     "it is. MODEL: a name from weights/manifest.json (" + ", ".join(_manifest_names()) + "), a Hub "
                     "repo id, or an alias such as runwayml/stable-diffusion-v1-5.")
-    dl.add_argument("model", metavar="MODEL")
+    dl.add_argument("model", metavar="MODEL", help="a manifest name (sd15, sdxl-base, …) or a Hub repo id")
     dl.add_argument("--single-file", action="store_true", help="the original single-file .safetensors checkpoint")
     dl.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (*.fp16.safetensors)")
     dl.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
@@ -150,7 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "info", help="describe a model: family, configs, dtype, parameters, files",
         description="Describe a local folder, a single file, or a cached Hub model (nothing is downloaded or "
                     "loaded: configs and safetensors headers only).")
-    info.add_argument("model", metavar="MODEL")
+    info.add_argument("model", metavar="MODEL",
+                      help="a diffusers folder, a single .safetensors file, a manifest name or a cached Hub repo id")
     info.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     info.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
 
@@ -162,7 +184,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "(pip install -e '.[serve]').")
     add_model_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    srv.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8080, help="TCP port to listen on (default: %(default)s)")
     add_limit_options(srv)
     srv.add_argument("--queue-size", type=int, default=8,
                      help="requests that may wait for the worker; more get 503 (default: %(default)s)")
@@ -195,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"), help="random architecture (default: sd15)")
     bench.add_argument("--size", type=int, default=None, help="image size (default: 512 on CUDA, 256 on the CPU)")
     bench.add_argument("--steps", type=int, default=4, help="steps of the end-to-end run (default: %(default)s)")
-    bench.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="(default: %(default)s)")
+    bench.add_argument("--sampler", default="euler", choices=list(SAMPLER_LABELS), help="(default: %(default)s)")
     bench.add_argument("--compile", action="store_true", help="also time both compiled")
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
@@ -229,7 +251,7 @@ def from_png(args: argparse.Namespace) -> None:
     from ldm.images import parse_infotext, png_parameters
 
     prompt, negative, params = parse_infotext(png_parameters(args.from_png))
-    by_label = {spec.label: name for name, spec in SAMPLERS.items()}
+    by_label = {label: name for name, label in SAMPLER_LABELS.items()}
 
     def value(key, kind):
         try:
@@ -271,6 +293,10 @@ def from_png(args: argparse.Namespace) -> None:
             setattr(args, dest, v)
     if params.get("Model") and "model" not in args.given:
         print(f"note: the PNG was made with {params['Model']}; this run uses --model {args.model}", file=sys.stderr)
+    if params.get("Refiner") and "refiner" not in args.given:
+        print(f"note: the PNG was finished by the refiner {params['Refiner']} from "
+              f"{params.get('Refiner switch at', '?')}: pass --refiner (and --refiner-start) to do the same",
+              file=sys.stderr)
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -299,11 +325,12 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
-    from ldm.scoring import FORMS, Limits
+    from ldm.options import FORMS, Limits
 
     limits = Limits()
     parser.add_argument("--max-rows", type=int, default=limits.max_rows, help="rows per request (default: %(default)s)")
-    parser.add_argument("--max-steps", type=int, default=limits.max_steps, help="(default: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=limits.max_steps,
+                        help="num_inference_steps a request may ask for (default: %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=limits.max_pixels,
                         help="width × height of one image (default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=limits.max_images_per_prompt,
@@ -383,7 +410,19 @@ def serve(args: argparse.Namespace) -> None:
         raise LdmError("--batch-size must be at least 1, --timeout and --max-body-mb above 0")
     config = ServeConfig(Limits(args.max_rows, args.max_steps, args.max_pixels, args.max_images), args.queue_size,
                          int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
-                         batch_size=batch_size)
+                         batch_size=batch_size, allow_image_urls=getattr(args, "allow_image_urls", False))
+    # a model that cannot be found or read is the user's error, said now (exit 2), not a server up and failed
+    from ldm.loading import resolve, safetensors_header
+    from ldm.pipeline import hub_files, read_folder, resolve_device
+
+    resolve_device(args.device)
+    root = resolve(args.model, hub_files(args.variant), args.revision, args.local_files_only)
+    if root.is_file() and args.variant is not None:
+        raise LdmError(f"--variant {args.variant} selects files in a diffusers folder; {root} is a single file")
+    if root.is_file():
+        safetensors_header(root)  # exists, is not a pickle, and its header reads
+    else:
+        read_folder(root)  # model_index.json and the configs
     print(f"ldm: serving {args.model} on http://{args.host}:{args.port} (POST /score, GET /health, /docs); "
           "loading the model…", file=sys.stderr)
     run_server(lambda: load_model(args), args.model, args.host, args.port, config)
@@ -445,6 +484,8 @@ def generate(args: argparse.Namespace) -> None:
         return None if pair is None else (pair[1], pair[0])
 
     seed = secrets.randbits(32) if args.seed is None else args.seed
+    import torch
+
     generator = torch.Generator("cpu").manual_seed(seed)  # one stream for base and refiner, as in diffusers
     common = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale, "seed": seed,
               "sampler": args.sampler, "karras": args.karras, "num_images": args.num_images, "eta": args.eta,
@@ -478,12 +519,13 @@ def generate(args: argparse.Namespace) -> None:
             device = pipe.device
             pipe.to("cpu")
             refiner.to(device)
+        # the PNG names the base as Model (with its hash and LoRAs) and the refiner as Refiner, as A1111 does
+        described = {k: first.params[k] for k in ("Model hash", "Model", "Lora hashes")} | {
+            "Refiner": refiner.name, "Refiner switch at": refiner_start}
         result = refiner(args.prompt, args.negative_prompt, latents=first.latents, denoising_start=refiner_start,
                          prompt_loras=False,  # the base's <lora:…> tags are for the base
                          aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                         progress=ProgressBar(), **common)
-        result.infotexts = [f"{text}, Refiner: {refiner.name}, Refiner switch at: {refiner_start}"
-                            for text in result.infotexts]
+                         progress=ProgressBar(), describe=described, **common)
     for note in dict.fromkeys(pipe.notes + result.notes):
         print(f"note: {note}", file=sys.stderr)
     if args.seed is None:

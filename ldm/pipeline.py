@@ -44,15 +44,8 @@ from .loading import (
 from .lora import LoadedLora, find_lora
 from .lora import load_lora as merge_lora
 from .lora import unload_loras as unmerge_loras
-from .prompts import (
-    EMPHASES,
-    SYNTAXES,
-    EmbeddingLookup,
-    empty_chunk,
-    encode_chunks,
-    extract_extra_networks,
-    prompt_chunks,
-)
+from .options import EMPHASES, SYNTAXES
+from .prompts import EmbeddingLookup, empty_chunk, encode_chunks, extract_extra_networks, prompt_chunks
 from .safety import Safety
 from .samplers import SAMPLERS, randn, sampler_for
 from .schedules import Schedule, SchedulerConfig
@@ -220,6 +213,7 @@ class Generation:
     latents: Tensor | None = None  # σ-space latents, from a run stopped early with denoising_end
     nsfw: list[bool | None] = field(default_factory=list)  # per image: the safety checker's flag; None: no checker
     notes: list[str] = field(default_factory=list)  # what the user should know (a prompt cut at 77 tokens, …)
+    params: dict = field(default_factory=dict)  # the infotext's parameters (before each image's seed and position)
 
 
 class StableDiffusion:
@@ -382,6 +376,11 @@ class StableDiffusion:
         """Restore every weight a LoRA touched, bit for bit."""
         unmerge_loras(self)
 
+    def identity(self) -> dict:
+        """The infotext's description of the weights: Model hash (single files), Model, Lora hashes."""
+        return {"Model hash": sha256(self.model_file)[:10] if self.model_file else None, "Model": self.name,
+                "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in self.loras) or None}
+
     def tower_widths(self) -> dict[str, int]:
         return {name: enc.config.hidden_size for name, _, enc, _, _ in self.text_towers()}
 
@@ -514,8 +513,9 @@ class StableDiffusion:
                  prompt_syntax: str = "a1111", emphasis: str = "original", clip_skip: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  callback: Callable[[int, Tensor], Tensor | None] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Generation:
-        """Generate images (see `__call__`)."""
+                 progress: Callable[[int, int], None] | None = None,
+                 describe: dict | None = None) -> Generation:
+        """Generate images (see `__call__`; `describe`: infotext keys that replace or extend its own)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
         if negative_prompt is not None:
@@ -597,32 +597,31 @@ class StableDiffusion:
                             self.scheduler.prediction_type, self.dtype)
         x = spec.sample(denoiser, x, schedule, step_end, eta=eta, generator=generator,
                         output=self.scheduler.prediction_type)
+        # A1111's keys, in A1111's order
+        params = {"Steps": steps, "Sampler": spec.label, "Schedule type": "Karras" if karras else None,
+                  "CFG scale": guidance, "Seed": seed, "Size": f"{width}x{height}", "Model hash": None,
+                  "Model": None, "Denoising strength": strength if image is not None else None,
+                  "Clip skip": clip_skip if clip_skip > 1 else None,
+                  "Eta": eta if "eta" in spec.options and eta else None,
+                  "CFG rescale": guidance_rescale or None,
+                  "Lora hashes": None,
+                  "TI hashes": ", ".join(f"{n}: {self.embeddings[n].hash}" for n in sorted(used)) or None,
+                  "Emphasis": EMPHASES[emphasis] if emphasis != "original" else None,
+                  "Prompt syntax": prompt_syntax if prompt_syntax != "a1111" else None}
+        params |= self.identity() | (describe or {})  # (the keys above hold A1111's order)
         if denoising_end is not None:
-            return Generation([], seed, [], latents=x, notes=notes)
+            return Generation([], seed, [], latents=x, notes=notes, params=params)
         images = self.decode(schedule.to_latents(x))
         nsfw: list[bool | None] = [None] * len(images)
         if self.safety_checker is not None:
             images, nsfw = self.safety_checker(images)
-
-        # A1111's keys, in A1111's order
-        params = {"Steps": steps, "Sampler": spec.label, "Schedule type": "Karras" if karras else None,
-                  "CFG scale": guidance, "Seed": seed, "Size": f"{width}x{height}",
-                  "Model hash": sha256(self.model_file)[:10] if self.model_file else None, "Model": self.name,
-                  "Denoising strength": strength if image is not None else None,
-                  "Clip skip": clip_skip if clip_skip > 1 else None,
-                  "Eta": eta if "eta" in spec.options and eta else None,
-                  "CFG rescale": guidance_rescale or None,
-                  "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in self.loras) or None,
-                  "TI hashes": ", ".join(f"{n}: {self.embeddings[n].hash}" for n in sorted(used)) or None,
-                  "Emphasis": EMPHASES[emphasis] if emphasis != "original" else None,
-                  "Prompt syntax": prompt_syntax if prompt_syntax != "a1111" else None}
         texts = []
         for i in range(len(images)):
             extra = {"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {}
             negative = negatives[i // num_images] if negatives else ""
             own_seed = {"Seed": seeds[i // num_images]} if seeds else {}
             texts.append(infotext(prompts[i // num_images], negative, params | own_seed | extra))
-        return Generation(images, seed, texts, nsfw=nsfw, notes=notes)
+        return Generation(images, seed, texts, nsfw=nsfw, notes=notes, params=params)
 
     @property
     def inpainting(self) -> bool:

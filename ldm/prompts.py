@@ -27,10 +27,6 @@ from torch import Tensor
 
 from .errors import InputError
 
-SYNTAXES = ("a1111", "plain")
-# A1111's emphasis modes: "Original" (weights, then the chunk's mean restored), "No norm" (weights only),
-# "None" (brackets read literally; long prompts are still chunked)
-EMPHASES = {"original": "Original", "no-norm": "No norm", "none": "None"}
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 MAX_CHUNKS = 32  # 2,400 tokens: a prompt longer than this is refused rather than encoded for minutes

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .options import KARRAS_SAMPLERS, SAMPLER_LABELS
 from .schedules import (
     Schedule,
     SchedulerConfig,
@@ -320,22 +321,24 @@ class SamplerSpec:
         return self.run(model, x, schedule.sigmas, callback=callback, **{k: available[k] for k in self.options})
 
 
+def _spec(name: str, run, schedule, diffusers_class: str, **more) -> SamplerSpec:
+    return SamplerSpec(run, schedule, diffusers_class, SAMPLER_LABELS[name], karras=name in KARRAS_SAMPLERS, **more)
+
+
 SAMPLERS: dict[str, SamplerSpec] = {
-    "pndm": SamplerSpec(sample_pndm, pndm_schedule, "PNDMScheduler", "PLMS", options=("output", "froms", "lands")),
-    "ddim": SamplerSpec(sample_ddim, ddim_schedule, "DDIMScheduler", "DDIM", options=("eta", "generator", "lands")),
-    "euler": SamplerSpec(sample_euler, euler_schedule, "EulerDiscreteScheduler", "Euler", karras=True),
-    "euler_a": SamplerSpec(sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler", "Euler a",
-                           options=("generator",)),
-    "heun": SamplerSpec(sample_heun, euler_schedule, "HeunDiscreteScheduler", "Heun", karras=True,
-                        two_calls_per_step=True),
-    "lms": SamplerSpec(sample_lms, euler_schedule, "LMSDiscreteScheduler", "LMS", options=("grid", "offset"),
-                       karras=True),
-    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M",
-                            karras=True),
-    "dpmpp_2m_sde": SamplerSpec(sample_dpmpp_2m_sde, dpm_schedule, "DPMSolverMultistepScheduler", "DPM++ 2M SDE",
-                                options=("generator",), karras=True),
-    "unipc": SamplerSpec(sample_unipc, unipc_schedule, "UniPCMultistepScheduler", "UniPC", karras=True),
+    "pndm": _spec("pndm", sample_pndm, pndm_schedule, "PNDMScheduler", options=("output", "froms", "lands")),
+    "ddim": _spec("ddim", sample_ddim, ddim_schedule, "DDIMScheduler", options=("eta", "generator", "lands")),
+    "euler": _spec("euler", sample_euler, euler_schedule, "EulerDiscreteScheduler"),
+    "euler_a": _spec("euler_a", sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler",
+                     options=("generator",)),
+    "heun": _spec("heun", sample_heun, euler_schedule, "HeunDiscreteScheduler", two_calls_per_step=True),
+    "lms": _spec("lms", sample_lms, euler_schedule, "LMSDiscreteScheduler", options=("grid", "offset")),
+    "dpmpp_2m": _spec("dpmpp_2m", sample_dpmpp_2m, dpm_schedule, "DPMSolverMultistepScheduler"),
+    "dpmpp_2m_sde": _spec("dpmpp_2m_sde", sample_dpmpp_2m_sde, dpm_schedule, "DPMSolverMultistepScheduler",
+                          options=("generator",)),
+    "unipc": _spec("unipc", sample_unipc, unipc_schedule, "UniPCMultistepScheduler"),
 }
+assert list(SAMPLERS) == list(SAMPLER_LABELS)
 
 
 def sampler_for(config: SchedulerConfig) -> str | None:

@@ -30,13 +30,13 @@ from PIL import Image
 from .errors import InputError, LdmError
 from .images import decode_image, encode_png, fit_size, image_from_bytes, is_url
 from .lora import find_lora
+from .options import FORMS, SYNTAXES, Limits
 from .pipeline import MAX_CLIP_SKIP, MAX_SEED
-from .prompts import SYNTAXES, extract_extra_networks
+from .prompts import extract_extra_networks
 from .samplers import SAMPLERS
 
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
            "mask": "mask", "mask_image": "mask"}
-FORMS = ("rows", "sd15", "sd14")
 NO_URLS = "image URLs are not fetched by this server (start it with --allow-image-urls to allow them)"
 
 
@@ -50,15 +50,6 @@ class RequestError(InputError):
     def as_dict(self) -> dict:
         return {"error": {"field": self.field, "message": self.message}}
 
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (the server's flags)."""
-
-    max_rows: int = 16
-    max_steps: int = 150
-    max_pixels: int = 1024 * 1024  # width × height of one image
-    max_images_per_prompt: int = 4
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,14 @@ def test_model_hash_is_computed_once(single_file, tmp_path, monkeypatch):
     assert hashes.sha256(model) == expected
     monkeypatch.setattr(hashes.hashlib, "sha256", lambda: pytest.fail("hashed twice"))
     assert hashes.sha256(model) == expected
+
+
+def test_base_to_refiner_png_names_the_base_as_model(sdxl_folder, sdxl_refiner_folder, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    assert main(["generate", "a red fox", "--model", str(sdxl_folder), "--refiner", str(sdxl_refiner_folder),
+                 "--steps", "3", "--seed", "1", "-o", str(out)]) == 0
+    assert parameters(out).endswith(f"Model: {sdxl_folder.name}, Refiner: {sdxl_refiner_folder.name}, "
+                                    "Refiner switch at: 0.8")
+    assert main(["generate", "--from-png", str(out), "--model", str(sdxl_folder), "--steps", "1",
+                 "-o", str(tmp_path / "again.png")]) == 0
+    assert f"the PNG was finished by the refiner {sdxl_refiner_folder.name} from 0.8" in capsys.readouterr().err
