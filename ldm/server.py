@@ -5,20 +5,23 @@ One model, loaded once by one worker thread that owns the device. `POST /score` 
 with `Retry-After` at once instead of letting work pile up. While a request waits or runs, the handler
 watches its connection: a client that goes away cancels its job (dropped from the queue, or stopped at the
 next denoising step), as does the per-request timeout. `GET /health` is the liveness and readiness probe
-(200 once the model is loaded). `/docs` is the OpenAPI page.
+(200 once the model is loaded). `/docs` is the OpenAPI page. Every request gets one line on stderr.
 """
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import LdmError
+from .images import fetch_url
 from .scoring import Limits, Request, RequestError, parse, run
 
 log = logging.getLogger("ldm.serve")
@@ -33,6 +36,20 @@ class ServeConfig:
     retry_after_s: int = 10
     form: str = "rows"
     batch_size: int = 1  # text-to-image rows of one request run through the networks together
+    allow_image_urls: bool = False  # fetch http(s) image cells (at most max_body_bytes each, within the timeout)
+    image_url_timeout_s: float = 10.0
+    drain_factor: int = 4  # an over-limit body up to this many times the limit is read before the 413
+
+    def fetch(self) -> Callable[[str], bytes] | None:
+        """How image URLs are fetched for `parse`, or None where they are refused."""
+        if not self.allow_image_urls:
+            return None
+        return functools.partial(fetch_url, max_bytes=self.max_body_bytes, timeout_s=self.image_url_timeout_s)
+
+
+def report(line: str) -> None:
+    """One line on stderr, where `ldm serve` writes its start line."""
+    print(f"ldm: {line}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -82,7 +99,10 @@ class Worker(threading.Thread):
             self.pipe = self.load()
         except Exception as e:  # LdmError: a message for the user; anything else (out of memory, a bug) too
             self.error = str(e) if isinstance(e, LdmError) else f"{type(e).__name__}: {e}"
-            log.exception("loading the model failed")
+            if isinstance(e, LdmError):
+                report(f"loading the model failed: {self.error}")
+            else:  # a traceback is worth having
+                log.exception("loading the model failed")
             return
         finally:
             self.ready.set()
@@ -114,20 +134,52 @@ def read_request(raw: bytes, config: ServeConfig) -> Request:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, absurd nesting, huge integers
         raise RequestError("body", f"not valid JSON ({str(e)[:200]})") from None
-    return parse(body, config.limits, config.form)
+    return parse(body, config.limits, config.form, fetch=config.fetch())
+
+
+class RequestLog:
+    """ASGI middleware: one line per request on stderr — method, path, status, rows (a scoring request's, which
+    the handler leaves in the request's state), seconds."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), 500  # 500: an exception escaped, and the server answers that
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            rows = scope.get("state", {}).get("rows")
+            rows = "" if rows is None else f", {rows} row" + "s" * (rows != 1)
+            report(f"{scope['method']} {scope['path']} {status}{rows}, {time.monotonic() - start:.2f} s")
 
 
 def create_app(worker: Worker, config: ServeConfig, model_name: str):
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="ldm", version="0.1.0",
                   description=f"Stable Diffusion ({model_name}) behind the Azure ML model-catalog scoring schema.")
+    app.add_middleware(RequestLog)
 
-    def answer(status: int, body, retry: bool = False) -> JSONResponse:
-        headers = {"Retry-After": str(config.retry_after_s)} if retry else None
-        return JSONResponse(body, status_code=status, headers=headers)
+    def answer(status: int, body, retry: bool = False, close: bool = False) -> JSONResponse:
+        headers = ({"Retry-After": str(config.retry_after_s)} if retry else {}) | ({"Connection": "close"} if close
+                                                                                     else {})
+        return JSONResponse(body, status_code=status, headers=headers or None)
+
+    def too_large(message: str) -> JSONResponse:
+        return answer(413, error_body("body", message), close=True)
 
     @app.get("/health", summary="Liveness and readiness: 200 once the model is loaded")
     def health():
@@ -141,19 +193,34 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
         "requestBody": {"required": True, "content": {"application/json": {"example": REQUEST_EXAMPLE}}}})
     async def score(http: HttpRequest):
         start = time.monotonic()
-        declared = http.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
-            return answer(413, error_body("body", f"{declared} bytes; this server takes at most "
-                                                  f"{config.max_body_bytes}"))
-        raw = bytearray()
-        async for chunk in http.stream():
-            raw += chunk
-            if len(raw) > config.max_body_bytes:
-                return answer(413, error_body("body", f"more than this server's {config.max_body_bytes} bytes"))
-        try:  # decoding base64 images is work: off the event loop
+        # An over-limit body is read and dropped (up to `drain` bytes) before the 413: a server that closes its
+        # socket on unread data makes the kernel reset the connection, and a client still sending (urllib, which
+        # sends `Connection: close`) then never reads the answer. A client that waits for `100 Continue` has sent
+        # nothing yet: it is answered at once, as is one whose body is too large to be worth reading.
+        limit, drain = config.max_body_bytes, config.drain_factor * config.max_body_bytes
+        declared = http.headers.get("content-length", "")
+        declared = int(declared) if declared.isdigit() else None
+        if declared is not None and declared > limit and (
+                declared > drain or "100-continue" in http.headers.get("expect", "").lower()):
+            return too_large(f"{declared} bytes; this server takes at most {limit}")
+        raw, received = bytearray(), 0
+        try:
+            async for chunk in http.stream():
+                received += len(chunk)
+                if received <= limit:
+                    raw += chunk
+                elif received > drain:
+                    break
+        except ClientDisconnect:
+            return answer(499, error_body("client", "disconnected"))
+        if received > limit:
+            return too_large(f"{declared} bytes; this server takes at most {limit}" if declared is not None
+                             else f"more than this server's {limit} bytes")
+        try:  # decoding base64 images (and fetching image URLs, where allowed) is work: off the event loop
             request = await asyncio.to_thread(read_request, bytes(raw), config)
         except RequestError as e:
             return answer(400, e.as_dict())
+        http.state.rows = len(request.rows)
         if worker.pipe is None:
             if worker.error is not None:
                 return answer(503, error_body("model", f"the model failed to load: {worker.error}"))
@@ -196,6 +263,8 @@ def serve(load: Callable[[], object], model_name: str, host: str, port: int, con
     worker = Worker(load, config.queue_size, config.batch_size)
     worker.start()
     try:
-        uvicorn.run(create_app(worker, config, model_name), host=host, port=port, log_level=log_level)
+        # uvicorn's access log would repeat each request's line (on stdout, without its rows and time)
+        uvicorn.run(create_app(worker, config, model_name), host=host, port=port, log_level=log_level,
+                    access_log=False)
     finally:
         worker.stop()

@@ -244,3 +244,101 @@ def test_requests_cancelled_while_queued_give_their_places_back():
     finally:
         gate.set()
         s.close()
+
+
+@pytest.mark.parametrize("server", [ServeConfig(max_body_bytes=4_000_000)], indirect=True)
+def test_over_limit_bodies_are_answered_to_clients_that_close(server):
+    """urllib sends `Connection: close`: a 413 answered before the body is read made the kernel reset the
+    connection (the unread body still in flight, well over the socket buffers here), and the client never read
+    it. The body (up to 4× the limit) is read first; one that waits for `100 Continue` is answered at once."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{server.port}/score"
+    for data, message in ((b"x" * 15_000_000, "15000000 bytes; this server takes at most 4000000"),
+                          (iter([b"x" * 1_000_000] * 6), "more than this server's 4000000 bytes")):  # chunked
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(urllib.request.Request(url, data=data, headers={
+                "Content-Type": "application/json"}), timeout=30)
+        assert info.value.code == 413 and info.value.headers["Connection"] == "close"
+        assert json.loads(info.value.read()) == {"error": {"field": "body", "message": message}}
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:  # no body is ever sent
+        conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\nExpect: 100-continue\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 413 ")
+
+
+def test_each_request_is_logged_on_one_line(server, capsys):
+    server.request("GET", "/health")
+    server.request("POST", "/score", body("a lighthouse", 3, num_inference_steps=1))
+    server.request("POST", "/score", {"input_data": {"data": ["a", "b"], "parameters": {"num_inference_steps": 1000}}})
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ldm: ")]
+    assert [line.rsplit(", ", 1)[0] for line in lines] == ["ldm: GET /health 200", "ldm: POST /score 200, 1 row",
+                                                           "ldm: POST /score 400"]
+    assert all(line.endswith(" s") for line in lines)
+
+
+def test_image_urls_are_fetched_only_when_allowed(pipe, capsys):
+    """A tiny HTTP server plays the public image host; the fetched image gives what the same image in base64
+    gives, and what cannot be fetched (404, too large, a redirect off http) is that row's error."""
+    import http.server
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(png, format="PNG")
+    png = png.getvalue()
+
+    class Host(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "ftp://127.0.0.1/house.png")  # urllib would follow it
+                self.end_headers()
+                return
+            content = {"/house.png": png, "/big.png": png + bytes(20_000)}.get(self.path)
+            self.send_response(404 if content is None else 200)
+            self.send_header("Content-Length", str(len(content or b"")))
+            self.end_headers()
+            self.wfile.write(content or b"")
+
+        def log_message(self, *args):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Host)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{host.server_port}"
+    request = {"input_data": {"columns": ["prompt", "image"],
+                              "data": [["a red house", f"{base}/house.png"], ["b", f"{base}/missing.png"],
+                                       ["c", f"{base}/big.png"], ["d", f"{base}/redirect"]],
+                              "parameters": FAST | {"seed": 1, "strength": 0.5}}}
+    inline = {"input_data": request["input_data"] | {"data": [["a red house", base64.b64encode(png).decode()]]}}
+    s = Server(lambda: pipe, ServeConfig(max_body_bytes=10_000, allow_image_urls=True))
+    try:
+        status, _, out = s.request("POST", "/score", request)
+    finally:
+        s.close()
+        host.shutdown()
+    assert status == 200 and "generated_image" in out[0]
+    assert out[0] == score(pipe, inline)[0]  # the fetched image is the one sent inline
+    errors = {o["index"]: o["error"] for o in out if "error" in o}
+    assert set(errors) == {1, 2, 3} and all(e["field"] == f"data[{i}].image" for i, e in errors.items())
+    assert "answered 404" in errors[1]["message"] and "more than this server's 10000 bytes" in errors[2]["message"]
+    assert "only http and https" in errors[3]["message"]
+
+
+def test_serve_refuses_a_model_it_cannot_find_or_read_before_serving(tmp_path, sd1_folder, monkeypatch, capsys):
+    """A user error about --model: one line on stderr and exit 2, as `ldm generate` does, and no server."""
+    import ldm.server
+    from ldm_cli.main import main
+
+    started = []
+    monkeypatch.setattr(ldm.server, "serve", lambda *args, **kwargs: started.append(args))
+    (tmp_path / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    (tmp_path / "empty").mkdir()
+    for model, message in ((tmp_path / "nowhere", "no such file or folder"),
+                           (tmp_path / "truncated.safetensors", "not a readable safetensors file"),
+                           (tmp_path / "empty", "model_index.json")):
+        assert main(["serve", "--model", str(model)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("ldm: error: ") and message in err[0], err
+    assert started == []
+    assert main(["serve", "--model", str(sd1_folder), "--port", "8765"]) == 0
+    assert len(started) == 1 and started[0][1:4] == (str(sd1_folder), "127.0.0.1", 8765)
