@@ -36,12 +36,17 @@ class ProgressBar:
     """A one-line progress bar over the denoising steps, on stderr."""
 
     def __init__(self, width: int = 30, unit: str = "steps"):
-        self.width, self.unit, self.start, self.first = width, unit, time.monotonic(), None
+        self.width, self.unit, self.start, self.first, self.total = width, unit, time.monotonic(), None, 0
 
     def __call__(self, done: int, total: int) -> None:
-        self.first = done - 1 if self.first is None else self.first  # a resumed batch starts part-way
+        """Told (0, total) before the first step (the bar shows at once), then after each one."""
+        if self.first is None:
+            self.first = done if done == 0 else done - 1  # a resumed batch starts part-way
+            self.start = time.monotonic()
+        self.total = total
         filled = self.width * done // total
-        rate = f"{(time.monotonic() - self.start) / max(done - self.first, 1):.2f} s/{self.unit.rstrip('s')}"
+        rate = "starting…" if done == self.first else \
+            f"{(time.monotonic() - self.start) / (done - self.first):.2f} s/{self.unit.rstrip('s')}"
         end = "\n" if done == total else ""
         print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {self.unit}, {rate}",
               end=end, file=sys.stderr, flush=True)
@@ -192,6 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="images of a request's text-to-image rows that run through the networks together "
                           "(default: 4 on CUDA, where batching raises throughput; 1 on the CPU, where it does not)")
     srv.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default: %(default)s)")
+    srv.add_argument("--allow-image-urls", action="store_true",
+                     help="fetch image and mask cells given as http(s) URLs (each at most --max-body-mb, within 10 s); "
+                          "without it such a row is refused. The server can then reach any address a client names")
     srv.add_argument("--timeout", type=float, default=600,
                      help="seconds a request may wait and run before it is cancelled with 504 (default: %(default)s)")
 
@@ -207,6 +215,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bat.add_argument("--parameters", default=None, type=json.loads, metavar="JSON",
                      help='scoring parameters for every row, e.g. \'{"num_inference_steps": 30, "width": 512}\'')
     bat.add_argument("--seed", type=int, default=None, help="seed of row 0 (default: the input's, else random)")
+    bat.add_argument("--base64-in-results", action="store_true",
+                     help="repeat each image's base64 PNG in its results.jsonl line (by default the line names the "
+                          "PNG file only)")
 
     bench = sub.add_parser(
         "bench", help="time ldm against diffusers on identical weights (README: 'Performance')",
@@ -230,6 +241,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             action.default = argparse.SUPPRESS
         args.given = set(vars(parser.parse_args(argv))) - {"command"}
     return args
+
+
+def warn_size(pipe, width: int | None, height: int | None) -> None:
+    """Say what a size far above the model's native one means, before minutes pass without a step."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale
+    ratio = (width or native) * (height or native) / native**2
+    if ratio >= 4:
+        print(f"note: {width or native}x{height or native} is {ratio:.0f}× the pixels of {pipe.name}'s native "
+              f"{native}x{native}: the model draws best at its native size (larger ones repeat subjects), and a "
+              f"step costs {ratio:.0f}× to {ratio**2:.0f}× a native step (attention grows with the square of "
+              "the pixels)", file=sys.stderr)
 
 
 def lora_option(value: str):
@@ -370,7 +392,7 @@ def download(args: argparse.Namespace) -> None:
         from huggingface_hub.utils import filter_repo_objects
 
         patterns = hub_files(args.variant)
-        path = resolve(args.model, patterns, args.revision, force_download=args.force)
+        path = resolve(args.model, patterns, args.revision, force_download=args.force, downloading=True)
         # the snapshot folder is shared with other variants and single files: check only what this download asked for
         names = [p.relative_to(path).as_posix() for p in path.rglob("*.safetensors")]
         files = sorted(path / name for name in filter_repo_objects(names, allow_patterns=patterns))
@@ -410,7 +432,7 @@ def serve(args: argparse.Namespace) -> None:
         raise LdmError("--batch-size must be at least 1, --timeout and --max-body-mb above 0")
     config = ServeConfig(Limits(args.max_rows, args.max_steps, args.max_pixels, args.max_images), args.queue_size,
                          int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
-                         batch_size=batch_size, allow_image_urls=getattr(args, "allow_image_urls", False))
+                         batch_size=batch_size, allow_image_urls=args.allow_image_urls)
     # a model that cannot be found or read is the user's error, said now (exit 2), not a server up and failed
     from ldm.loading import resolve, safetensors_header
     from ldm.pipeline import hub_files, read_folder, resolve_device
@@ -437,7 +459,8 @@ def batch(args: argparse.Namespace) -> int:
                                               "dtype")}
     job = prepare_batch(args.input, args.output, args.parameters, args.seed, settings)  # before the model loads
     pipe = load_model(args)
-    ran, skipped, failed = run_batch(pipe, job, progress=ProgressBar(unit="rows"))
+    ran, skipped, failed = run_batch(pipe, job, progress=ProgressBar(unit="rows"),
+                                     base64_in_results=args.base64_in_results)
     print(f"{args.output}: {ran} rows run, {skipped} already done, {failed} failed (see results.jsonl)",
           file=sys.stderr)
     return 1 if failed else 0
@@ -486,7 +509,15 @@ def generate(args: argparse.Namespace) -> None:
     seed = secrets.randbits(32) if args.seed is None else args.seed
     import torch
 
-    generator = torch.Generator("cpu").manual_seed(seed)  # one stream for base and refiner, as in diffusers
+    from ldm.pipeline import MAX_SEED
+
+    # text-to-image: image i has seed + i (its PNG says so, and that seed alone gives it again, as in A1111);
+    # image-to-image draws every image from one stream. Base and refiner share the generators, as in diffusers.
+    if image is None and args.num_images > 1:
+        seed = [(seed + i) % (MAX_SEED + 1) for i in range(args.num_images)]
+        generator = [torch.Generator("cpu").manual_seed(s) for s in seed]
+    else:
+        generator = torch.Generator("cpu").manual_seed(seed)
     common = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale, "seed": seed,
               "sampler": args.sampler, "karras": args.karras, "num_images": args.num_images, "eta": args.eta,
               "generator": generator, "prompt_syntax": args.prompt_syntax, "emphasis": args.emphasis,
@@ -494,6 +525,10 @@ def generate(args: argparse.Namespace) -> None:
               "original_size": flip(args.original_size),
               "crop_coords": tuple(args.crop_coords) if args.crop_coords else None}
     pipe = load_model(args)
+    if "auto" in (args.device, args.dtype):
+        dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
+        print(f"ldm: {pipe.name} on {pipe.device}, {dtype}", file=sys.stderr)
+    warn_size(pipe, args.width or (image.width if image else None), args.height or (image.height if image else None))
     for path in args.embedding:
         pipe.load_embedding(path)
     for path, weight in loras:
@@ -507,10 +542,13 @@ def generate(args: argparse.Namespace) -> None:
         if not (isinstance(pipe, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)):
             raise LdmError(f"--refiner: the hand-off is between SDXL models; {args.model} and {args.refiner} are "
                            f"{type(pipe).__name__} and {type(refiner).__name__}")
+    bar = ProgressBar()
     if refiner is None:
         result = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height, image=image, mask=mask,
                       strength=args.strength, target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
-                      negative_aesthetic_score=args.negative_aesthetic_score, progress=ProgressBar(), **common)
+                      negative_aesthetic_score=args.negative_aesthetic_score, progress=bar, **common)
+        if result.evaluations != bar.total:  # Heun: two a step; PNDM: its second step twice
+            print(f"({result.evaluations} UNet evaluations for {bar.total} steps)", file=sys.stderr)
     else:
         first = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height,
                      target_size=flip(args.target_size), denoising_end=refiner_start, progress=ProgressBar(),
@@ -529,7 +567,7 @@ def generate(args: argparse.Namespace) -> None:
     for note in dict.fromkeys(pipe.notes + result.notes):
         print(f"note: {note}", file=sys.stderr)
     if args.seed is None:
-        print(f"seed: {seed}", file=sys.stderr)
+        print(f"seed: {seed if isinstance(seed, int) else seed[0]}", file=sys.stderr)
     for picture, text, path, nsfw in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),
                                          result.nsfw, strict=True):
         save_png(picture, path, text)

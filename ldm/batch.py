@@ -173,8 +173,10 @@ def prepare_batch(input_path: Path, output: Path, parameters: dict | None = None
     return Batch(request, output, _done_rows(output / "results.jsonl"))
 
 
-def run_batch(pipe, batch: Batch, progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int]:
-    """Run every row not done yet. Returns (rows run now, rows skipped as done, rows that failed)."""
+def run_batch(pipe, batch: Batch, progress: Callable[[int, int], None] | None = None,
+              base64_in_results: bool = False) -> tuple[int, int, int]:
+    """Run every row not done yet. Returns (rows run now, rows skipped as done, rows that failed). A row's line
+    in results.jsonl names its PNG (`file`); the image's base64 is repeated there only with `base64_in_results`."""
     request, output, done = batch.request, batch.output, batch.done
     ran = failed = 0
     total = len(request.rows)
@@ -190,6 +192,8 @@ def run_batch(pipe, batch: Batch, progress: Callable[[int, int], None] | None = 
                     name = f"{row.position:05d}" + (f"-{k}" if len(objects) > 1 else "") + ".png"
                     _atomic_write(output / name, base64.b64decode(obj["generated_image"]))
                     obj["file"] = name
+                    if not base64_in_results:
+                        del obj["generated_image"]
                 else:
                     failed += 1
                 lines.append(json.dumps(obj) + "\n")

@@ -173,7 +173,7 @@ def is_hub_id(model: str) -> bool:
 
 
 def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
-            local_files_only: bool = False, force_download: bool = False) -> Path:
+            local_files_only: bool = False, force_download: bool = False, downloading: bool = False) -> Path:
     """Where `model` is on disk: a local path as is; a file or folder name found in the weights/ store; a
     manifest name (`sd15`), Hub repo id or alias downloaded (only `allow_patterns`) into the Hugging Face
     cache, which honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE."""
@@ -191,7 +191,7 @@ def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
         allow_patterns = [p for p in allow_patterns if "/" not in p or p.split("/")[0] in entry.components]
     from huggingface_hub import constants, snapshot_download
 
-    with hub_errors(repo, model, revision):
+    with hub_errors(repo, model, revision, downloading):
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
                                         local_files_only=local_files_only, force_download=force_download))
     if not (folder / "model_index.json").is_file():
@@ -208,13 +208,13 @@ def hub_file(repo: str, filename: str, revision: str | None = None, local_files_
     """One file of a Hub repo (an original single-file checkpoint), through the Hugging Face cache."""
     from huggingface_hub import hf_hub_download
 
-    with hub_errors(repo, repo, revision):
+    with hub_errors(repo, repo, revision, downloading=True):
         return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_files_only,
                                     force_download=force))
 
 
 @contextlib.contextmanager
-def hub_errors(repo: str, model: str, revision: str | None):
+def hub_errors(repo: str, model: str, revision: str | None, downloading: bool = False):
     """huggingface-hub's exceptions as LoadErrors that say what to do."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -234,6 +234,9 @@ def hub_errors(repo: str, model: str, revision: str | None):
     except RevisionNotFoundError:
         raise LoadError(f"{repo}: revision {revision!r} not found") from None
     except LocalEntryNotFoundError:
+        if downloading:  # the advice below would send `ldm download` users to themselves
+            raise LoadError(f"{repo}: the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1 is set): connect, "
+                            "unset HF_HUB_OFFLINE, and run the download again") from None
         raise LoadError(f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached "
                         f"(offline, or HF_HUB_OFFLINE=1). Run `ldm download {model}` where the Hub is reachable "
                         "(the cache is $HF_HOME/hub), or pass a local folder or file") from None

@@ -214,6 +214,7 @@ class Generation:
     nsfw: list[bool | None] = field(default_factory=list)  # per image: the safety checker's flag; None: no checker
     notes: list[str] = field(default_factory=list)  # what the user should know (a prompt cut at 77 tokens, …)
     params: dict = field(default_factory=dict)  # the infotext's parameters (before each image's seed and position)
+    evaluations: int = 0  # UNet evaluations (with guidance, each runs both branches): Heun takes two a step
 
 
 class StableDiffusion:
@@ -416,8 +417,8 @@ class StableDiffusion:
                 for text in texts:
                     chunks, dropped = prompt_chunks(tokenizer, text, prompt_syntax, emphasis, lookup)
                     if dropped and notes is not None and name == towers[0][0]:
-                        notes.append(f"the prompt {text[:40]!r}… is longer than 75 tokens: its last {dropped} "
-                                     "tokens were dropped (the plain syntax truncates as diffusers does)")
+                        notes.append(f"the prompt {text[:30]!r}… was cut at 77 tokens, as diffusers cuts it (plain "
+                                     f"syntax; A1111's reads it all): dropped {dropped!r}")
                     rows.append(chunks)
                 per_group.append(rows)
             chunked.append(per_group)
@@ -472,9 +473,12 @@ class StableDiffusion:
         `prompt_loras=False` ignores them, as a refiner does that finishes a base's run).
 
         `callback(i, x)` sees the σ-space latents after step i and may return replacements;
-        `progress(done, total)` is told each finished step; `generator` replaces the one seeded from `seed`.
-        Text-to-image also takes one seed per prompt (`seed=[…]`): each prompt's images then come out as they
-        would from a call of their own with that seed, while the batch runs through the networks together.
+        `progress(done, total)` is told (0, total) at the start and each finished step (the steps asked for:
+        PNDM's doubled step counts once; `Generation.evaluations` counts UNet calls); `generator` replaces the one
+        seeded from `seed`.
+        Text-to-image also takes one seed per prompt or per image (`seed=[…]`): each prompt's (each image's)
+        images then come out as they would from a call of their own with that seed, while the batch runs through
+        the networks together, and each PNG records its own seed.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         tagged: dict[str, float] = {}  # the prompts' tags, each LoRA once (a batch of prompts shares them)
@@ -527,9 +531,10 @@ class StableDiffusion:
             raise InputError(f"{self.name}'s scheduler ({self.scheduler.class_name}) is not one ldm implements; "
                              f"pick a sampler: {', '.join(SAMPLERS)}")
         seeds = seed if isinstance(seed, list) else None
+        per_image = seeds is not None and len(seeds) == len(prompts) * num_images
         if seeds is not None:
-            if len(seeds) != len(prompts) or image is not None or latents is not None:
-                raise InputError("one seed per prompt is for text-to-image, with as many seeds as prompts")
+            if len(seeds) != len(prompts) and not per_image or image is not None:
+                raise InputError("a list of seeds is for text-to-image: one per prompt or one per image")
             for s in seeds[1:]:
                 check_request(steps, width, height, guidance, num_images, s, sampler, eta)
             seed = seeds[0]
@@ -566,7 +571,7 @@ class StableDiffusion:
             schedule = schedule.since(denoising_start, T)
         if denoising_end is not None:
             schedule = schedule.until(denoising_end, T)
-        if generator is None and seeds is not None:  # one generator per prompt, for all its images
+        if generator is None and seeds is not None:  # one generator per prompt (for all its images) or per image
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         generator = generator or torch.Generator("cpu").manual_seed(seed)
         batch = len(prompts) * num_images
@@ -581,11 +586,13 @@ class StableDiffusion:
                                          prompt_syntax=prompt_syntax, emphasis=emphasis, clip_skip=clip_skip,
                                          notes=notes, used=used)
         shape = (batch, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        total = len(schedule.sigmas) - 1
+        # progress counts the steps asked for: PNDM's doubled second step is one step (its σ comes twice)
+        levels = schedule.sigmas[:-1]
+        done_at = [len(set(levels[: i + 1])) for i in range(len(levels))]
 
         def step_end(i: int, x: Tensor) -> Tensor | None:
             if progress is not None:
-                progress(i + 1, total)
+                progress(done_at[i], done_at[-1])
             return None if callback is None else callback(i, x)
 
         if latents is not None:
@@ -595,7 +602,16 @@ class StableDiffusion:
         # diffusers' rule: guidance is on when the scale exceeds 1
         denoiser = Denoiser(guided(unet, cond, uncond, guidance, guidance_rescale), schedule,
                             self.scheduler.prediction_type, self.dtype)
-        x = spec.sample(denoiser, x, schedule, step_end, eta=eta, generator=generator,
+        evaluations = 0
+
+        def counted(x: Tensor, sigma: float) -> Tensor:
+            nonlocal evaluations
+            evaluations += 1
+            return denoiser(x, sigma)
+
+        if progress is not None:
+            progress(0, done_at[-1])
+        x = spec.sample(counted, x, schedule, step_end, eta=eta, generator=generator,
                         output=self.scheduler.prediction_type)
         # A1111's keys, in A1111's order
         params = {"Steps": steps, "Sampler": spec.label, "Schedule type": "Karras" if karras else None,
@@ -610,7 +626,7 @@ class StableDiffusion:
                   "Prompt syntax": prompt_syntax if prompt_syntax != "a1111" else None}
         params |= self.identity() | (describe or {})  # (the keys above hold A1111's order)
         if denoising_end is not None:
-            return Generation([], seed, [], latents=x, notes=notes, params=params)
+            return Generation([], seed, [], latents=x, notes=notes, params=params, evaluations=evaluations)
         images = self.decode(schedule.to_latents(x))
         nsfw: list[bool | None] = [None] * len(images)
         if self.safety_checker is not None:
@@ -619,9 +635,9 @@ class StableDiffusion:
         for i in range(len(images)):
             extra = {"Batch size": len(images), "Batch pos": i} if len(images) > 1 else {}
             negative = negatives[i // num_images] if negatives else ""
-            own_seed = {"Seed": seeds[i // num_images]} if seeds else {}
+            own_seed = {"Seed": seeds[i if per_image else i // num_images]} if seeds else {}
             texts.append(infotext(prompts[i // num_images], negative, params | own_seed | extra))
-        return Generation(images, seed, texts, nsfw=nsfw, notes=notes, params=params)
+        return Generation(images, seed, texts, nsfw=nsfw, notes=notes, params=params, evaluations=evaluations)
 
     @property
     def inpainting(self) -> bool:

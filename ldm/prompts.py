@@ -158,8 +158,8 @@ class EmbeddingLookup:
 
 
 def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "original",
-                  embeddings: EmbeddingLookup | None = None) -> tuple[list[Chunk], int]:
-    """The chunks of one prompt for one text tower, and the number of tokens the plain syntax dropped.
+                  embeddings: EmbeddingLookup | None = None) -> tuple[list[Chunk], str]:
+    """The chunks of one prompt for one text tower, and the text the plain syntax dropped ("" if none).
 
     `tokenizer` is an `ldm.tokenizer.CLIPTokenizer`; `embeddings` the textual-inversion vectors of this tower.
     """
@@ -221,9 +221,10 @@ def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "
             position += used
     if tokens or not chunks:
         close()
-    dropped = 0
+    dropped = ""
     if syntax == "plain" and len(chunks) > 1:  # diffusers' truncation: the first 75 tokens only
-        dropped = sum(sum(1 for i in c.ids[1:-1] if i not in (tokenizer.eos_id, tokenizer.pad_id)) for c in chunks[1:])
+        dropped = tokenizer.decode([i for c in chunks[1:] for i in c.ids[1:-1]
+                                    if i not in (tokenizer.eos_id, tokenizer.pad_id)])
         chunks = chunks[:1]
     if len(chunks) > MAX_CHUNKS:
         raise InputError(f"a prompt of {len(chunks)} chunks of {CHUNK_TOKENS} tokens is longer than the "

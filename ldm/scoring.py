@@ -133,8 +133,9 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
         if value is not None and (value < 8 or value % 8):
             raise RequestError(f"parameters.{name}", f"must be a positive multiple of 8, got {value}")
     if p.height and p.width and p.height * p.width > limits.max_pixels:
-        raise RequestError("parameters.height", f"{p.width}x{p.height} is more than this server's "
-                                                f"{limits.max_pixels} pixels per image")
+        larger = "width" if p.width >= p.height else "height"  # the one to bring down first
+        raise RequestError(f"parameters.{larger}", f"{p.width}x{p.height} is more than this server's "
+                                                   f"{limits.max_pixels} pixels per image")
     if p.scheduler is not None and scheduler_name(p.scheduler) is None:
         raise RequestError("parameters.scheduler", f"unknown scheduler {p.scheduler!r} (one of: {', '.join(SAMPLERS)}, "
                                                    "or a diffusers scheduler class name)")
@@ -334,8 +335,16 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
     except LdmError as e:  # a bad value for this model, or a LoRA of the folder that does not fit it
         return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
     n = p.num_images_per_prompt
+
+    def notes(row: Row) -> dict:
+        """What the client should know of its row (a plain prompt cut at 77 tokens): the notes that name its
+        prompt or the negative prompt."""
+        texts = [repr(t[:30]) for t in (row.prompt, negative) if t]
+        mine = [note for note in result.notes if any(t in note for t in texts)]
+        return {"notes": mine} if mine else {}
+
     return [{"prompt": rows[i // n].prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
-             "seed": seeds[i // n]}
+             "seed": seeds[i // n]} | notes(rows[i // n])
             for i, (image, text, nsfw) in enumerate(zip(result.images, result.infotexts, result.nsfw, strict=True))]
 
 

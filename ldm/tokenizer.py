@@ -76,6 +76,13 @@ class CLIPTokenizer:
         """BPE ids of `text` without BOS/EOS and without truncation."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of BPE ids (lower-cased and normalised, as CLIP saw it), as transformers decodes it."""
+        chars = "".join(self._tok.id_to_token(i) or "" for i in ids)
+        byte = _unicode_to_bytes()
+        raw = bytes(byte[c] for c in chars.replace("</w>", " ") if c in byte) if chars else b""
+        return raw.decode("utf-8", errors="replace").strip()
+
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         """(batch, max_length) int64 ids: BOS, the first max_length-2 tokens, EOS, then pad tokens."""
         texts = [texts] if isinstance(texts, str) else texts
@@ -112,6 +119,11 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs), strict=True))
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in _bytes_to_unicode().items()} | {" ": ord(" ")}
 
 
 @lru_cache(maxsize=1)

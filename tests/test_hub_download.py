@@ -208,8 +208,11 @@ def test_offline_uncached_repo_says_to_download_it(cache, tmp_path):
     out = tmp_path / "out.png"
     results = ldm_all([["info", "stabilityai/stable-diffusion-2-1"], ["download", "sd21"],
                        ["generate", "a cat", "--model", "sd21", *GENERATE, "-o", str(out)]], env)
-    for result, name in zip(results, ["stabilityai/stable-diffusion-2-1", "sd21", "sd21"], strict=True):
+    for result, name in zip(results, ["stabilityai/stable-diffusion-2-1", None, "sd21"], strict=True):
         assert user_error(result), (result.args, result.returncode, result.stderr)
+        if name is None:  # `ldm download` itself is not told to run `ldm download`
+            assert "the Hub cannot be reached" in result.stderr and "ldm download" not in result.stderr
+            continue
         assert "not in the local Hugging Face cache" in result.stderr, result.args
         suggested = re.search(r"`ldm download (\S+)`", result.stderr)
         assert suggested and suggested[1] == name, result.stderr  # the name the user gave

@@ -27,8 +27,10 @@ def diffusers_images(pipe, sampler, seed, steps=6, karras=False, **kwargs):
     config = getattr(pipe, "folder_scheduler_config", pipe.scheduler.config)
     pipe.scheduler = diffusers_scheduler(sampler, config, karras)
     # the tiny fixture's native size is 64; diffusers would upgrade its sample_size of this old-version config
-    out = pipe(PROMPT, num_inference_steps=steps, height=64, width=64,
-               generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
+    generator = [torch.Generator("cpu").manual_seed(s) for s in seed] if isinstance(seed, list) else \
+        torch.Generator("cpu").manual_seed(seed)
+    out = pipe(PROMPT, num_inference_steps=steps, height=64, width=64, generator=generator, output_type="np",
+               **kwargs).images
     return (out * 255).round().astype(np.int16)
 
 
@@ -57,7 +59,8 @@ def test_negative_prompt_and_several_images(sd1_folder, reference, tmp_path):
     assert main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "5", "--seed", "3", "--sampler",
                  "euler", "--negative-prompt", "blurry, low quality", "--num-images", "2", "--guidance", "5",
                  "-o", str(out)]) == 0
-    expected = diffusers_images(reference, "euler", seed=3, steps=5, negative_prompt="blurry, low quality",
+    # image i has seed 3 + i, as in A1111: diffusers with one generator per image
+    expected = diffusers_images(reference, "euler", seed=[3, 4], steps=5, negative_prompt="blurry, low quality",
                                 num_images_per_prompt=2, guidance_scale=5.0)
     for path, exp in zip([out, tmp_path / "pair-1.png"], expected, strict=True):
         assert np.abs(read_png(path) - exp).max() <= MAX_PIXEL_DIFF
@@ -66,6 +69,12 @@ def test_negative_prompt_and_several_images(sd1_folder, reference, tmp_path):
     assert params.splitlines()[1] == "Negative prompt: blurry, low quality"
     assert "Steps: 5, Sampler: Euler, CFG scale: 5.0, Seed: 3, Size: 64x64, Model: tiny-sd1" in params
     assert "Batch size: 2, Batch pos: 0" in params
+    second = Image.open(tmp_path / "pair-1.png").text["parameters"]
+    assert "Seed: 4, " in second  # the seed that gives the second image on its own
+    alone = tmp_path / "alone.png"
+    assert main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "5", "--seed", "4", "--sampler",
+                 "euler", "--negative-prompt", "blurry, low quality", "--guidance", "5", "-o", str(alone)]) == 0
+    assert np.abs(read_png(alone) - read_png(tmp_path / "pair-1.png")).max() <= MAX_PIXEL_DIFF
 
 
 def test_guidance_off_runs_the_unet_once(sd1_folder, reference, tmp_path):

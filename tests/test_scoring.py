@@ -95,7 +95,8 @@ def test_older_card_response_forms(sd1):
      "parameters.num_inference_steps", "expected an integer"),
     ({"input_data": {"data": ["a"], "parameters": {"sampler": "euler"}}}, "parameters.sampler", "unknown parameter"),
     ({"input_data": {"data": ["a"], "parameters": {"scheduler": "magic"}}}, "parameters.scheduler", "unknown"),
-    ({"input_data": {"data": ["a"], "parameters": {"height": 4000, "width": 4000}}}, "parameters.height", "pixels"),
+    ({"input_data": {"data": ["a"], "parameters": {"height": 512, "width": 4000}}}, "parameters.width", "pixels"),
+    ({"input_data": {"data": ["a"], "parameters": {"height": 4000, "width": 512}}}, "parameters.height", "pixels"),
     ({"input_data": {"data": ["a"], "parameters": {"width": 100}}}, "parameters.width", "multiple of 8"),
     ({"input_data": {"data": ["a"], "parameters": {"prompt_syntax": "comfy"}}}, "parameters.prompt_syntax",
      "a1111 or plain"),
@@ -249,3 +250,11 @@ def test_image_urls_are_refused_unless_the_server_allows_them():
         assert row.error.field == field
         assert row.error.message == ("image URLs are not fetched by this server (start it with --allow-image-urls "
                                      "to allow them)")
+
+
+def test_a_plain_prompt_cut_at_77_tokens_says_what_was_dropped(sd1):
+    long = "word " * 80 + "a red house"
+    out = score(sd1, {"input_data": {"data": [long, "a cat"], "parameters": FAST | {"seed": 1}}}, batch_size=2)
+    assert out[0]["notes"] == [f"the prompt {long[:30]!r}… was cut at 77 tokens, as diffusers cuts it (plain "
+                               "syntax; A1111's reads it all): dropped 'word word word word word a red house'"]
+    assert "notes" not in out[1]
