@@ -21,10 +21,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# setuptools warns, for every editable install whose folders are renamed (cli/ → ldm_cli, kernels/ → ldm_kernels),
+# that folders of the working directory could shadow the package: here they are the package. Not shown.
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(QUIET_EDITABLE) $(BIN)/pip install --quiet -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(QUIET_EDITABLE) $(BIN)/pip install --quiet -e ".[test]"
 	touch $@ $(VENV)/.installed
