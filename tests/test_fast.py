@@ -96,6 +96,7 @@ def test_cuda_half_precision_compiled_matches_fp32_reference(sd1_folder):
         assert np.abs(image(fast) - reference).max() <= 8  # fp16 vs fp32 on a tiny random model
 
 
+@pytest.mark.slow  # four fresh processes of ldm bench
 def test_bench_times_ldm_and_diffusers_on_a_folder(sd1_folder, capsys):
     from ldm_cli.main import main
 

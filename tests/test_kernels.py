@@ -75,5 +75,6 @@ def test_group_norm_silu_matches_the_reference_op():
     assert "checked 6" in run(SCRIPT)
 
 
+@pytest.mark.slow  # a whole UNet under Triton's interpreter; the op itself is checked in the default run
 def test_a_unet_on_the_kernel_matches_the_reference_unet(sd1_folder):
     assert "resnets" in run(PIPELINE, str(sd1_folder))

@@ -406,6 +406,7 @@ def test_lora_then_accelerate_and_accelerate_then_lora(sd1_folder, locon, monkey
     assert sum(isinstance(m, WinogradConv2d) for m in early.unet.modules()) > 10
 
 
+@pytest.mark.slow  # an aot_eager compile of the UNet; LoRA with accelerate uncompiled stays in the default run
 def test_lora_on_a_compiled_pipeline(sd1_folder, locon, monkeypatch):
     """A pipeline compiled with aot_eager: the graphs inductor would compile, without its code generation (minutes
     here). Under inductor's CPU freezing, which `accelerate` turns on, the weights become constants of the compiled
