@@ -3,7 +3,7 @@
 - `Model hash`: the first 10 hex digits of the sha256 of the whole checkpoint file;
 - `TI hashes`: the first 12 of the embedding file's sha256;
 - `Lora hashes`: the first 12 of the sha256 of a safetensors file's bytes after its header (kohya's
-  "addnet" hash, which metadata edits do not change).
+  "addnet" hash, which metadata edits do not change; `ldm.lora.lora_hash`).
 
 The cache (`$LDM_CACHE/hashes.json`, default ~/.cache/ldm) keys each digest by path, size and mtime.
 """

@@ -53,10 +53,8 @@ since frozen weights are not part of its key; minutes the first time). Without f
 "aot_eager" backend the tests use) the compiled graphs read the parameters and nothing is recompiled.
 """
 
-import hashlib
 import json
 import math
-import mmap
 import re
 import sys
 from dataclasses import dataclass
@@ -69,6 +67,7 @@ from torch import Tensor, nn
 from .errors import InputError, LoadError
 from .families import weights_dir
 from .fast import TensorTimestep
+from .hashes import sha256
 from .loading import read_safetensors
 from .single_file import unet_rules
 from .unet import UNetConfig
@@ -140,11 +139,8 @@ def _header(path: Path) -> tuple[int, dict]:
 
 def lora_hash(path: str | Path) -> str:
     """AUTOMATIC1111's LoRA hash (infotext `Lora hashes`): sha256 of the bytes after the safetensors header
-    (8 + header length), first 12 hex digits. Editing the metadata leaves it unchanged."""
-    path = Path(path)
-    size, _ = _header(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return hashlib.sha256(memoryview(data)[8 + size:]).hexdigest()[:12]
+    (8 + header length), first 12 hex digits, cached (`ldm.hashes`). Editing the metadata leaves it unchanged."""
+    return sha256(path, after_header=True)[:12]
 
 
 # ------------------------------------------------------------------------------------ modules

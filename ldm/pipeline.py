@@ -587,8 +587,10 @@ class StableDiffusion:
                                          notes=notes, used=used)
         shape = (batch, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale)
         # progress counts the steps asked for: PNDM's doubled second step is one step (its σ comes twice)
-        levels = schedule.sigmas[:-1]
-        done_at = [len(set(levels[: i + 1])) for i in range(len(levels))]
+        seen, done_at = set(), []
+        for sigma in schedule.sigmas[:-1]:
+            seen.add(sigma)
+            done_at.append(len(seen))
 
         def step_end(i: int, x: Tensor) -> Tensor | None:
             if progress is not None:
