@@ -542,7 +542,7 @@ def generate(args: argparse.Namespace) -> None:
         if not (isinstance(pipe, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)):
             raise LdmError(f"--refiner: the hand-off is between SDXL models; {args.model} and {args.refiner} are "
                            f"{type(pipe).__name__} and {type(refiner).__name__}")
-    bar = ProgressBar()
+    bar, notes = ProgressBar(), list(pipe.notes)
     if refiner is None:
         result = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height, image=image, mask=mask,
                       strength=args.strength, target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
@@ -564,7 +564,8 @@ def generate(args: argparse.Namespace) -> None:
                          prompt_loras=False,  # the base's <lora:…> tags are for the base
                          aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                          progress=ProgressBar(), describe=described, **common)
-    for note in dict.fromkeys(pipe.notes + result.notes):
+        notes += first.notes
+    for note in dict.fromkeys(notes + result.notes):
         print(f"note: {note}", file=sys.stderr)
     if args.seed is None:
         print(f"seed: {seed if isinstance(seed, int) else seed[0]}", file=sys.stderr)
