@@ -167,6 +167,7 @@ def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "
     literal = syntax == "plain" or emphasis == "none"
     parsed = [(text, 1.0)] if literal else parse_attention(text)
     comma = tokenizer.comma_id
+    backtrack = 0 if syntax == "plain" else COMMA_BACKTRACK  # plain keeps diffusers' first 75 tokens
     chunks: list[Chunk] = []
     tokens: list[int] = []
     weights: list[float] = []
@@ -193,8 +194,7 @@ def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "
             token = ids[position]
             if token == comma:
                 last_comma = len(tokens)
-            elif (len(tokens) == CHUNK_TOKENS and last_comma != -1
-                  and len(tokens) - last_comma <= COMMA_BACKTRACK):
+            elif len(tokens) == CHUNK_TOKENS and last_comma != -1 and len(tokens) - last_comma <= backtrack:
                 cut = last_comma + 1  # the text after the last comma moves to the next chunk
                 moved = tokens[cut:], weights[cut:], [(p - cut, v) for p, v in fixes if p >= cut]
                 tokens, weights, fixes = tokens[:cut], weights[:cut], [(p, v) for p, v in fixes if p < cut]

@@ -154,6 +154,8 @@ def test_comma_backtrack_moves_the_last_clause(sd1_folder):
     assert chunks[1].ids[1:9] == tok.tokenize(tail)
     far = "word " * 50 + "," + " word" * 30  # the comma 25 tokens from the end: no backtracking
     assert prompt_chunks(tok, far)[0][0].ids[1:76] == tok.tokenize(far)[:75]
+    plain, dropped = prompt_chunks(tok, head + tail, "plain")  # diffusers' truncation: the first 75 tokens
+    assert len(plain) == 1 and plain[0].ids == tok([head + tail])[0].tolist() and dropped == "epsilon zeta eta theta"
 
 
 def test_embedding_is_never_split_across_chunks(sd1_folder):
