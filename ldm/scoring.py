@@ -51,7 +51,6 @@ class RequestError(InputError):
         return {"error": {"field": self.field, "message": self.message}}
 
 
-
 @dataclass(frozen=True)
 class Parameters:
     """`parameters`, with the cards' defaults (50 steps, guidance 7.5) and ldm's extras."""
@@ -158,7 +157,7 @@ def parse_loras(value) -> tuple[tuple[str, float], ...]:
     if isinstance(value, dict):
         pairs = list(value.items())
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        pairs = [(v.rsplit(":", 1)[0], v.rsplit(":", 1)[1]) if ":" in v else (v, 1.0) for v in value]
+        pairs = [tuple(v.rsplit(":", 1)) if ":" in v else (v, 1.0) for v in value]
     else:
         raise RequestError("parameters.loras", 'expected {"NAME": WEIGHT} or ["NAME", "NAME:WEIGHT"]')
     out = []
@@ -392,12 +391,15 @@ def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, bat
         except InputError:
             return -1, tags, negative  # runs alone, and reports its error
 
+    group_kind = None
     for row in request.rows:
         if row.error is None and row.image is None and rows_per_pass > 1:
-            if group and kind(row) != kind(group[0]):
+            row_kind = kind(row)
+            if group and row_kind != group_kind:
                 objects += run_rows(pipe, request, group, cancelled)
                 group = []
             group.append(row)
+            group_kind = row_kind
             if len(group) == rows_per_pass:
                 objects += run_rows(pipe, request, group, cancelled)
                 group = []
