@@ -16,6 +16,9 @@ fp32 results within ~1e-5 relative of the float64 convolution, about 3× the dir
 error (tests/test_winograd.py). Only fp32 on the CPU uses it: on CUDA cuDNN picks its own algorithms.
 """
 
+import statistics
+import time
+
 import torch
 from torch import Tensor
 
@@ -78,15 +81,24 @@ def pays(n: int, c: int, k: int, h: int, w: int) -> bool:
     return min(c, k) >= 256 and tiles >= 32 and h * w <= 128 * 128
 
 
+def _median_time(fn, repeats: int) -> float:
+    """The median wall time of `repeats` calls of `fn`, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _bench(shapes=((2, 320, 32), (2, 640, 16), (2, 1280, 8), (2, 1280, 4), (2, 1280, 16), (1, 512, 64),
                    (1, 256, 128), (1, 128, 128)), repeats: int = 5) -> None:
     """`python -m ldm_kernels.winograd`: one convolution (C in = C out), direct and pre-packed by oneDNN as
     inductor's freezing leaves it, against `torch.compile(conv2d)`; the medians of `repeats` calls."""
-    from ldm.bench import median_time
 
     def timed(fn) -> float:
         fn()  # warm-up (compiles)
-        return median_time(fn, repeats)
+        return _median_time(fn, repeats)
 
     def measure(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[float, float]:
         packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))

@@ -9,10 +9,11 @@ timestep and its ε or v output to x0 (Karras et al. 2022, Table 1 / Salimans & 
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .schedules import Schedule
+from .schedules import Schedule, sigma_to_t
 
 Model = Callable[[Tensor, float], Tensor]
 
@@ -60,6 +61,8 @@ class Denoiser:
 
     The UNet sees x / √(σ²+1) (the variance-preserving latent) at the timestep the schedule pairs with σ,
     in `dtype` (the UNet's); the sampler's own state stays in the dtype of x (float32 in the pipelines).
+    A σ the schedule does not list gets the fractional timestep interpolated linearly in log σ between its
+    two neighbours on the training grid (k-diffusion's `DiscreteSchedule.sigma_to_t`, clamped to 0 … T-1).
     """
 
     def __init__(self, model: Model, schedule: Schedule, prediction_type: str = "epsilon",
@@ -68,9 +71,19 @@ class Denoiser:
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
         self.model, self.prediction_type, self.dtype = model, prediction_type, dtype
         self.timestep_of = dict(zip(schedule.sigmas, schedule.timesteps, strict=False))
+        self.log_sigmas = None if schedule.training_sigmas is None else np.log(schedule.training_sigmas)
+
+    def timestep(self, sigma: float) -> float:
+        """The UNet timestep for σ: the schedule's own where it lists σ, else interpolated in log σ."""
+        t = self.timestep_of.get(sigma)
+        if t is not None:
+            return t
+        if self.log_sigmas is None:
+            raise KeyError(f"σ = {sigma} is not on the schedule and the schedule has no training grid to place it on")
+        return float(sigma_to_t(np.array([sigma]), self.log_sigmas)[0])
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
-        t = self.timestep_of[sigma]
+        t = self.timestep(sigma)
         c_in = 1.0 / (sigma**2 + 1.0) ** 0.5
         out = self.model((x * c_in).to(self.dtype or x.dtype), t).to(x.dtype)
         if self.prediction_type == "epsilon":

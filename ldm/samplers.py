@@ -5,9 +5,16 @@ parametrisation); `sigmas` is the descending grid to walk, its last entry where 
 the smallest training sigma for DDIM/PNDM without `set_alpha_to_one`). ε/v prediction, guidance and
 the timestep each sigma maps to live in the denoiser (see `denoisers.py`), not here. Each sampler's
 arithmetic is that of the diffusers scheduler of the same name; `schedules.py` builds the grids.
-`callback(i, x)` sees the latent after step i; if it returns a tensor, sampling continues from that
-one (as diffusers' `callback_on_step_end` may replace the latents; inpainting with a 4-channel UNet
-pastes the re-noised known region back this way).
+The arithmetic every sampler shares is written once, as k-diffusion writes it: `to_d` (the ODE
+derivative dx/dσ from a denoised estimate), `get_ancestral_step` (how far an ancestral/DDIM step goes
+down and how much fresh noise brings it back up) and `_noise` (N(0, 1) like x from the CPU generator).
+
+`callback(step)` gets one `Step` after each step: its index, the step count, the σ it started from, the
+latents after it and the denoiser's x0 estimate at that σ (k-diffusion's callback dict, as a type). If it
+returns a tensor, sampling continues from that one (as diffusers' `callback_on_step_end` may replace the
+latents; inpainting with a 4-channel UNet pastes the re-noised known region back this way). Samplers that
+evaluate the denoiser more than once per step report the first evaluation (at `sigma`, on the latents the
+step started from); PNDM, whose steps are its UNet calls, reports each call's own evaluation.
 """
 
 import math
@@ -30,12 +37,45 @@ from .schedules import (
 )
 
 Denoiser = Callable[[Tensor, float], Tensor]
-Callback = Callable[[int, Tensor], Tensor | None] | None
 
 
-def _step_end(callback: Callback, i: int, x: Tensor) -> Tensor:
-    replaced = None if callback is None else callback(i, x)
+@dataclass(frozen=True)
+class Step:
+    """A finished sampler step (k-diffusion's callback dict as a type)."""
+
+    i: int  # the step's index, 0-based
+    total: int  # steps in this run (len(sigmas) - 1)
+    sigma: float  # the σ the step started from (sigmas[i])
+    x: Tensor  # the σ-space latents after the step
+    denoised: Tensor  # the denoiser's x0 estimate at `sigma` (the step's first evaluation)
+
+
+Callback = Callable[[Step], Tensor | None] | None
+
+
+def _step_end(callback: Callback, sigmas: list[float], i: int, x: Tensor, denoised: Tensor) -> Tensor:
+    """Step i is done: tell `callback`, and continue from the latents it returns, if any."""
+    if callback is None:
+        return x
+    replaced = callback(Step(i, len(sigmas) - 1, sigmas[i], x, denoised))
     return x if replaced is None else replaced
+
+
+def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """The probability-flow ODE's derivative dx/dσ = (x - x0)/σ at (x, σ), from the denoiser's x0
+    (Karras et al. 2022, eq. 3 with σ(t) = t; k-diffusion's `to_d`)."""
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """An ancestral step from σ_from to σ_to as (σ_down, σ_up): the deterministic step goes down to σ_down,
+    then fresh noise of standard deviation σ_up brings the latents back up to σ_to (σ_down² + σ_up² = σ_to²).
+    σ_up is η times the DDPM posterior's (Song et al. 2020, eq. 16): η = 1 is ancestral sampling, η = 0 a
+    DDIM/Euler step. k-diffusion's `get_ancestral_step`, without its clamp of σ_up to σ_to (so η > 1 is not
+    meaningful), as diffusers has none."""
+    sigma_up = eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
 
 
 def randn(shape, generator: "torch.Generator | list[torch.Generator] | None") -> Tensor:
@@ -50,6 +90,7 @@ def randn(shape, generator: "torch.Generator | list[torch.Generator] | None") ->
 
 
 def _noise(x: Tensor, generator: "torch.Generator | list[torch.Generator] | None") -> Tensor:
+    """Fresh N(0, 1) noise like x for the ancestral/SDE samplers, drawn as `randn` draws it."""
     return randn(x.shape, generator).to(x.device, x.dtype)
 
 
@@ -58,26 +99,28 @@ def sample_euler(model: Denoiser, x: Tensor, sigmas: list[float], callback: Call
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d = (x - model(x, sigma)) / sigma
-        x = x + d * (sigma_next - sigma)
-        x = _step_end(callback, i, x)
+        denoised = model(x, sigma)
+        x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+        x = _step_end(callback, sigmas, i, x, denoised)
     return x
 
 
 @torch.no_grad()
 def sample_heun(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1 without churn): Euler, then the trapezoidal
-    correction with the derivative at the Euler point; a plain Euler step into σ = 0."""
+    correction with the derivative at the Euler point; a plain Euler step into σ = 0. A `Step`'s `denoised`
+    is the first evaluation (at σ_i), not the one at the Euler point."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d = (x - model(x, sigma)) / sigma
+        denoised = model(x, sigma)
+        d = to_d(x, sigma, denoised)
         x_euler = x + d * (sigma_next - sigma)
         if sigma_next == 0:
             x = x_euler
         else:
-            d_next = (x_euler - model(x_euler, sigma_next)) / sigma_next
+            d_next = to_d(x_euler, sigma_next, model(x_euler, sigma_next))
             x = x + (d + d_next) / 2 * (sigma_next - sigma)
-        x = _step_end(callback, i, x)
+        x = _step_end(callback, sigmas, i, x, denoised)
     return x
 
 
@@ -96,7 +139,7 @@ def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: list[float], callback: C
             r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)  # h_prev / h
             x = ratio * x + (1 - ratio) * (x0 + (x0 - x0_prev) / (2 * r))
         x0_prev = x0
-        x = _step_end(callback, i, x)
+        x = _step_end(callback, sigmas, i, x, x0)
     return x
 
 
@@ -123,12 +166,13 @@ def sample_lms(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 4, 
     history: list[Tensor] = []
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
-        history = (history + [(x - model(x, sigma)) / sigma])[-order:]
+        denoised = model(x, sigma)
+        history = (history + [to_d(x, sigma, denoised)])[-order:]
         step = offset + i
         current = min(step + 1, order)
         coefficients = [lms_coefficient(grid, current, step, j) for j in range(current)]
         x = x + sum(c * d for c, d in zip(coefficients, reversed(history), strict=False))
-        x = _step_end(callback, i, x)
+        x = _step_end(callback, sigmas, i, x, denoised)
     return x
 
 
@@ -149,7 +193,7 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: Tensor, sigmas: list[float], generat
             d = x0 + (x0 - x0_prev) / (2 * r)
         x = decay * x + (1 - decay) * d + _noise(x, generator) * (sigma_next * (1 - decay) ** 0.5)
         x0_prev = x0
-        x = _step_end(callback, i, x)
+        x = _step_end(callback, sigmas, i, x, x0)
     return x
 
 
@@ -188,7 +232,8 @@ def _unipc_update(x: Tensor, sigmas: list[float], s: int, x0s: list[Tensor], ord
 def sample_unipc(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 2, callback: Callback = None) -> Tensor:
     """UniPC (Zhao et al. 2023) as diffusers' UniPCMultistepScheduler defaults (bh2, data prediction,
     order 2, lower order at the end): each new evaluation first corrects the point it was taken at
-    (UniC, not re-evaluated), then the multistep predictor (UniP) moves on."""
+    (UniC, not re-evaluated), then the multistep predictor (UniP) moves on. A `Step`'s `denoised` is that
+    evaluation: the x0 at σ_i of the predicted latents, before UniC corrects them."""
     x0s: list[Tensor] = []
     x_prev, prev_order = None, 0
     for i in range(len(sigmas) - 1):
@@ -200,7 +245,7 @@ def sample_unipc(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 2
         prev_order = min(order, len(x0s), 1 if sigmas[i + 1] == 0 else order)
         x_prev = x
         x = _unipc_update(x, sigmas, i, x0s, prev_order)
-        x = _step_end(callback, i, x)
+        x = _step_end(callback, sigmas, i, x, x0)
     return x
 
 
@@ -212,11 +257,10 @@ def sample_euler_ancestral(model: Denoiser, x: Tensor, sigmas: list[float], gene
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next)
+        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         x = x + _noise(x, generator) * sigma_up
-        x = _step_end(callback, i, x)
+        x = _step_end(callback, sigmas, i, x, denoised)
     return x
 
 
@@ -233,14 +277,13 @@ def sample_ddim(model: Denoiser, x: Tensor, sigmas: list[float], eta: float = 0.
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         sigma_to = sigma_next if lands is None else lands[i]
         x0 = model(x, sigma)
-        sigma_up = eta * (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        x = x0 + (x - x0) / sigma * sigma_down
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_to, eta)
+        x = x0 + to_d(x, sigma, x0) * sigma_down
         if sigma_up > 0:
             x = x + _noise(x, generator) * sigma_up
         if sigma_to != sigma_next:
             x = x * ((1 + sigma_next**2) / (1 + sigma_to**2)) ** 0.5
-        x = _step_end(callback, i, x)
+        x = _step_end(callback, sigmas, i, x, x0)
     return x
 
 
@@ -257,6 +300,10 @@ def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "
     turned into ε at the point the step starts from; the two differ for v-models because v depends on x.
     Call c evaluates at σ_c and steps from `froms[c]` to `lands[c]` (default σ_c, σ_(c+1)); a latent is
     moved between σ labels keeping its variance-preserving value, as diffusers' latents are.
+
+    A `Step` per call (so `total` counts the first step twice): `denoised` is that call's own evaluation,
+    the x0 at σ_c of the latents it was given. For call 1 that is the x0 at the Euler-predicted point,
+    not of the latents it returns (the corrected step mixes both calls' outputs, which is no one x0).
     """
     froms = sigmas[:-1] if froms is None else froms
     lands = sigmas[1:] if lands is None else lands
@@ -264,10 +311,9 @@ def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "
     def relabel(x: Tensor, old: float, new: float) -> Tensor:
         return x if old == new else x * ((1 + new**2) / (1 + old**2)) ** 0.5
 
-
     def to_output(x: Tensor, x0: Tensor, sigma: float) -> Tensor:
         if output == "epsilon":
-            return (x - x0) / sigma
+            return to_d(x, sigma, x0)  # ε = (x - x0)/σ
         return (x / (1 + sigma**2) - x0) * ((1 + sigma**2) ** 0.5 / sigma)
 
     def to_eps(out: Tensor, x: Tensor, sigma: float) -> Tensor:
@@ -279,7 +325,8 @@ def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "
     saved = None
     for c in range(len(sigmas) - 1):
         sigma = sigmas[c]
-        out = to_output(x, model(x, sigma), sigma)
+        x0 = model(x, sigma)
+        out = to_output(x, x0, sigma)
         if c == 1:  # the correction: the mean of both outputs, from the saved start
             out, x = (out + history[-1]) / 2, saved
         else:
@@ -293,7 +340,7 @@ def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "
                 out = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
         x = relabel(x, sigmas[0] if c == 1 else sigma, froms[c])
         x = x + to_eps(out, x, froms[c]) * (lands[c] - froms[c])
-        x = _step_end(callback, c, relabel(x, lands[c], sigmas[c + 1]))
+        x = _step_end(callback, sigmas, c, relabel(x, lands[c], sigmas[c + 1]), x0)
     return x
 
 

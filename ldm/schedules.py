@@ -88,6 +88,9 @@ class Schedule:
     # A part of a longer schedule: that schedule's σ grid and where this part starts in it (LMS needs them).
     grid: list[float] | None = None
     offset: int = 0
+    # The training grid σ_t = √((1-ᾱ_t)/ᾱ_t), t = 0 … T-1, where the denoiser places a σ that is not one of
+    # `sigmas` (k-diffusion's `DiscreteSchedule`); None for a bare list of σ and timesteps.
+    training_sigmas: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def _part(self, start: int, stop: int | None = None) -> "Schedule":
         """Steps start…stop-1 (and the σ they end on)."""
@@ -99,7 +102,8 @@ class Schedule:
             return None if values is None else values[start:stop]
 
         return Schedule(self.sigmas[start:end], self.timesteps[start:stop], self.init_noise_sigma,
-                        cut(self.froms), cut(self.lands), grid=self.grid or self.sigmas, offset=self.offset + start)
+                        cut(self.froms), cut(self.lands), grid=self.grid or self.sigmas, offset=self.offset + start,
+                        training_sigmas=self.training_sigmas)
 
     def from_strength(self, strength: float) -> "Schedule":
         """The tail that image-to-image runs: the last min(int(steps·strength), steps) steps (diffusers'
@@ -169,7 +173,7 @@ def discrete_schedule(cfg: SchedulerConfig, steps: int, set_alpha_to_one_default
     ratio = cfg.num_train_timesteps // steps  # diffusers steps from t to t - ratio, on the grid or not
     lands = [sigma_of(ac, ti - ratio) if ti - ratio >= 0 else final for ti in t]
     return Schedule(sigmas, [float(ti) for ti in t], (1.0 + sigmas[0] ** 2) ** 0.5,
-                    lands=None if lands == sigmas[1:] else lands)
+                    lands=None if lands == sigmas[1:] else lands, training_sigmas=_training_sigmas(cfg))
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
@@ -188,6 +192,7 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def _training_sigmas(cfg: SchedulerConfig) -> np.ndarray:
+    """σ_t = √((1-ᾱ_t)/ᾱ_t) for t = 0 … T-1 (float32, ascending)."""
     ac = cfg.alphas_cumprod()
     return (((1 - ac) / ac) ** 0.5).numpy()
 
@@ -223,7 +228,8 @@ def euler_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sc
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     top = float(sigmas.max())
     init = top if spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
-    return Schedule([float(s) for s in sigmas], [float(ti) for ti in t.astype(np.float32)], init)
+    return Schedule([float(s) for s in sigmas], [float(ti) for ti in t.astype(np.float32)], init,
+                    training_sigmas=all_sigmas)
 
 
 def dpm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
@@ -258,7 +264,8 @@ def multistep_grid(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sc
         sigmas = np.interp(t, np.arange(T), all_sigmas)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     # diffusers feeds DPM-Solver the variance-preserving latents (init_noise_sigma 1)
-    return Schedule([float(s) for s in sigmas], [float(ti) for ti in t], (1.0 + float(sigmas[0]) ** 2) ** 0.5)
+    return Schedule([float(s) for s in sigmas], [float(ti) for ti in t], (1.0 + float(sigmas[0]) ** 2) ** 0.5,
+                    training_sigmas=all_sigmas)
 
 
 def ddim_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
@@ -277,6 +284,7 @@ def pndm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sch
     calls = t[:2] + t[1:] if steps > 1 else t
     final = final_sigma(cfg, ac, set_alpha_to_one_default=False)
     ratio = cfg.num_train_timesteps // steps
+    training_sigmas = _training_sigmas(cfg)
 
     def restart(start: int) -> Schedule:
         """diffusers' step rule on the calls from `start` on: its counter starts again at the first of them."""
@@ -286,7 +294,7 @@ def pndm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sch
                  for c, tc in enumerate(ts)]
         sigmas = [sigma_of(ac, tc) for tc in ts] + [final]
         return Schedule(sigmas, [float(tc) for tc in ts], (1.0 + sigmas[0] ** 2) ** 0.5, froms, lands, steps,
-                        restart)
+                        restart, training_sigmas=training_sigmas)
 
     return restart(0)
 

@@ -15,9 +15,8 @@ from official import SD1_SCHEDULER, SD21_SCHEDULER, SDXL_SCHEDULER, diffusers_sc
 
 from ldm.denoisers import Denoiser
 from ldm.errors import InputError
-from ldm.pipeline import check_request
-from ldm.samplers import SAMPLERS
-from ldm.schedules import SchedulerConfig
+from ldm.samplers import SAMPLERS, Step, get_ancestral_step
+from ldm.schedules import Schedule, SchedulerConfig
 
 CONFIGS = {"sd1-eps": SD1_SCHEDULER, "sd21-v": SD21_SCHEDULER, "sdxl-eps": SDXL_SCHEDULER}
 DIFFUSERS = list(SAMPLERS)
@@ -57,9 +56,9 @@ def ldm_trajectory(name, config, steps, seed, eta=0.0, karras=False):
     x = torch.randn(2, 4, 6, 5, generator=generator) * schedule.init_noise_sigma
     trajectory = []
 
-    def record(i, x):
-        sigma_next = schedule.sigmas[i + 1]
-        trajectory.append(x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else x)
+    def record(step):
+        sigma_next = schedule.sigmas[step.i + 1]
+        trajectory.append(step.x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else step.x)
 
     spec.sample(Denoiser(fake_unet, schedule, cfg.prediction_type), x, schedule, record, eta=eta,
                 generator=generator, output=cfg.prediction_type)
@@ -89,10 +88,12 @@ def test_karras_trajectory_matches_diffusers(name, config, steps):
 
 
 def test_karras_where_diffusers_has_it():
+    from ldm.request import GenerationRequest
+
     # EulerAncestral, DDIM and PNDM have no use_karras_sigmas
     assert KARRAS == ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
     with pytest.raises(InputError, match="--karras applies to euler, heun, lms, dpmpp_2m, dpmpp_2m_sde, unipc, not"):
-        check_request(10, 64, 64, 7.5, 1, 1, "ddim", 0.0, karras=True)
+        GenerationRequest("", steps=10, sampler="ddim", karras=True).check()
 
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])
@@ -142,7 +143,7 @@ def test_v_prediction_wrapper_is_the_closed_form():
     def eps_model(x_in, t):
         return eps
 
-    schedule = type("S", (), {"sigmas": [sigma, 0.0], "timesteps": [500.0]})
+    schedule = Schedule([sigma, 0.0], [500.0], 1.0)
     assert torch.allclose(Denoiser(v_model, schedule, "v_prediction")(x, sigma), x0)
     assert torch.allclose(Denoiser(eps_model, schedule, "epsilon")(x, sigma), x0)
 
@@ -209,12 +210,121 @@ def test_started_part_way_like_diffusers_img2img(name, config, strength):
     x = init + torch.randn(1, 4, 6, 5, generator=generator) * schedule.sigmas[0]
     actual = []
 
-    def record(i, x):
-        sigma_next = schedule.sigmas[i + 1]
-        actual.append(x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else x)
+    def record(step):
+        sigma_next = schedule.sigmas[step.i + 1]
+        actual.append(step.x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else step.x)
 
     spec.sample(Denoiser(fake_unet, schedule, config_.prediction_type), x, schedule, record, eta=0.0,
                 generator=generator, output=config_.prediction_type)
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert max_rel_err(a, e) < TRAJECTORY_TOL, f"step {i}"
+
+
+# ------------------------------------------------------------------------------------------- step events
+
+
+def _run_recorded(name, steps=4, callback=None, config=SD1_SCHEDULER):
+    """Run `name` on a toy denoiser that records what it returns; the events the callback saw."""
+    cfg = SchedulerConfig.from_diffusers(config)
+    spec = SAMPLERS[name]
+    schedule = spec.schedule(cfg, steps, False)
+    returned = []
+
+    def model(x, sigma):
+        returned.append((sigma, x * 0.9 + 0.01 * sigma))
+        return returned[-1][1]
+
+    events = []
+
+    def record(step):
+        events.append(step)
+        return None if callback is None else callback(step)
+
+    x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * schedule.init_noise_sigma
+    out = spec.sample(model, x, schedule, record, eta=0.5, generator=torch.Generator().manual_seed(1),
+                      output=cfg.prediction_type)
+    return schedule, returned, events, out
+
+
+# the evaluation each step reports: the first of its step (Heun evaluates twice, the last step into 0 once)
+def _reported(name, returned, sigmas):
+    if name != "heun":
+        return returned
+    first, k = [], 0
+    for i in range(len(sigmas) - 1):
+        first.append(returned[k])
+        k += 1 if sigmas[i + 1] == 0 else 2
+    return first
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_each_step_is_one_event(name):
+    schedule, returned, events, out = _run_recorded(name)
+    sigmas = schedule.sigmas
+    total = len(sigmas) - 1
+    assert [e.i for e in events] == list(range(total))
+    assert all(isinstance(e, Step) and e.total == total for e in events)
+    assert [e.sigma for e in events] == sigmas[:-1]
+    reported = _reported(name, returned, sigmas)
+    assert len(reported) == total
+    for e, (sigma, denoised) in zip(events, reported, strict=True):
+        assert sigma == e.sigma and e.denoised is denoised
+    assert events[-1].x is out
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_a_callback_replaces_the_latents(name):
+    replacements = []
+
+    def replace(step):
+        replacements.append(torch.full_like(step.x, 0.1 * (step.i + 1)))
+        return replacements[-1]
+
+    schedule, returned, events, out = _run_recorded(name, callback=replace)
+    assert out is replacements[-1] and len(replacements) == len(events)
+    # each step after a replacement starts from it: its first evaluation sees the replaced latents
+    reported = _reported(name, returned, schedule.sigmas)
+    for (sigma, denoised), replaced in zip(reported[1:], replacements[:-1], strict=True):
+        assert torch.equal(denoised, replaced * 0.9 + 0.01 * sigma)
+
+
+def test_ancestral_step_splits_the_variance():
+    sigma_down, sigma_up = get_ancestral_step(3.0, 1.5)
+    assert sigma_down**2 + sigma_up**2 == pytest.approx(1.5**2)
+    assert sigma_up == pytest.approx((1.5**2 * (3.0**2 - 1.5**2) / 3.0**2) ** 0.5)
+    assert get_ancestral_step(3.0, 1.5, eta=0.0) == (1.5, 0.0)
+
+
+# ------------------------------------------------------------------------------------------- off-grid σ
+
+
+def k_diffusion_sigma_to_t(sigma: float, training_sigmas) -> float:
+    """k-diffusion's `DiscreteSchedule.sigma_to_t` (k_diffusion/external.py), without quantize."""
+    log_sigmas = torch.as_tensor(training_sigmas).log()
+    log_sigma = torch.tensor([sigma], dtype=log_sigmas.dtype).log()
+    dists = log_sigma - log_sigmas[:, None]
+    low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+    return float((1 - w) * low_idx + w * high_idx)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "ddim", "pndm"])
+def test_off_grid_sigma_interpolates_the_timestep_like_k_diffusion(name):
+    schedule = SAMPLERS[name].schedule(SchedulerConfig.from_diffusers(SD1_SCHEDULER), 10, False)
+    seen = []
+    denoiser = Denoiser(lambda x, t: seen.append(t) or x, schedule)
+    x = torch.zeros(1, 4, 2, 2)
+    for sigma, t in zip(schedule.sigmas, schedule.timesteps, strict=False):  # on the grid: the schedule's own
+        denoiser(x, sigma)
+        assert seen[-1] == t
+    training = schedule.training_sigmas
+    for sigma in (0.5, 1.234, 7.0, float(training[0]) * 0.5, float(training[-1]) * 2,
+                  (float(training[300]) * float(training[301])) ** 0.5):
+        denoiser(x, sigma)
+        assert seen[-1] == pytest.approx(k_diffusion_sigma_to_t(sigma, training), abs=1e-3)
+    assert seen[-1] == pytest.approx(300.5, abs=1e-3)  # halfway in log σ between two training σ
+    with pytest.raises(KeyError, match="not on the schedule"):
+        Denoiser(lambda x, t: x, Schedule([2.0, 0.0], [500.0], 1.0))(x, 1.0)
