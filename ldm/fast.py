@@ -6,22 +6,33 @@ pipeline in place for speed, each step optional and each one checked against the
 - fused projections: every self-attention computes q, k and v with one matmul (`to_qkv`), every
   cross-attention k and v of the text with one (`to_kv`); the weights are concatenated once, here;
 - channels_last memory format for the convolutional networks (UNet, VAE);
+- on CUDA, the UNet step replayed as a captured CUDA graph (`CUDAGraphs`): one launch per step instead of
+  about a thousand, captured on the first call of each input layout (shapes, dtypes, conditioning keys) and
+  replayed after. With the timestep passed as a device tensor there is no host↔device traffic in the loop;
 - on the CPU in fp32, Winograd F(4×4, 3×3) for the 3×3 convolutions of the UNet and VAE decoder where it
   pays (kernels/winograd.py, installed as `ldm_kernels`): a quarter of the multiplications, about 2× faster
   convolutions at the widths and sizes where the matmuls stay large, for 4× the converted filters' memory
   (see `use_winograd`);
-- `torch.compile(fullgraph=True, dynamic=False)` of the UNet and the VAE decoder: one graph each, no
-  graph breaks; the timestep reaches the UNet as a tensor, so the denoising steps of a run, and later
-  runs of the same shape, reuse the compiled code. On CUDA the "max-autotune" mode also captures the
-  UNet step as a CUDA graph; on the CPU inductor's freezing folds the weights into the graph (pre-packed
-  for the CPU's matmul and convolution kernels). Compiled code is cached on disk between runs
-  (inductor's cache, in `$LDM_CACHE` or ~/.cache/ldm/inductor).
+- optionally `torch.compile(fullgraph=True, dynamic=False)` of the UNet and the VAE decoder: one graph each,
+  no graph breaks; the timestep reaches the UNet as a tensor, so the denoising steps of a run, and later
+  runs of the same shape, reuse the compiled code. Two modes (`COMPILE_MODES`): "default" (inductor's
+  default: no autotuning, the compile a user can wait for) and "max" (max-autotune: Triton autotunes its
+  convolutions and matmuls, many minutes on CUDA). On CUDA the compiled UNet is captured by `CUDAGraphs`
+  like the eager one (inductor's own CUDA graphs stay off: one graph mechanism, one set of rules); on the
+  CPU inductor's freezing folds the weights into the graph (pre-packed for the CPU's matmul and convolution
+  kernels). Compiled code is cached on disk between runs (inductor's cache, in `$LDM_CACHE` or
+  ~/.cache/ldm/inductor).
 
-Half precision is a load-time choice (`--dtype`), not this module's: on the CPU it only pays where the
-cores have native bf16/fp16 arithmetic.
+The default CUDA path of the command line is `accelerate(pipe, compile=False)`: fused projections,
+channels_last and the CUDA graph, no compile. Half precision is a load-time choice (`--dtype`), not this
+module's: on the CPU it only pays where the cores have native bf16/fp16 arithmetic.
 """
 
 import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +40,7 @@ from torch import Tensor, nn
 
 from ldm_kernels import winograd as _winograd
 
+from . import attention as _attention
 from .attention import attention
 from .unet import Attention, ResnetBlock, TransformerBlock
 
@@ -136,54 +148,221 @@ def use_winograd(*modules: nn.Module, min_channels: int = 256, max_filters: int 
     return n
 
 
-class TensorTimestep(nn.Module):
-    """Calls a compiled UNet with the timestep as a float32 tensor on the UNet's device: a Python number
-    would be baked into the graph and recompile it at every step."""
+# ------------------------------------------------------------------------------------------ CUDA graphs
 
-    def __init__(self, unet: nn.Module, compiled):
+
+def layout(x: Tensor, t, kwargs: dict) -> tuple:
+    """What a captured graph is specific to: the shape, dtype and device of x, of t (or that t is a number)
+    and of each conditioning tensor by name, the values of non-tensor arguments (they are baked into the
+    graph), and the attention backend (`ldm.attention.set_attention_backend`), whose kernels the graph holds."""
+
+    def describe(v):
+        if torch.is_tensor(v):
+            return tuple(v.shape), v.dtype, v.device
+        return v if v is None or isinstance(v, bool | int | float | str) else repr(v)
+
+    return (describe(x), "number" if not torch.is_tensor(t) else describe(t),
+            tuple((k, describe(v)) for k, v in sorted(kwargs.items())), _attention._backend)
+
+
+def static_inputs(x: Tensor, t, kwargs: dict) -> dict[str, Tensor]:
+    """The buffers a graph reads its inputs from: copies of the tensors of the first call (the same strides),
+    and t as a float32 (1,) tensor where it came as a number (what the UNet makes of a number)."""
+    t = t if torch.is_tensor(t) else torch.full((1,), float(t), dtype=torch.float32, device=x.device)
+    tensors = {"x": x, "t": t} | {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+    return {name: v.clone() for name, v in tensors.items()}
+
+
+def copy_inputs(static: dict[str, Tensor], x: Tensor, t, kwargs: dict) -> None:
+    """Write a call's inputs into the graph's buffers, on the current stream: a number t is a fill (the number
+    is a kernel argument: nothing crosses from the host's memory, nothing waits)."""
+    static["x"].copy_(x)
+    if torch.is_tensor(t):
+        static["t"].copy_(t)
+    else:
+        static["t"].fill_(t)
+    for name, v in kwargs.items():
+        if torch.is_tensor(v):
+            static[name].copy_(v)
+
+
+WARMUP_CALLS = 2  # before capture: lazy initialisation, cuDNN/cuBLAS plans, a compile's first run
+
+
+def capture_cuda_graph(run: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
+    """Capture `run()` (which reads and writes only tensors that stay alive) as a `torch.cuda.CUDAGraph`, after
+    warm-up calls on a side stream as PyTorch's CUDA-graph notes require; returns the graph's replay and the
+    output tensor each replay writes."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP_CALLS):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = run()
+    return graph.replay, output
+
+
+@dataclass
+class Captured:
+    replay: Callable[[], None]
+    inputs: dict[str, Tensor]
+    output: Tensor
+
+
+class CUDAGraphs:
+    """`fn(x, t, **kwargs)` replayed as captured CUDA graphs, one per input layout (`layout`).
+
+    The first call of a layout copies its inputs into static buffers, captures `fn` on them (`capture`,
+    `capture_cuda_graph` by default) and replays it; a later call of the same layout copies its inputs into
+    the buffers and replays. A new layout (another size, batch, dtype, conditioning) captures again; the
+    `max_graphs` most recently used graphs are kept, each with its own memory pool. Every call returns a fresh
+    copy of the output: a replay overwrites the graph's output tensor, and a sampler keeps earlier outputs
+    alive across steps (DPM++ 2M's previous x0, a callback's `denoised`), so handing out the graph's own
+    tensor would let the next step change them. The copy is one small kernel per step.
+
+    What a graph cannot see: parameters replaced by new tensors (`.to()` and `.half()` on the wrapper drop
+    the graphs, see `TensorTimestep`; after anything else call `reset()`), Python run inside the network
+    (module hooks on inner modules run at capture only). Values changed in place (a LoRA merged with
+    `copy_`/`addmm_`) are read by every replay. Calls are serialised by a lock.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], capture=capture_cuda_graph, device_type: str = "cuda",
+                 max_graphs: int = 2):
+        self.fn, self.capture, self.device_type, self.max_graphs = fn, capture, device_type, max_graphs
+        self.graphs: OrderedDict[tuple, Captured] = OrderedDict()
+        self.captures = 0
+        self.lock = threading.Lock()
+
+    def applies(self, x: Tensor) -> bool:
+        """Whether a call with `x` is replayed: on the graphs' device, without autograd, with no attention
+        observer (observers are Python called at every attention: they need the eager network), and not
+        inside someone else's capture."""
+        return (x.device.type == self.device_type and not torch.is_grad_enabled() and not _attention._observers
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+    def __call__(self, x: Tensor, t, **kwargs) -> Tensor:
+        key = layout(x, t, kwargs)
+        with self.lock:
+            graph = self.graphs.get(key)
+            if graph is None:
+                graph = self._capture(key, x, t, kwargs)
+            else:
+                self.graphs.move_to_end(key)
+                copy_inputs(graph.inputs, x, t, kwargs)
+            graph.replay()
+            return graph.output.clone()
+
+    def _capture(self, key: tuple, x: Tensor, t, kwargs: dict) -> Captured:
+        while len(self.graphs) >= self.max_graphs:  # free the least recently used first
+            self.graphs.popitem(last=False)
+        inputs = static_inputs(x, t, kwargs)
+        fixed = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
+
+        def run() -> Tensor:
+            return self.fn(inputs["x"], inputs["t"], **fixed, **{k: inputs[k] for k in kwargs if k in inputs})
+
+        replay, output = self.capture(run)
+        self.captures += 1
+        self.graphs[key] = Captured(replay, inputs, output)
+        return self.graphs[key]
+
+    def reset(self) -> None:
+        """Drop every captured graph (and its memory); the next call captures again."""
+        with self.lock:
+            self.graphs.clear()
+
+
+class TensorTimestep(nn.Module):
+    """The UNet as `accelerate` leaves it: `run` (the UNet, or its compiled form) called with the timestep as
+    a float32 tensor on the UNet's device — a Python number would be baked into a compiled graph and recompile
+    it at every step, and eagerly the UNet turns it into a CPU tensor copied to the device at every step — and,
+    where `graphs` applies (`CUDAGraphs.applies`: CUDA, inference), replayed as a captured CUDA graph. `unet`
+    is the plain network (LoRA, `ldm.lora`, reaches it there); `config` is its config."""
+
+    def __init__(self, unet: nn.Module, run: Callable[..., Tensor] | None = None, graphs: CUDAGraphs | None = None):
         super().__init__()
-        self.unet, self.compiled, self.config = unet, compiled, unet.config
+        self.unet, self.config, self.graphs = unet, unet.config, graphs
+        self.__dict__["run"] = unet if run is None else run  # not registered as a submodule: `unet` holds the parameters
 
     def forward(self, x: Tensor, t, context: Tensor, **kwargs) -> Tensor:
+        if self.graphs is not None and self.graphs.applies(x):
+            return self.graphs(x, t, context=context, **kwargs)
         if not torch.is_tensor(t):
             t = torch.full((1,), float(t), dtype=torch.float32, device=x.device)
-        return self.compiled(x, t, context, **kwargs)
+        return self.run(x, t, context, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the graphs would read the old tensors
+        if self.graphs is not None:
+            self.graphs.reset()
+        return super()._apply(fn, recurse)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LDM_CACHE") or Path.home() / ".cache" / "ldm") / "inductor"
 
 
-def accelerate(pipe, compile: bool = True, channels_last: bool = True, fuse: bool = True, mode: str | None = None,
-               backend: str = "inductor", kernels: bool = False, winograd: bool | None = None):
-    """Make `pipe` fast in place and return it. `mode`: torch.compile's mode (default: "max-autotune" on CUDA,
-    which includes CUDA graphs; inductor's default plus weight freezing on the CPU). `backend` is for tests
-    ("aot_eager" traces the same graphs without generating code). `kernels`: the Triton kernels of kernels/
-    (off by default: they have not yet been measured to beat what inductor generates, see BENCHMARKS.md).
-    `winograd`: Winograd 3×3 convolutions (`use_winograd`; default: on for fp32 on the CPU, where it was
-    measured to pay, off elsewhere: cuDNN chooses its own algorithms)."""
+COMPILE_MODES = {  # --compile-mode → torch.compile's inductor mode on (CUDA, the CPU)
+    "default": (None, None),  # inductor's default: no autotuning; on the CPU with weight freezing
+    "max": ("max-autotune-no-cudagraphs", "max-autotune"),  # Triton autotuning (CUDA graphs: ours, CUDAGraphs)
+}
+INDUCTOR_GRAPHS = ("reduce-overhead", "max-autotune")  # inductor modes that capture CUDA graphs themselves
+
+
+def accelerate(pipe, compile: bool | str = True, channels_last: bool = True, fuse: bool = True,
+               mode: str | None = None, backend: str = "inductor", kernels: bool = False,
+               winograd: bool | None = None, cuda_graph: bool | None = None):
+    """Make `pipe` fast in place and return it.
+
+    `compile`: False, True (= "default") or a `COMPILE_MODES` name; `mode` overrides torch.compile's mode
+    outright. `cuda_graph`: replay the UNet step as a CUDA graph (`CUDAGraphs`; default: on when the pipeline
+    is on CUDA, unless `mode` is one of inductor's own CUDA-graph modes). `backend` is for tests ("aot_eager"
+    traces the same graphs without generating code). `kernels`: the Triton kernels of kernels/ (off by
+    default: they have not yet been measured to beat what inductor generates, see BENCHMARKS.md). `winograd`:
+    Winograd 3×3 convolutions (`use_winograd`; default: on for fp32 on the CPU, where it was measured to pay,
+    off elsewhere: cuDNN chooses its own algorithms).
+
+    Without compile and without a CUDA graph (the CPU's `compile=False`), `pipe.unet` stays the plain UNet.
+    """
+    if compile is True:
+        compile = "default"
+    if compile and compile not in COMPILE_MODES:
+        raise ValueError(f"compile mode {compile!r}: one of {', '.join(COMPILE_MODES)}")
+    cuda = pipe.device.type == "cuda"
+    if compile and backend == "inductor":
+        mode = mode or COMPILE_MODES[compile][0 if cuda else 1]
+    inductor_graphs = bool(compile) and backend == "inductor" and mode in INDUCTOR_GRAPHS
+    if cuda_graph and inductor_graphs:
+        raise ValueError(f"torch.compile mode {mode!r} captures CUDA graphs itself: pass cuda_graph=False")
+    if cuda_graph is None:
+        cuda_graph = cuda and not inductor_graphs
+
     unet = pipe.unet.unet if isinstance(pipe.unet, TensorTimestep) else pipe.unet
     if fuse:
         fuse_projections(unet)
     if kernels:
         use_kernels(unet, pipe.vae)
     if winograd is None:
-        winograd = pipe.device.type == "cpu" and next(unet.parameters()).dtype == torch.float32
+        winograd = not cuda and next(unet.parameters()).dtype == torch.float32
     if winograd:
         use_winograd(unet, pipe.vae.decoder)  # not the encoder: it runs once, for image-to-image only
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    run = unet
     if compile:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
         import torch._inductor.config as inductor
 
-        cuda = pipe.device.type == "cuda"
         if not cuda and backend == "inductor":
             inductor.freezing = True  # weights become constants of the graph: pre-packed, folded (process-wide)
         options = {"fullgraph": True, "dynamic": False, "backend": backend}
         if backend == "inductor":
-            options["mode"] = mode or ("max-autotune" if cuda else None)
-        pipe.unet = TensorTimestep(unet, torch.compile(unet, **options))
+            options["mode"] = mode
+        run = torch.compile(unet, **options)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, **options)
+    if compile or cuda_graph or cuda:
+        pipe.unet = TensorTimestep(unet, run, CUDAGraphs(run) if cuda_graph else None)
     return pipe
