@@ -68,9 +68,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-files-only", action="store_true",
                         help="never contact the Hub: a Hub model must be in the cache (as with HF_HUB_OFFLINE=1)")
     parser.add_argument("--compile", action="store_true",
-                        help="fuse attention projections, channels_last, torch.compile the UNet and VAE decoder "
-                             "(CUDA graphs on CUDA, weight freezing on the CPU); the first run compiles (minutes "
-                             "on a CPU), later runs reuse the on-disk cache")
+                        help="also torch.compile the UNet and VAE decoder (on the CPU: fused attention "
+                             "projections, channels_last, Winograd convolutions and weight freezing too); the "
+                             "first run compiles (minutes on a CPU), later runs reuse the on-disk cache")
+    parser.add_argument("--compile-mode", default=None, choices=("default", "max"),
+                        help="implies --compile. default: inductor's default mode, no autotuning; max: "
+                             "max-autotune (Triton autotunes convolutions and matmuls: many minutes on CUDA)")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA, run the UNet step eagerly instead of replaying it as a captured CUDA graph "
+                             "(the default there, with fused attention projections and channels_last)")
     parser.add_argument("--prediction-type", default=None, choices=("eps", "v"),
                         help="override the model's prediction type (a single file does not store it: SD 2.x files "
                              "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file)")
@@ -84,10 +90,13 @@ def load_model(args: argparse.Namespace, refiner: bool = False, device: str | No
         args.refiner if refiner else args.model, device=device or args.device, dtype=dtype or args.dtype,
         variant=args.variant, revision=args.revision, local_files_only=args.local_files_only,
         prediction_type=None if refiner else args.prediction_type, safety_checker=not args.no_safety_checker)
-    if args.compile and not refiner:  # the refiner waits on the CPU for its turn; it runs uncompiled
+    compile = args.compile_mode or args.compile  # --compile-mode implies --compile
+    # CUDA's default path: fused, channels_last, the CUDA graph. The refiner waits on the CPU for its turn; it
+    # runs unaccelerated
+    if (compile or pipe.device.type == "cuda") and not refiner:
         from ldm.fast import accelerate
 
-        accelerate(pipe)
+        accelerate(pipe, compile=compile, cuda_graph=False if args.no_cuda_graph else None)
     return pipe
 
 
@@ -221,15 +230,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     bench = sub.add_parser(
         "bench", help="time ldm against diffusers on identical weights (README: 'Performance')",
-        description="Times load, first step, text encode, UNet step, VAE decode, end to end and peak RSS of ldm "
-                    "and (when installed) diffusers, eager and with --compile, each in a fresh process, on a "
-                    "full-size random model in the official layout (or --model), and prints a table with ratios.")
+        description="Times load, first step, first image, compile/capture, text encode, UNet step (wall, and GPU "
+                    "time on CUDA), VAE decode, end to end and peak memory of ldm and (when installed) diffusers "
+                    "in each --mode, each configuration in a fresh process, on a full-size random model in the "
+                    "official layout (or --model), and prints a table with ratios.")
     bench.add_argument("--model", default=None, help="a diffusers folder to time (default: full-size random weights)")
     bench.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"), help="random architecture (default: sd15)")
     bench.add_argument("--size", type=int, default=None, help="image size (default: 512 on CUDA, 256 on the CPU)")
     bench.add_argument("--steps", type=int, default=4, help="steps of the end-to-end run (default: %(default)s)")
     bench.add_argument("--sampler", default="euler", choices=list(SAMPLER_LABELS), help="(default: %(default)s)")
-    bench.add_argument("--compile", action="store_true", help="also time both compiled")
+    bench.add_argument("--mode", nargs="+", default=None, choices=("eager", "graph", "compile", "max"),
+                       help="ldm modes to time (diffusers in its counterpart of each): eager (no CUDA graph, no "
+                            "compile), graph (CUDA only: the CUDA-graph default there), compile (--compile), max "
+                            "(--compile-mode max); default: eager graph on CUDA, eager on the CPU")
+    bench.add_argument("--compile", action="store_true", help="also time the compile mode")
+    bench.add_argument("--timeout", type=float, default=None,
+                       help="seconds each configuration may take before it is stopped and left out (default: none)")
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="auto: fp16 on CUDA, fp32 on the CPU")
@@ -322,6 +338,7 @@ def from_png(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    import importlib.metadata
     import importlib.util
 
     from ldm.bench import bench, table
@@ -333,16 +350,24 @@ def run_bench(args: argparse.Namespace) -> None:
     with_diffusers = not args.no_diffusers and importlib.util.find_spec("diffusers") is not None
     if not with_diffusers and not args.no_diffusers:
         print("note: diffusers is not installed; timing ldm only", file=sys.stderr)
-    rows = bench(args.model, args.arch, size, args.steps, args.sampler, args.compile, device.type, dtype,
-                 args.repeats, with_diffusers, log=lambda m: print(m, file=sys.stderr, flush=True))
+    modes = list(dict.fromkeys((args.mode or (["eager", "graph"] if device.type == "cuda" else ["eager"]))
+                               + (["compile"] if args.compile else [])))
+    if "graph" in modes and device.type != "cuda":
+        raise LdmError("--mode graph replays CUDA graphs: it needs a CUDA device (--device cuda)")
+    rows = bench(args.model, args.arch, size, args.steps, args.sampler, modes, device.type, dtype,
+                 args.repeats, with_diffusers, log=lambda m: print(m, file=sys.stderr, flush=True),
+                 timeout=args.timeout)
     import platform
 
     import torch
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU threads"
     weights = f", weights {rows[0]['weight_gib']:.2f} GiB" if rows else ""
+    versions = f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if device.type == "cuda" else "")
+    if with_diffusers:
+        versions += f", diffusers {importlib.metadata.version('diffusers')}"
     print(f"{args.model or args.arch + ' (random weights)'}{weights}, {size}x{size}, {args.steps} steps "
-          f"{args.sampler}, {dtype}, {gpu}, {platform.machine()}, torch {torch.__version__}")
+          f"{args.sampler}, {dtype}, {gpu}, {platform.machine()}, {versions}")
     print(table(rows))
 
 

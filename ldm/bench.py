@@ -3,16 +3,34 @@
 Without `--model` it writes a full-size SD 1.5 or SDXL base folder in the official layout with random
 weights (official configs, key names and file names; cached under ~/.cache/ldm/bench). Each measured
 configuration runs in a fresh subprocess, so that load time is measured from process start and peak RSS
-is that configuration's own: ldm and diffusers, eager and (with --compile) compiled. Timings:
+is that configuration's own. The modes (`MODES`, `--mode`), for ldm as the command line runs them:
+
+- eager: no CUDA graph, no compile (`ldm generate` on the CPU; `--no-cuda-graph` on CUDA, where
+  `accelerate` still fuses the attention projections and makes the networks channels_last);
+- graph: CUDA only, `ldm generate`'s default there: the UNet step replayed as a CUDA graph (`ldm.fast`);
+- compile: `--compile` (inductor's default mode; on CUDA under the CUDA graph, on the CPU with freezing);
+- max: `--compile --compile-mode max` (max-autotune).
+
+diffusers runs what its documentation recommends for the same intent (`DIFFUSERS_MODE`): eager for eager
+and graph (it has no CUDA-graph path without compile), regional compilation (`compile_repeated_blocks`,
+the compile its docs give for a short cold start) for compile, and its max-autotune recipe (channels_last,
+its inductor flags, UNet and VAE decode compiled) for max. Timings:
 
 - load: process start → pipeline ready; to first step: process start → the first UNet call begins (the
-  prompt encoded, the latents drawn); first step: process start → the first denoising step done;
+  prompt encoded, the latents drawn); first step: process start → the first denoising step done (on CUDA,
+  synchronised); to first image: process start → the first image out (PIL);
+- compile/capture: the first generation's time less a later one's (torch.compile, CUDA-graph capture,
+  cuDNN and lazy initialisation: what a user waits for once);
 - text encode (prompt and negative), UNet step (classifier-free guidance: batch 2, the median of the
-  timed steps after a warm-up), VAE decode (one image), end to end (a whole second generation);
+  timed steps after a warm-up), VAE decode (one image, in the VAE's own dtype: the SDXL VAE runs in fp32),
+  end to end (a whole later generation);
+- on CUDA, UNet step GPU: the device's time for one step by CUDA events, the stream held by a spin kernel
+  until the host has queued the whole step, so that launch gaps are not counted: wall well above it means
+  the step is bound by the host (Python, kernel launches); and the peak GPU memory allocated;
 - peak RSS of the process, and the weight bytes for scale.
 
-The table prints each number and the ratio ldm / diffusers. Nothing here is asserted: BENCHMARKS.md records
-what was measured, where, with which command.
+The table prints each number and the ratio ldm / diffusers for each ldm mode against diffusers' counterpart.
+Nothing here is asserted: BENCHMARKS.md records what was measured, where, with which command.
 """
 
 import json
@@ -123,16 +141,105 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_one(impl: str, model: str, size: int, steps: int, sampler: str, compile: bool, device: str,
+def gpu_time(fn, repeats: int, wall: float) -> float:
+    """The median device time of `fn()` by CUDA events. A spin kernel (`torch.cuda._sleep`) of about twice
+    `wall` holds the stream while the host queues the call, so that the events time the kernels back to back
+    rather than the host's launch gaps. A call that waits for the device inside (a host sync) counts its gaps
+    again: then the figure lies between the GPU time and the wall time."""
+    import torch
+
+    clock_hz = torch.cuda.get_device_properties(torch.cuda.current_device()).clock_rate * 1e3 or 2e9
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(2 * wall * clock_hz))
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+MODES = ("eager", "graph", "compile", "max")
+DIFFUSERS_MODE = {"eager": "eager", "graph": "eager", "compile": "compile", "max": "max"}
+LDM_COMPILE = {"eager": False, "graph": False, "compile": "default", "max": "max"}
+
+
+def check_mode(mode: str, device: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+    if mode == "graph" and device != "cuda":
+        raise ValueError("mode 'graph' replays CUDA graphs: it needs --device cuda")
+
+
+def setup_ldm(model: str, mode: str, device: str, dtype: str):
+    """The pipeline as `ldm generate` loads it in `mode` (see the module notes)."""
+    from .fast import accelerate
+    from .pipeline import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(model, device=device, dtype=dtype, safety_checker=False)
+    if mode != "eager" or device == "cuda":
+        accelerate(pipe, compile=LDM_COMPILE[mode], cuda_graph=mode != "eager" if device == "cuda" else None)
+    return pipe
+
+
+def setup_diffusers(model: str, mode: str, device: str, dt, sampler: str):
+    """The diffusers pipeline in `mode` as diffusers' documentation recommends (see the module notes)."""
+    import diffusers
+    import torch
+
+    from .samplers import SAMPLERS
+
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    cls = getattr(diffusers, index["_class_name"])
+    kwargs = {} if "XL" in index["_class_name"] else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(model, torch_dtype=dt, **kwargs).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, SAMPLERS[sampler].diffusers_class).from_config(pipe.scheduler.config)
+    if mode in ("compile", "max"):
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if mode == "compile" and hasattr(pipe.unet, "compile_repeated_blocks"):  # regional: the repeated blocks
+        pipe.unet.compile_repeated_blocks(fullgraph=True)
+    elif mode == "compile":  # a diffusers before regional compilation
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    elif mode == "max":  # diffusers' "accelerate inference" recipe
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+        compile_mode = "max-autotune" if device == "cuda" else None
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
+    return pipe
+
+
+def ldm_vae_decode(pipe):
+    """The VAE decode to time: latents in the VAE's own dtype, as the pipeline's decode casts them (the SDXL
+    VAE is upcast to fp32 where the UNet runs in fp16: `ldm.assemble.upcast_vae_dtype`)."""
+    dtype = next(pipe.vae.parameters()).dtype
+    return lambda z: pipe.vae.decode(z.to(dtype))
+
+
+def run_one(impl: str, model: str, size: int, steps: int, sampler: str, mode: str, device: str,
             dtype: str, repeats: int) -> dict:
     """Measure one configuration in this process (called in a fresh subprocess by `bench`)."""
     import torch
 
+    check_mode(mode, device)
+    cuda = device == "cuda"
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     first_step = {}
 
     def mark_first(*args):  # ldm: callback(i, x); diffusers: callback_on_step_end(pipe, i, t, callback_kwargs)
-        first_step.setdefault("t", time.monotonic() - START)
+        if "t" not in first_step:
+            if cuda:
+                torch.cuda.synchronize()
+            first_step["t"] = time.monotonic() - START
         return args[3] if impl == "diffusers" else None
 
     def mark_start(*args):  # a forward pre-hook on the UNet the pipeline calls (outside any compiled graph)
@@ -141,15 +248,9 @@ def run_one(impl: str, model: str, size: int, steps: int, sampler: str, compile:
     prompt, negative = "a photograph of an astronaut riding a horse", "blurry"
     latent = size // 8
     if impl == "ldm":
-        from .fast import accelerate
-        from .pipeline import StableDiffusion
-
-        pipe = StableDiffusion.from_pretrained(model, device=device, dtype=dtype, safety_checker=False)
-        if compile:
-            accelerate(pipe)
+        pipe = setup_ldm(model, mode, device, dtype)
         load = time.monotonic() - START
         cfg = pipe.unet.config
-        unet, vae_decode = pipe.unet, lambda z: pipe.vae.decode(z)
         xl = hasattr(pipe, "text_encoder_2")
 
         def encode():
@@ -160,26 +261,11 @@ def run_one(impl: str, model: str, size: int, steps: int, sampler: str, compile:
                         callback=callback)
 
         def unet_call():
-            cond, uncond = conds
-            batched = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-            return unet(x, 500.0, **batched)
+            return pipe.unet(x, 500.0, **batched)
+
+        vae_decode = ldm_vae_decode(pipe)
     else:
-        import diffusers
-
-        from .samplers import SAMPLERS
-
-        index = json.loads((Path(model) / "model_index.json").read_text())
-        cls = getattr(diffusers, index["_class_name"])
-        kwargs = {} if "XL" in index["_class_name"] else {"safety_checker": None, "requires_safety_checker": False}
-        pipe = cls.from_pretrained(model, torch_dtype=dt, **kwargs).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = getattr(diffusers, SAMPLERS[sampler].diffusers_class).from_config(pipe.scheduler.config)
-        if compile:  # as diffusers' documentation recommends
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
-            mode = "max-autotune" if device == "cuda" else None
-            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
-            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
+        pipe = setup_diffusers(model, mode, device, dt, sampler)
         load = time.monotonic() - START
         cfg = pipe.unet.config
         xl = hasattr(pipe, "text_encoder_2")
@@ -195,83 +281,113 @@ def run_one(impl: str, model: str, size: int, steps: int, sampler: str, compile:
                         callback_on_step_end=callback)
 
         def vae_decode(z):
-            return pipe.vae.decode(z).sample
+            return pipe.vae.decode(z.to(pipe.vae.dtype)).sample
 
         def unet_call():
-            extra = {}
-            if xl:
-                extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, device=device, dtype=dt),
-                                               "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,
-                                                                        device=device, dtype=dt)}}
-            return pipe.unet(x, torch.tensor(500.0, device=device), context, **extra).sample
+            return pipe.unet(x, timestep, context, **added).sample
 
     x = torch.randn(2, cfg.in_channels, latent, latent, device=device, dtype=dt)
     context = torch.randn(2, 77, cfg.cross_attention_dim, device=device, dtype=dt)
     z = torch.randn(1, 4, latent, latent, device=device, dtype=dt)
+    timestep, added = torch.tensor(500.0, device=device), {}
+    if impl == "diffusers" and xl:  # made once, outside the timed call: no host→device copy inside it
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim  # 1280 in SDXL
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, device=device, dtype=dt),
+                                       "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,
+                                                                device=device, dtype=dt)}}
     with torch.no_grad():
         hook = pipe.unet.register_forward_pre_hook(mark_start)
-        generate(mark_first)  # warm-up: compiles when compiling; the first step of the process is marked
+        begin = time.monotonic()
+        generate(mark_first)  # warm-up: compiles, captures; the first step and image of the process are marked
+        first_run, first_image = time.monotonic() - begin, time.monotonic() - START
         hook.remove()
-        conds = encode() if impl == "ldm" else None
-        result = {"impl": impl, "compile": compile, "load_s": load, "to_first_step_s": first_step.get("start"),
-                  "first_step_s": first_step.get("t"),
+        if impl == "ldm":
+            cond, uncond = encode()
+            batched = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        unet_step = median_time(unet_call, repeats)
+        result = {"impl": impl, "mode": mode, "load_s": load, "to_first_step_s": first_step.get("start"),
+                  "first_step_s": first_step.get("t"), "to_first_image_s": first_image,
                   "text_encode_s": median_time(encode, repeats),
-                  "unet_step_s": median_time(unet_call, repeats),
+                  "unet_step_s": unet_step,
+                  "unet_step_gpu_s": gpu_time(unet_call, repeats, unet_step) if cuda else None,
                   "vae_decode_s": median_time(lambda: vae_decode(z), repeats),
                   "end_to_end_s": median_time(generate, 1),
-                  "peak_rss_gib": _peak_rss_bytes() / 2**30}
+                  "peak_rss_gib": _peak_rss_bytes() / 2**30,
+                  "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        result["compile_s"] = first_run - result["end_to_end_s"]
     return result
 
 
 # ----------------------------------------------------------------------------------------- driver
 
 
-def bench(model: str | None, arch: str, size: int, steps: int, sampler: str, compile: bool, device: str,
-          dtype: str, repeats: int, diffusers: bool, log=print) -> list[dict]:
+def configurations(modes: list[str], diffusers: bool) -> list[tuple[str, str]]:
+    """(impl, mode) in the order run: each ldm mode, then diffusers' counterpart unless already listed."""
+    configs = []
+    for mode in modes:
+        for config in [("ldm", mode)] + ([("diffusers", DIFFUSERS_MODE[mode])] if diffusers else []):
+            if config not in configs:
+                configs.append(config)
+    return configs
+
+
+def bench(model: str | None, arch: str, size: int, steps: int, sampler: str, modes: list[str], device: str,
+          dtype: str, repeats: int, diffusers: bool, log=print, timeout: float | None = None) -> list[dict]:
+    """Run each configuration in a fresh process (`timeout` seconds at most each) and collect its row; a
+    configuration that fails or runs out of time is logged and left out."""
+    for mode in modes:
+        check_mode(mode, device)
     if model is None:
         root = Path(os.environ.get("LDM_CACHE") or Path.home() / ".cache" / "ldm") / "bench" / f"{arch}-random"
         log(f"writing a full-size random {arch} folder in the official layout to {root} (once)…")
         model = str(write_random_folder(root, arch))
     weight_bytes = sum(p.stat().st_size for p in Path(model).rglob("*.safetensors") if ".fp16." not in p.name)
-    configs = [(impl, c) for c in ([False, True] if compile else [False])
-               for impl in (["ldm", "diffusers"] if diffusers else ["ldm"])]
     rows = []
-    for impl, c in configs:
-        log(f"running {impl}{' compiled' if c else ''}…")
-        args = [sys.executable, "-m", "ldm.bench", impl, model, str(size), str(steps), sampler, str(int(c)), device,
+    for impl, mode in configurations(modes, diffusers):
+        log(f"running {impl} {mode}…")
+        args = [sys.executable, "-m", "ldm.bench", impl, model, str(size), str(steps), sampler, mode, device,
                 dtype, str(repeats)]
-        proc = subprocess.run(args, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log(f"{impl} {mode}: not done after {timeout:.0f} s, left out")
+            continue
         if proc.returncode != 0:
-            log(f"{impl} failed:\n{proc.stderr[-3000:]}")
+            log(f"{impl} {mode} failed:\n{proc.stderr[-3000:]}")
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]) | {"weight_gib": weight_bytes / 2**30})
+        log(json.dumps(rows[-1]))  # written down as soon as it exists: a later configuration may not finish
     return rows
 
 
 METRICS = [("load_s", "load (s)"), ("to_first_step_s", "to first step (s)"), ("first_step_s", "first step (s)"),
-           ("text_encode_s", "text encode (s)"),
-           ("unet_step_s", "UNet step (s)"), ("vae_decode_s", "VAE decode (s)"), ("end_to_end_s", "end to end (s)"),
-           ("peak_rss_gib", "peak RSS (GiB)")]
+           ("to_first_image_s", "to first image (s)"), ("compile_s", "compile/capture (s)"),
+           ("text_encode_s", "text encode (s)"), ("unet_step_s", "UNet step (s)"),
+           ("unet_step_gpu_s", "UNet step GPU (s)"), ("vae_decode_s", "VAE decode (s)"),
+           ("end_to_end_s", "end to end (s)"), ("peak_rss_gib", "peak RSS (GiB)"),
+           ("peak_gpu_gib", "peak GPU memory (GiB)")]
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one column per configuration, and ldm/diffusers ratios for each mode measured on both."""
-    names = [f"{r['impl']}{' compiled' if r['compile'] else ''}" for r in rows]
-    lines = ["| metric | " + " | ".join(names) + " | " + " | ".join(
-        f"ldm/diffusers{' compiled' if c else ''}" for c in sorted({r["compile"] for r in rows})) + " |"]
-    lines.append("|---" * (1 + len(names) + len({r["compile"] for r in rows})) + "|")
+    """Markdown: one column per configuration, then ldm / diffusers for each ldm mode whose diffusers
+    counterpart was measured. Rows that no configuration measured (GPU time on the CPU) are left out."""
+    names = [f"{r['impl']} {r['mode']}" for r in rows]
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    pairs = [(by[("ldm", m)], by[("diffusers", DIFFUSERS_MODE[m])]) for m in MODES
+             if ("ldm", m) in by and ("diffusers", DIFFUSERS_MODE[m]) in by]
+    header = names + [f"ldm {a['mode']} / diffusers {b['mode']}" for a, b in pairs]
+    lines = ["| metric | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]
     for key, label in METRICS:
+        if all(r.get(key) is None for r in rows):
+            continue
         cells = [f"{r[key]:.3f}" if r.get(key) is not None else "-" for r in rows]
-        ratios = []
-        for c in sorted({r["compile"] for r in rows}):
-            pair = {r["impl"]: r.get(key) for r in rows if r["compile"] == c}
-            ok = pair.get("ldm") and pair.get("diffusers")
-            ratios.append(f"{pair['ldm'] / pair['diffusers']:.2f}" if ok else "-")
-        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        for a, b in pairs:
+            ok = a.get(key) is not None and b.get(key) and a[key] > 0
+            cells.append(f"{a[key] / b[key]:.2f}" if ok else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    impl, model, size, steps, sampler, compiled, device, dtype, repeats = sys.argv[1:]
-    print(json.dumps(run_one(impl, model, int(size), int(steps), sampler, compiled == "1", device, dtype,
-                             int(repeats))))
+    impl, model, size, steps, sampler, mode, device, dtype, repeats = sys.argv[1:]
+    print(json.dumps(run_one(impl, model, int(size), int(steps), sampler, mode, device, dtype, int(repeats))))

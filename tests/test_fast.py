@@ -96,15 +96,83 @@ def test_cuda_half_precision_compiled_matches_fp32_reference(sd1_folder):
         assert np.abs(image(fast) - reference).max() <= 8  # fp16 vs fp32 on a tiny random model
 
 
-@pytest.mark.slow  # four fresh processes of ldm bench
+def test_bench_runs_each_mode_against_diffusers_counterpart():
+    from ldm.bench import check_mode, configurations
+
+    assert configurations(["eager", "graph", "compile"], diffusers=True) == [
+        ("ldm", "eager"), ("diffusers", "eager"), ("ldm", "graph"), ("ldm", "compile"), ("diffusers", "compile")]
+    assert configurations(["max"], diffusers=False) == [("ldm", "max")]
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        check_mode("graph", "cpu")
+    with pytest.raises(ValueError, match="one of eager, graph, compile, max"):
+        check_mode("fast", "cuda")
+
+
+def test_bench_table_pairs_modes_and_leaves_out_what_was_not_measured():
+    from ldm.bench import table
+
+    def row(impl, mode, step, gpu=None):
+        return {"impl": impl, "mode": mode, "unet_step_s": step, "unet_step_gpu_s": gpu, "load_s": 1.0}
+
+    cpu = table([row("ldm", "eager", 0.5), row("diffusers", "eager", 1.0)])
+    assert cpu.splitlines()[0] == "| metric | ldm eager | diffusers eager | ldm eager / diffusers eager |"
+    assert "| UNet step (s) | 0.500 | 1.000 | 0.50 |" in cpu and "GPU" not in cpu
+    cuda = table([row("ldm", "eager", 0.024, 0.012), row("diffusers", "eager", 0.025),
+                  row("ldm", "graph", 0.013, 0.012)])
+    assert cuda.splitlines()[0] == ("| metric | ldm eager | diffusers eager | ldm graph | ldm eager / diffusers eager "
+                                    "| ldm graph / diffusers eager |")
+    assert "| UNet step (s) | 0.024 | 0.025 | 0.013 | 0.96 | 0.52 |" in cuda
+    assert "| UNet step GPU (s) | 0.012 | - | 0.012 | - | - |" in cuda
+    assert "to first step" not in cuda  # measured by none of them
+
+
+def test_bench_and_model_options(sd1_folder, capsys):
+    from ldm_cli.main import load_model, main, parse_args
+
+    args = parse_args(["bench", "--mode", "eager", "max", "--compile", "--timeout", "60"])
+    assert args.mode == ["eager", "max"] and args.compile and args.timeout == 60
+    assert parse_args(["bench"]).mode is None
+    assert main(["bench", "--mode", "graph", "--device", "cpu"]) == 2  # refused before anything runs
+    assert "needs a CUDA device" in capsys.readouterr().err
+    args = parse_args(["generate", "a house", "--compile-mode", "max", "--no-cuda-graph"])
+    assert (args.compile, args.compile_mode, args.no_cuda_graph) == (False, "max", True)
+    args = parse_args(["generate", "--compile", "a house"])  # a bare --compile leaves the prompt alone
+    assert args.compile and args.prompt == "a house" and args.compile_mode is None
+    pipe = load_model(parse_args(["generate", "a house", "--model", str(sd1_folder), "--device", "cpu",
+                                  "--no-safety-checker"]))
+    assert not isinstance(pipe.unet, TensorTimestep)  # the CPU's default path: the reference networks
+
+
+def test_bench_decodes_in_the_vae_dtype(sdxl_folder):
+    """The SDXL VAE is upcast to fp32 under an fp16 UNet: the timed decode casts the fp16 latents (the crash
+    of `ldm bench --arch sdxl --device cuda`, issue 13)."""
+    from ldm.bench import ldm_vae_decode
+
+    pipe = StableDiffusion.from_pretrained(sdxl_folder, dtype="fp16", safety_checker=False)
+    assert next(pipe.vae.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert ldm_vae_decode(pipe)(torch.randn(1, 4, 8, 8, dtype=torch.float16)).dtype == torch.float32
+
+
+@pytest.mark.slow  # fresh processes of ldm bench
 def test_bench_times_ldm_and_diffusers_on_a_folder(sd1_folder, capsys):
     from ldm_cli.main import main
 
     assert main(["bench", "--model", str(sd1_folder), "--size", "64", "--steps", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| metric | ldm | diffusers | ldm/diffusers |" in out
-    for label in ("load (s)", "to first step (s)", "first step (s)", "UNet step (s)", "VAE decode (s)",
-                  "end to end (s)", "peak RSS"):
+    assert "| metric | ldm eager | diffusers eager | ldm eager / diffusers eager |" in out
+    for label in ("load (s)", "to first step (s)", "first step (s)", "to first image (s)", "UNet step (s)",
+                  "VAE decode (s)", "end to end (s)", "peak RSS"):
         row = next(line for line in out.splitlines() if line.startswith(f"| {label}"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 4 and all(float(c) > 0 for c in cells[1:]), row
+    assert "| compile/capture (s) |" in out and "GPU" not in out
+
+
+@pytest.mark.slow  # ldm and diffusers on the tiny SDXL in fp16 on the CPU, in this process
+def test_bench_runs_sdxl_in_half_precision(sdxl_folder):
+    from ldm.bench import run_one
+
+    for impl in ("ldm", "diffusers"):
+        row = run_one(impl, str(sdxl_folder), 64, 2, "euler", "eager", "cpu", "fp16", 1)
+        assert row["vae_decode_s"] > 0 and row["unet_step_gpu_s"] is None, row
