@@ -28,8 +28,10 @@ channels_last and the CUDA graph, no compile. Half precision is a load-time choi
 module's: on the CPU it only pays where the cores have native bf16/fp16 arithmetic.
 """
 
+import contextlib
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -226,29 +228,40 @@ class CUDAGraphs:
     What a graph cannot see: parameters replaced by new tensors (`.to()` and `.half()` on the wrapper drop
     the graphs, see `TensorTimestep`; after anything else call `reset()`), Python run inside the network
     (module hooks on inner modules run at capture only). Values changed in place (a LoRA merged with
-    `copy_`/`addmm_`) are read by every replay. Calls are serialised by a lock.
+    `copy_`/`addmm_`) are read by every replay. Calls are serialised by a lock and run with the inputs'
+    device current (a torchrun rank's `cuda:N`). Should a capture fail (an operation this device or driver
+    cannot capture), a warning says why and the network runs eagerly from then on.
     """
 
     def __init__(self, fn: Callable[..., Tensor], capture=capture_cuda_graph, device_type: str = "cuda",
                  max_graphs: int = 2):
         self.fn, self.capture, self.device_type, self.max_graphs = fn, capture, device_type, max_graphs
         self.graphs: OrderedDict[tuple, Captured] = OrderedDict()
-        self.captures = 0
+        self.captures, self.failed = 0, None  # failed: why a capture failed (then every call runs eagerly)
         self.lock = threading.Lock()
 
     def applies(self, x: Tensor) -> bool:
-        """Whether a call with `x` is replayed: on the graphs' device, without autograd, with no attention
-        observer (observers are Python called at every attention: they need the eager network), and not
-        inside someone else's capture."""
-        return (x.device.type == self.device_type and not torch.is_grad_enabled() and not _attention._observers
-                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        """Whether a call with `x` is replayed: on the graphs' device, unless a capture failed there, without
+        autograd, with no attention observer (observers are Python called at every attention: they need the
+        eager network), and not inside someone else's capture."""
+        return (x.device.type == self.device_type and self.failed is None and not torch.is_grad_enabled()
+                and not _attention._observers and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
     def __call__(self, x: Tensor, t, **kwargs) -> Tensor:
         key = layout(x, t, kwargs)
-        with self.lock:
+        with self.lock, torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             graph = self.graphs.get(key)
             if graph is None:
-                graph = self._capture(key, x, t, kwargs)
+                try:
+                    graph = self._capture(key, x, t, kwargs)
+                except Exception as e:  # a network this device or driver cannot capture
+                    self.failed = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"CUDA graph capture failed; the UNet runs eagerly from now on ({self.failed})",
+                                  stacklevel=2)
+                    self.graphs.clear()
+                    if not torch.is_tensor(t):
+                        t = torch.full((1,), float(t), dtype=torch.float32, device=x.device)
+                    return self.fn(x, t, **kwargs)
             else:
                 self.graphs.move_to_end(key)
                 copy_inputs(graph.inputs, x, t, kwargs)
@@ -285,7 +298,7 @@ class TensorTimestep(nn.Module):
     def __init__(self, unet: nn.Module, run: Callable[..., Tensor] | None = None, graphs: CUDAGraphs | None = None):
         super().__init__()
         self.unet, self.config, self.graphs = unet, unet.config, graphs
-        self.__dict__["run"] = unet if run is None else run  # not registered as a submodule: `unet` holds the parameters
+        self.__dict__["run"] = unet if run is None else run  # not a submodule: `unet` holds the parameters
 
     def forward(self, x: Tensor, t, context: Tensor, **kwargs) -> Tensor:
         if self.graphs is not None and self.graphs.applies(x):

@@ -122,6 +122,18 @@ def test_non_tensor_arguments_are_baked_in_and_keyed():
     assert run.capture.count == 2
 
 
+def test_a_failed_capture_warns_and_runs_eagerly_from_then_on():
+    def refuse(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    run = CUDAGraphs(unet_like, capture=refuse, device_type="cpu")
+    x, context = inputs()
+    with pytest.warns(UserWarning, match="not permitted when stream is capturing"):
+        out = run(x, 2.0, context=context)
+    assert torch.equal(out, unet_like(x, torch.tensor([2.0]), context))
+    assert not run.applies(x) and not run.graphs and run.captures == 0
+
+
 def test_applies_only_to_inference_on_its_device_without_observers():
     x, _ = inputs()
     assert not CUDAGraphs(unet_like).applies(x)  # a CUDA runner, a CPU tensor
