@@ -123,8 +123,15 @@ def write_random_folder(root: Path, arch: str) -> Path:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux's VmHWM starts afresh at exec; `ru_maxrss` (the fallback) keeps
+    the parent's peak across fork and exec, so it floors a small child at the size of the `ldm bench` process."""
     import resource
 
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
