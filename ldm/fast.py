@@ -358,7 +358,7 @@ def accelerate(pipe, compile: bool | str = True, channels_last: bool = True, fus
     if kernels:
         use_kernels(unet, pipe.vae)
     if winograd is None:
-        winograd = not cuda and next(unet.parameters()).dtype == torch.float32
+        winograd = pipe.device.type == "cpu" and next(unet.parameters()).dtype == torch.float32
     if winograd:
         use_winograd(unet, pipe.vae.decoder)  # not the encoder: it runs once, for image-to-image only
     if channels_last:
