@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ldm.errors import LdmError
 from ldm.options import EMPHASES, KARRAS_SAMPLERS, SAMPLER_LABELS
+from ldm_cli import parity
 
 # Nothing here imports torch at module level: `ldm --help` and argument errors answer at once.
 
@@ -33,17 +34,27 @@ class Parser(argparse.ArgumentParser):
 
 
 class ProgressBar:
-    """A one-line progress bar over the denoising steps, on stderr."""
+    """A one-line progress bar on stderr: a step callback of the pipeline (`begin(total)`, then each `Step`), or
+    told (done, total) directly with `show` (batch rows)."""
 
     def __init__(self, width: int = 30, unit: str = "steps"):
         self.width, self.unit, self.start, self.first, self.total = width, unit, time.monotonic(), None, 0
+        self.last = 0
 
-    def __call__(self, done: int, total: int) -> None:
-        """Told (0, total) before the first step (the bar shows at once), then after each one."""
+    def begin(self, total: int) -> None:
+        """Before the first step: the bar shows at once (a base → refiner run draws one bar per model)."""
+        self.first = None
+        self.show(0, total)
+
+    def __call__(self, step) -> None:
+        if step.i + 1 > self.last:  # PNDM reports its doubled step twice
+            self.show(step.i + 1, step.total)
+
+    def show(self, done: int, total: int) -> None:
         if self.first is None:
             self.first = done if done == 0 else done - 1  # a resumed batch starts part-way
             self.start = time.monotonic()
-        self.total = total
+        self.total, self.last = total, done
         filled = self.width * done // total
         rate = "starting…" if done == self.first else \
             f"{(time.monotonic() - self.start) / (done - self.first):.2f} s/{self.unit.rstrip('s')}"
@@ -80,23 +91,38 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction-type", default=None, choices=("eps", "v"),
                         help="override the model's prediction type (a single file does not store it: SD 2.x files "
                              "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file)")
+    parser.add_argument("--refiner", default=None,
+                        help="an SDXL refiner (folder, single file or Hub id) that finishes the SDXL base's "
+                             "text-to-image runs (the SDXL model card's base → refiner hand-off)")
+    parser.add_argument("--refiner-start", type=float, default=None,
+                        help="fraction of the schedule the base runs before the refiner takes over (default: 0.8)")
 
 
-def load_model(args: argparse.Namespace, refiner: bool = False, device: str | None = None, dtype: str | None = None):
-    """--model (or --refiner, which --prediction-type does not concern) as the options say."""
+def load_model(args: argparse.Namespace):
+    """--model as the options say; with --refiner, the SDXL base and its refiner as one `Refined` pipeline (the
+    refiner loaded at once, so that a bad path fails before the base runs, and parked on the CPU until its
+    turn; it runs uncompiled)."""
     from ldm.pipeline import StableDiffusion
 
-    pipe = StableDiffusion.from_pretrained(
-        args.refiner if refiner else args.model, device=device or args.device, dtype=dtype or args.dtype,
-        variant=args.variant, revision=args.revision, local_files_only=args.local_files_only,
-        prediction_type=None if refiner else args.prediction_type, safety_checker=not args.no_safety_checker)
+    def load(model: str, device: str, dtype: str, prediction_type: str | None):
+        return StableDiffusion.from_pretrained(
+            model, device=device, dtype=dtype, variant=args.variant, revision=args.revision,
+            local_files_only=args.local_files_only, prediction_type=prediction_type,
+            safety_checker=not args.no_safety_checker)
+
+    pipe = load(args.model, args.device, args.dtype, args.prediction_type)
     compile = args.compile_mode or args.compile  # --compile-mode implies --compile
-    # CUDA's default path: fused, channels_last, the CUDA graph. The refiner waits on the CPU for its turn; it
-    # runs unaccelerated
-    if (compile or pipe.device.type == "cuda") and not refiner:
+    if compile or pipe.device.type == "cuda":  # CUDA's default path: fused, channels_last, the CUDA graph
         from ldm.fast import accelerate
 
         accelerate(pipe, compile=compile, cuda_graph=False if args.no_cuda_graph else None)
+    if getattr(args, "refiner", None):
+        from ldm.assemble import DTYPES
+        from ldm.refined import DEFAULT_START, Refined
+
+        dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
+        refiner = load(args.refiner, "cpu", dtype, None)
+        pipe = Refined(pipe, refiner, DEFAULT_START if args.refiner_start is None else args.refiner_start)
     return pipe
 
 
@@ -159,14 +185,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("W", "H"), default=None, help="base only")
     sdxl.add_argument("--aesthetic-score", type=float, default=None, help="refiner only (default: 6.0)")
     sdxl.add_argument("--negative-aesthetic-score", type=float, default=None, help="refiner only (default: 2.5)")
-    sdxl.add_argument("--refiner", default=None, help="an SDXL refiner folder or Hub id: it finishes the schedule")
-    sdxl.add_argument("--refiner-start", type=float, default=None,
-                      help="fraction of the schedule the base runs before the refiner takes over (default: 0.8)")
     gen.add_argument("--eta", type=float, default=0.0,
                      help="DDIM's η: 0 deterministic, 1 DDPM-like noise (default: %(default)s)")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate (default: %(default)s)")
     gen.add_argument("-o", "--output", default="output.png",
                      help="PNG path; several images: NAME.png, NAME-1.png, … (default: %(default)s)")
+    gen.add_argument("--preview-every", type=int, default=None, metavar="N",
+                     help="every N steps, decode the current estimate of the final image to NAME-stepNNN.png")
+    gen.add_argument("--attention-maps", default=None, metavar="DIR",
+                     help="write a cross-attention heat map per prompt token, overlaid on the image, and tokens.json "
+                          "into DIR (README: 'Attention maps'; not with --compile)")
     add_model_options(gen)
 
     dl = sub.add_parser(
@@ -227,6 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bat.add_argument("--base64-in-results", action="store_true",
                      help="repeat each image's base64 PNG in its results.jsonl line (by default the line names the "
                           "PNG file only)")
+
+    parity.add_parser(sub)
 
     bench = sub.add_parser(
         "bench", help="time ldm against diffusers on identical weights (README: 'Performance')",
@@ -341,8 +371,8 @@ def run_bench(args: argparse.Namespace) -> None:
     import importlib.metadata
     import importlib.util
 
+    from ldm.assemble import resolve_device
     from ldm.bench import bench, table
-    from ldm.pipeline import resolve_device
 
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else "fp16" if device.type == "cuda" else "fp32"
@@ -397,9 +427,9 @@ def _manifest_names() -> list[str]:
 
 
 def download(args: argparse.Namespace) -> None:
+    from ldm.assemble import hub_files
     from ldm.families import lookup
     from ldm.loading import hub_file, is_hub_id, resolve, safetensors_header
-    from ldm.pipeline import hub_files
 
     entry = lookup(args.model)
     if entry is None and not is_hub_id(args.model):
@@ -459,20 +489,29 @@ def serve(args: argparse.Namespace) -> None:
                          int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
                          batch_size=batch_size, allow_image_urls=args.allow_image_urls)
     # a model that cannot be found or read is the user's error, said now (exit 2), not a server up and failed
+    from ldm.assemble import hub_files, read_folder, resolve_device
     from ldm.loading import resolve, safetensors_header
-    from ldm.pipeline import hub_files, read_folder, resolve_device
 
     resolve_device(args.device)
-    root = resolve(args.model, hub_files(args.variant), args.revision, args.local_files_only)
-    if root.is_file() and args.variant is not None:
-        raise LdmError(f"--variant {args.variant} selects files in a diffusers folder; {root} is a single file")
-    if root.is_file():
-        safetensors_header(root)  # exists, is not a pickle, and its header reads
-    else:
-        read_folder(root)  # model_index.json and the configs
+    check_refiner_options(args)
+    for model in (args.model, args.refiner) if args.refiner else (args.model,):
+        root = resolve(model, hub_files(args.variant), args.revision, args.local_files_only)
+        if root.is_file() and args.variant is not None:
+            raise LdmError(f"--variant {args.variant} selects files in a diffusers folder; {root} is a single file")
+        if root.is_file():
+            safetensors_header(root)  # exists, is not a pickle, and its header reads
+        else:
+            read_folder(root)  # model_index.json and the configs
     print(f"ldm: serving {args.model} on http://{args.host}:{args.port} (POST /score, GET /health, /docs); "
           "loading the model…", file=sys.stderr)
     run_server(lambda: load_model(args), args.model, args.host, args.port, config)
+
+
+def check_refiner_options(args: argparse.Namespace) -> None:
+    if args.refiner_start is not None and not args.refiner:
+        raise LdmError("--refiner-start goes with --refiner")
+    if args.refiner_start is not None and not 0 < args.refiner_start < 1:
+        raise LdmError(f"refiner start must be strictly between 0 and 1, got {args.refiner_start}")
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -482,9 +521,12 @@ def batch(args: argparse.Namespace) -> int:
         raise LdmError("--parameters must be a JSON object")
     settings = {k: getattr(args, k) for k in ("model", "variant", "revision", "prediction_type", "no_safety_checker",
                                               "dtype")}
+    if args.refiner:  # (absent without one: a folder started before --refiner existed resumes as it was)
+        settings |= {"refiner": args.refiner, "refiner_start": args.refiner_start}
+    check_refiner_options(args)
     job = prepare_batch(args.input, args.output, args.parameters, args.seed, settings)  # before the model loads
     pipe = load_model(args)
-    ran, skipped, failed = run_batch(pipe, job, progress=ProgressBar(unit="rows"),
+    ran, skipped, failed = run_batch(pipe, job, progress=ProgressBar(unit="rows").show,
                                      base64_in_results=args.base64_in_results)
     print(f"{args.output}: {ran} rows run, {skipped} already done, {failed} failed (see results.jsonl)",
           file=sys.stderr)
@@ -497,60 +539,63 @@ def generate(args: argparse.Namespace) -> None:
         raise LdmError(f"-o {args.output}: the output must be a .png file")
     if not out.parent.is_dir():
         raise LdmError(f"-o {args.output}: folder {out.parent} does not exist")
+    if args.preview_every is not None and args.preview_every < 1:
+        raise LdmError(f"--preview-every must be at least 1, got {args.preview_every}")
+    if args.attention_maps and (args.compile or args.compile_mode):
+        raise LdmError("--attention-maps records attention as the eager networks compute it: leave out --compile")
+    if args.attention_maps and Path(args.attention_maps).is_file():
+        raise LdmError(f"--attention-maps {args.attention_maps}: a file; give a folder")
+
+    from PIL import Image
 
     from ldm.images import load_image, numbered_paths, save_png
-    from ldm.pipeline import DTYPES, StableDiffusionXL, check_request
+    from ldm.request import MAX_SEED, GenerationRequest
+
+    PLACEHOLDER = Image.new("RGB", (8, 8))  # stands for --image/--mask while the request is checked
 
     if args.from_png:
         from_png(args)
     if args.prompt is None:
         raise LdmError("give a prompt (or --from-png IMAGE.png)")
-    # everything about the request is checked before gigabytes of weights are loaded
-    check_request(args.steps, args.width, args.height, args.guidance, args.num_images, args.seed, args.sampler,
-                  args.eta, karras=args.karras, guidance_rescale=args.guidance_rescale, strength=args.strength,
-                  image=bool(args.image), mask=bool(args.mask), clip_skip=args.clip_skip,
-                  prompt_syntax=args.prompt_syntax, emphasis=args.emphasis)
     for path in args.embedding:
         if not Path(path).is_file():
             raise LdmError(f"--embedding {path}: no such file")
     loras = [lora_option(value) for value in args.lora]
-    image = load_image(args.image) if args.image else None
-    mask = load_image(args.mask, "mask") if args.mask else None
-    if mask is not None and mask.size != image.size:
-        print(f"note: the mask ({mask.width}x{mask.height}) is resized to the image's {image.width}x{image.height}",
-              file=sys.stderr)
-
-    if args.refiner and (image is not None):
+    if args.refiner and args.image:
         raise LdmError("--refiner finishes a text-to-image run; it does not combine with --image")
-    if args.refiner_start is not None and not args.refiner:
-        raise LdmError("--refiner-start goes with --refiner")
-    refiner_start = 0.8 if args.refiner_start is None else args.refiner_start
-    if args.refiner and not 0 < refiner_start < 1:
-        raise LdmError(f"--refiner-start must be strictly between 0 and 1, got {refiner_start}")
+    check_refiner_options(args)
 
     def flip(pair):  # W H on the command line, (height, width) in the pipelines
         return None if pair is None else (pair[1], pair[0])
 
     seed = secrets.randbits(32) if args.seed is None else args.seed
-    import torch
-
-    from ldm.pipeline import MAX_SEED
-
-    # text-to-image: image i has seed + i (its PNG says so, and that seed alone gives it again, as in A1111);
-    # image-to-image draws every image from one stream. Base and refiner share the generators, as in diffusers.
-    if image is None and args.num_images > 1:
+    if not args.image and args.num_images > 1 and isinstance(seed, int) and 0 <= seed <= MAX_SEED:
+        # text-to-image: image i has seed + i (its PNG says so, and that seed alone gives it again, as in A1111);
+        # image-to-image draws every image from one stream
         seed = [(seed + i) % (MAX_SEED + 1) for i in range(args.num_images)]
-        generator = [torch.Generator("cpu").manual_seed(s) for s in seed]
-    else:
-        generator = torch.Generator("cpu").manual_seed(seed)
-    common = {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale, "seed": seed,
-              "sampler": args.sampler, "karras": args.karras, "num_images": args.num_images, "eta": args.eta,
-              "generator": generator, "prompt_syntax": args.prompt_syntax, "emphasis": args.emphasis,
-              "clip_skip": args.clip_skip,
-              "original_size": flip(args.original_size),
-              "crop_coords": tuple(args.crop_coords) if args.crop_coords else None}
+    request = GenerationRequest(
+        args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale, seed=seed, width=args.width, height=args.height, sampler=args.sampler,
+        karras=args.karras, eta=args.eta, num_images=args.num_images, strength=args.strength,
+        image=PLACEHOLDER if args.image else None, mask=PLACEHOLDER if args.mask else None,  # (read below)
+        original_size=flip(args.original_size), crop_coords=tuple(args.crop_coords) if args.crop_coords else None,
+        target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score, refiner_start=args.refiner_start,
+        prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, clip_skip=args.clip_skip)
+    request.check()  # everything about the request is checked before gigabytes of weights are loaded
+    image = load_image(args.image) if args.image else None
+    mask = load_image(args.mask, "mask") if args.mask else None
+    if mask is not None and mask.size != image.size:
+        print(f"note: the mask ({mask.width}x{mask.height}) is resized to the image's {image.width}x{image.height}",
+              file=sys.stderr)
+    request = request.replace(image=image, mask=mask)
+    if args.refiner_start is not None:
+        request = request.replace(refiner_start=None)  # given to the pipeline (Refined) instead
+
     pipe = load_model(args)
     if "auto" in (args.device, args.dtype):
+        from ldm.assemble import DTYPES
+
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
         print(f"ldm: {pipe.name} on {pipe.device}, {dtype}", file=sys.stderr)
     warn_size(pipe, args.width or (image.width if image else None), args.height or (image.height if image else None))
@@ -558,42 +603,27 @@ def generate(args: argparse.Namespace) -> None:
         pipe.load_embedding(path)
     for path, weight in loras:
         pipe.load_lora(path, weight)
-    refiner = None
-    if args.refiner:  # loaded now (a bad path fails before the base runs), parked on the CPU until its turn
-        dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
-        refiner = load_model(args, refiner=True, device="cpu", dtype=dtype)
-        for path in args.embedding:
-            refiner.load_embedding(path)
-        if not (isinstance(pipe, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)):
-            raise LdmError(f"--refiner: the hand-off is between SDXL models; {args.model} and {args.refiner} are "
-                           f"{type(pipe).__name__} and {type(refiner).__name__}")
-    bar, notes = ProgressBar(), list(pipe.notes)
-    if refiner is None:
-        result = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height, image=image, mask=mask,
-                      strength=args.strength, target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
-                      negative_aesthetic_score=args.negative_aesthetic_score, progress=bar, **common)
-        if result.evaluations != bar.total:  # Heun: two a step; PNDM: its second step twice
-            print(f"({result.evaluations} UNet evaluations for {bar.total} steps)", file=sys.stderr)
+    bar = ProgressBar()
+    callbacks = [bar]
+    if args.preview_every:
+        callbacks.append(Previews(pipe, out, args.preview_every))
+    if args.attention_maps:
+        from ldm.attention_maps import AttentionMaps
+        from ldm.images import fit_size
+
+        width, height = (args.width, args.height) if image is None else fit_size(image, pipe.vae_scale)
+        maps = AttentionMaps.for_pipeline(pipe, args.width or width, args.height or height, args.guidance)
+        with maps:
+            result = pipe(request, callbacks=callbacks)
+        save_maps(maps, pipe, request, result, Path(args.attention_maps))
     else:
-        first = pipe(args.prompt, args.negative_prompt, width=args.width, height=args.height,
-                     target_size=flip(args.target_size), denoising_end=refiner_start, progress=ProgressBar(),
-                     **common)
-        if pipe.device.type != "cpu":  # one model on the accelerator at a time
-            device = pipe.device
-            pipe.to("cpu")
-            refiner.to(device)
-        # the PNG names the base as Model (with its hash and LoRAs) and the refiner as Refiner, as A1111 does
-        described = {k: first.params[k] for k in ("Model hash", "Model", "Lora hashes")} | {
-            "Refiner": refiner.name, "Refiner switch at": refiner_start}
-        result = refiner(args.prompt, args.negative_prompt, latents=first.latents, denoising_start=refiner_start,
-                         prompt_loras=False,  # the base's <lora:…> tags are for the base
-                         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                         progress=ProgressBar(), describe=described, **common)
-        notes += first.notes
-    for note in dict.fromkeys(notes + result.notes):
+        result = pipe(request, callbacks=callbacks)
+    if result.evaluations != bar.total and not args.refiner:  # Heun: two a step; PNDM: its second step twice
+        print(f"({result.evaluations} UNet evaluations for {bar.total} steps)", file=sys.stderr)
+    for note in dict.fromkeys(pipe.notes + result.notes):
         print(f"note: {note}", file=sys.stderr)
     if args.seed is None:
-        print(f"seed: {seed if isinstance(seed, int) else seed[0]}", file=sys.stderr)
+        print(f"seed: {result.seed}", file=sys.stderr)
     for picture, text, path, nsfw in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),
                                          result.nsfw, strict=True):
         save_png(picture, path, text)
@@ -603,11 +633,42 @@ def generate(args: argparse.Namespace) -> None:
         print(path)
 
 
+def save_maps(maps, pipe, request, result, folder: Path) -> None:
+    """One heat map per prompt token over each image (several images: a subfolder each, 0/, 1/, …)."""
+    from ldm.attention_maps import prompt_tokens, save_attention_maps
+
+    tokens = prompt_tokens(pipe, request.prompt, request.prompt_syntax, request.emphasis)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, picture in enumerate(result.images):
+        save_attention_maps(maps, picture, tokens, folder if len(result.images) == 1 else folder / str(i), row=i)
+    print(f"{folder}: attention maps of {len(tokens)} tokens", file=sys.stderr)
+
+
+class Previews:
+    """A step callback that decodes the denoiser's x0 estimate every `every` steps into OUT-stepNNN.png (with
+    several images: OUT-stepNNN-1.png, …): how the image forms, at the cost of one VAE decode each time."""
+
+    def __init__(self, pipe, out: Path, every: int):
+        self.pipe, self.out, self.every, self.written = pipe, out, every, set()
+
+    def __call__(self, step) -> None:
+        from ldm.images import numbered_paths, save_png
+
+        done = step.i + 1
+        if done % self.every or (done, step.total) in self.written:  # (PNDM reports its doubled step twice)
+            return
+        self.written.add((done, step.total))
+        images = self.pipe.decode(step.denoised)
+        base = self.out.with_name(f"{self.out.stem}-step{done:03d}{self.out.suffix}")
+        for picture, path in zip(images, numbered_paths(base, len(images)), strict=True):
+            save_png(picture, path, f"preview after step {done} of {step.total}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         command = {"generate": generate, "download": download, "info": info, "serve": serve, "batch": batch,
-                   "bench": run_bench}
+                   "bench": run_bench, "parity": parity.run}
         return command[args.command](args) or 0
     except LdmError as e:
         print(f"ldm: error: {e}", file=sys.stderr)

@@ -242,7 +242,7 @@ def run_one(impl: str, model: str, size: int, steps: int, sampler: str, mode: st
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     first_step = {}
 
-    def mark_first(*args):  # ldm: callback(i, x); diffusers: callback_on_step_end(pipe, i, t, callback_kwargs)
+    def mark_first(*args):  # ldm: a step callback (Step); diffusers: callback_on_step_end(pipe, i, t, callback_kwargs)
         if "t" not in first_step:
             if cuda:
                 torch.cuda.synchronize()
@@ -265,7 +265,7 @@ def run_one(impl: str, model: str, size: int, steps: int, sampler: str, mode: st
 
         def generate(callback=None):
             return pipe(prompt, negative, steps=steps, sampler=sampler, width=size, height=size, seed=0,
-                        callback=callback)
+                        callbacks=[callback] if callback else [])
 
         def unet_call():
             return pipe.unet(x, 500.0, **batched)

@@ -14,4 +14,9 @@ class LoadError(LdmError):
 
 
 class InputError(LdmError):
-    """An out-of-range or malformed generation parameter."""
+    """An out-of-range or malformed generation parameter. `field`: the `GenerationRequest` field at fault, where
+    there is one (the scoring adapter names its own parameter for it)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

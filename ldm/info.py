@@ -6,10 +6,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .assemble import hub_files, read_folder
 from .errors import LoadError
 from .families import lookup
 from .loading import read_json, read_safetensors, resolve, safetensors_header, weights_file
-from .pipeline import hub_files, read_folder
 from .single_file import read_single_file
 
 

@@ -30,9 +30,9 @@ from PIL import Image
 from .errors import InputError, LdmError
 from .images import decode_image, encode_png, fit_size, image_from_bytes, is_url
 from .lora import find_lora
-from .options import FORMS, SYNTAXES, Limits
-from .pipeline import MAX_CLIP_SKIP, MAX_SEED
+from .options import FORMS, Limits
 from .prompts import extract_extra_networks
+from .request import MAX_SEED, GenerationRequest
 from .samplers import SAMPLERS
 
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
@@ -67,6 +67,13 @@ class Parameters:
     prompt_syntax: str | None = None  # "plain" (a request's default: diffusers reads brackets literally) or "a1111"
     clip_skip: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # files of the server's LoRA folder, by name, with their weights
+    refiner_start: float | None = None  # with a refiner (ldm serve --refiner): where it takes over (or denoising_end)
+
+
+# a GenerationRequest field → the parameter of a scoring request that sets it (for the field an error names)
+PARAMETER_OF = {"steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
+                "num_images": "num_images_per_prompt"}
+PLACEHOLDER = Image.new("RGB", (8, 8))  # stands for the rows' images when the parameters are checked alone
 
 
 @dataclass
@@ -105,6 +112,10 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     if not isinstance(raw, dict):
         raise RequestError("parameters", "expected an object")
     known = {f.name: f for f in fields(Parameters)}
+    if "denoising_end" in raw:  # diffusers' name for the base's share, as the SDXL card's example passes it
+        if "refiner_start" in raw:
+            raise RequestError("parameters.denoising_end", "give refiner_start or denoising_end, not both")
+        raw = {("refiner_start" if k == "denoising_end" else k): v for k, v in raw.items()}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise RequestError(f"parameters.{unknown[0]}", f"unknown parameter (known: {', '.join(known)})")
@@ -119,7 +130,8 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
                 raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
             values[name] = value
         else:
-            values[name] = _number(name, value, float if name in ("guidance_scale", "strength") else int)
+            values[name] = _number(name, value, float if name in ("guidance_scale", "strength", "refiner_start")
+                                   else int)
     p = Parameters(**values)
     if not 1 <= p.num_inference_steps <= limits.max_steps:
         raise RequestError("parameters.num_inference_steps", f"must be from 1 to {limits.max_steps} on this server, "
@@ -127,10 +139,6 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     if not 1 <= p.num_images_per_prompt <= limits.max_images_per_prompt:
         raise RequestError("parameters.num_images_per_prompt",
                            f"must be from 1 to {limits.max_images_per_prompt}, got {p.num_images_per_prompt}")
-    for name in ("height", "width"):
-        value = getattr(p, name)
-        if value is not None and (value < 8 or value % 8):
-            raise RequestError(f"parameters.{name}", f"must be a positive multiple of 8, got {value}")
     if p.height and p.width and p.height * p.width > limits.max_pixels:
         larger = "width" if p.width >= p.height else "height"  # the one to bring down first
         raise RequestError(f"parameters.{larger}", f"{p.width}x{p.height} is more than this server's "
@@ -138,16 +146,14 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     if p.scheduler is not None and scheduler_name(p.scheduler) is None:
         raise RequestError("parameters.scheduler", f"unknown scheduler {p.scheduler!r} (one of: {', '.join(SAMPLERS)}, "
                                                    "or a diffusers scheduler class name)")
-    if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
-        raise RequestError("parameters.seed", f"must be between 0 and {MAX_SEED}, got {p.seed}")
     if not 0 <= p.guidance_scale <= 100:
         raise RequestError("parameters.guidance_scale", f"must be between 0 and 100, got {p.guidance_scale}")
-    if p.strength is not None and not 0 < p.strength <= 1:
-        raise RequestError("parameters.strength", f"must be in (0, 1], got {p.strength}")
-    if p.prompt_syntax not in (None, *SYNTAXES):
-        raise RequestError("parameters.prompt_syntax", f"must be {' or '.join(SYNTAXES)}, got {p.prompt_syntax!r}")
-    if not 1 <= p.clip_skip <= MAX_CLIP_SKIP:
-        raise RequestError("parameters.clip_skip", f"must be from 1 to {MAX_CLIP_SKIP}, got {p.clip_skip}")
+    try:  # the rest as every entry point checks a request (the same message as the command line's)
+        generation_request(p, [""], None, PLACEHOLDER if p.strength is not None else None, None,
+                           p.seed, p.prompt_syntax or "plain").check()
+    except InputError as e:
+        name = PARAMETER_OF.get(e.field, e.field)
+        raise RequestError(f"parameters.{name}" if name in known else "parameters", str(e)) from None
     return p
 
 
@@ -320,17 +326,14 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
                                                  "width and height")
         return [error_object(row, error) for row in rows]
 
-    def callback(i, x):
+    def cancel_check(step) -> None:
         if cancelled is not None and cancelled():
             raise Cancelled()
 
     try:
-        result = pipe([row.prompt for row in rows], negative, steps=p.num_inference_steps,
-                      guidance=p.guidance_scale, seed=seeds if len(rows) > 1 else seeds[0], width=p.width,
-                      height=p.height, sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
-                      num_images=p.num_images_per_prompt, image=first.image, mask=first.mask, strength=p.strength,
-                      prompt_syntax=request.prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
-                      callback=callback)
+        result = pipe(generation_request(p, [row.prompt for row in rows], negative, first.image, first.mask,
+                                         seeds if len(rows) > 1 else seeds[0], request.prompt_syntax),
+                      callbacks=[cancel_check])
     except LdmError as e:  # a bad value for this model, or a LoRA of the folder that does not fit it
         return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
     n = p.num_images_per_prompt
@@ -345,6 +348,17 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
     return [{"prompt": rows[i // n].prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
              "seed": seeds[i // n]} | notes(rows[i // n])
             for i, (image, text, nsfw) in enumerate(zip(result.images, result.infotexts, result.nsfw, strict=True))]
+
+
+def generation_request(p: Parameters, prompts: list[str], negative: str | None, image, mask, seed,
+                       prompt_syntax: str) -> GenerationRequest:
+    """The request one pass of rows makes of the pipeline."""
+    return GenerationRequest(prompts, negative, steps=p.num_inference_steps, guidance=p.guidance_scale, seed=seed,
+                             width=p.width, height=p.height,
+                             sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
+                             num_images=p.num_images_per_prompt, image=image, mask=mask, strength=p.strength,
+                             prompt_syntax=prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
+                             refiner_start=p.refiner_start)
 
 
 def run_row(pipe, request: Request, row: Row, cancelled: Callable[[], bool] | None = None) -> list[dict]:
@@ -377,6 +391,9 @@ def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, bat
     """Every row of a parsed request, in order, as the response body. Consecutive text-to-image rows go
     through the networks together (they share the request's parameters), up to `batch_size` images a pass;
     a row with more images than that still runs, alone."""
+    if request.parameters.refiner_start is not None and not hasattr(pipe, "refiner"):
+        raise RequestError("parameters.refiner_start", f"this server runs {pipe.name} without a refiner (ldm serve "
+                                                       "--refiner MODEL)")
     per_row = request.parameters.num_images_per_prompt
     rows_per_pass = max(1, batch_size // per_row)
     objects, group = [], []

@@ -435,7 +435,7 @@ def folder_components(root: Path) -> tuple[dict[str, dict], dict[str, dict[str, 
     """The config.json dicts and the state dicts (ldm names) of a diffusers folder's networks."""
     from safetensors.torch import load_file
 
-    from ldm.pipeline import text_encoder_state
+    from ldm.assemble import text_encoder_state
 
     configs, states = {}, {}
     for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),

@@ -3,8 +3,9 @@
 import pytest
 
 from ldm import loading
+from ldm.assemble import hub_files
 from ldm.errors import LoadError
-from ldm.pipeline import StableDiffusion, hub_files
+from ldm.pipeline import StableDiffusion
 
 
 def test_hub_id_alias_and_patterns(monkeypatch, sd1_folder):

@@ -16,9 +16,9 @@ from official import (
     save_component,
 )
 
+from ldm.assemble import text_encoder_state
 from ldm.clip import CLIPTextConfig, CLIPTextModel
 from ldm.loading import load_module, read_safetensors
-from ldm.pipeline import text_encoder_state
 from ldm.unet import UNet, UNetConfig
 from ldm.vae import VAE, VAEConfig
 

@@ -99,10 +99,10 @@ def test_hand_off_splits_the_schedule(sdxl_folder, sdxl_refiner_folder):
     refiner = StableDiffusion.from_pretrained(sdxl_refiner_folder)
     assert refiner.text_encoder is None and refiner.requires_aesthetics_score
     steps = []
-    first = base(PROMPT, steps=10, seed=1, denoising_end=0.8, progress=lambda done, total: steps.append(total))
+    first = base(PROMPT, steps=10, seed=1, denoising_end=0.8, callbacks=[lambda step: steps.append(step.total)])
     assert first.images == [] and first.latents.shape == (1, 4, 8, 8)
     refiner(PROMPT, steps=10, seed=1, latents=first.latents, denoising_start=0.8,
-            progress=lambda done, total: steps.append(total))
+            callbacks=[lambda step: steps.append(step.total)])
     assert sorted(set(steps)) == [2, 8]  # timesteps ≥ 200 on the base, < 200 on the refiner
 
 
@@ -111,7 +111,7 @@ def test_hand_off_splits_the_schedule(sdxl_folder, sdxl_refiner_folder):
     ("sdxl-refiner", ["--target-size", "64", "64", "--image", "init.png", "--steps", "10"],
      "target_size does not apply"),
     ("sd1", ["--original-size", "64", "64"], "original_size: SDXL micro-conditioning"),
-    ("sdxl", ["--refiner", "x", "--refiner-start", "1.2"], "--refiner-start must be strictly between 0 and 1"),
+    ("sdxl", ["--refiner", "x", "--refiner-start", "1.2"], "refiner start must be strictly between 0 and 1"),
     ("sdxl", ["--refiner", "x", "--image", "init.png"], "does not combine with --image"),
 ])
 def test_sdxl_errors(request, tmp_path, monkeypatch, capsys, model, args, message):

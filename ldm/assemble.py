@@ -1,0 +1,253 @@
+"""Loading: a diffusers folder (or its Hub id) or an original single-file checkpoint → a pipeline.
+
+    pipe = load("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda")   # StableDiffusion.from_pretrained
+
+Everything about files lives here: the folder's model_index.json and configs, the Hub file patterns, the device
+and dtype policy (fp16 on CUDA, the SDXL VAE upcast), strict loading of each network (`ldm.loading`), the single
+file's key tables (`ldm.single_file`), the safety checker and the embeddings folder. `ldm.pipeline` only
+generates.
+"""
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .clip import CLIPTextConfig, CLIPTextModel
+from .embeddings import folder_embeddings
+from .errors import InputError, LoadError
+from .families import PREDICTION_TYPES
+from .loading import (
+    PICKLE_SUFFIXES,
+    load_module,
+    read_config,
+    read_json,
+    read_safetensors,
+    refuse_pickle,
+    resolve,
+    weights_file,
+)
+from .safety import Safety
+from .schedules import SchedulerConfig
+from .single_file import TOWERS, read_single_file
+from .tokenizer import EOS, CLIPTokenizer, clip_bpe_vocab
+from .unet import UNet, UNetConfig
+from .vae import VAE, VAEConfig
+
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto, cpu, cuda or cuda:N; anything else is refused before it reaches torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def hub_files(variant: str | None) -> list[str]:
+    """What a run needs from an official diffusers repo: configs, tokenizers, safetensors (and the SD 1.x safety
+    checker's). `resolve` keeps those of the components the manifest lists for an official repo."""
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    patterns = ["scheduler/*.json", "tokenizer/*", "tokenizer_2/*", "unet/config.json",
+                "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                f"unet/diffusion_pytorch_model{suffix}", f"vae/diffusion_pytorch_model{suffix}",
+                f"text_encoder/model{suffix}", f"text_encoder_2/model{suffix}",
+                "safety_checker/config.json", f"safety_checker/model{suffix}", "feature_extractor/*.json"]
+    return ["model_index.json", *patterns]
+
+
+@dataclass
+class Folder:
+    """What a diffusers folder's model_index.json and config.json files say, before any weight is read."""
+
+    index: dict
+    xl: bool
+    listed: set[str]  # the components model_index.json names (not [null, null])
+    towers: list[str]  # text_encoder, text_encoder_2
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoders: dict[str, CLIPTextConfig]
+    family: str  # for messages and `ldm info`
+
+
+def read_folder(root: Path) -> Folder:
+    """Read and check a folder's layout and configs (LoadError naming what is missing or malformed)."""
+    index = read_json(root / "model_index.json")
+    pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
+    if pipeline_class not in SD_PIPELINES + XL_PIPELINES:
+        raise LoadError(f"{root}: a {pipeline_class} folder is not supported yet (ldm loads "
+                        f"{', '.join(SD_PIPELINES + XL_PIPELINES)} folders)")
+    xl = pipeline_class in XL_PIPELINES
+    listed = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
+    towers = [t for t in ("text_encoder", "text_encoder_2") if t in listed] if xl else ["text_encoder"]
+    needed = ["unet", "vae", "scheduler"] + towers + [t.replace("text_encoder", "tokenizer") for t in towers]
+    for part in needed:
+        if not (root / part).is_dir():
+            raise LoadError(f"{root}: the {part}/ folder is missing")
+    unet = read_config(root / "unet" / "config.json", UNetConfig.from_diffusers)
+    vae = read_config(root / "vae" / "config.json", VAEConfig.from_diffusers)
+    text_encoders = {t: read_config(root / t / "config.json", CLIPTextConfig.from_transformers) for t in towers}
+    if xl:
+        family = "SDXL refiner" if "text_encoder" not in text_encoders else "SDXL base"
+    else:  # CLIP-L or OpenCLIP-H
+        family = "SD 1.x" if text_encoders["text_encoder"].hidden_act == "quick_gelu" else "SD 2.x"
+    family += " inpainting" if unet.in_channels > vae.latent_channels else ""
+    return Folder(index, xl, listed, towers, unet, vae, text_encoders, family)
+
+
+def upcast_vae_dtype(xl: bool, dtype: torch.dtype, vae_cfg: VAEConfig) -> torch.dtype:
+    """The SDXL pipelines run a half-precision VAE in fp32 when its config says force_upcast (the SDXL VAE
+    overflows fp16); StableDiffusionPipeline does not."""
+    return torch.float32 if xl and dtype == torch.float16 and vae_cfg.force_upcast else dtype
+
+
+def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official transformers-4 names as they are; transformers-5 files (no `text_model.` prefix) renamed.
+
+    The SD 1.x files also carry the `position_ids` buffer (0…76), which the model computes itself.
+    """
+    out = {}
+    for key, value in state.items():
+        if key.endswith("embeddings.position_ids"):
+            continue
+        if not key.startswith(("text_model.", "text_projection.")):
+            key = "text_model." + key
+        out[key] = value
+    return out
+
+
+
+def load(model: str | Path, device: str = "auto", dtype: str = "auto", variant: str | None = None,
+         revision: str | None = None, local_files_only: bool = False, prediction_type: str | None = None,
+         safety_checker: bool = True):
+    """An official diffusers folder (or its Hub id), or an original single-file checkpoint → a pipeline.
+
+    A folder: model_index.json, unet/, vae/, text_encoder/ (and text_encoder_2/ for SDXL), tokenizer(s),
+    scheduler/; `variant="fp16"` reads the `*.fp16.safetensors` files. A `.safetensors` file: see
+    `load_single_file`. Returns a `StableDiffusionXL` for SDXL models. `prediction_type` ("eps" or "v")
+    overrides the scheduler's. A folder that lists a `safety_checker` (the SD 1.x repos) gets it loaded
+    unless `safety_checker=False`.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise InputError(f"unknown prediction type {prediction_type!r} (use {' or '.join(PREDICTION_TYPES)})")
+    root = resolve(str(model), hub_files(variant), revision, local_files_only)
+    if root.is_file():
+        if variant is not None:
+            raise InputError(f"--variant {variant} selects files in a diffusers folder; {root} is a single file")
+        return load_single_file(root, device, dtype, prediction_type)
+    folder = read_folder(root)
+    vae_dtype = upcast_vae_dtype(folder.xl, dt, folder.vae)
+
+    def load_part(part, stem, build, dtype=dt, rename=lambda state: state):
+        path = weights_file(root / part, stem, variant)
+        return load_module(build, rename(read_safetensors(path, dtype)), path, folder.family, dev)
+
+    unet = load_part("unet", "diffusion_pytorch_model", lambda: UNet(folder.unet))
+    vae = load_part("vae", "diffusion_pytorch_model", lambda: VAE(folder.vae), vae_dtype)
+    encoders = {t: load_part(t, "model", lambda c=cfg: CLIPTextModel(c), rename=text_encoder_state)
+                for t, cfg in folder.text_encoders.items()}
+    tokenizers = {t: CLIPTokenizer.from_folder(root / t.replace("text_encoder", "tokenizer")) for t in folder.towers}
+    scheduler = read_config(root / "scheduler" / "scheduler_config.json", SchedulerConfig.from_diffusers)
+    if prediction_type is not None:
+        scheduler = dataclasses.replace(scheduler, prediction_type=PREDICTION_TYPES[prediction_type])
+    name = Path(str(model)).name if Path(str(model)).exists() else str(model)
+    pipe = assemble(folder.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, name,
+                    force_zeros_for_empty_prompt=folder.index.get("force_zeros_for_empty_prompt", True),
+                    requires_aesthetics_score=folder.index.get("requires_aesthetics_score", False))
+    if safety_checker and "safety_checker" in folder.listed:
+        for part in ("safety_checker", "feature_extractor"):
+            if not (root / part).is_dir():
+                raise LoadError(f"{root}: model_index.json lists a safety checker but the {part}/ folder is "
+                                "missing (load with --no-safety-checker to go without it)")
+        pipe.safety_checker = Safety.from_folder(root, dev, dt, variant)
+    return pipe
+
+
+def load_single_file(path: str | Path, device: str = "auto", dtype: str = "auto", prediction_type: str | None = None):
+    """An original single-file checkpoint (`v1-5-pruned-emaonly.safetensors`, `sd_xl_base_1.0.safetensors`…).
+
+    The family is detected from the keys and the configs inferred from the tensor shapes
+    (`ldm.single_file`); the tokenizer is CLIP's BPE as open_clip ships it; the scheduler and the
+    prediction type are the family's official ones (SD 2.x: v-prediction; pass `prediction_type="eps"`
+    for a 512-px SD 2.x base file).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path)
+    if path.suffix != ".safetensors":
+        raise LoadError(f"{path}: ldm reads single-file checkpoints in the .safetensors format, and diffusers "
+                        "folders")
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise InputError(f"unknown prediction type {prediction_type!r} (use {' or '.join(PREDICTION_TYPES)})")
+    tensors = read_safetensors(path)
+    try:
+        checkpoint = read_single_file(tensors, prediction_type)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
+    family = checkpoint.family
+    unet_cfg = UNetConfig.from_diffusers(checkpoint.configs["unet"])
+    vae_cfg = VAEConfig.from_diffusers(checkpoint.configs["vae"])
+
+    def load_part(component, build, dtype=dt):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.states[component].items()}
+        return load_module(build, state, path, family.label, dev)
+
+    unet = load_part("unet", lambda: UNet(unet_cfg))
+    vae = load_part("vae", lambda: VAE(vae_cfg), upcast_vae_dtype(family.xl, dt, vae_cfg))
+    encoders, tokenizers = {}, {}
+    vocab, merges = clip_bpe_vocab()
+    for component, _, kind in TOWERS[family.key]:
+        cfg = CLIPTextConfig.from_transformers(checkpoint.configs[component])
+        encoders[component] = load_part(component, lambda c=cfg: CLIPTextModel(c))
+        tokenizers[component] = CLIPTokenizer(vocab, merges, pad_token=EOS if kind == "clip" else "!")
+    scheduler = SchedulerConfig.from_diffusers(checkpoint.scheduler)
+    pipe = assemble(family.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, path.stem,
+                    force_zeros_for_empty_prompt=not family.refiner, requires_aesthetics_score=family.refiner)
+    pipe.model_file = path
+    return pipe
+
+
+def assemble(xl: bool, unet: UNet, vae: VAE, encoders: dict, tokenizers: dict, scheduler: SchedulerConfig,
+             device: torch.device, dtype: torch.dtype, name: str, force_zeros_for_empty_prompt: bool,
+             requires_aesthetics_score: bool):
+    """The pipeline object over loaded networks, with the embeddings of weights/embeddings that fit it."""
+    from .pipeline import StableDiffusion, StableDiffusionXL
+
+    if not xl:
+        pipe = StableDiffusion(unet, vae, encoders["text_encoder"], tokenizers["text_encoder"], scheduler,
+                               device, dtype, name)
+    else:
+        pipe = StableDiffusionXL(unet, vae, encoders.get("text_encoder"), tokenizers.get("text_encoder"),
+                                 scheduler, device, dtype, name, encoders["text_encoder_2"],
+                                 tokenizers["text_encoder_2"], force_zeros_for_empty_prompt,
+                                 requires_aesthetics_score)
+    found, pipe.notes = folder_embeddings(pipe.tower_widths())
+    pipe.embeddings = {e.name: e for e in found}
+    return pipe
