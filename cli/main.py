@@ -101,14 +101,18 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace):
     """--model as the options say; with --refiner, the SDXL base and its refiner as one `Refined` pipeline (the
     refiner loaded at once, so that a bad path fails before the base runs, and parked on the CPU until its
-    turn; it runs uncompiled)."""
-    from ldm.pipeline import StableDiffusion
+    turn; it runs uncompiled). `ldm generate --vae` swaps the VAE of both, `--tiling` makes both seamless."""
+    from ldm.assemble import load as load_pipeline
+    from ldm.tiling import set_seamless
 
     def load(model: str, device: str, dtype: str, prediction_type: str | None):
-        return StableDiffusion.from_pretrained(
+        pipe = load_pipeline(
             model, device=device, dtype=dtype, variant=args.variant, revision=args.revision,
             local_files_only=args.local_files_only, prediction_type=prediction_type,
-            safety_checker=not args.no_safety_checker)
+            safety_checker=not args.no_safety_checker, vae=getattr(args, "vae", None))
+        if getattr(args, "tiling", False):  # before `accelerate`: its Winograd convolutions pad with zeros
+            set_seamless(pipe)
+        return pipe
 
     pipe = load(args.model, args.device, args.dtype, args.prediction_type)
     compile = args.compile_mode or args.compile  # --compile-mode implies --compile
@@ -195,6 +199,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--attention-maps", default=None, metavar="DIR",
                      help="write a cross-attention heat map per prompt token, overlaid on the image, and tokens.json "
                           "into DIR (README: 'Attention maps'; not with --compile)")
+    large = gen.add_argument_group("large images and seamless textures", "README: 'Large images and seamless textures'")
+    large.add_argument("--vae-tiling", action="store_true",
+                       help="decode (and encode) in overlapping tiles, as diffusers' enable_tiling(); without it, "
+                            "ldm tiles only where the whole-image pass would not fit in memory")
+    large.add_argument("--vae-tile-size", type=int, default=None, metavar="PIXELS",
+                       help="tile size (default: the VAE config's sample_size, 512 for SD 1.x, 1024 for SDXL)")
+    large.add_argument("--tiling", action="store_true",
+                       help="seamless textures: circular padding in every convolution of the UNet and VAE "
+                            "(A1111's --tiling); the image's edges continue each other")
+    large.add_argument("--vae", default=None, metavar="FILE_OR_FOLDER",
+                       help="use this VAE: a diffusers vae/ folder or a .safetensors VAE file of the model's family")
     add_model_options(gen)
 
     dl = sub.add_parser(
@@ -545,6 +560,10 @@ def generate(args: argparse.Namespace) -> None:
         raise LdmError("--attention-maps records attention as the eager networks compute it: leave out --compile")
     if args.attention_maps and Path(args.attention_maps).is_file():
         raise LdmError(f"--attention-maps {args.attention_maps}: a file; give a folder")
+    if args.tiling and (args.vae_tiling or args.vae_tile_size):
+        raise LdmError("--tiling does not combine with --vae-tiling: each VAE tile would wrap on itself")
+    if args.vae_tile_size is not None and (args.vae_tile_size < 32 or args.vae_tile_size % 8):
+        raise LdmError(f"--vae-tile-size must be a multiple of 8 pixels, at least 32, got {args.vae_tile_size}")
 
     from PIL import Image
 
@@ -593,6 +612,14 @@ def generate(args: argparse.Namespace) -> None:
         request = request.replace(refiner_start=None)  # given to the pipeline (Refined) instead
 
     pipe = load_model(args)
+    if not args.tiling:  # --vae-tiling: always; otherwise where the whole image would not fit (ldm.tiling)
+        from ldm.tiling import enable_vae_tiling
+
+        for part in {pipe.vae, getattr(pipe, "refiner", pipe).vae}:
+            enable_vae_tiling(part, "on" if args.vae_tiling else "auto", args.vae_tile_size)
+    describe = {"Tiling": True} if args.tiling else {}
+    if args.vae:
+        describe["VAE"] = Path(args.vae).stem if Path(args.vae).is_file() else Path(args.vae).name
     if "auto" in (args.device, args.dtype):
         from ldm.assemble import DTYPES
 
@@ -614,10 +641,10 @@ def generate(args: argparse.Namespace) -> None:
         width, height = (args.width, args.height) if image is None else fit_size(image, pipe.vae_scale)
         maps = AttentionMaps.for_pipeline(pipe, args.width or width, args.height or height, args.guidance)
         with maps:
-            result = pipe(request, callbacks=callbacks)
+            result = pipe(request, callbacks=callbacks, describe=describe)
         save_maps(maps, pipe, request, result, Path(args.attention_maps))
     else:
-        result = pipe(request, callbacks=callbacks)
+        result = pipe(request, callbacks=callbacks, describe=describe)
     if result.evaluations != bar.total and not args.refiner:  # Heun: two a step; PNDM: its second step twice
         print(f"({result.evaluations} UNet evaluations for {bar.total} steps)", file=sys.stderr)
     for note in dict.fromkeys(pipe.notes + result.notes):

@@ -32,7 +32,7 @@ from .loading import (
 )
 from .safety import Safety
 from .schedules import SchedulerConfig
-from .single_file import TOWERS, read_single_file
+from .single_file import TOWERS, read_single_file, take, vae_rules
 from .tokenizer import EOS, CLIPTokenizer, clip_bpe_vocab
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -142,14 +142,14 @@ def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def load(model: str | Path, device: str = "auto", dtype: str = "auto", variant: str | None = None,
          revision: str | None = None, local_files_only: bool = False, prediction_type: str | None = None,
-         safety_checker: bool = True):
+         safety_checker: bool = True, vae: str | Path | None = None):
     """An official diffusers folder (or its Hub id), or an original single-file checkpoint → a pipeline.
 
     A folder: model_index.json, unet/, vae/, text_encoder/ (and text_encoder_2/ for SDXL), tokenizer(s),
     scheduler/; `variant="fp16"` reads the `*.fp16.safetensors` files. A `.safetensors` file: see
     `load_single_file`. Returns a `StableDiffusionXL` for SDXL models. `prediction_type` ("eps" or "v")
     overrides the scheduler's. A folder that lists a `safety_checker` (the SD 1.x repos) gets it loaded
-    unless `safety_checker=False`.
+    unless `safety_checker=False`. `vae` replaces the model's VAE (`load_vae`).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -159,8 +159,10 @@ def load(model: str | Path, device: str = "auto", dtype: str = "auto", variant: 
     if root.is_file():
         if variant is not None:
             raise InputError(f"--variant {variant} selects files in a diffusers folder; {root} is a single file")
-        return load_single_file(root, device, dtype, prediction_type)
+        return load_single_file(root, device, dtype, prediction_type, vae)
     folder = read_folder(root)
+    if vae is not None:
+        swapped = load_vae(vae, folder.vae, folder.family, folder.xl, dev, dt)
     vae_dtype = upcast_vae_dtype(folder.xl, dt, folder.vae)
 
     def load_part(part, stem, build, dtype=dt, rename=lambda state: state):
@@ -168,7 +170,8 @@ def load(model: str | Path, device: str = "auto", dtype: str = "auto", variant: 
         return load_module(build, rename(read_safetensors(path, dtype)), path, folder.family, dev)
 
     unet = load_part("unet", "diffusion_pytorch_model", lambda: UNet(folder.unet))
-    vae = load_part("vae", "diffusion_pytorch_model", lambda: VAE(folder.vae), vae_dtype)
+    vae = swapped if vae is not None else load_part("vae", "diffusion_pytorch_model", lambda: VAE(folder.vae),
+                                                    vae_dtype)
     encoders = {t: load_part(t, "model", lambda c=cfg: CLIPTextModel(c), rename=text_encoder_state)
                 for t, cfg in folder.text_encoders.items()}
     tokenizers = {t: CLIPTokenizer.from_folder(root / t.replace("text_encoder", "tokenizer")) for t in folder.towers}
@@ -188,13 +191,14 @@ def load(model: str | Path, device: str = "auto", dtype: str = "auto", variant: 
     return pipe
 
 
-def load_single_file(path: str | Path, device: str = "auto", dtype: str = "auto", prediction_type: str | None = None):
+def load_single_file(path: str | Path, device: str = "auto", dtype: str = "auto", prediction_type: str | None = None,
+                     vae: str | Path | None = None):
     """An original single-file checkpoint (`v1-5-pruned-emaonly.safetensors`, `sd_xl_base_1.0.safetensors`…).
 
     The family is detected from the keys and the configs inferred from the tensor shapes
     (`ldm.single_file`); the tokenizer is CLIP's BPE as open_clip ships it; the scheduler and the
     prediction type are the family's official ones (SD 2.x: v-prediction; pass `prediction_type="eps"`
-    for a 512-px SD 2.x base file).
+    for a 512-px SD 2.x base file). `vae` replaces the file's VAE (`load_vae`).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -220,7 +224,10 @@ def load_single_file(path: str | Path, device: str = "auto", dtype: str = "auto"
         return load_module(build, state, path, family.label, dev)
 
     unet = load_part("unet", lambda: UNet(unet_cfg))
-    vae = load_part("vae", lambda: VAE(vae_cfg), upcast_vae_dtype(family.xl, dt, vae_cfg))
+    if vae is not None:
+        vae = load_vae(vae, vae_cfg, family.label, family.xl, dev, dt)
+    else:
+        vae = load_part("vae", lambda: VAE(vae_cfg), upcast_vae_dtype(family.xl, dt, vae_cfg))
     encoders, tokenizers = {}, {}
     vocab, merges = clip_bpe_vocab()
     for component, _, kind in TOWERS[family.key]:
@@ -232,6 +239,81 @@ def load_single_file(path: str | Path, device: str = "auto", dtype: str = "auto"
                     force_zeros_for_empty_prompt=not family.refiner, requires_aesthetics_score=family.refiner)
     pipe.model_file = path
     return pipe
+
+
+def vae_family(cfg: VAEConfig) -> str:
+    """A VAE's family, as its scaling factor tells it: SD 1.x/2.x and SDXL VAEs have the same shapes but
+    different latent spaces."""
+    known = {0.18215: "SD 1.x/2.x", 0.13025: "SDXL"}
+    name = known.get(cfg.scaling_factor, "an unknown family")
+    return f"{name} (scaling factor {cfg.scaling_factor}, {cfg.latent_channels} latent channels)"
+
+
+def vae_shapes(t: dict[str, Tensor], diffusers_names: bool) -> dict:
+    """The VAEConfig fields a VAE file's tensor shapes tell (LDM names, or diffusers' `down_blocks`)."""
+    down, block, attn = (("encoder.down_blocks.", "resnets", "encoder.mid_block.attentions.0.to_q.weight")
+                         if diffusers_names else ("encoder.down.", "block", "encoder.mid.attn_1.q.weight"))
+    levels = sorted({int(k[len(down):].split(".")[0]) for k in t if k.startswith(down)})
+    try:
+        return {"in_channels": t["encoder.conv_in.weight"].shape[1],
+                "out_channels": t["decoder.conv_out.weight"].shape[0],
+                "latent_channels": t["decoder.conv_in.weight"].shape[1],
+                "block_out_channels": tuple(t[f"{down}{i}.{block}.0.conv1.weight"].shape[0] for i in levels),
+                "layers_per_block": len({k.split(".")[4] for k in t if k.startswith(f"{down}0.{block}.")}),
+                "mid_block_add_attention": attn in t}
+    except KeyError as e:
+        raise LoadError(f"{e.args[0]} is missing, and the VAE's configuration is read from it") from None
+
+
+def load_vae(source: str | Path, model: VAEConfig, family: str, xl: bool, device: torch.device,
+             dtype: torch.dtype) -> VAE:
+    """The VAE of `source` in place of a model's (`--vae`): a diffusers `vae/` folder (config.json and
+    diffusion_pytorch_model.safetensors; a model folder holding one works too), or one .safetensors file in the
+    original LDM layout (`sdxl_vae.safetensors`, `vae-ft-mse-840000-ema-pruned.safetensors`; also a full
+    checkpoint's `first_stage_model.*`) or in diffusers' names.
+
+    Families: a VAE fits when its latent channels, scaling factor and shift factor are the model's. A folder's
+    config.json states them, so an SD 1.x/2.x VAE folder given to SDXL (or the reverse) is refused, naming
+    both. A single file holds no config: its shapes are read (different latent channels are refused) and it
+    takes the model's scaling factor and tile size, as AUTOMATIC1111 does; an SD VAE file given to SDXL cannot
+    be told apart by its shapes. The VAE's own `force_upcast` decides the SDXL fp16 upcast (a "fp16-fix" VAE
+    runs in fp16).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "vae"
+    if path.is_dir():
+        cfg = read_config(path / "config.json", VAEConfig.from_diffusers)
+        weights = weights_file(path, "diffusion_pytorch_model")
+        state = read_safetensors(weights, upcast_vae_dtype(xl, dtype, cfg))
+    elif path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise LoadError(f"--vae {source}: give a diffusers vae/ folder or a .safetensors VAE file")
+        tensors = read_safetensors(path)
+        prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in tensors) else ""
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if "decoder.conv_in.weight" not in tensors:
+            raise LoadError(f"--vae {source}: not a VAE (no decoder.conv_in.weight among its "
+                            f"{len(tensors)} tensors)")
+        diffusers_names = any(k.startswith("decoder.up_blocks.") for k in tensors)
+        cfg = dataclasses.replace(model, **vae_shapes(tensors, diffusers_names))
+        if not diffusers_names:
+            try:
+                tensors = take(tensors, vae_rules(cfg, prefix=""))
+            except LoadError as e:
+                raise LoadError(f"--vae {source}: {e}") from None
+        target = upcast_vae_dtype(xl, dtype, cfg)
+        state = {k: v.to(target) for k, v in tensors.items() if not k.startswith(("loss.", "model_ema."))}
+        weights = path
+    else:
+        raise LoadError(f"--vae {source}: no such file or folder")
+    if (cfg.latent_channels, cfg.scaling_factor, cfg.shift_factor) != (
+            model.latent_channels, model.scaling_factor, model.shift_factor):
+        raise LoadError(f"--vae {source}: a VAE of {vae_family(cfg)} does not fit this {family} model, whose "
+                        f"VAE is {vae_family(model)}")
+    return load_module(lambda: VAE(cfg), state, weights, family, device)
 
 
 def assemble(xl: bool, unet: UNet, vae: VAE, encoders: dict, tokenizers: dict, scheduler: SchedulerConfig,

@@ -1,0 +1,200 @@
+"""Large images and seamless textures, applied to loaded networks from outside (design decision 5).
+
+    enable_vae_tiling(pipe.vae)          # decode/encode in overlapping tiles: diffusers' `enable_tiling()`
+    enable_vae_tiling(pipe.vae, "auto")  # only where the whole-image pass would not fit in memory
+    set_seamless(pipe, True)             # circular padding in every convolution: images that tile (A1111 --tiling)
+
+Tiled VAE reproduces diffusers' `AutoencoderKL.tiled_decode` / `_tiled_encode` / `blend_v` / `blend_h`
+(huggingface/diffusers v0.42.1, src/diffusers/models/autoencoders/autoencoder_kl.py): tiles of the VAE
+config's `sample_size` pixels (`sample_size / 8` latents) that start every 75 % of a tile, each blended
+linearly over the 25 % it shares with the tile above and the tile to the left, then cropped. The
+`VAE` class stays as it is: `enable_vae_tiling` gives the instance its own `encode` / `decode`, and
+`disable_vae_tiling` takes them away again.
+
+Seamless tiling is AUTOMATIC1111's `--tiling` (modules/sd_hijack.py `apply_circular`): every `nn.Conv2d`
+of the UNet and the VAE pads circularly instead of with zeros, so the left edge continues the right
+edge and the top the bottom. The VAE's strided downsampling pads its right/bottom by hand with zeros
+(`F.pad`, then a convolution without padding), as LDM's does, so it stays as in A1111.
+"""
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError
+from .vae import VAE
+
+MODES = ("on", "auto")
+MIN_TILE_LATENTS = 4  # below this a tile overlaps its neighbour by less than one latent
+
+# The untiled decoder's peak memory, in bytes per output pixel per channel of its full-resolution level
+# (block_out_channels[0], 128 for every official VAE) per byte of the dtype: measured on the CPU in fp32 as the
+# rise of the process's peak RSS (VmHWM) over an SD-sized VAE's decode at 256² (9.2) and 512² (7.9; 7.4 as the
+# slope between them), rounded up. SDXL at 2048² in fp32: 8 × 2048² × 128 × 4 B = 16 GiB untiled.
+DECODE_BYTES_PER_PIXEL_CHANNEL_BYTE = 8
+AUTO_FRACTION = 0.5  # "auto" tiles when the estimate exceeds this share of the memory free on the device
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """diffusers' three tiling attributes: `tile_sample_min_size` (pixels), `tile_latent_min_size`, overlap."""
+
+    sample: int
+    latent: int
+    overlap: float = 0.25
+
+    @classmethod
+    def for_vae(cls, vae: VAE, size: int | None = None, overlap: float = 0.25) -> "Tiles":
+        """Tiles of `size` pixels (default: the VAE config's `sample_size`, as diffusers), checked."""
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = vae.config.sample_size if size is None else size
+        if not isinstance(size, int) or isinstance(size, bool) or size < MIN_TILE_LATENTS * scale or size % scale:
+            raise InputError(f"the VAE tile size must be a multiple of {scale} pixels, at least "
+                             f"{MIN_TILE_LATENTS * scale}, "
+                             f"got {size!r}", field="vae_tile_size")
+        if not isinstance(overlap, (int, float)) or not 0 < overlap < 0.5:
+            raise InputError(f"the VAE tile overlap must be a fraction in (0, 0.5), got {overlap!r}",
+                             field="vae_tile_overlap")
+        return cls(size, size // scale, float(overlap))
+
+
+def blend_v(a: Tensor, b: Tensor, extent: int) -> Tensor:
+    """b's top `extent` rows faded in from a's bottom rows (in place, as diffusers)."""
+    extent = min(a.shape[2], b.shape[2], extent)
+    for y in range(extent):
+        b[:, :, y, :] = a[:, :, -extent + y, :] * (1 - y / extent) + b[:, :, y, :] * (y / extent)
+    return b
+
+
+def blend_h(a: Tensor, b: Tensor, extent: int) -> Tensor:
+    """b's left `extent` columns faded in from a's right columns (in place, as diffusers)."""
+    extent = min(a.shape[3], b.shape[3], extent)
+    for x in range(extent):
+        b[:, :, :, x] = a[:, :, :, -extent + x] * (1 - x / extent) + b[:, :, :, x] * (x / extent)
+    return b
+
+
+def tiled(run, x: Tensor, tile_in: int, tile_out: int, overlap: float) -> Tensor:
+    """`run` over overlapping `tile_in`-sized tiles of x (each gives a `tile_out`-sized one), blended and joined.
+
+    The tiles start every `tile_in * (1 - overlap)` and are blended over `tile_out * overlap`; each keeps its
+    first `tile_out - blend` rows and columns. The blends write into the tiles, and a later blend reads the
+    tile above or to the left as already blended, exactly as diffusers does."""
+    stride = int(tile_in * (1 - overlap))
+    blend = int(tile_out * overlap)
+    keep = tile_out - blend
+    rows = [[run(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, x.shape[3], stride)]
+            for i in range(0, x.shape[2], stride)]
+    joined = []
+    for i, row in enumerate(rows):
+        kept = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                tile = blend_v(rows[i - 1][j], tile, blend)
+            if j > 0:
+                tile = blend_h(row[j - 1], tile, blend)
+            kept.append(tile[:, :, :keep, :keep])
+        joined.append(torch.cat(kept, dim=3))
+    return torch.cat(joined, dim=2)
+
+
+def tiled_decode(vae: VAE, z: Tensor, tiles: Tiles) -> Tensor:
+    """`vae.decode(z)` tile by tile (diffusers' `tiled_decode`)."""
+
+    def run(tile: Tensor) -> Tensor:
+        if vae.post_quant_conv is not None:
+            tile = vae.post_quant_conv(tile)
+        return vae.decoder(tile)
+
+    return tiled(run, z, tiles.latent, tiles.sample, tiles.overlap)
+
+
+def tiled_encode(vae: VAE, x: Tensor, tiles: Tiles) -> tuple[Tensor, Tensor]:
+    """`vae.encode(x)` tile by tile (diffusers' `_tiled_encode`): the posterior's mean and clamped log-variance."""
+
+    def run(tile: Tensor) -> Tensor:
+        moments = vae.encoder(tile)
+        return moments if vae.quant_conv is None else vae.quant_conv(moments)
+
+    mean, logvar = tiled(run, x, tiles.sample, tiles.latent, tiles.overlap).chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def decode_bytes(vae: VAE, batch: int, height: int, width: int) -> int:
+    """An estimate of the untiled decode's peak memory (the activations; the weights are already resident)."""
+    itemsize = next(vae.parameters()).element_size()
+    return DECODE_BYTES_PER_PIXEL_CHANNEL_BYTE * batch * height * width * vae.config.block_out_channels[0] * itemsize
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for activations: the CUDA device's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def needs_tiles(vae: VAE, batch: int, height: int, width: int) -> bool:
+    """The "auto" rule: tile when the untiled decode's estimated peak exceeds half the free memory."""
+    device = next(vae.parameters()).device
+    return decode_bytes(vae, batch, height, width) > AUTO_FRACTION * free_bytes(device)
+
+
+def _decode(vae: VAE, tiles: Tiles, mode: str, z: Tensor) -> Tensor:
+    larger = z.shape[-1] > tiles.latent or z.shape[-2] > tiles.latent
+    scale = tiles.sample // tiles.latent
+    if larger and (mode == "on" or needs_tiles(vae, z.shape[0], z.shape[-2] * scale, z.shape[-1] * scale)):
+        return tiled_decode(vae, z, tiles)
+    return VAE.decode(vae, z)
+
+
+def _encode(vae: VAE, tiles: Tiles, mode: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    larger = x.shape[-1] > tiles.sample or x.shape[-2] > tiles.sample
+    # the encoder's activations at full resolution are those of the decoder's last level
+    if larger and (mode == "on" or needs_tiles(vae, x.shape[0], x.shape[-2], x.shape[-1])):
+        return tiled_encode(vae, x, tiles)
+    return VAE.encode(vae, x)
+
+
+def enable_vae_tiling(vae: VAE, mode: str = "on", size: int | None = None, overlap: float = 0.25) -> Tiles:
+    """Make `vae.decode` / `vae.encode` tile images larger than a tile: always ("on", diffusers'
+    `enable_tiling()`), or only where the untiled pass would not fit ("auto": `needs_tiles`)."""
+    if mode not in MODES:
+        raise InputError(f"unknown VAE tiling mode {mode!r} (use {' or '.join(MODES)})", field="vae_tiling")
+    tiles = Tiles.for_vae(vae, size, overlap)
+    vae.decode = partial(_decode, vae, tiles, mode)
+    vae.encode = partial(_encode, vae, tiles, mode)
+    vae.tiling = (mode, tiles)
+    return tiles
+
+
+def disable_vae_tiling(vae: VAE) -> None:
+    """Back to the class's whole-image `decode` / `encode`."""
+    for name in ("decode", "encode", "tiling"):
+        vae.__dict__.pop(name, None)
+
+
+def set_seamless(pipe, enable: bool = True) -> int:
+    """Circular (True) or zero (False) padding in every `nn.Conv2d` of the pipeline's UNet and VAE, as A1111's
+    `--tiling`; returns how many convolutions changed mode. Apply before `ldm.fast.accelerate`: its Winograd
+    convolutions and compiled graphs keep the mode they were built with."""
+    mode = "circular" if enable else "zeros"
+    changed = 0
+    for network in (pipe.unet, pipe.vae):
+        for conv in network.modules():
+            if isinstance(conv, nn.Conv2d) and conv.padding_mode != mode:
+                if getattr(conv, "winograd_weight", None) is not None:
+                    raise InputError("seamless tiling must be set before the networks are accelerated "
+                                     "(Winograd convolutions pad with zeros)", field="tiling")
+                conv.padding_mode = mode
+                changed += 1
+    return changed

@@ -1,0 +1,182 @@
+"""Large images and seamless textures (ldm.tiling, --vae): tiled VAE against diffusers' enable_tiling(), the
+seam check, circular padding that makes images wrap, and swapping the VAE."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import max_rel_err
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldm.assemble import load
+from ldm.errors import InputError, LoadError
+from ldm.pipeline import StableDiffusion
+from ldm.single_file import to_single_file, vae_rules
+from ldm.tiling import Tiles, disable_vae_tiling, enable_vae_tiling, set_seamless
+from ldm_cli.main import main
+
+TILE = 32  # pixels (4 latents): the fixture's 96×80 images take 4×4 tiles
+
+
+@pytest.fixture(scope="module")
+def pipe(sd1_folder):
+    return StableDiffusion.from_pretrained(sd1_folder, device="cpu", safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def reference(sd1_folder):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(sd1_folder / "vae").eval()
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = TILE, TILE // 8, 0.25
+    return vae
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def test_tiled_decode_and_encode_equal_diffusers(pipe, reference):
+    z = torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    enable_vae_tiling(pipe.vae, size=TILE)
+    try:
+        ours = pipe.vae.decode(z)
+        mean, logvar = pipe.vae.encode(x)
+    finally:
+        disable_vae_tiling(pipe.vae)
+    theirs = reference.decode(z).sample
+    posterior = reference.encode(x).latent_dist
+    assert ours.shape == theirs.shape == (1, 3, 96, 80)
+    assert max_rel_err(ours, theirs) <= 1e-4
+    assert np.abs(to_uint8(ours).astype(int) - to_uint8(theirs)).max() <= 2
+    assert max_rel_err(mean, posterior.mean) <= 1e-4 and max_rel_err(logvar, posterior.logvar) <= 1e-4
+    assert not torch.equal(ours, pipe.vae.decode(z))  # the tiles were used (and are gone again)
+
+
+@torch.no_grad()
+def test_no_seams_at_tile_borders(pipe):
+    """At the columns and rows where tiles join, the tiled image changes no more than the untiled image does
+    between its own neighbouring pixels."""
+    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(2))
+    whole = pipe.vae.decode(z)[0]
+    tiles = enable_vae_tiling(pipe.vae, size=TILE)
+    try:
+        tiled = pipe.vae.decode(z)[0]
+    finally:
+        disable_vae_tiling(pipe.vae)
+    keep = tiles.sample - int(tiles.sample * tiles.overlap)  # each tile keeps this many rows and columns
+    joins = list(range(keep, whole.shape[-1], keep))
+    for dim in (1, 2):  # rows, columns
+        own = whole.diff(dim=dim).abs().amax()
+        step = tiled.diff(dim=dim).abs()
+        at_joins = step.index_select(dim, torch.tensor([j - 1 for j in joins]))
+        assert at_joins.amax() <= own, (dim, at_joins.amax(), own)
+
+
+def test_auto_tiles_only_what_does_not_fit(pipe, monkeypatch):
+    import ldm.tiling as tiling
+
+    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = pipe.vae.decode(z)
+        enable_vae_tiling(pipe.vae, "auto", size=TILE)
+        try:
+            assert torch.equal(pipe.vae.decode(z), whole)  # a 96² decode fits
+            monkeypatch.setattr(tiling, "free_bytes", lambda device: 1000)
+            assert not torch.equal(pipe.vae.decode(z), whole)
+        finally:
+            disable_vae_tiling(pipe.vae)
+
+
+@pytest.mark.parametrize("size, overlap", [(30, 0.25), (16, 0.25), (64, 0.5), (64, 0), (True, 0.25)])
+def test_bad_tile_options(pipe, size, overlap):
+    with pytest.raises(InputError, match="tile"):
+        Tiles.for_vae(pipe.vae, size, overlap)
+    with pytest.raises(InputError, match="mode"):
+        enable_vae_tiling(pipe.vae, "always")
+
+
+def run(pipe, monkeypatch, shift: int, **describe) -> tuple[np.ndarray, str]:
+    """A 128×64 image from seed 5, its starting noise rolled `shift` latents to the right."""
+    start = type(pipe).start
+
+    def rolled(plan):
+        unet, x, paste = start(pipe, plan)
+        return unet, torch.roll(x, shift, dims=-1), paste
+
+    monkeypatch.setattr(pipe, "start", rolled)
+    result = pipe("a tile", steps=3, seed=5, width=128, height=64, sampler="euler", describe=describe)
+    monkeypatch.delattr(pipe, "start")
+    return np.asarray(result.images[0], dtype=int), result.infotexts[0]
+
+
+def test_seamless_images_wrap(pipe, monkeypatch):
+    """With circular padding the image lives on a torus: noise rolled by 8 latents (the UNet's three
+    downsamplings) gives the image rolled by 64 pixels, so the left edge continues the right edge exactly as
+    column 64 continues column 63. With zero padding the edges are edges."""
+    plain, _ = run(pipe, monkeypatch, 0)
+    plain_rolled, _ = run(pipe, monkeypatch, 8)
+    assert set_seamless(pipe, True) > 0
+    try:
+        assert {c.padding_mode for m in (pipe.unet, pipe.vae) for c in m.modules()
+                if isinstance(c, torch.nn.Conv2d)} == {"circular"}
+        seamless, text = run(pipe, monkeypatch, 0, Tiling=True)
+        seamless_rolled, _ = run(pipe, monkeypatch, 8)
+    finally:
+        assert set_seamless(pipe, False) > 0
+    assert "Tiling: True" in text
+    assert np.abs(np.roll(seamless, 64, axis=1) - seamless_rolled).max() <= 1
+    assert np.abs(np.roll(plain, 64, axis=1) - plain_rolled).max() > 10
+    assert np.array_equal(run(pipe, monkeypatch, 0)[0], plain)  # off again: the same image as before
+
+
+def cli_image(sd1_folder, out, *flags) -> np.ndarray:
+    assert main(["generate", "a tile", "--model", str(sd1_folder), "--device", "cpu", "--steps", "2", "--seed", "3",
+                 "--sampler", "euler", "--no-safety-checker", "-o", str(out), *flags]) == 0
+    return np.asarray(Image.open(out).convert("RGB"))
+
+
+def test_same_vae_swapped_in_gives_the_same_image(sd1_folder, pipe, tmp_path):
+    """--vae with the model's own VAE, as its folder and as a single file in the original LDM names."""
+    single = tmp_path / "vae-sd1.safetensors"
+    save_file(to_single_file(vae_rules(pipe.vae.config, prefix=""), pipe.vae.state_dict()), single)
+    plain = cli_image(sd1_folder, tmp_path / "plain.png")
+    assert np.array_equal(cli_image(sd1_folder, tmp_path / "folder.png", "--vae", str(sd1_folder / "vae")), plain)
+    assert np.array_equal(cli_image(sd1_folder, tmp_path / "file.png", "--vae", str(single)), plain)
+    assert "VAE: vae-sd1" in Image.open(tmp_path / "file.png").text["parameters"]
+
+
+def test_a_vae_of_another_family_is_refused(sd1_folder, sdxl_folder, tmp_path):
+    from ldm.vae import VAE, VAEConfig
+
+    with pytest.raises(LoadError, match=r"SDXL \(scaling factor 0.13025.*SD 1.x model.*SD 1.x/2.x \(scaling"):
+        load(sd1_folder, device="cpu", safety_checker=False, vae=sdxl_folder / "vae")
+    wide = VAE(VAEConfig(latent_channels=8, block_out_channels=(32, 32, 64, 64), layers_per_block=2))
+    single = tmp_path / "vae-8ch.safetensors"
+    save_file(to_single_file(vae_rules(wide.config, prefix=""), wide.state_dict()), single)
+    with pytest.raises(LoadError, match="8 latent channels.*4 latent channels"):
+        load(sd1_folder, device="cpu", safety_checker=False, vae=single)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--vae-tile-size", "30"], "--vae-tile-size must be a multiple of 8"),
+    (["--tiling", "--vae-tiling"], "--tiling does not combine with --vae-tiling"),
+    (["--vae", "no-such-vae"], "--vae no-such-vae: no such file or folder"),
+    (["--width", "100"], "width must be a positive multiple of 8"),
+])
+def test_bad_options_give_one_line(sd1_folder, tmp_path, capsys, flags, message):
+    assert main(["generate", "a", "--model", str(sd1_folder), "--device", "cpu", "-o", str(tmp_path / "x.png"),
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_cli_tiling_and_vae_tiling(sd1_folder, tmp_path):
+    cli_image(sd1_folder, tmp_path / "seamless.png", "--tiling", "--width", "64", "--height", "64")
+    assert "Tiling: True" in Image.open(tmp_path / "seamless.png").text["parameters"]
+    whole = cli_image(sd1_folder, tmp_path / "whole.png", "--width", "96")
+    tiled = cli_image(sd1_folder, tmp_path / "tiled.png", "--width", "96", "--vae-tiling", "--vae-tile-size", "32")
+    assert whole.shape == tiled.shape and not np.array_equal(whole, tiled)
