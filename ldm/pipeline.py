@@ -105,20 +105,20 @@ class StableDiffusion:
     def from_pretrained(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
                         variant: str | None = None, revision: str | None = None,
                         local_files_only: bool = False, prediction_type: str | None = None,
-                        safety_checker: bool = True) -> "StableDiffusion":
+                        safety_checker: bool = True, vae: str | Path | None = None) -> "StableDiffusion":
         """Load an official diffusers folder (or its Hub id), or an original single-file checkpoint: `ldm.assemble.load`
-        (SDXL models come back as `StableDiffusionXL`)."""
+        (SDXL models come back as `StableDiffusionXL`). `vae`: another VAE (a folder or a file) in place of its own."""
         from .assemble import load
 
-        return load(model, device, dtype, variant, revision, local_files_only, prediction_type, safety_checker)
+        return load(model, device, dtype, variant, revision, local_files_only, prediction_type, safety_checker, vae)
 
     @classmethod
     def from_single_file(cls, path: str | Path, device: str = "auto", dtype: str = "auto",
-                         prediction_type: str | None = None) -> "StableDiffusion":
+                         prediction_type: str | None = None, vae: str | Path | None = None) -> "StableDiffusion":
         """Load an original single-file checkpoint: `ldm.assemble.load_single_file`."""
         from .assemble import load_single_file
 
-        return load_single_file(path, device, dtype, prediction_type)
+        return load_single_file(path, device, dtype, prediction_type, vae)
 
     # --------------------------------------------------------------------------------- prompts
 
