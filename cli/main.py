@@ -258,7 +258,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bat = sub.add_parser(
         "batch", help="run a file of prompts (JSON request, JSONL or CSV) into PNGs and results.jsonl",
         description="Generate one PNG per row (per image) into --output, with results.jsonl in the scoring "
-                    "response form. Row i gets seed + i; a killed run resumes where it stopped.")
+                    "response form. Row i gets seed + i; a killed run resumes where it stopped. Under torchrun "
+                    "(torchrun --nproc-per-node N -m ldm_cli.main batch ...) the ranks share the rows, one device "
+                    "each.")
     add_model_options(bat)
     bat.add_argument("--input", required=True, type=Path,
                      help="a scoring request (.json), one row a line (.jsonl: a prompt string or an object with "
@@ -270,6 +272,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bat.add_argument("--base64-in-results", action="store_true",
                      help="repeat each image's base64 PNG in its results.jsonl line (by default the line names the "
                           "PNG file only)")
+    bat.add_argument("--format", default="rows", choices=("rows", "azure"),
+                     help="rows: --input is one file as above (default); azure: --input is a folder of CSV files "
+                          "(prompt; image, mask_image, prompt) as Azure ML batch endpoints take it, and "
+                          "predictions.csv is written too")
+    bat.add_argument("--images", default=None, choices=("base64", "files"),
+                     help="--format azure: predictions.csv's generated_image is the base64 PNG (default) or the "
+                          "PNG's file name")
+    bat.add_argument("--mini-batch-size", type=int, default=None, metavar="FILES",
+                     help="--format azure: CSV files per mini-batch, the unit a torchrun rank takes (default: 1)")
 
     parity.add_parser(sub)
 
@@ -530,21 +541,49 @@ def check_refiner_options(args: argparse.Namespace) -> None:
 
 
 def batch(args: argparse.Namespace) -> int:
+    """One process, or one rank of a torchrun job (its rows, its device); rank 0 speaks for the job."""
     from ldm.batch import prepare_batch, run_batch
+    from ldm.distributed import Ranks
 
     if args.parameters is not None and not isinstance(args.parameters, dict):
         raise LdmError("--parameters must be a JSON object")
+    if args.format != "azure" and (args.images or args.mini_batch_size):
+        raise LdmError("--images and --mini-batch-size go with --format azure")
     settings = {k: getattr(args, k) for k in ("model", "variant", "revision", "prediction_type", "no_safety_checker",
                                               "dtype")}
     if args.refiner:  # (absent without one: a folder started before --refiner existed resumes as it was)
         settings |= {"refiner": args.refiner, "refiner_start": args.refiner_start}
     check_refiner_options(args)
-    job = prepare_batch(args.input, args.output, args.parameters, args.seed, settings)  # before the model loads
-    pipe = load_model(args)
-    ran, skipped, failed = run_batch(pipe, job, progress=ProgressBar(unit="rows").show,
-                                     base64_in_results=args.base64_in_results)
-    print(f"{args.output}: {ran} rows run, {skipped} already done, {failed} failed (see results.jsonl)",
-          file=sys.stderr)
+    ranks = Ranks.from_env()
+    args.device = ranks.device(args.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
+    ranks.start(args.device)
+    try:
+        try:  # before the model loads; every rank reads the same and takes rank 0's word on the state
+            if args.format == "azure":
+                from ldm.azure import read_folder
+
+                source = read_folder(args.input, args.parameters, args.mini_batch_size or 1)
+            else:
+                source = args.input
+            job = prepare_batch(source, args.output, args.parameters, args.seed, settings, ranks)
+        except LdmError:
+            if ranks.rank > 0:
+                return 2  # rank 0 says why
+            raise
+        pipe = load_model(args) if job.left() else None  # (a finished batch again: its outputs written again)
+        ran, skipped, failed = run_batch(pipe, job, progress=ProgressBar(unit="rows").show if ranks.rank == 0 else None,
+                                         base64_in_results=args.base64_in_results)
+        if ranks.rank == 0:
+            written = "results.jsonl"
+            if args.format == "azure":
+                from ldm.azure import write_predictions
+
+                written = write_predictions(job, args.images or "base64").name + " and results.jsonl"
+            on = f" on {ranks.world} ranks" if ranks.world > 1 else ""
+            print(f"{args.output}: {ran} rows run{on}, {skipped} already done, {failed} failed (see {written})",
+                  file=sys.stderr)
+    finally:
+        ranks.stop()
     return 1 if failed else 0
 
 

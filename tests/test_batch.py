@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_image_tasks import picture, rectangle_mask
 
@@ -14,6 +15,16 @@ from ldm.pipeline import StableDiffusion
 from ldm_cli.main import main
 
 PARAMS = {"num_inference_steps": 2, "height": 64, "width": 64}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run at one thread: on a busy 2-core machine two threads spin against each other and a tiny
+    image takes ten times as long (BENCHMARKS.md, 'Batch throughput'). Every comparison is within the process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +158,15 @@ def test_resuming_with_another_model_is_refused_and_bad_input_is_found_before_lo
     code = main(["batch", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o2"),
                  "--model", str(tmp_path / "no-such-model")])
     assert code == 2 and "not valid JSON" in capsys.readouterr().err  # not "no such model": the input came first
+
+
+def test_a_csv_line_of_too_many_or_too_few_fields_is_that_rows_error(sd1, tmp_path):
+    (tmp_path / "rows.csv").write_text('\ufeffprompt,negative_prompt\na cat,\n"a dog, sitting",blur,extra\na fox\n'
+                                       "an owl,dark\n")  # (a byte-order mark, as Excel writes)
+    out = tmp_path / "out"
+    assert go(sd1, tmp_path / "rows.csv", out, PARAMS, seed=2) == (4, 0, 2)
+    lines = results(out)
+    assert [o["row"] for o in lines] == [0, 1, 2, 3] and "file" in lines[0] and "file" in lines[3]
+    assert lines[1]["prompt"] == "a dog, sitting"
+    assert lines[1]["error"] == {"field": "data[1]", "message": "line 3: 3 fields for the header's 2 columns"}
+    assert lines[2]["error"] == {"field": "data[2]", "message": "line 4: 1 field for the header's 2 columns"}
