@@ -100,7 +100,8 @@ def test_older_card_response_forms(sd1):
     ({"input_data": {"data": ["a"], "parameters": {"width": 100}}}, "parameters.width", "multiple of 8"),
     ({"input_data": {"data": ["a"], "parameters": {"prompt_syntax": "comfy"}}}, "parameters.prompt_syntax",
      "a1111 or plain"),
-    ({"input_data": {"data": ["a"], "parameters": {"clip_skip": 0}}}, "parameters.clip_skip", "from 1 (the last layer) to 12"),
+    ({"input_data": {"data": ["a"], "parameters": {"clip_skip": 0}}}, "parameters.clip_skip",
+     "from 1 (the last layer) to 12"),
 ])
 def test_bad_requests_name_the_field(body, field, message):
     with pytest.raises(RequestError) as info:
