@@ -34,6 +34,17 @@ def sd2_inpaint_folder(tmp_path_factory) -> Path:
 MODULE_TOL = 1e-6
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """A module's tests at one thread (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a busy 2-core
+    machine two threads spin against each other and a tiny image takes ten times as long (BENCHMARKS.md, 'Batch
+    throughput'). Only for modules whose comparisons are all within the process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max |e|: the fp32 parity measure used throughout."""
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_image_tasks import picture, rectangle_mask
 
@@ -16,15 +15,7 @@ from ldm_cli.main import main
 
 PARAMS = {"num_inference_steps": 2, "height": 64, "width": 64}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run at one thread: on a busy 2-core machine two threads spin against each other and a tiny
-    image takes ten times as long (BENCHMARKS.md, 'Batch throughput'). Every comparison is within the process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 @pytest.fixture(scope="module")
