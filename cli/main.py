@@ -536,8 +536,9 @@ def serve(args: argparse.Namespace) -> None:
 def check_refiner_options(args: argparse.Namespace) -> None:
     if args.refiner_start is not None and not args.refiner:
         raise LdmError("--refiner-start goes with --refiner")
-    if args.refiner_start is not None and not 0 < args.refiner_start < 1:
-        raise LdmError(f"refiner start must be strictly between 0 and 1, got {args.refiner_start}")
+    from ldm.request import GenerationRequest
+
+    GenerationRequest("", refiner_start=args.refiner_start).check()  # the library's range check and message
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -604,12 +605,8 @@ def generate(args: argparse.Namespace) -> None:
     if args.vae_tile_size is not None and (args.vae_tile_size < 32 or args.vae_tile_size % 8):
         raise LdmError(f"--vae-tile-size must be a multiple of 8 pixels, at least 32, got {args.vae_tile_size}")
 
-    from PIL import Image
-
     from ldm.images import load_image, numbered_paths, save_png
-    from ldm.request import MAX_SEED, GenerationRequest
-
-    PLACEHOLDER = Image.new("RGB", (8, 8))  # stands for --image/--mask while the request is checked
+    from ldm.request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest
 
     if args.from_png:
         from_png(args)
@@ -635,7 +632,7 @@ def generate(args: argparse.Namespace) -> None:
         args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
         guidance_rescale=args.guidance_rescale, seed=seed, width=args.width, height=args.height, sampler=args.sampler,
         karras=args.karras, eta=args.eta, num_images=args.num_images, strength=args.strength,
-        image=PLACEHOLDER if args.image else None, mask=PLACEHOLDER if args.mask else None,  # (read below)
+        image=IMAGE_PLACEHOLDER if args.image else None, mask=IMAGE_PLACEHOLDER if args.mask else None,  # (read below)
         original_size=flip(args.original_size), crop_coords=tuple(args.crop_coords) if args.crop_coords else None,
         target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
         negative_aesthetic_score=args.negative_aesthetic_score, refiner_start=args.refiner_start,

@@ -24,6 +24,8 @@ from .samplers import SAMPLERS
 
 MAX_SEED = 2**64 - 1
 MAX_CLIP_SKIP = 12  # A1111's range; a model with fewer text layers refuses what it cannot skip
+# stands for an image or mask not read yet (a file, a request's rows) while a request is checked
+IMAGE_PLACEHOLDER = Image.new("RGB", (8, 8))
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .images import decode_image, encode_png, fit_size, image_from_bytes, is_url
 from .lora import find_lora
 from .options import FORMS, Limits
 from .prompts import extract_extra_networks
-from .request import MAX_SEED, GenerationRequest
+from .request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest
 from .samplers import SAMPLERS
 
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
@@ -73,7 +73,6 @@ class Parameters:
 # a GenerationRequest field → the parameter of a scoring request that sets it (for the field an error names)
 PARAMETER_OF = {"steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
                 "num_images": "num_images_per_prompt"}
-PLACEHOLDER = Image.new("RGB", (8, 8))  # stands for the rows' images when the parameters are checked alone
 
 
 @dataclass
@@ -149,7 +148,7 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     if not 0 <= p.guidance_scale <= 100:
         raise RequestError("parameters.guidance_scale", f"must be between 0 and 100, got {p.guidance_scale}")
     try:  # the rest as every entry point checks a request (the same message as the command line's)
-        generation_request(p, [""], None, PLACEHOLDER if p.strength is not None else None, None,
+        generation_request(p, [""], None, IMAGE_PLACEHOLDER if p.strength is not None else None, None,
                            p.seed, p.prompt_syntax or "plain").check()
     except InputError as e:
         name = PARAMETER_OF.get(e.field, e.field)
