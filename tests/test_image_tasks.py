@@ -17,6 +17,9 @@ from ldm_cli.main import main
 PROMPT = "a red barn in a snowy field"
 MAX_PIXEL_DIFF = 2
 
+# (conftest.py) ldm and diffusers run in this process and are compared here: both at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     """A smooth, colourful RGB test picture with some texture."""
@@ -34,11 +37,19 @@ def rectangle_mask(width: int, height: int, box: tuple[int, int, int, int]) -> I
     return Image.fromarray(mask, "L")
 
 
+LOADED = {}  # (pipeline class, folder) → (pipeline, the folder's scheduler): each loaded once
+
+
 def load(cls, folder, sampler=None):
-    pipe = cls.from_pretrained(folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    if sampler:
-        pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
+    """diffusers' `cls` on `folder` (loaded once, then reused), with a fresh scheduler: `sampler`'s, or the
+    folder's own."""
+    if (cls, folder) not in LOADED:
+        pipe = cls.from_pretrained(folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        LOADED[cls, folder] = pipe, pipe.scheduler
+    pipe, scheduler = LOADED[cls, folder]
+    pipe.scheduler = (diffusers_scheduler(sampler, scheduler.config) if sampler
+                      else type(scheduler).from_config(scheduler.config))
     return pipe
 
 

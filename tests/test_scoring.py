@@ -14,6 +14,9 @@ from ldm.scoring import Limits, RequestError, parse, score
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 
+# (conftest.py) every comparison here is within this process: the pipeline at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def b64(image: Image.Image, fmt="PNG", prefix="") -> str:
     buffer = io.BytesIO()

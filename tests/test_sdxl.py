@@ -15,13 +15,29 @@ from ldm_cli.main import main
 PROMPT = "a lighthouse on a cliff at dawn"
 MAX_PIXEL_DIFF = 2
 
+# (conftest.py) ldm and diffusers run in this process and are compared here: both at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LOADED = {}  # (pipeline class, folder) → (pipeline, the folder's scheduler): each loaded once
+
 
 def load(cls, folder, sampler=None):
-    pipe = cls.from_pretrained(folder, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    if sampler:
-        pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
+    """diffusers' `cls` on `folder` (loaded once, then reused), with a fresh scheduler: `sampler`'s, or the
+    folder's own."""
+    if (cls, folder) not in LOADED:
+        pipe = cls.from_pretrained(folder, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        LOADED[cls, folder] = pipe, pipe.scheduler
+    pipe, scheduler = LOADED[cls, folder]
+    pipe.scheduler = (diffusers_scheduler(sampler, scheduler.config) if sampler
+                      else type(scheduler).from_config(scheduler.config))
     return pipe
+
+
+@pytest.fixture(scope="module")
+def base(sdxl_folder):
+    """ldm's pipeline on the tiny SDXL base folder, for the tests that call it directly."""
+    return StableDiffusion.from_pretrained(sdxl_folder)
 
 
 def as_pixels(images) -> np.ndarray:
@@ -93,8 +109,7 @@ def test_base_to_refiner_hand_off(sdxl_folder, sdxl_refiner_folder, tmp_path, sa
     assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.8" in params
 
 
-def test_hand_off_splits_the_schedule(sdxl_folder, sdxl_refiner_folder):
-    base = StableDiffusion.from_pretrained(sdxl_folder)
+def test_hand_off_splits_the_schedule(base, sdxl_refiner_folder):
     assert isinstance(base, StableDiffusionXL) and base.text_encoder is not None
     refiner = StableDiffusion.from_pretrained(sdxl_refiner_folder)
     assert refiner.text_encoder is None and refiner.requires_aesthetics_score
@@ -131,13 +146,12 @@ def test_half_precision_keeps_the_force_upcast_vae_in_fp32(sdxl_folder, sd1_fold
     assert next(sd.vae.parameters()).dtype == torch.float16  # as StableDiffusionPipeline
 
 
-def test_nan_decode_is_an_error_not_a_black_image(sdxl_folder, monkeypatch):
+def test_nan_decode_is_an_error_not_a_black_image(base, monkeypatch):
     from ldm.errors import LdmError
 
-    pipe = StableDiffusion.from_pretrained(sdxl_folder)
-    monkeypatch.setattr(pipe.vae, "decode", lambda z: torch.full((z.shape[0], 3, 64, 64), float("nan")))
+    monkeypatch.setattr(base.vae, "decode", lambda z: torch.full((z.shape[0], 3, 64, 64), float("nan")))
     with pytest.raises(LdmError, match="NaN/inf"):
-        pipe(PROMPT, steps=1, seed=0)
+        base(PROMPT, steps=1, seed=0)
 
 
 def test_refiner_needs_sdxl_on_both_sides(sd1_folder, sdxl_refiner_folder, capsys, tmp_path):

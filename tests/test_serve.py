@@ -20,6 +20,9 @@ from ldm.server import ServeConfig, Worker, create_app
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 
+# (conftest.py) every comparison here is within this process: the pipeline at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Server:
     """An ldm endpoint in a thread: the worker, the FastAPI app and uvicorn on a pre-bound loopback socket."""
@@ -271,7 +274,14 @@ def test_each_request_is_logged_on_one_line(server, capsys):
     server.request("GET", "/health")
     server.request("POST", "/score", body("a lighthouse", 3, num_inference_steps=1))
     server.request("POST", "/score", {"input_data": {"data": ["a", "b"], "parameters": {"num_inference_steps": 1000}}})
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ldm: ")]
+    # the line is written once the answer is sent: the client may read the answer before the server writes it
+    err, deadline = "", time.monotonic() + 10
+    while True:
+        err += capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("ldm: ")]
+        if len(lines) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert [line.rsplit(", ", 1)[0] for line in lines] == ["ldm: GET /health 200", "ldm: POST /score 200, 1 row",
                                                            "ldm: POST /score 400"]
     assert all(line.endswith(" s") for line in lines)
