@@ -96,12 +96,33 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "text-to-image runs (the SDXL model card's base → refiner hand-off)")
     parser.add_argument("--refiner-start", type=float, default=None,
                         help="fraction of the schedule the base runs before the refiner takes over (default: 0.8)")
+    parser.add_argument("--offload", default=None, choices=("model", "sequential"),
+                        help="for GPUs too small for the model: keep the weights on the CPU and bring each network "
+                             "to the GPU only while it runs (model), or each layer only for its own forward "
+                             "(sequential: least memory, slowest); the image is the same. Not with --compile")
+
+
+def offload_device(args: argparse.Namespace):
+    """--offload's execution device: the GPU the run is on. Refused with --compile, and on the CPU."""
+    if args.compile or args.compile_mode:
+        raise LdmError("--offload does not combine with --compile: compiled code and CUDA graphs keep the weights "
+                       "where they were when compiled (leave out one of them)")
+    from ldm.assemble import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        raise LdmError("--offload moves weights between the CPU and a GPU, and this run is on the CPU (--device cpu, "
+                       "or no CUDA device here): there is nothing to offload, leave it out")
+    return device
 
 
 def load_model(args: argparse.Namespace):
     """--model as the options say; with --refiner, the SDXL base and its refiner as one `Refined` pipeline (the
     refiner loaded at once, so that a bad path fails before the base runs, and parked on the CPU until its
-    turn; it runs uncompiled). `ldm generate --vae` swaps the VAE of both, `--tiling` makes both seamless."""
+    turn; it runs uncompiled). `ldm generate --vae` swaps the VAE of both, `--tiling` makes both seamless.
+    --offload: the weights load on the CPU in the dtype they run in on the GPU and stay there (`ldm.offload`);
+    the networks are accelerated without CUDA graphs, then offloaded (the base and refiner as one)."""
+    from ldm.assemble import DTYPES, resolve_dtype
     from ldm.assemble import load as load_pipeline
     from ldm.tiling import set_seamless
 
@@ -114,19 +135,29 @@ def load_model(args: argparse.Namespace):
             set_seamless(pipe)
         return pipe
 
-    pipe = load(args.model, args.device, args.dtype, args.prediction_type)
+    offload = getattr(args, "offload", None)
+    if offload:
+        target = offload_device(args)
+        dtype = next(name for name, dt in DTYPES.items() if dt == resolve_dtype(args.dtype, target))
+        pipe = load(args.model, "cpu", dtype, args.prediction_type)
+        pipe.device = target  # where `accelerate` below and the offload hooks take it to run
+    else:
+        pipe = load(args.model, args.device, args.dtype, args.prediction_type)
     compile = args.compile_mode or args.compile  # --compile-mode implies --compile
     if compile or pipe.device.type == "cuda":  # CUDA's default path: fused, channels_last, the CUDA graph
         from ldm.fast import accelerate
 
-        accelerate(pipe, compile=compile, cuda_graph=False if args.no_cuda_graph else None)
+        accelerate(pipe, compile=compile, cuda_graph=False if args.no_cuda_graph or offload else None)
     if getattr(args, "refiner", None):
-        from ldm.assemble import DTYPES
         from ldm.refined import DEFAULT_START, Refined
 
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
         refiner = load(args.refiner, "cpu", dtype, None)
         pipe = Refined(pipe, refiner, DEFAULT_START if args.refiner_start is None else args.refiner_start)
+    if offload:
+        from ldm.offload import enable_offload
+
+        enable_offload(pipe, offload, target)
     return pipe
 
 
@@ -295,10 +326,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bench.add_argument("--size", type=int, default=None, help="image size (default: 512 on CUDA, 256 on the CPU)")
     bench.add_argument("--steps", type=int, default=4, help="steps of the end-to-end run (default: %(default)s)")
     bench.add_argument("--sampler", default="euler", choices=list(SAMPLER_LABELS), help="(default: %(default)s)")
-    bench.add_argument("--mode", nargs="+", default=None, choices=("eager", "graph", "compile", "max"),
+    bench.add_argument("--mode", nargs="+", default=None,
+                       choices=("eager", "graph", "compile", "max", "model-offload", "sequential-offload"),
                        help="ldm modes to time (diffusers in its counterpart of each): eager (no CUDA graph, no "
                             "compile), graph (CUDA only: the CUDA-graph default there), compile (--compile), max "
-                            "(--compile-mode max); default: eager graph on CUDA, eager on the CPU")
+                            "(--compile-mode max), model-offload / sequential-offload (CUDA only: --offload); "
+                            "default: eager graph on CUDA, eager on the CPU")
     bench.add_argument("--compile", action="store_true", help="also time the compile mode")
     bench.add_argument("--timeout", type=float, default=None,
                        help="seconds each configuration may take before it is stopped and left out (default: none)")
@@ -410,6 +443,8 @@ def run_bench(args: argparse.Namespace) -> None:
                                + (["compile"] if args.compile else [])))
     if "graph" in modes and device.type != "cuda":
         raise LdmError("--mode graph replays CUDA graphs: it needs a CUDA device (--device cuda)")
+    if {"model-offload", "sequential-offload"} & set(modes) and device.type != "cuda":
+        raise LdmError("--mode model-offload and sequential-offload offload from a GPU: they need --device cuda")
     rows = bench(args.model, args.arch, size, args.steps, args.sampler, modes, device.type, dtype,
                  args.repeats, with_diffusers, log=lambda m: print(m, file=sys.stderr, flush=True),
                  timeout=args.timeout)
@@ -520,6 +555,8 @@ def serve(args: argparse.Namespace) -> None:
 
     resolve_device(args.device)
     check_refiner_options(args)
+    if args.offload:
+        offload_device(args)
     for model in (args.model, args.refiner) if args.refiner else (args.model,):
         root = resolve(model, hub_files(args.variant), args.revision, args.local_files_only)
         if root.is_file() and args.variant is not None:

@@ -9,12 +9,15 @@ is that configuration's own. The modes (`MODES`, `--mode`), for ldm as the comma
   `accelerate` still fuses the attention projections and makes the networks channels_last);
 - graph: CUDA only, `ldm generate`'s default there: the UNet step replayed as a CUDA graph (`ldm.fast`);
 - compile: `--compile` (inductor's default mode; on CUDA under the CUDA graph, on the CPU with freezing);
-- max: `--compile --compile-mode max` (max-autotune).
+- max: `--compile --compile-mode max` (max-autotune);
+- model-offload, sequential-offload: CUDA only, `--offload model` / `--offload sequential` (`ldm.offload`: the
+  weights on the CPU, each network, or each layer, brought to the GPU to run); the row to read is peak GPU memory.
 
 diffusers runs what its documentation recommends for the same intent (`DIFFUSERS_MODE`): eager for eager
 and graph (it has no CUDA-graph path without compile), regional compilation (`compile_repeated_blocks`,
 the compile its docs give for a short cold start) for compile, and its max-autotune recipe (channels_last,
-its inductor flags, UNet and VAE decode compiled) for max. Timings:
+its inductor flags, UNet and VAE decode compiled) for max, `enable_model_cpu_offload()` /
+`enable_sequential_cpu_offload()` for the offload modes. Timings:
 
 - load: process start → pipeline ready; to first step: process start → the first UNet call begins (the
   prompt encoded, the latents drawn); first step: process start → the first denoising step done (on CUDA,
@@ -169,9 +172,11 @@ def gpu_time(fn, repeats: int, wall: float) -> float:
     return statistics.median(times)
 
 
-MODES = ("eager", "graph", "compile", "max")
-DIFFUSERS_MODE = {"eager": "eager", "graph": "eager", "compile": "compile", "max": "max"}
-LDM_COMPILE = {"eager": False, "graph": False, "compile": "default", "max": "max"}
+MODES = ("eager", "graph", "compile", "max", "model-offload", "sequential-offload")
+OFFLOAD_MODES = {"model-offload": "model", "sequential-offload": "sequential"}
+DIFFUSERS_MODE = {"eager": "eager", "graph": "eager", "compile": "compile", "max": "max",
+                  "model-offload": "model-offload", "sequential-offload": "sequential-offload"}
+LDM_COMPILE = {"eager": False, "graph": False, "compile": "default", "max": "max"} | dict.fromkeys(OFFLOAD_MODES, False)
 
 
 def check_mode(mode: str, device: str) -> None:
@@ -179,6 +184,8 @@ def check_mode(mode: str, device: str) -> None:
         raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
     if mode == "graph" and device != "cuda":
         raise ValueError("mode 'graph' replays CUDA graphs: it needs --device cuda")
+    if mode in OFFLOAD_MODES and device != "cuda":
+        raise ValueError(f"mode {mode!r} offloads to the CPU from a GPU: it needs --device cuda")
 
 
 def setup_ldm(model: str, mode: str, device: str, dtype: str):
@@ -186,7 +193,18 @@ def setup_ldm(model: str, mode: str, device: str, dtype: str):
     from .fast import accelerate
     from .pipeline import StableDiffusion
 
-    pipe = StableDiffusion.from_pretrained(model, device=device, dtype=dtype, safety_checker=False)
+    offload = OFFLOAD_MODES.get(mode)
+    pipe = StableDiffusion.from_pretrained(model, device="cpu" if offload else device, dtype=dtype,
+                                           safety_checker=False)
+    if offload:  # as `ldm generate --offload` loads it
+        import torch
+
+        from .offload import enable_offload
+
+        pipe.device = torch.device(device)
+        accelerate(pipe, compile=False, cuda_graph=False)
+        enable_offload(pipe, offload, device)
+        return pipe
     if mode != "eager" or device == "cuda":
         accelerate(pipe, compile=LDM_COMPILE[mode], cuda_graph=mode != "eager" if device == "cuda" else None)
     return pipe
@@ -202,7 +220,13 @@ def setup_diffusers(model: str, mode: str, device: str, dt, sampler: str):
     index = json.loads((Path(model) / "model_index.json").read_text())
     cls = getattr(diffusers, index["_class_name"])
     kwargs = {} if "XL" in index["_class_name"] else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(model, torch_dtype=dt, **kwargs).to(device)
+    pipe = cls.from_pretrained(model, torch_dtype=dt, **kwargs)
+    if mode == "model-offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential-offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, SAMPLERS[sampler].diffusers_class).from_config(pipe.scheduler.config)
     if mode in ("compile", "max"):

@@ -37,6 +37,7 @@ from .images import fit_size, image_to_tensor, infotext, mask_to_tensor, to_pil
 from .lora import LoadedLora, find_lora
 from .lora import load_lora as merge_lora
 from .lora import unload_loras as unmerge_loras
+from .offload import execution_device
 from .options import EMPHASES
 from .prompts import EmbeddingLookup, empty_chunk, encode_chunks, extract_extra_networks, prompt_chunks
 from .request import MAX_CLIP_SKIP, MAX_SEED, GenerationRequest  # noqa: F401 (MAX_*: their old home)
@@ -503,7 +504,7 @@ class StableDiffusion:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:
         weight = next(self.vae.parameters())
-        images = self.vae.decode(latents.to(weight.device, weight.dtype) / self.vae.config.scaling_factor)
+        images = self.vae.decode(latents.to(execution_device(self.vae), weight.dtype) / self.vae.config.scaling_factor)
         if not torch.isfinite(images).all():
             raise LdmError(f"the VAE decode produced NaN/inf values ({weight.dtype} overflow): run again with "
                            "--dtype fp32, or bf16 where the device supports it")

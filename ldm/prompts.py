@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .offload import execution_device
 
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
@@ -245,8 +246,7 @@ def encode_chunks(encoder, rows: list[list[Chunk]], layer: int = -1, final_norm:
 
     n = len(rows[0])
     chunks = [c for row in rows for c in row]
-    device = next(encoder.parameters()).device
-    ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=device)
+    ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=execution_device(encoder))
     token_embeds = None
     if any(c.fixes for c in chunks):
         token_embeds = encoder.text_model.embeddings.token_embedding(ids)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
+from .offload import execution_device
 from .vae import VAE
 
 MODES = ("on", "auto")
@@ -145,8 +146,7 @@ def free_bytes(device: torch.device) -> int:
 
 def needs_tiles(vae: VAE, batch: int, height: int, width: int) -> bool:
     """The "auto" rule: tile when the untiled decode's estimated peak exceeds half the free memory."""
-    device = next(vae.parameters()).device
-    return decode_bytes(vae, batch, height, width) > AUTO_FRACTION * free_bytes(device)
+    return decode_bytes(vae, batch, height, width) > AUTO_FRACTION * free_bytes(execution_device(vae))
 
 
 def _decode(vae: VAE, tiles: Tiles, mode: str, z: Tensor) -> Tensor:
