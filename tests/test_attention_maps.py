@@ -13,6 +13,9 @@ from ldm.attention_maps import AttentionMaps, prompt_tokens, save_attention_maps
 from ldm.pipeline import StableDiffusion
 
 PROMPT = "a photograph of an astronaut riding a horse"
+
+# (conftest.py) every comparison here is within this process: ldm and the references at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 WIDTH, HEIGHT = 40, 64  # latent 5 wide, 8 high: not square (a swapped height and width shows), odd (levels round up)
 
 

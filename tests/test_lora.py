@@ -35,6 +35,9 @@ from ldm.pipeline import StableDiffusion
 from ldm.single_file import unet_rules
 
 PROMPT = "a red boat on a calm sea"
+
+# (conftest.py) every comparison here is within this process: ldm and the references at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 FIXTURES = {"sd1": "sd1_folder", "sd21": "sd21_folder", "sdxl": "sdxl_folder"}
 TOWERS = {"sd1": ["text_encoder"], "sd21": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
 WEIGHT = 0.7

@@ -19,6 +19,9 @@ from ldm_cli.main import main
 
 RUN = {"steps": 3, "seed": 4, "width": 64, "height": 64, "sampler": "euler"}
 
+# (conftest.py) every comparison here is within this process: ldm and the references at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def sd1(sd1_folder):

@@ -13,6 +13,9 @@ from ldm_cli.main import main
 PROMPT = "a photograph of an astronaut riding a horse"
 MAX_PIXEL_DIFF = 2  # of 255
 
+# (conftest.py) every comparison here is within this process: ldm and the references at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def reference(sd1_folder):

@@ -16,6 +16,9 @@ from ldm.errors import InputError, LoadError
 from ldm.pipeline import StableDiffusion
 from ldm.prompts import extract_extra_networks, parse_attention, prompt_chunks
 
+# (conftest.py) every comparison here is within this process: ldm and the references at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # -------------------------------------------------------------------------------------------- parser
 
 

@@ -17,6 +17,9 @@ from ldm.pipeline import StableDiffusion
 from ldm.safety import FeatureExtractorConfig, SafetyChecker, SafetyCheckerConfig, checker_state, preprocess
 from ldm_cli.main import main
 
+# (conftest.py) every comparison here is within this process: ldm and the references at one thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["a cat on a sofa", "a bowl of fruit", "a city street at night", "a mountain lake"]
 
 
