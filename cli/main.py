@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ldm.errors import LdmError
-from ldm.options import EMPHASES, KARRAS_SAMPLERS, SAMPLER_LABELS
+from ldm.options import EMPHASES, HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS
 from ldm_cli import parity
 
 # Nothing here imports torch at module level: `ldm --help` and argument errors answer at once.
@@ -96,6 +96,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "text-to-image runs (the SDXL model card's base → refiner hand-off)")
     parser.add_argument("--refiner-start", type=float, default=None,
                         help="fraction of the schedule the base runs before the refiner takes over (default: 0.8)")
+    large = parser.add_argument_group("the VAE and seamless textures", "README: 'Large images and seamless textures'")
+    large.add_argument("--vae-tiling", action="store_true",
+                       help="decode (and encode) in overlapping tiles, as diffusers' enable_tiling(); without it, "
+                            "ldm tiles only where the whole-image pass would not fit in memory")
+    large.add_argument("--vae-tile-size", type=int, default=None, metavar="PIXELS",
+                       help="tile size (default: the VAE config's sample_size, 512 for SD 1.x, 1024 for SDXL)")
+    large.add_argument("--tiling", action="store_true",
+                       help="seamless textures: circular padding in every convolution of the UNet and VAE "
+                            "(A1111's --tiling); the image's edges continue each other")
+    large.add_argument("--vae", default=None, metavar="FILE_OR_FOLDER",
+                       help="use this VAE: a diffusers vae/ folder or a .safetensors VAE file of the model's family")
     parser.add_argument("--offload", default=None, choices=("model", "sequential"),
                         help="for GPUs too small for the model: keep the weights on the CPU and bring each network "
                              "to the GPU only while it runs (model), or each layer only for its own forward "
@@ -116,23 +127,37 @@ def offload_device(args: argparse.Namespace):
     return device
 
 
+def check_vae_options(args: argparse.Namespace) -> None:
+    if args.tiling and (args.vae_tiling or args.vae_tile_size):
+        raise LdmError("--tiling does not combine with --vae-tiling: each VAE tile would wrap on itself")
+    if args.vae_tile_size is not None and (args.vae_tile_size < 32 or args.vae_tile_size % 8):
+        raise LdmError(f"--vae-tile-size must be a multiple of 8 pixels, at least 32, got {args.vae_tile_size}")
+    if args.vae is not None and not Path(args.vae).exists():
+        raise LdmError(f"--vae {args.vae}: no such file or folder")
+
+
 def load_model(args: argparse.Namespace):
     """--model as the options say; with --refiner, the SDXL base and its refiner as one `Refined` pipeline (the
     refiner loaded at once, so that a bad path fails before the base runs, and parked on the CPU until its
-    turn; it runs uncompiled). `ldm generate --vae` swaps the VAE of both, `--tiling` makes both seamless.
+    turn; it runs uncompiled). `--vae` swaps the VAE of both, `--tiling` makes both seamless, and both VAEs
+    tile (`--vae-tiling`: always; otherwise where a whole image would not fit).
     --offload: the weights load on the CPU in the dtype they run in on the GPU and stay there (`ldm.offload`);
     the networks are accelerated without CUDA graphs, then offloaded (the base and refiner as one)."""
     from ldm.assemble import DTYPES, resolve_dtype
     from ldm.assemble import load as load_pipeline
-    from ldm.tiling import set_seamless
+    from ldm.tiling import enable_vae_tiling, set_seamless
+
+    check_vae_options(args)
 
     def load(model: str, device: str, dtype: str, prediction_type: str | None):
         pipe = load_pipeline(
             model, device=device, dtype=dtype, variant=args.variant, revision=args.revision,
             local_files_only=args.local_files_only, prediction_type=prediction_type,
-            safety_checker=not args.no_safety_checker, vae=getattr(args, "vae", None))
-        if getattr(args, "tiling", False):  # before `accelerate`: its Winograd convolutions pad with zeros
+            safety_checker=not args.no_safety_checker, vae=args.vae)
+        if args.tiling:  # before `accelerate`: its Winograd convolutions pad with zeros
             set_seamless(pipe)
+        else:  # --vae-tiling: always; otherwise where the whole image would not fit (ldm.tiling)
+            enable_vae_tiling(pipe.vae, "on" if args.vae_tiling else "auto", args.vae_tile_size)
         return pipe
 
     offload = getattr(args, "offload", None)
@@ -231,16 +256,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="write a cross-attention heat map per prompt token, overlaid on the image, and tokens.json "
                           "into DIR (README: 'Attention maps'; not with --compile)")
     large = gen.add_argument_group("large images and seamless textures", "README: 'Large images and seamless textures'")
-    large.add_argument("--vae-tiling", action="store_true",
-                       help="decode (and encode) in overlapping tiles, as diffusers' enable_tiling(); without it, "
-                            "ldm tiles only where the whole-image pass would not fit in memory")
-    large.add_argument("--vae-tile-size", type=int, default=None, metavar="PIXELS",
-                       help="tile size (default: the VAE config's sample_size, 512 for SD 1.x, 1024 for SDXL)")
-    large.add_argument("--tiling", action="store_true",
-                       help="seamless textures: circular padding in every convolution of the UNet and VAE "
-                            "(A1111's --tiling); the image's edges continue each other")
-    large.add_argument("--vae", default=None, metavar="FILE_OR_FOLDER",
-                       help="use this VAE: a diffusers vae/ folder or a .safetensors VAE file of the model's family")
+    large.add_argument("--hires-scale", type=float, default=None, metavar="F",
+                       help="A1111's hires fix: generate, upscale the result by F (1 to 4), then redraw it with "
+                            "image-to-image at the larger size")
+    large.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                       help="steps of the hires pass (default: --steps)")
+    large.add_argument("--hires-denoise", type=float, default=None, metavar="STRENGTH",
+                       help="denoising strength of the hires pass (default: 0.7)")
+    large.add_argument("--hires-upscaler", default=None, choices=list(HIRES_UPSCALERS),
+                       help="latent* interpolate the latents, lanczos and nearest resize the image (default: latent)")
     add_model_options(gen)
 
     dl = sub.add_parser(
@@ -410,7 +434,19 @@ def from_png(args: argparse.Namespace) -> None:
         raise LdmError(f"--from-png {args.from_png}: emphasis {params['Emphasis']!r} is not one ldm has")
     found["emphasis"] = emphasis
     found["prompt_syntax"] = params.get("Prompt syntax", "a1111")
-    if "Denoising strength" in params:
+    found["tiling"] = params.get("Tiling") == "True"
+    if "Hires upscale" in params:  # the hires fix: its strength is the second pass's
+        found["hires_scale"] = value("Hires upscale", float)
+        for key, dest, kind in (("Hires steps", "hires_steps", int), ("Denoising strength", "hires_denoise", float)):
+            if key in params:
+                found[dest] = value(key, kind)
+        by_name = {label: name for name, label in HIRES_UPSCALERS.items()}
+        upscaler = params.get("Hires upscaler", "Latent")
+        if upscaler not in by_name:
+            raise LdmError(f"--from-png {args.from_png}: hires upscaler {upscaler!r} is not one ldm has "
+                           f"({', '.join(by_name)}): pass --hires-upscaler")
+        found["hires_upscaler"] = by_name[upscaler]
+    elif "Denoising strength" in params:
         if args.image is None:
             raise LdmError(f"--from-png {args.from_png}: the image was made by image-to-image (Denoising strength "
                            f"{params['Denoising strength']}): give its --image")
@@ -555,6 +591,7 @@ def serve(args: argparse.Namespace) -> None:
 
     resolve_device(args.device)
     check_refiner_options(args)
+    check_vae_options(args)
     if args.offload:
         offload_device(args)
     for model in (args.model, args.refiner) if args.refiner else (args.model,):
@@ -591,7 +628,10 @@ def batch(args: argparse.Namespace) -> int:
                                               "dtype")}
     if args.refiner:  # (absent without one: a folder started before --refiner existed resumes as it was)
         settings |= {"refiner": args.refiner, "refiner_start": args.refiner_start}
+    # what changes the images (absent when not given, so that a folder started before these options resumes)
+    settings |= {k: getattr(args, k) for k in ("vae", "tiling", "vae_tiling", "vae_tile_size") if getattr(args, k)}
     check_refiner_options(args)
+    check_vae_options(args)
     ranks = Ranks.from_env()
     args.device = ranks.device(args.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
     ranks.start(args.device)
@@ -637,16 +677,14 @@ def generate(args: argparse.Namespace) -> None:
         raise LdmError("--attention-maps records attention as the eager networks compute it: leave out --compile")
     if args.attention_maps and Path(args.attention_maps).is_file():
         raise LdmError(f"--attention-maps {args.attention_maps}: a file; give a folder")
-    if args.tiling and (args.vae_tiling or args.vae_tile_size):
-        raise LdmError("--tiling does not combine with --vae-tiling: each VAE tile would wrap on itself")
-    if args.vae_tile_size is not None and (args.vae_tile_size < 32 or args.vae_tile_size % 8):
-        raise LdmError(f"--vae-tile-size must be a multiple of 8 pixels, at least 32, got {args.vae_tile_size}")
 
     from ldm.images import load_image, numbered_paths, save_png
     from ldm.request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest
 
     if args.from_png:
         from_png(args)
+    if args.attention_maps and args.hires_scale is not None:
+        raise LdmError("--attention-maps records one pass at one size: leave out --hires-scale")
     if args.prompt is None:
         raise LdmError("give a prompt (or --from-png IMAGE.png)")
     for path in args.embedding:
@@ -673,7 +711,9 @@ def generate(args: argparse.Namespace) -> None:
         original_size=flip(args.original_size), crop_coords=tuple(args.crop_coords) if args.crop_coords else None,
         target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,
         negative_aesthetic_score=args.negative_aesthetic_score, refiner_start=args.refiner_start,
-        prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, clip_skip=args.clip_skip)
+        prompt_syntax=args.prompt_syntax, emphasis=args.emphasis, clip_skip=args.clip_skip,
+        hires_scale=args.hires_scale, hires_steps=args.hires_steps, hires_denoise=args.hires_denoise,
+        hires_upscaler=args.hires_upscaler)
     request.check()  # everything about the request is checked before gigabytes of weights are loaded
     image = load_image(args.image) if args.image else None
     mask = load_image(args.mask, "mask") if args.mask else None
@@ -685,14 +725,6 @@ def generate(args: argparse.Namespace) -> None:
         request = request.replace(refiner_start=None)  # given to the pipeline (Refined) instead
 
     pipe = load_model(args)
-    if not args.tiling:  # --vae-tiling: always; otherwise where the whole image would not fit (ldm.tiling)
-        from ldm.tiling import enable_vae_tiling
-
-        for part in {pipe.vae, getattr(pipe, "refiner", pipe).vae}:
-            enable_vae_tiling(part, "on" if args.vae_tiling else "auto", args.vae_tile_size)
-    describe = {"Tiling": True} if args.tiling else {}
-    if args.vae:
-        describe["VAE"] = Path(args.vae).stem if Path(args.vae).is_file() else Path(args.vae).name
     if "auto" in (args.device, args.dtype):
         from ldm.assemble import DTYPES
 
@@ -714,11 +746,12 @@ def generate(args: argparse.Namespace) -> None:
         width, height = (args.width, args.height) if image is None else fit_size(image, pipe.vae_scale)
         maps = AttentionMaps.for_pipeline(pipe, args.width or width, args.height or height, args.guidance)
         with maps:
-            result = pipe(request, callbacks=callbacks, describe=describe)
+            result = pipe(request, callbacks=callbacks)
         save_maps(maps, pipe, request, result, Path(args.attention_maps))
     else:
-        result = pipe(request, callbacks=callbacks, describe=describe)
-    if result.evaluations != bar.total and not args.refiner:  # Heun: two a step; PNDM: its second step twice
+        result = pipe(request, callbacks=callbacks)
+    if result.evaluations != bar.total and not (args.refiner or args.hires_scale):  # Heun: two a step; PNDM: its
+        # second step twice (a refiner or a hires pass: two runs, two bars)
         print(f"({result.evaluations} UNet evaluations for {bar.total} steps)", file=sys.stderr)
     for note in dict.fromkeys(pipe.notes + result.notes):
         print(f"note: {note}", file=sys.stderr)
@@ -749,17 +782,23 @@ class Previews:
     several images: OUT-stepNNN-1.png, …): how the image forms, at the cost of one VAE decode each time."""
 
     def __init__(self, pipe, out: Path, every: int):
-        self.pipe, self.out, self.every, self.written = pipe, out, every, set()
+        self.pipe, self.out, self.every, self.written, self.passes = pipe, out, every, set(), 0
+
+    def begin(self, total: int) -> None:
+        """A pass begins: a hires fix's second pass (or a refiner's part) writes OUT-pass2-stepNNN.png."""
+        self.passes += 1
+        self.written = set()
 
     def __call__(self, step) -> None:
         from ldm.images import numbered_paths, save_png
 
         done = step.i + 1
-        if done % self.every or (done, step.total) in self.written:  # (PNDM reports its doubled step twice)
+        if done % self.every or done in self.written:  # (PNDM reports its doubled step twice)
             return
-        self.written.add((done, step.total))
+        self.written.add(done)
         images = self.pipe.decode(step.denoised)
-        base = self.out.with_name(f"{self.out.stem}-step{done:03d}{self.out.suffix}")
+        run = f"-pass{self.passes}" if self.passes > 1 else ""
+        base = self.out.with_name(f"{self.out.stem}{run}-step{done:03d}{self.out.suffix}")
         for picture, path in zip(images, numbered_paths(base, len(images)), strict=True):
             save_png(picture, path, f"preview after step {done} of {step.total}")
 

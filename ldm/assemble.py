@@ -161,6 +161,7 @@ def load(model: str | Path, device: str = "auto", dtype: str = "auto", variant: 
             raise InputError(f"--variant {variant} selects files in a diffusers folder; {root} is a single file")
         return load_single_file(root, device, dtype, prediction_type, vae)
     folder = read_folder(root)
+    vae_name = None if vae is None else vae_label(vae)
     if vae is not None:
         swapped = load_vae(vae, folder.vae, folder.family, folder.xl, dev, dt)
     vae_dtype = upcast_vae_dtype(folder.xl, dt, folder.vae)
@@ -182,6 +183,7 @@ def load(model: str | Path, device: str = "auto", dtype: str = "auto", variant: 
     pipe = assemble(folder.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, name,
                     force_zeros_for_empty_prompt=folder.index.get("force_zeros_for_empty_prompt", True),
                     requires_aesthetics_score=folder.index.get("requires_aesthetics_score", False))
+    pipe.vae_name = vae_name
     if safety_checker and "safety_checker" in folder.listed:
         for part in ("safety_checker", "feature_extractor"):
             if not (root / part).is_dir():
@@ -224,6 +226,7 @@ def load_single_file(path: str | Path, device: str = "auto", dtype: str = "auto"
         return load_module(build, state, path, family.label, dev)
 
     unet = load_part("unet", lambda: UNet(unet_cfg))
+    vae_name = None if vae is None else vae_label(vae)
     if vae is not None:
         vae = load_vae(vae, vae_cfg, family.label, family.xl, dev, dt)
     else:
@@ -237,7 +240,7 @@ def load_single_file(path: str | Path, device: str = "auto", dtype: str = "auto"
     scheduler = SchedulerConfig.from_diffusers(checkpoint.scheduler)
     pipe = assemble(family.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, path.stem,
                     force_zeros_for_empty_prompt=not family.refiner, requires_aesthetics_score=family.refiner)
-    pipe.model_file = path
+    pipe.model_file, pipe.vae_name = path, vae_name
     return pipe
 
 
@@ -263,6 +266,12 @@ def vae_shapes(t: dict[str, Tensor], diffusers_names: bool) -> dict:
                 "mid_block_add_attention": attn in t}
     except KeyError as e:
         raise LoadError(f"{e.args[0]} is missing, and the VAE's configuration is read from it") from None
+
+
+def vae_label(source: str | Path) -> str:
+    """The infotext's `VAE` for a VAE given by path: a file's stem, a folder's name (as A1111 names them)."""
+    path = Path(source)
+    return path.stem if path.is_file() else path.name
 
 
 def load_vae(source: str | Path, model: VAEConfig, family: str, xl: bool, device: torch.device,

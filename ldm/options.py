@@ -14,6 +14,14 @@ SAMPLER_LABELS = {"pndm": "PLMS", "ddim": "DDIM", "euler": "Euler", "euler_a": "
 KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
 SYNTAXES = ("a1111", "plain")
+
+# the hires fix's upscalers → A1111's names (the infotext's `Hires upscaler`): the latent ones interpolate the
+# first pass's latents (torch `interpolate` mode, antialias), the others resize its decoded images with PIL
+HIRES_UPSCALERS = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
+                   "latent-bicubic": "Latent (bicubic)", "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
+                   "latent-nearest": "Latent (nearest)", "latent-nearest-exact": "Latent (nearest-exact)",
+                   "lanczos": "Lanczos", "nearest": "Nearest"}
+HIRES_MAX_SCALE = 4.0  # A1111's slider
 # A1111's emphasis modes: "Original" (weights, then the chunk's mean restored), "No norm" (weights only),
 # "None" (brackets read literally; long prompts are still chunked)
 EMPHASES = {"original": "Original", "no-norm": "No norm", "none": "None"}

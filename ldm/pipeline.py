@@ -76,7 +76,7 @@ class Generation:
     images: list[Image.Image]
     seed: int
     infotexts: list[str] = field(default_factory=list)  # AUTOMATIC1111 `parameters`, one per image
-    latents: Tensor | None = None  # σ-space latents, from a run stopped early with denoising_end
+    latents: Tensor | None = None  # σ-space, from a run stopped early (denoising_end); output_type="latent": the VAE's
     nsfw: list[bool | None] = field(default_factory=list)  # per image: the safety checker's flag; None: no checker
     notes: list[str] = field(default_factory=list)  # what the user should know (a prompt cut at 77 tokens, …)
     params: dict = field(default_factory=dict)  # the infotext's parameters (before each image's seed and position)
@@ -99,6 +99,8 @@ class StableDiffusion:
         self.notes: list[str] = []  # said once, at load: embeddings of the folder that do not fit, …
         self.model_file: Path | None = None  # a single-file checkpoint: its sha256 is the infotext's Model hash
         self.loras: list[LoadedLora] = []  # merged adapters, in load order (`load_lora`)
+        self.vae_name: str | None = None  # another VAE than the model's own (`vae=`): the infotext's VAE
+        self.seamless = False  # circular padding (`ldm.tiling.set_seamless`): the infotext's Tiling
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -146,8 +148,10 @@ class StableDiffusion:
         unmerge_loras(self)
 
     def identity(self) -> dict:
-        """The infotext's description of the weights: Model hash (single files), Model, Lora hashes."""
+        """The infotext's description of the loaded model: Model hash (single files), Model, VAE (another one),
+        Tiling (seamless), Lora hashes."""
         return {"Model hash": sha256(self.model_file)[:10] if self.model_file else None, "Model": self.name,
+                "VAE": self.vae_name, "Tiling": True if self.seamless else None,
                 "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in self.loras) or None}
 
     def tower_widths(self) -> dict[str, int]:
@@ -220,10 +224,14 @@ class StableDiffusion:
                  describe: dict | None = None, **options) -> Generation:
         """Run a `GenerationRequest`, or build one from a prompt and keyword arguments (its fields).
 
-        Text-to-image by default; image-to-image (SDEdit) with `image`; inpainting with `image` and
-        `mask` (white = repaint). Defaults: the model's native size (the image's, rounded down to a
-        multiple of 8, when there is one), its folder's sampler, 50 steps, guidance 7.5, strength 0.8
-        (0.3 for SDXL, 1.0 with a mask), a random seed (returned in the result).
+        Text-to-image by default; image-to-image (SDEdit) with `image` (one image, one per image of the batch, or
+        VAE latents, as diffusers takes them); inpainting with `image` and `mask` (white = repaint).
+        `output_type="latent"` returns the VAE latents undecoded (`Generation.latents`). `hires_scale` (with
+        `hires_steps`, `hires_denoise`, `hires_upscaler`) runs A1111's hires fix (`ldm.hires`).
+
+        Defaults: the model's native size (the image's, rounded down to a multiple of 8, when there is one), its
+        folder's sampler, 50 steps, guidance 7.5, strength 0.8 (0.3 for SDXL, 1.0 with a mask), a random seed
+        (returned in the result).
 
         SDXL only: `original_size`, `crop_coords`, `target_size` as (height, width) / (top, left) pairs,
         the refiner's `aesthetic_score` / `negative_aesthetic_score`. Base → refiner hand-off (`Refined` does
@@ -254,7 +262,11 @@ class StableDiffusion:
                 raise TypeError("pass a GenerationRequest alone, or a prompt and keyword arguments")
         else:
             request = GenerationRequest(request, negative_prompt, **options)
-        with self.call_loras(request):
+        with self.call_loras(request):  # (both passes of a hires fix run with them)
+            if request.hires_scale is not None:
+                from .hires import hires_fix
+
+                return hires_fix(self, request, callbacks, generator, describe)
             return self.generate(request, callbacks, generator, describe)
 
     @contextmanager
@@ -299,6 +311,9 @@ class StableDiffusion:
         params = self.annotate(plan, used) | (describe or {})
         if plan.request.denoising_end is not None:  # the base's part of a hand-off: latents, no images
             return Generation([], plan.seed, [], latents=x, notes=notes, params=params, evaluations=evaluations)
+        if plan.request.output_type == "latent":  # the VAE's latents, undecoded
+            return Generation([], plan.seed, [], latents=plan.schedule.to_latents(x), notes=notes, params=params,
+                              evaluations=evaluations)
         images, nsfw = self.finish(plan, x)
         texts = [infotext(prompt, negative, params | extra) for prompt, negative, extra in self.captions(plan)]
         return Generation(images, plan.seed, texts, nsfw=nsfw, notes=notes, params=params, evaluations=evaluations)
@@ -323,10 +338,13 @@ class StableDiffusion:
         if self.inpainting and r.mask is None:
             raise InputError(f"{self.name} is an inpainting model (9-channel UNet): give it an image and a mask",
                              field="mask")
-        latents = r.latents
-        if latents is not None and latents.shape[:2] != (r.batch, self.vae.config.latent_channels):
+        latents, channels = r.latents, self.vae.config.latent_channels
+        if latents is not None and latents.shape[:2] != (r.batch, channels):
             raise InputError(f"latents of shape {tuple(latents.shape)} do not fit {r.batch} images "
-                             f"of {self.vae.config.latent_channels} latent channels", field="latents")
+                             f"of {channels} latent channels", field="latents")
+        if isinstance(r.image, Tensor) and r.image.shape[1] != channels:
+            raise InputError(f"latents given as the image have {r.image.shape[1]} channels; {self.name}'s VAE has "
+                             f"{channels}", field="image")
         spec = SAMPLERS[sampler]
         cut_or_pasted = r.denoising_start or r.denoising_end or (r.mask is not None and not self.inpainting)
         if spec.two_calls_per_step and cut_or_pasted:
@@ -335,8 +353,10 @@ class StableDiffusion:
                              "does not imitate; pick another sampler for this", field="sampler")
         if latents is not None:
             native_w, native_h = latents.shape[-1] * self.vae_scale, latents.shape[-2] * self.vae_scale
+        elif isinstance(r.image, Tensor):
+            native_w, native_h = r.image.shape[-1] * self.vae_scale, r.image.shape[-2] * self.vae_scale
         elif r.image is not None:
-            native_w, native_h = fit_size(r.image, self.vae_scale)
+            native_w, native_h = fit_size(r.image[0] if isinstance(r.image, list) else r.image, self.vae_scale)
         else:
             native_w = native_h = self.unet.config.sample_size * self.vae_scale
         seed = r.seed if r.seed is not None else secrets.randbits(32)
@@ -354,8 +374,9 @@ class StableDiffusion:
         if r.denoising_end is not None:
             schedule = schedule.until(r.denoising_end, T)
         generator = generator or r.generators()
-        if isinstance(generator, list) and (r.batch % len(generator) or r.image is not None):
-            raise InputError(f"a list of generators is for text-to-image: one per image ({r.batch}) or per prompt")
+        if isinstance(generator, list) and (r.batch % len(generator) or r.mask is not None):
+            raise InputError(f"a list of generators is one per image ({r.batch}) or one per prompt; inpainting "
+                             "takes one")
         shape = (r.batch, self.vae.config.latent_channels, r.height // self.vae_scale, r.width // self.vae_scale)
         return Plan(r, spec, karras, schedule, generator, shape)
 
@@ -412,8 +433,8 @@ class StableDiffusion:
         r = plan.request
         params = {"Steps": r.steps, "Sampler": plan.spec.label, "Schedule type": "Karras" if plan.karras else None,
                   "CFG scale": r.guidance, "Seed": plan.seed, "Size": f"{r.width}x{r.height}", "Model hash": None,
-                  "Model": None, "Denoising strength": r.strength if r.image is not None else None,
-                  "Clip skip": r.clip_skip if r.clip_skip > 1 else None,
+                  "Model": None, "VAE": None, "Denoising strength": r.strength if r.image is not None else None,
+                  "Clip skip": r.clip_skip if r.clip_skip > 1 else None, "Tiling": None,
                   "Eta": r.eta if "eta" in plan.spec.options and r.eta else None,
                   "CFG rescale": r.guidance_rescale or None,
                   "Lora hashes": None,
@@ -458,8 +479,9 @@ class StableDiffusion:
         (float32) and, inpainting with a 4-channel UNet, the paste of the known region after each step.
 
         Random draws come in diffusers' order: text-to-image: noise. Image-to-image: the image's latent
-        sample, then noise. Inpainting: the image's latent sample (4-channel UNet, or strength < 1),
-        noise, then the masked image's latent sample. A hand-off's second half starts from its latents.
+        sample (none for latents given as the image), then noise. Inpainting: the image's latent sample (4-channel
+        UNet, or strength < 1), noise, then the masked image's latent sample. A hand-off's second half starts from
+        its latents.
         """
         r, schedule, generator, shape = plan.request, plan.schedule, plan.generator, plan.shape
         if r.latents is not None:
@@ -471,10 +493,9 @@ class StableDiffusion:
 
         if r.image is None:
             return self.unet, noise() * schedule.init_noise_sigma, None
-        pixels = image_to_tensor(r.image, w * self.vae_scale, h * self.vae_scale)
         if r.mask is None:  # image-to-image: the init latents noised to the first σ kept
-            init = self.encode_image(pixels, generator).repeat(batch, 1, 1, 1)
-            return self.unet, init + noise() * schedule.sigmas[0], None
+            return self.unet, self.init_latents(r.image, shape, generator) + noise() * schedule.sigmas[0], None
+        pixels = image_to_tensor(r.image, w * self.vae_scale, h * self.vae_scale)
 
         repaint = mask_to_tensor(r.mask, w * self.vae_scale, h * self.vae_scale)
         init = None
@@ -500,6 +521,23 @@ class StableDiffusion:
             return (1 - latent_mask) * known + latent_mask * step.x
 
         return self.unet, x, paste_known
+
+    def init_latents(self, image: "Image.Image | list[Image.Image] | Tensor", shape: tuple, generator) -> Tensor:
+        """Image-to-image's clean latents for the batch: latents given as the image as they are, or the images
+        encoded: one posterior sample of the batch, or with a list of generators one of each group of images, in
+        the groups `randn` draws (a generator per image: one sample each, as diffusers does)."""
+        batch, _, h, w = shape
+        if isinstance(image, Tensor):
+            init = image.to(self.device, torch.float32)
+        else:
+            images = image if isinstance(image, list) else [image]
+            pixels = torch.cat([image_to_tensor(i, w * self.vae_scale, h * self.vae_scale) for i in images])
+            if isinstance(generator, list):
+                groups = pixels.repeat(batch // len(images), 1, 1, 1).chunk(len(generator))
+                init = torch.cat([self.encode_image(p, g) for p, g in zip(groups, generator, strict=True)])
+            else:
+                init = self.encode_image(pixels, generator)
+        return init.repeat(batch // init.shape[0], 1, 1, 1)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> list[Image.Image]:

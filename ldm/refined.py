@@ -65,6 +65,9 @@ class Refined:
         if request.image is not None or request.latents is not None:
             raise InputError("the refiner finishes a text-to-image run; image-to-image and inpainting run without "
                              "it", field="image")
+        if request.hires_scale is not None:
+            raise InputError("the hires fix redraws a finished image; it does not combine with a refiner",
+                             field="hires_scale")
         if request.denoising_end is not None or request.denoising_start is not None:
             raise InputError("denoising_start/denoising_end: the hand-off point of a base with a refiner is "
                              "refiner_start", field="denoising_end")
@@ -78,7 +81,7 @@ class Refined:
         first = self.base(base_part, callbacks=callbacks, generator=generator)
         self._on_device(self.refiner)
         # the PNG names the base as Model (with its hash and LoRAs) and the refiner as Refiner, as A1111 does
-        described = {k: first.params[k] for k in ("Model hash", "Model", "Lora hashes")} | {
+        described = {k: first.params[k] for k in ("Model hash", "Model", "VAE", "Tiling", "Lora hashes")} | {
             "Refiner": self.refiner.name, "Refiner switch at": start} | (describe or {})
         refiner_part = request.replace(latents=first.latents, denoising_start=start, refiner_start=None,
                                        target_size=None, loras=[],

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import InputError
-from .options import EMPHASES, SYNTAXES
+from .options import EMPHASES, HIRES_MAX_SCALE, HIRES_UPSCALERS, SYNTAXES
 from .samplers import SAMPLERS
 
 MAX_SEED = 2**64 - 1
@@ -39,14 +39,17 @@ class GenerationRequest:
     steps: int = 50
     guidance: float = 7.5  # classifier-free guidance is on above 1 (diffusers' rule)
     guidance_rescale: float = 0.0
-    seed: int | list[int] | None = None  # a list: one per prompt or per image (text-to-image)
+    seed: int | list[int] | None = None  # a list: one per prompt or per image (not inpainting)
     width: int | None = None
     height: int | None = None
     sampler: str | None = None
     karras: bool = False
     eta: float = 0.0
     num_images: int = 1  # per prompt
-    image: Image.Image | None = None  # image-to-image; with `mask`, inpainting (white = repaint)
+    # image-to-image: an image (for every image of the batch), one image per image of the batch, or the VAE
+    # latents (scaled, as diffusers' img2img takes a 4-channel tensor) of one or of each; with `mask` (and one
+    # image), inpainting (white = repaint)
+    image: Image.Image | list[Image.Image] | Tensor | None = None
     mask: Image.Image | None = None
     strength: float | None = None
     # SDXL micro-conditioning, (height, width) and (top, left) pairs; the refiner's aesthetic scores
@@ -65,6 +68,13 @@ class GenerationRequest:
     clip_skip: int = 1
     loras: list[tuple[str, float]] = field(default_factory=list)  # names in weights/loras, merged for this call
     prompt_loras: bool = True  # False: <lora:…> tags in the prompt are not merged (a refiner finishing a base's run)
+    # A1111's hires fix (text-to-image): generate, upscale by `hires_scale` (`ldm.hires`), then image-to-image at
+    # the larger size with `hires_steps` (default: `steps`) at strength `hires_denoise` (default: 0.7, A1111's)
+    hires_scale: float | None = None
+    hires_steps: int | None = None
+    hires_denoise: float | None = None
+    hires_upscaler: str | None = None  # `ldm.options.HIRES_UPSCALERS` (default: latent, A1111's)
+    output_type: str = "pil"  # "latent": the result's `latents` (VAE-scaled), undecoded, as in diffusers
 
     @property
     def prompts(self) -> list[str]:
@@ -108,6 +118,7 @@ class GenerationRequest:
                              f"got {self.clip_skip!r}")
         if self.mask is not None and self.image is None:
             bad("mask", "--mask needs the image it applies to (--image)")
+        self._check_image(bad)
         if self.strength is not None and self.image is None:
             bad("strength", "--strength applies to image-to-image and inpainting: give an --image")
         if self.sampler is not None and self.sampler not in SAMPLERS:
@@ -130,8 +141,8 @@ class GenerationRequest:
         for seed in seeds:
             if seed is not None and (not _whole(seed) or not 0 <= seed <= MAX_SEED):
                 bad("seed", f"seed must be between 0 and {MAX_SEED}, got {seed}")
-        if isinstance(self.seed, list) and (len(seeds) not in (len(prompts), self.batch) or self.image is not None):
-            bad("seed", "a list of seeds is for text-to-image: one per prompt or one per image")
+        if isinstance(self.seed, list) and (len(seeds) not in (len(prompts), self.batch) or self.mask is not None):
+            bad("seed", "a list of seeds is one per prompt or one per image (inpainting takes one seed)")
         if not _number(self.eta) or not 0 <= self.eta <= 1:
             bad("eta", f"eta must be between 0 and 1, got {self.eta}")
         if not _number(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:
@@ -142,10 +153,51 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and (not _number(value) or not 0 < value < 1):
                 bad(name, f"{name.replace('_', ' ')} must be strictly between 0 and 1, got {value}")
-        if (self.latents is None) != (self.denoising_start is None) or (self.latents is not None and self.image):
+        if (self.latents is None) != (self.denoising_start is None) or (
+                self.latents is not None and self.image is not None):
             bad("denoising_start", "denoising_start goes with latents (from a run with denoising_end), "
                                    "without an image")
+        if self.output_type not in ("pil", "latent"):
+            bad("output_type", f"output type must be pil or latent, got {self.output_type!r}")
+        self._check_hires(bad, max_steps)
         return self
+
+    def _check_image(self, bad) -> None:
+        image = self.image
+        if image is None or isinstance(image, Image.Image):
+            return
+        if isinstance(image, Tensor):
+            if image.ndim != 4 or image.shape[0] not in (1, self.batch):
+                bad("image", f"latents given as the image must be (1 or {self.batch}, channels, height, width), "
+                             f"got {tuple(image.shape)}")
+        elif not isinstance(image, list) or not image or not all(isinstance(i, Image.Image) for i in image):
+            bad("image", "the image must be an image, a list of images or a latents tensor")
+        elif len(image) not in (1, self.batch):
+            bad("image", f"{len(image)} images for a batch of {self.batch}: give one, or one per image")
+        if self.mask is not None:
+            bad("mask", "inpainting takes one image (a PIL image), not a list or latents")
+
+    def _check_hires(self, bad, max_steps: int) -> None:
+        """The hires fix's own checks; the final size against a server's limits is `hires_size`'s."""
+        if self.hires_scale is None:
+            for name in ("hires_steps", "hires_denoise", "hires_upscaler"):
+                if getattr(self, name) is not None:
+                    bad(name, f"{name.replace('_', ' ')} goes with a hires scale (--hires-scale)")
+            return
+        if not _number(self.hires_scale) or not 1 <= self.hires_scale <= HIRES_MAX_SCALE:
+            bad("hires_scale", f"hires scale must be from 1 to {HIRES_MAX_SCALE:g} (the factor the first image is "
+                               f"upscaled by), got {self.hires_scale}")
+        if self.hires_steps is not None and (not _whole(self.hires_steps) or not 1 <= self.hires_steps <= max_steps):
+            bad("hires_steps", f"hires steps must be a whole number from 1 to {max_steps}, got {self.hires_steps!r}")
+        if self.hires_denoise is not None and (not _number(self.hires_denoise) or not 0 < self.hires_denoise <= 1):
+            bad("hires_denoise", f"hires denoising strength must be in (0, 1], got {self.hires_denoise}")
+        if self.hires_upscaler is not None and self.hires_upscaler not in HIRES_UPSCALERS:
+            bad("hires_upscaler", f"unknown hires upscaler {self.hires_upscaler!r}; choose one of: "
+                                  f"{', '.join(HIRES_UPSCALERS)}")
+        for name in ("image", "latents", "denoising_end"):
+            if getattr(self, name) is not None:
+                bad("hires_scale", f"the hires fix is a second pass of text-to-image; it does not combine with "
+                                   f"{name}")
 
     def generators(self) -> torch.Generator | list[torch.Generator]:
         """The CPU generator(s) the run draws from (design decision 4): one seeded with `seed`, or one per seed of
@@ -161,3 +213,9 @@ def _whole(value) -> bool:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
+    """The hires pass's size for a first pass of width × height: A1111's int(size × scale), rounded down to the
+    VAE's multiple."""
+    return tuple(int(v * scale) // multiple * multiple for v in (width, height))

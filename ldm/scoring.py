@@ -32,7 +32,7 @@ from .images import decode_image, encode_png, fit_size, image_from_bytes, is_url
 from .lora import find_lora
 from .options import FORMS, Limits
 from .prompts import extract_extra_networks
-from .request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest
+from .request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest, hires_size
 from .samplers import SAMPLERS
 
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
@@ -68,6 +68,11 @@ class Parameters:
     clip_skip: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # files of the server's LoRA folder, by name, with their weights
     refiner_start: float | None = None  # with a refiner (ldm serve --refiner): where it takes over (or denoising_end)
+    # the hires fix (text-to-image; `ldm.hires`): the size limit applies to the upscaled image
+    hires_scale: float | None = None
+    hires_steps: int | None = None
+    hires_denoise: float | None = None
+    hires_upscaler: str | None = None
 
 
 # a GenerationRequest field → the parameter of a scoring request that sets it (for the field an error names)
@@ -124,17 +129,20 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
             continue
         if name == "loras":
             values[name] = parse_loras(value)
-        elif name in ("negative_prompt", "scheduler", "prompt_syntax"):
+        elif name in ("negative_prompt", "scheduler", "prompt_syntax", "hires_upscaler"):
             if not isinstance(value, str):
                 raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
             values[name] = value
         else:
-            values[name] = _number(name, value, float if name in ("guidance_scale", "strength", "refiner_start")
-                                   else int)
+            values[name] = _number(name, value, float if name in ("guidance_scale", "strength", "refiner_start",
+                                                                  "hires_scale", "hires_denoise") else int)
     p = Parameters(**values)
     if not 1 <= p.num_inference_steps <= limits.max_steps:
         raise RequestError("parameters.num_inference_steps", f"must be from 1 to {limits.max_steps} on this server, "
                                                              f"got {p.num_inference_steps}")
+    if p.hires_steps is not None and not 1 <= p.hires_steps <= limits.max_steps:
+        raise RequestError("parameters.hires_steps", f"must be from 1 to {limits.max_steps} on this server, "
+                                                     f"got {p.hires_steps}")
     if not 1 <= p.num_images_per_prompt <= limits.max_images_per_prompt:
         raise RequestError("parameters.num_images_per_prompt",
                            f"must be from 1 to {limits.max_images_per_prompt}, got {p.num_images_per_prompt}")
@@ -153,7 +161,20 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     except InputError as e:
         name = PARAMETER_OF.get(e.field, e.field)
         raise RequestError(f"parameters.{name}" if name in known else "parameters", str(e)) from None
+    if p.height and p.width and (error := hires_too_large(p, p.width, p.height, limits)):
+        raise error
     return p
+
+
+def hires_too_large(p: Parameters, width: int, height: int, limits: Limits, multiple: int = 8) -> RequestError | None:
+    """The error for a hires fix whose upscaled image exceeds the server's pixels per image (None: it fits)."""
+    if p.hires_scale is None:
+        return None
+    big_w, big_h = hires_size(width, height, p.hires_scale, multiple)
+    if big_w * big_h <= limits.max_pixels:
+        return None
+    return RequestError("parameters.hires_scale", f"{width}x{height} upscaled {p.hires_scale:g}× is {big_w}x{big_h}, "
+                                                  f"more than this server's {limits.max_pixels} pixels per image")
 
 
 def parse_loras(value) -> tuple[tuple[str, float], ...]:
@@ -324,6 +345,8 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
                                                  f"{request.limits.max_pixels} pixels per image: give a smaller "
                                                  "width and height")
         return [error_object(row, error) for row in rows]
+    if first.image is None and (error := hires_too_large(p, width, height, request.limits, pipe.vae_scale)):
+        return [error_object(row, error) for row in rows]
 
     def cancel_check(step) -> None:
         if cancelled is not None and cancelled():
@@ -357,7 +380,8 @@ def generation_request(p: Parameters, prompts: list[str], negative: str | None, 
                              sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
                              num_images=p.num_images_per_prompt, image=image, mask=mask, strength=p.strength,
                              prompt_syntax=prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
-                             refiner_start=p.refiner_start)
+                             refiner_start=p.refiner_start, hires_scale=p.hires_scale, hires_steps=p.hires_steps,
+                             hires_denoise=p.hires_denoise, hires_upscaler=p.hires_upscaler)
 
 
 def run_row(pipe, request: Request, row: Row, cancelled: Callable[[], bool] | None = None) -> list[dict]:

@@ -197,4 +197,5 @@ def set_seamless(pipe, enable: bool = True) -> int:
                                      "(Winograd convolutions pad with zeros)", field="tiling")
                 conv.padding_mode = mode
                 changed += 1
+    pipe.seamless = enable  # (the infotext's Tiling)
     return changed

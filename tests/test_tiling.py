@@ -99,7 +99,7 @@ def test_bad_tile_options(pipe, size, overlap):
         enable_vae_tiling(pipe.vae, "always")
 
 
-def run(pipe, monkeypatch, shift: int, **describe) -> tuple[np.ndarray, str]:
+def run(pipe, monkeypatch, shift: int) -> tuple[np.ndarray, str]:
     """A 128×64 image from seed 5, its starting noise rolled `shift` latents to the right."""
     start = type(pipe).start
 
@@ -108,7 +108,7 @@ def run(pipe, monkeypatch, shift: int, **describe) -> tuple[np.ndarray, str]:
         return unet, torch.roll(x, shift, dims=-1), paste
 
     monkeypatch.setattr(pipe, "start", rolled)
-    result = pipe("a tile", steps=3, seed=5, width=128, height=64, sampler="euler", describe=describe)
+    result = pipe("a tile", steps=3, seed=5, width=128, height=64, sampler="euler")
     monkeypatch.delattr(pipe, "start")
     return np.asarray(result.images[0], dtype=int), result.infotexts[0]
 
@@ -123,11 +123,11 @@ def test_seamless_images_wrap(pipe, monkeypatch):
     try:
         assert {c.padding_mode for m in (pipe.unet, pipe.vae) for c in m.modules()
                 if isinstance(c, torch.nn.Conv2d)} == {"circular"}
-        seamless, text = run(pipe, monkeypatch, 0, Tiling=True)
+        seamless, text = run(pipe, monkeypatch, 0)
         seamless_rolled, _ = run(pipe, monkeypatch, 8)
     finally:
         assert set_seamless(pipe, False) > 0
-    assert "Tiling: True" in text
+    assert "Tiling: True" in text and "Tiling" not in run(pipe, monkeypatch, 0)[1]  # (the pipeline says it)
     assert np.abs(np.roll(seamless, 64, axis=1) - seamless_rolled).max() <= 1
     assert np.abs(np.roll(plain, 64, axis=1) - plain_rolled).max() > 10
     assert np.array_equal(run(pipe, monkeypatch, 0)[0], plain)  # off again: the same image as before
@@ -175,8 +175,35 @@ def test_bad_options_give_one_line(sd1_folder, tmp_path, capsys, flags, message)
 
 
 def test_cli_tiling_and_vae_tiling(sd1_folder, tmp_path):
-    cli_image(sd1_folder, tmp_path / "seamless.png", "--tiling", "--width", "64", "--height", "64")
+    seamless = cli_image(sd1_folder, tmp_path / "seamless.png", "--tiling", "--width", "64", "--height", "64")
     assert "Tiling: True" in Image.open(tmp_path / "seamless.png").text["parameters"]
+    again = tmp_path / "again.png"  # --from-png restores Tiling with the rest
+    assert main(["generate", "--from-png", str(tmp_path / "seamless.png"), "--model", str(sd1_folder), "--device",
+                 "cpu", "--no-safety-checker", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), seamless)
     whole = cli_image(sd1_folder, tmp_path / "whole.png", "--width", "96")
     tiled = cli_image(sd1_folder, tmp_path / "tiled.png", "--width", "96", "--vae-tiling", "--vae-tile-size", "32")
     assert whole.shape == tiled.shape and not np.array_equal(whole, tiled)
+
+
+def test_batch_and_serve_take_the_vae_and_tiling_options(sd1_folder, tmp_path, capsys):
+    """--tiling and --vae are model options: `ldm batch` gives the PNG `ldm generate` gives (pixels and
+    parameters), and its resume fingerprint holds them; `ldm serve` refuses a bad combination in one line."""
+    flags = ["--tiling", "--vae", str(sd1_folder / "vae")]
+    cli_image(sd1_folder, tmp_path / "cli.png", *flags)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('"a tile"\n')
+    batch = ["batch", "--model", str(sd1_folder), "--device", "cpu", "--no-safety-checker", "--input", str(rows),
+             "--output", str(tmp_path / "out"), "--seed", "3",
+             "--parameters", '{"num_inference_steps": 2, "scheduler": "euler", "prompt_syntax": "a1111"}']
+    assert main([*batch, *flags]) == 0, capsys.readouterr().err
+    cli, batched = Image.open(tmp_path / "cli.png"), Image.open(tmp_path / "out" / "00000.png")
+    assert np.array_equal(np.asarray(batched), np.asarray(cli))
+    assert batched.text["parameters"] == cli.text["parameters"]
+    assert "VAE: vae" in cli.text["parameters"] and "Tiling: True" in cli.text["parameters"]
+    capsys.readouterr()
+    assert main(batch) == 2  # the same folder without --tiling: another job
+    assert "tiling" in capsys.readouterr().err
+    assert main(["serve", "--model", str(sd1_folder), "--tiling", "--vae-tiling"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tiling does not combine with --vae-tiling" in err[0], err
