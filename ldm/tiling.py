@@ -4,6 +4,8 @@
     enable_vae_tiling(pipe.vae, "auto")  # only where the whole-image pass would not fit in memory
     set_seamless(pipe, True)             # circular padding in every convolution: images that tile (A1111 --tiling)
 
+    python -m ldm.tiling 2048 on         # an SDXL VAE's 2048² decode: its time and peak RSS (BENCHMARKS.md)
+
 Tiled VAE reproduces diffusers' `AutoencoderKL.tiled_decode` / `_tiled_encode` / `blend_v` / `blend_h`
 (huggingface/diffusers v0.42.1, src/diffusers/models/autoencoders/autoencoder_kl.py): tiles of the VAE
 config's `sample_size` pixels (`sample_size / 8` latents) that start every 75 % of a tile, each blended
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .offload import execution_device
-from .vae import VAE
+from .vae import VAE, VAEConfig
 
 MODES = ("on", "auto")
 MIN_TILE_LATENTS = 4  # below this a tile overlaps its neighbour by less than one latent
@@ -199,3 +201,49 @@ def set_seamless(pipe, enable: bool = True) -> int:
                 changed += 1
     pipe.seamless = enable  # (the infotext's Tiling)
     return changed
+
+
+# --------------------------------------------------------------------------------- measurement
+
+SDXL_VAE = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4, "layers_per_block": 2,
+            "sample_size": 1024, "scaling_factor": 0.13025,
+            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+
+
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure_decode(size: int, mode: str | None = "on") -> dict:
+    """A full-size SDXL VAE (random fp32 weights) decodes one `size`² image on the CPU: the wall time and this
+    process's peak RSS (Linux VmHWM). `mode` is enable_vae_tiling's, or None for the whole-image decode. Run
+    each case in a fresh process: VmHWM is the process's peak since exec."""
+    import time
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig.from_diffusers(SDXL_VAE)).eval()
+    z = torch.randn(1, 4, size // 8, size // 8)
+    estimate = decode_bytes(vae, 1, size, size)
+    auto_tiles = needs_tiles(vae, 1, size, size)
+    tiles = enable_vae_tiling(vae, mode) if mode else None
+    before = _vm_kib("VmHWM")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        image = vae.decode(z)
+    wall = time.perf_counter() - start
+    assert image.shape == (1, 3, size, size)
+    return {"size": size, "mode": mode or "untiled", "tiles": tiles and [tiles.sample, tiles.overlap],
+            "threads": torch.get_num_threads(), "wall_s": round(wall, 1),
+            "peak_rss_mib": _vm_kib("VmHWM") // 1024, "rss_before_decode_mib": before // 1024,
+            "untiled_estimate_gib": round(estimate / 2**30, 2), "auto_would_tile": auto_tiles,
+            "mem_available_gib": round(free_bytes(torch.device("cpu")) / 2**30, 1)}
+
+
+if __name__ == "__main__":  # python -m ldm.tiling SIZE [on|auto|untiled]
+    import json
+    import sys
+
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+    mode = sys.argv[2] if len(sys.argv) > 2 else "on"
+    print(json.dumps(measure_decode(size, None if mode == "untiled" else mode)), flush=True)
