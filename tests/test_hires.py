@@ -26,6 +26,7 @@ from ldm_cli.main import main
 
 PROMPT = "a castle on a hill"
 MAX_PIXEL_DIFF = 2
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_hires_fix_is_an_explicit_image_to_image_and_matches_diffusers(pipe, sd1
 def test_hires_fix_sdxl_matches_diffusers(sdxl_folder):
     """SDXL: the second pass's micro-conditioning is the larger size, as an image-to-image call at it gives."""
     pipe = StableDiffusion.from_pretrained(sdxl_folder)
-    result = pipe(PROMPT, seed=3, steps=5, hires_scale=1.5, hires_steps=4, sampler="euler")
+    result = pipe(PROMPT, seed=3, steps=3, hires_scale=1.5, hires_steps=4, sampler="euler")
     assert result.images[0].size == (96, 96)
     first, second = reference_pipes(StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, sdxl_folder)
     from official import diffusers_scheduler
@@ -117,7 +118,7 @@ def test_hires_fix_sdxl_matches_diffusers(sdxl_folder):
     for p in (first, second):
         p.scheduler = diffusers_scheduler("euler", p.scheduler.config)
     generator = torch.Generator("cpu").manual_seed(3)
-    latents = first(PROMPT, num_inference_steps=5, guidance_scale=7.5, generator=generator,
+    latents = first(PROMPT, num_inference_steps=3, guidance_scale=7.5, generator=generator,
                     output_type="latent").images  # (diffusers' SDXL default guidance is 5, ldm's 7.5)
     image = F.interpolate(latents, size=(12, 12), mode="bilinear")
     expected = second(PROMPT, image=image, strength=0.7, num_inference_steps=4, guidance_scale=7.5,
