@@ -40,14 +40,21 @@ def _kron(rows) -> Tensor:
 _B2, _G2, _A2 = _kron(_BT), _kron(_G), _kron(_AT)  # [36, 36], [36, 9], [16, 36]
 
 
-def transform_weight(weight: Tensor) -> Tensor:
+def filter_map() -> Tensor:
+    """G ⊗ G, the [36, 9] map of 3×3 filters into the Winograd domain, in fp32."""
+    return _G2.float()
+
+
+def transform_weight(weight: Tensor, g_map: Tensor | None = None) -> Tensor:
     """[K, C, 3, 3] filters → [36, C, K] in the Winograd domain (G g Gᵀ), computed in fp32 (within 3e-8
-    relative of float64: G's entries are sums of at most three terms)."""
+    relative of float64: G's entries are sums of at most three terms). `g_map`: `filter_map()`, passed by a
+    module that holds it as a buffer, so that under torch.compile with inductor's freezing both operands are
+    constants of the graph and the whole transform is folded (a module-level tensor would be a graph input)."""
     k, c = weight.shape[:2]
     if weight.shape[2:] != (R, R):
         raise ValueError(f"Winograd F(4, 3) takes 3×3 filters, not {tuple(weight.shape[2:])}")
     g = weight.detach().to(torch.float32).permute(2, 3, 1, 0).reshape(R * R, c * k)
-    return (_G2.float() @ g).reshape(A * A, c, k).to(weight.dtype).contiguous()
+    return ((filter_map() if g_map is None else g_map) @ g).reshape(A * A, c, k).to(weight.dtype).contiguous()
 
 
 def conv2d(x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:

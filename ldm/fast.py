@@ -21,7 +21,9 @@ pipeline in place for speed, each step optional and each one checked against the
   like the eager one (inductor's own CUDA graphs stay off: one graph mechanism, one set of rules); on the
   CPU inductor's freezing folds the weights into the graph (pre-packed for the CPU's matmul and convolution
   kernels). Compiled code is cached on disk between runs (inductor's cache, in `$LDM_CACHE` or
-  ~/.cache/ldm/inductor).
+  ~/.cache/ldm/inductor). Under freezing the compiled networks keep their weights as loaded: freezing lays them
+  out, packs them and folds the Winograd transform itself, and the memory-mapped originals are paged out once
+  packed (`MappedWeights`), so that each weight is in memory once, as the generated code's constant.
 
 The default CUDA path of the command line is `accelerate(pipe, compile=False)`: fused projections,
 channels_last and the CUDA graph, no compile. Half precision is a load-time choice (`--dtype`), not this
@@ -32,6 +34,7 @@ import contextlib
 import os
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ from ldm_kernels import winograd as _winograd
 
 from . import attention as _attention
 from .attention import attention
+from .loading import mapped_pages, page_out
 from .unet import Attention, ResnetBlock, TransformerBlock
 
 
@@ -117,34 +121,45 @@ class WinogradConv2d(nn.Conv2d):
     """A 3×3 convolution (stride 1, padding 1) that also holds its filters in the Winograd domain and runs
     as Winograd F(4×4, 3×3) for the input shapes where that is faster (`ldm_kernels.winograd.pays`); other
     shapes take the direct convolution. Shapes are static under torch.compile, so the choice is made when
-    tracing and costs nothing per call."""
+    tracing and costs nothing per call. Without `winograd_weight` (`use_winograd(..., precompute=False)`) the
+    filters are transformed in the forward from `winograd_map` (a buffer, so that freezing sees a constant):
+    for inductor's freezing, which folds the transform into one constant of the generated code, so that the
+    module holds no second copy of the filters."""
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         if _winograd.pays(n, c, self.out_channels, h, w):
-            return _winograd.conv2d(x, self.winograd_weight, self.bias)
+            u = getattr(self, "winograd_weight", None)  # None: transformed here, folded once by freezing
+            u = _winograd.transform_weight(self.weight, self.winograd_map) if u is None else u
+            return _winograd.conv2d(x, u, self.bias)
         return super().forward(x)
 
 
 WINOGRAD_MAX_FILTERS = 1920 * 640  # in × out channels: up to the widest convolution of the 640-wide levels
 
 
-def use_winograd(*modules: nn.Module, min_channels: int = 256, max_filters: int = WINOGRAD_MAX_FILTERS) -> int:
+def use_winograd(*modules: nn.Module, min_channels: int = 256, max_filters: int = WINOGRAD_MAX_FILTERS,
+                 precompute: bool = True) -> int:
     """Convert the 3×3 convolutions of `modules` that Winograd can speed up (at least `min_channels` in and
     out, as `pays` requires) to `WinogradConv2d`; returns how many. The Winograd-domain filters take 4× the
     memory of the originals, which stay for the shapes that run direct, so convolutions with more than
     `max_filters` in × out channels are left alone. In SD 1.5 that keeps the 1280-wide levels direct (464 M
     of the UNet's 541 M convolution weights; at 256² they are at 8×8 and 4×4, too small to pay) and adds
     1.15 GB for the 320- and 640-wide levels, 0.75 GB for the VAE decoder's 256- and 512-wide ones.
+    `precompute=False` leaves the transform to the forward (see `WinogradConv2d`): for modules compiled with
+    inductor's freezing only, since eagerly it would transform the filters at every call.
     """
-    n = 0
+    n, g_map = 0, _winograd.filter_map()
     for module in modules:
         for conv in module.modules():
             if (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
                     and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
                     and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= min_channels
                     and conv.in_channels * conv.out_channels <= max_filters):
-                conv.winograd_weight = nn.Parameter(_winograd.transform_weight(conv.weight), requires_grad=False)
+                if precompute:
+                    conv.winograd_weight = nn.Parameter(_winograd.transform_weight(conv.weight), requires_grad=False)
+                else:  # 36 × 9 numbers, not saved with the weights
+                    conv.register_buffer("winograd_map", g_map, persistent=False)
                 conv.__class__ = WinogradConv2d
                 n += 1
     return n
@@ -313,6 +328,64 @@ class TensorTimestep(nn.Module):
         return super()._apply(fn, recurse)
 
 
+# ------------------------------------------------------------------ the CPU compile's memory
+
+PAGE_OUT_EVERY = 0.5  # seconds between page-outs of the mapped weights while a compile runs
+
+
+class MappedWeights:
+    """Keeps the memory-mapped weights of the networks compiled with inductor's freezing out of resident memory
+    (`ldm.loading.page_out`) during and after every compile. Freezing reads each weight once, to fold and pack
+    it into a constant of the generated code; the mapped original is read again only when another input shape
+    compiles. A file's pages that a process has read count in its resident set until memory runs short, so
+    without this the originals (3.4 GB for the SD 1.5 UNet) would stay resident beside the packed copies.
+
+    A compile is bracketed by dynamo's compile callbacks (one pair for the process, registered at the first
+    `watch`): while it runs a thread pages the weights out every `PAGE_OUT_EVERY` seconds, so that those already
+    packed do not add to the compile's peak, and once more when it ends. A page still being read is read again
+    from the file (or the page cache): the cost is time, at most a fraction of a second per compile; contents
+    are never lost (`page_out`)."""
+
+    def __init__(self):
+        self.modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.stop: threading.Event | None = None
+        self.thread: threading.Thread | None = None
+        self.registered = False
+
+    def watch(self, module: nn.Module) -> None:
+        self.modules.add(module)
+        if not self.registered:
+            torch._dynamo.callback_handler.register_start_callback(self.started)
+            torch._dynamo.callback_handler.register_end_callback(self.ended)
+            self.registered = True
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return mapped_pages(t for m in list(self.modules) for t in (*m.parameters(), *m.buffers()))
+
+    def started(self, _args=None) -> None:
+        ranges = self.ranges()
+        if not ranges or self.thread is not None:
+            return
+        stop = self.stop = threading.Event()
+
+        def pager():
+            while not stop.wait(PAGE_OUT_EVERY):
+                page_out(ranges)
+
+        self.thread = threading.Thread(target=pager, name="ldm-page-out", daemon=True)
+        self.thread.start()
+
+    def ended(self, _args=None) -> None:
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            self.stop = self.thread = None
+        page_out(self.ranges())
+
+
+MAPPED = MappedWeights()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LDM_CACHE") or Path.home() / ".cache" / "ldm") / "inductor"
 
@@ -353,24 +426,32 @@ def accelerate(pipe, compile: bool | str = True, channels_last: bool = True, fus
         cuda_graph = cuda and not inductor_graphs
 
     unet = pipe.unet.unet if isinstance(pipe.unet, TensorTimestep) else pipe.unet
+    # On the CPU, inductor's freezing folds the weights into constants of the generated code: it lays out the
+    # convolutions' filters channels_last and packs them for oneDNN and MKL itself, and folds the Winograd
+    # transform, so the compiled networks' own weights stay as loaded (memory-mapped) and are paged out once
+    # packed (`MappedWeights`): one copy of each weight in memory, not three (BENCHMARKS.md).
+    freezing = bool(compile) and not cuda and backend == "inductor"
     if fuse:
         fuse_projections(unet)
     if kernels:
         use_kernels(unet, pipe.vae)
     if winograd is None:
         winograd = pipe.device.type == "cpu" and next(unet.parameters()).dtype == torch.float32
-    if winograd:
-        use_winograd(unet, pipe.vae.decoder)  # not the encoder: it runs once, for image-to-image only
+    if winograd:  # not the encoder: it runs once, for image-to-image only
+        use_winograd(unet, pipe.vae.decoder, precompute=not freezing)
     if channels_last:
-        unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        eager = [m for m in pipe.vae.children() if m is not pipe.vae.decoder] if freezing else [unet, pipe.vae]
+        for module in eager:
+            module.to(memory_format=torch.channels_last)
     run = unet
     if compile:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
         import torch._inductor.config as inductor
 
-        if not cuda and backend == "inductor":
+        if freezing:
             inductor.freezing = True  # weights become constants of the graph: pre-packed, folded (process-wide)
+            MAPPED.watch(unet)
+            MAPPED.watch(pipe.vae.decoder)
         options = {"fullgraph": True, "dynamic": False, "backend": backend}
         if backend == "inductor":
             options["mode"] = mode

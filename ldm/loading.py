@@ -126,6 +126,61 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
     return tensors
 
 
+MADV_PAGEOUT = 21  # Linux ≥ 5.4: reclaim these pages now; their contents are kept
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed memory mappings (a safetensors file read without a cast is
+    one), from /proc/self/maps; none where there is no /proc."""
+    spans = []
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):  # a path: not [heap], [stack] or anonymous
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                spans.append((start, end))
+    return spans
+
+
+def mapped_pages(tensors) -> list[tuple[int, int]]:
+    """The page-aligned address ranges of those `tensors` (CPU) that are views of a memory-mapped file: the
+    weights `read_safetensors` returns without a cast. Copies and casts (anonymous memory) are left out."""
+    import mmap
+
+    spans, page, ranges = _file_mappings(), mmap.PAGESIZE, set()
+    for t in tensors:
+        storage = t.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        if t.device.type == "cpu" and end > start and any(a <= start and end <= b for a, b in spans):
+            ranges.add((start // page * page, -(-end // page) * page))
+    return sorted(ranges)
+
+
+def page_out(ranges: list[tuple[int, int]]) -> int:
+    """Drop the pages of `ranges` (from `mapped_pages`) from this process's resident memory; returns the bytes
+    advised (0 where the kernel lacks MADV_PAGEOUT, before Linux 5.4).
+
+    The tensors stay valid: a page touched again is read back from the file (or the page cache). Nothing
+    written is lost: MADV_PAGEOUT keeps every page's contents, and a page that a write made private to the
+    process (a LoRA merged in place into safetensors' copy-on-write map, `ldm.lora`) is anonymous memory, which
+    the kernel keeps where there is no swap and swaps out where there is.
+
+    For compiled CPU pipelines (`ldm.fast.accelerate`): inductor's freezing folds the weights into packed
+    copies of its own, after which the mapped originals are read again only to compile another shape."""
+    import ctypes
+
+    if not ranges:
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for start, end in ranges:
+        if madvise(start, end - start, MADV_PAGEOUT) != 0:
+            break  # EINVAL: no MADV_PAGEOUT here (or the mapping is gone)
+        advised += end - start
+    return advised
+
+
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """dtype and shape of every tensor in a safetensors file, from its header (no data read). safetensors
     checks that the header's offsets cover the file exactly, so a truncated file is reported here."""

@@ -1,6 +1,8 @@
 """`ldm.fast.accelerate`: fused projections, channels_last and torch.compile applied from outside, checked
 against the reference path (fp32 on the CPU here; the CUDA path is marked `gpu`)."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,68 @@ def test_compiled_graphs_have_no_breaks_and_no_recompiles(sd1_folder, monkeypatc
         assert np.abs(image(fast, **kwargs) - image(reference, **kwargs)).max() <= 2
     assert np.abs(first - image(reference)).max() <= 2
     torch._dynamo.reset()
+
+
+def test_compiling_with_freezing_keeps_the_loaded_weights(sd1_folder, monkeypatch):
+    """On the CPU, inductor's freezing packs the weights itself: `accelerate` leaves the compiled networks'
+    weights as loaded (memory-mapped, no channels_last copy, no Winograd filters beside them: folded in the graph)
+    and has `MAPPED` page them out around compiles. Nothing is compiled here (torch.compile is lazy)."""
+    import torch._inductor.config as inductor
+
+    from ldm import fast
+    from ldm.loading import mapped_pages
+
+    monkeypatch.setattr(fast, "use_winograd", functools.partial(use_winograd, min_channels=1))  # tiny widths
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    unet, decoder = pipe.unet, pipe.vae.decoder
+    loaded = {p.data_ptr() for p in [*unet.parameters(), *decoder.parameters()]}
+    assert len(mapped_pages([*unet.parameters(), *decoder.parameters()])) > 0  # views of the files
+    with inductor.patch(freezing=False):  # accelerate sets it process-wide: restored after
+        accelerate(pipe)
+        assert inductor.freezing
+    assert pipe.unet.unet is unet
+    assert unet in fast.MAPPED.modules and decoder in fast.MAPPED.modules
+    assert sum(isinstance(m, WinogradConv2d) for m in [*unet.modules(), *decoder.modules()]) > 10
+    assert not any(hasattr(m, "winograd_weight") for m in [*unet.modules(), *decoder.modules()])
+    copied = [name for name, p in [*unet.named_parameters(), *decoder.named_parameters()] if p.data_ptr() not in loaded]
+    assert copied and all(name.endswith(("to_qkv.weight", "to_kv.weight")) for name in copied)  # only the fused
+
+
+def test_accelerate_without_freezing_precomputes_and_lays_out(sd1_folder, monkeypatch):
+    """Eager (and the compile backends that read the parameters): channels_last weights and precomputed Winograd
+    filters, since nothing would fold them."""
+    from ldm import fast
+
+    monkeypatch.setattr(fast, "use_winograd", functools.partial(use_winograd, min_channels=1))
+    pipe = accelerate(StableDiffusion.from_pretrained(sd1_folder), compile=False)
+    convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert all(hasattr(m, "winograd_weight") for m in convs if isinstance(m, WinogradConv2d))
+
+
+def test_page_out_drops_the_mapped_pages_and_keeps_every_write(tmp_path):
+    """`page_out` (MADV_PAGEOUT) takes a memory-mapped file's pages out of the resident set; the tensor reads the
+    same afterwards, and a value written into the copy-on-write map (as a LoRA merges) is kept, not reverted to
+    the file's. Anonymous tensors are never advised."""
+    from safetensors.torch import save_file
+
+    from ldm.loading import mapped_pages, page_out, read_safetensors
+
+    def resident_file_mib() -> float:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+        return int(status["RssFile"].split()[0]) / 1024
+
+    save_file({"w": torch.randn(64, 1024, 256)}, str(tmp_path / "w.safetensors"))  # 64 MiB
+    w = read_safetensors(tmp_path / "w.safetensors")["w"]
+    assert mapped_pages([torch.randn(4096)]) == [] and len(mapped_pages([w])) == 1
+    expected = w.clone()
+    w[3, 5, :7] = 42.0  # a write: its page becomes the process's own
+    expected[3, 5, :7] = 42.0
+    before = resident_file_mib()
+    if page_out(mapped_pages([w])) == 0:
+        pytest.skip("this kernel has no MADV_PAGEOUT")
+    assert before - resident_file_mib() > 48
+    assert torch.equal(w, expected)
 
 
 @pytest.mark.gpu

@@ -60,3 +60,45 @@ def test_use_winograd_converts_only_what_it_can_and_keeps_the_results():
         small = torch.randn(1, 256, 4, 4)  # one tile: runs direct, so exactly the reference
         assert winograd.pays(1, 256, 320, 4, 4) is False
         assert torch.equal(net[0](small), F.conv2d(small, net[0].weight, net[0].bias, padding=1))
+
+
+def test_filters_transformed_in_the_forward_give_the_same_results_and_no_second_copy():
+    """`precompute=False` (what `accelerate` uses under inductor's freezing, which folds the transform into a
+    constant): the module keeps only its own weights, and computes exactly what the precomputed filters do."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.Conv2d(256, 320, 3, padding=1)).eval()
+    x = torch.randn(2, 256, 16, 16)
+    names = set(net.state_dict())
+    with torch.no_grad():
+        expected = net(x)
+        assert use_winograd(net, precompute=False) == 2
+        assert set(net.state_dict()) == names and not any(hasattr(m, "winograd_weight") for m in net)
+        lazy = net(x)
+        precomputed = [winograd.transform_weight(m.weight) for m in net]
+        assert torch.equal(lazy, winograd.conv2d(winograd.conv2d(x, precomputed[0], net[0].bias), precomputed[1],
+                                                 net[1].bias))
+    assert max_rel_err(lazy, expected) < 5e-5
+
+
+def test_inductor_freezing_folds_the_transform_into_one_constant():
+    """Compiled with inductor's freezing (as `accelerate` does on the CPU), a `precompute=False` convolution's
+    filter transform must fold into a [36, C, K] constant, not run at every call: with the map as a module-level
+    tensor it was a graph input, and inductor ran the transform as a matmul per call."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.SiLU(), nn.Conv2d(256, 256, 3, padding=1)).eval()
+    x = torch.randn(2, 256, 16, 16)
+    assert winograd.pays(2, 256, 256, 16, 16)
+    with torch.no_grad(), inductor.patch(freezing=True):
+        expected = net(x)
+        use_winograd(net, precompute=False)
+        actual, (code, *_) = run_and_get_code(torch.compile(net, fullgraph=True, dynamic=False), x)
+    torch._dynamo.reset()
+    assert max_rel_err(actual, expected) < 5e-5
+    constants = [line for line in code.splitlines() if line.startswith("_frozen_param")]
+    assert sum("(36, 256, 256)" in line for line in constants) == 2  # the two folded filter sets
+    assert "_mkl_linear" not in code and code.count("extern_kernels.bmm") == 2
