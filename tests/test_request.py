@@ -22,6 +22,7 @@ from ldm.server import ServeConfig
 from ldm_cli.main import main
 
 PROMPT = "a lighthouse on a cliff at dusk"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -16,6 +16,7 @@ from ldm.tiling import Tiles, disable_vae_tiling, enable_vae_tiling, set_seamles
 from ldm_cli.main import main
 
 TILE = 32  # pixels (4 latents): the fixture's 96×80 images take 4×4 tiles
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="module")
