@@ -419,6 +419,51 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def memory(status: Path = Path("/proc/self/status")) -> dict[str, float]:
+    """This process's resident memory in GiB (Linux): VmRSS, its anonymous and file-backed parts, and VmHWM."""
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+
+
+def memory_stages(model: str, size: int = 256, repeats: int = 3, log=print) -> None:
+    """`python -m ldm.bench stages [FOLDER] [SIZE]`: the compiled CPU pipeline (`accelerate(pipe)`), its resident
+    memory after each stage — load, accelerate, text encode, the first UNet call (compile and freezing), the
+    first VAE decode (the same), then steady calls, timed (medians of `repeats`) — from /proc/self/status."""
+    import torch
+
+    from .fast import accelerate
+    from .pipeline import StableDiffusion
+
+    def stage(name: str) -> None:
+        m = memory()
+        log(f"| {name} | {time.monotonic() - START:.0f} | {m['VmRSS']:.2f} | {m['RssAnon']:.2f} | {m['RssFile']:.2f} "
+            f"| {m['VmHWM']:.2f} |")
+
+    log("| stage | s | RSS (GiB) | anonymous | file-backed | peak (VmHWM) |\n|---|---|---|---|---|---|")
+    stage("import")
+    pipe = StableDiffusion.from_pretrained(model, safety_checker=False)
+    stage("load")
+    accelerate(pipe)
+    stage("accelerate (nothing compiled yet)")
+    cfg, latent = pipe.unet.config, size // 8
+    x, z = torch.randn(2, cfg.in_channels, latent, latent), torch.randn(1, 4, latent, latent)
+    context = torch.randn(2, 77, cfg.cross_attention_dim)
+    with torch.no_grad():
+        pipe.conditioning(["a photograph of an astronaut riding a horse"], ["blurry"], 1, True, (size, size), {})
+        stage("text encode (eager)")
+        pipe.unet(x, 500.0, context=context)
+        stage("first UNet call (compile, freezing)")
+        pipe.vae.decode(z)
+        stage("first VAE decode (compile, freezing)")
+        unet = median_time(lambda: pipe.unet(x, 500.0, context=context), repeats)
+        vae = median_time(lambda: pipe.vae.decode(z), repeats)
+        stage(f"steady: UNet step {unet:.3f} s, VAE decode {vae:.3f} s")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["stages"]:
+    root = Path(os.environ.get("LDM_CACHE") or Path.home() / ".cache" / "ldm") / "bench" / "sd15-random"
+    memory_stages(sys.argv[2] if len(sys.argv) > 2 else str(write_random_folder(root, "sd15")),
+                  int(sys.argv[3]) if len(sys.argv) > 3 else 256)
+elif __name__ == "__main__":
     impl, model, size, steps, sampler, mode, device, dtype, repeats = sys.argv[1:]
     print(json.dumps(run_one(impl, model, int(size), int(steps), sampler, mode, device, dtype, int(repeats))))
