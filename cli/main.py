@@ -374,7 +374,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def warn_size(pipe, width: int | None, height: int | None) -> None:
     """Say what a size far above the model's native one means, before minutes pass without a step."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale
+    native = pipe.native_size
     ratio = (width or native) * (height or native) / native**2
     if ratio >= 4:
         print(f"note: {width or native}x{height or native} is {ratio:.0f}× the pixels of {pipe.name}'s native "

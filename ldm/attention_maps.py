@@ -71,7 +71,7 @@ class AttentionMaps:
                      keep: str = "cond") -> "AttentionMaps":
         """The recorder for `pipe(…, width=width, height=height, guidance=guidance)` (None: the model's native
         size); guidance is on when it exceeds 1, as the pipelines decide."""
-        native = pipe.unet.config.sample_size * pipe.vae_scale
+        native = pipe.native_size
         return cls((height or native) // pipe.vae_scale, (width or native) // pipe.vae_scale,
                    guided=guidance > 1, keep=keep)
 

@@ -54,7 +54,7 @@ def hires_fix(pipe, request: GenerationRequest, callbacks: Sequence = (), genera
         import secrets
 
         r = r.replace(seed=secrets.randbits(32))  # one seed for both passes
-    native = pipe.unet.config.sample_size * pipe.vae_scale
+    native = pipe.native_size
     width, height = r.width or native, r.height or native
     big_w, big_h = hires_size(width, height, r.hires_scale, pipe.vae_scale)
     upscaler = r.hires_upscaler or DEFAULT_UPSCALER
@@ -67,7 +67,7 @@ def hires_fix(pipe, request: GenerationRequest, callbacks: Sequence = (), genera
     else:
         images = upscale_images(pipe.decode(first.latents), (big_w, big_h), upscaler)
         image = images[0] if len(images) == 1 else images
-    del first.latents
+    first.latents = None  # (not kept while the second pass runs)
 
     described = {"Steps": r.steps, "Size": f"{width}x{height}", "Denoising strength": denoise,
                  "Hires upscale": r.hires_scale, "Hires steps": r.hires_steps,

@@ -394,7 +394,7 @@ def check(model: str | Path, sampler: str | None = None, steps: int = DEFAULT_ST
     if sampler is None:
         raise InputError(f"{pipe.name}'s scheduler ({pipe.scheduler.class_name}) is not one ldm implements; "
                          f"pass --sampler (one of {', '.join(SAMPLERS)})")
-    native = pipe.unet.config.sample_size * pipe.vae_scale
+    native = pipe.native_size
     width, height = size or (native, native)
     for name, value in (("width", width), ("height", height)):
         if value < pipe.vae_scale or value % pipe.vae_scale:

@@ -358,7 +358,7 @@ class StableDiffusion:
         elif r.image is not None:
             native_w, native_h = fit_size(r.image[0] if isinstance(r.image, list) else r.image, self.vae_scale)
         else:
-            native_w = native_h = self.unet.config.sample_size * self.vae_scale
+            native_w = native_h = self.native_size
         seed = r.seed if r.seed is not None else secrets.randbits(32)
         strength = r.strength if r.strength is not None else 1.0 if r.mask is not None else self.default_strength
         r = r.replace(sampler=sampler, seed=seed, strength=strength, width=r.width or native_w,
@@ -461,6 +461,11 @@ class StableDiffusion:
             own_seed = {"Seed": seeds[i if per_image else i // r.num_images]} if seeds else {}
             negatives = r.negatives
             yield r.prompts[i // r.num_images], negatives[i // r.num_images] if negatives else "", own_seed | extra
+
+    @property
+    def native_size(self) -> int:
+        """The side in pixels the model draws at by default: its UNet's sample size × the VAE's scale."""
+        return self.unet.config.sample_size * self.vae_scale
 
     @property
     def inpainting(self) -> bool:

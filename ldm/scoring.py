@@ -336,7 +336,7 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
         raise ValueError("rows of different negative prompts cannot share a pass")
     p = request.parameters
     seeds = [row_seed(request, row) for row in rows]
-    native = pipe.unet.config.sample_size * pipe.vae_scale
+    native = pipe.native_size
     first = rows[0]
     width, height = fit_size(first.image) if first.image is not None else (native, native)
     width, height = p.width or width, p.height or height

@@ -222,12 +222,10 @@ def test_a_micro_batching_server_answers_like_the_adapter(pipe):
 
 def test_requests_cancelled_while_queued_give_their_places_back():
     """A worker stuck on a long job, two queued requests that time out: their places are free at once."""
-    from types import SimpleNamespace
-
     gate = threading.Event()
 
     class Stuck:  # a pipeline whose one call runs until the gate opens, ignoring cancellation
-        unet, vae_scale = SimpleNamespace(config=SimpleNamespace(sample_size=8)), 8
+        native_size, vae_scale = 64, 8
 
         def __call__(self, *args, **kwargs):
             gate.wait(30)
