@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.choices import EMPHASES, HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS
 from ldm.errors import LdmError
-from ldm.options import EMPHASES, HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS
 from ldm_cli import parity
 
 # Nothing here imports torch at module level: `ldm --help` and argument errors answer at once.
@@ -118,7 +118,7 @@ def offload_device(args: argparse.Namespace):
     if args.compile or args.compile_mode:
         raise LdmError("--offload does not combine with --compile: compiled code and CUDA graphs keep the weights "
                        "where they were when compiled (leave out one of them)")
-    from ldm.assemble import resolve_device
+    from ldm.loading.components import resolve_device
 
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -141,11 +141,12 @@ def load_model(args: argparse.Namespace):
     refiner loaded at once, so that a bad path fails before the base runs, and parked on the CPU until its
     turn; it runs uncompiled). `--vae` swaps the VAE of both, `--tiling` makes both seamless, and both VAEs
     tile (`--vae-tiling`: always; otherwise where a whole image would not fit).
-    --offload: the weights load on the CPU in the dtype they run in on the GPU and stay there (`ldm.offload`);
+    --offload: the weights load on the CPU in the dtype they run in on the GPU and stay there (`ldm.speed.offload`);
     the networks are accelerated without CUDA graphs, then offloaded (the base and refiner as one)."""
-    from ldm.assemble import DTYPES, resolve_dtype
-    from ldm.assemble import load as load_pipeline
-    from ldm.tiling import enable_vae_tiling, set_seamless
+    from ldm.adapters.seamless import set_seamless
+    from ldm.loading.components import DTYPES, resolve_dtype
+    from ldm.pipelines.setup import load as load_pipeline
+    from ldm.speed.tiling import enable_vae_tiling
 
     check_vae_options(args)
 
@@ -156,7 +157,7 @@ def load_model(args: argparse.Namespace):
             safety_checker=not args.no_safety_checker, vae=args.vae)
         if args.tiling:  # before `accelerate`: its Winograd convolutions pad with zeros
             set_seamless(pipe)
-        else:  # --vae-tiling: always; otherwise where the whole image would not fit (ldm.tiling)
+        else:  # --vae-tiling: always; otherwise where the whole image would not fit (ldm.speed.tiling)
             enable_vae_tiling(pipe.vae, "on" if args.vae_tiling else "auto", args.vae_tile_size)
         return pipe
 
@@ -170,17 +171,17 @@ def load_model(args: argparse.Namespace):
         pipe = load(args.model, args.device, args.dtype, args.prediction_type)
     compile = args.compile_mode or args.compile  # --compile-mode implies --compile
     if compile or pipe.device.type == "cuda":  # CUDA's default path: fused, channels_last, the CUDA graph
-        from ldm.fast import accelerate
+        from ldm.speed.accelerate import accelerate
 
         accelerate(pipe, compile=compile, cuda_graph=False if args.no_cuda_graph or offload else None)
     if getattr(args, "refiner", None):
-        from ldm.refined import DEFAULT_START, Refined
+        from ldm.pipelines.refiner import DEFAULT_START, Refined
 
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
         refiner = load(args.refiner, "cpu", dtype, None)
         pipe = Refined(pipe, refiner, DEFAULT_START if args.refiner_start is None else args.refiner_start)
     if offload:
-        from ldm.offload import enable_offload
+        from ldm.speed.offload import enable_offload
 
         enable_offload(pipe, offload, target)
     return pipe
@@ -385,7 +386,7 @@ def warn_size(pipe, width: int | None, height: int | None) -> None:
 
 def lora_option(value: str):
     """--lora FILE[:WEIGHT] → (the file, a path or a name in weights/loras; the weight)."""
-    from ldm.lora import find_lora
+    from ldm.adapters.lora import find_lora
 
     name, weight = value, 1.0
     if ":" in value:
@@ -399,7 +400,7 @@ def lora_option(value: str):
 
 def from_png(args: argparse.Namespace) -> None:
     """Fill the options not given on the command line from the A1111 parameters of `--from-png`."""
-    from ldm.images import parse_infotext, png_parameters
+    from ldm.pipelines.images import parse_infotext, png_parameters
 
     prompt, negative, params = parse_infotext(png_parameters(args.from_png))
     by_label = {label: name for name, label in SAMPLER_LABELS.items()}
@@ -466,8 +467,8 @@ def run_bench(args: argparse.Namespace) -> None:
     import importlib.metadata
     import importlib.util
 
-    from ldm.assemble import resolve_device
-    from ldm.bench import bench, table
+    from ldm.loading.components import resolve_device
+    from ldm.tools.bench import bench, table
 
     device = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else "fp16" if device.type == "cuda" else "fp32"
@@ -499,7 +500,8 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
-    from ldm.options import FORMS, Limits
+    from ldm.choices import FORMS
+    from ldm.serving.limits import Limits
 
     limits = Limits()
     parser.add_argument("--max-rows", type=int, default=limits.max_rows, help="rows per request (default: %(default)s)")
@@ -515,7 +517,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _manifest_names() -> list[str]:
-    from ldm.families import manifest
+    from ldm.loading.families import manifest
 
     try:
         return list(manifest())
@@ -524,9 +526,9 @@ def _manifest_names() -> list[str]:
 
 
 def download(args: argparse.Namespace) -> None:
-    from ldm.assemble import hub_files
-    from ldm.families import lookup
-    from ldm.loading import hub_file, is_hub_id, resolve, safetensors_header
+    from ldm.loading.components import hub_files
+    from ldm.loading.families import lookup
+    from ldm.loading.files import hub_file, is_hub_id, resolve, safetensors_header
 
     entry = lookup(args.model)
     if entry is None and not is_hub_id(args.model):
@@ -557,7 +559,7 @@ def download(args: argparse.Namespace) -> None:
 
 
 def info(args: argparse.Namespace) -> None:
-    from ldm.info import model_info
+    from ldm.loading.info import model_info
 
     print("\n".join(model_info(args.model, args.revision, args.variant).lines()))
 
@@ -568,9 +570,9 @@ def serve(args: argparse.Namespace) -> None:
         import uvicorn  # noqa: F401
     except ImportError:
         raise LdmError("ldm serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
-    from ldm.scoring import Limits
-    from ldm.server import ServeConfig
-    from ldm.server import serve as run_server
+    from ldm.serving.scoring import Limits
+    from ldm.serving.server import ServeConfig
+    from ldm.serving.server import serve as run_server
 
     for name in ("max_rows", "max_steps", "max_pixels", "max_images", "queue_size", "port"):
         if getattr(args, name) < 1:
@@ -586,8 +588,8 @@ def serve(args: argparse.Namespace) -> None:
                          int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
                          batch_size=batch_size, allow_image_urls=args.allow_image_urls)
     # a model that cannot be found or read is the user's error, said now (exit 2), not a server up and failed
-    from ldm.assemble import hub_files, read_folder, resolve_device
-    from ldm.loading import resolve, safetensors_header
+    from ldm.loading.components import hub_files, read_folder, resolve_device
+    from ldm.loading.files import resolve, safetensors_header
 
     resolve_device(args.device)
     check_refiner_options(args)
@@ -610,15 +612,15 @@ def serve(args: argparse.Namespace) -> None:
 def check_refiner_options(args: argparse.Namespace) -> None:
     if args.refiner_start is not None and not args.refiner:
         raise LdmError("--refiner-start goes with --refiner")
-    from ldm.request import GenerationRequest
+    from ldm.pipelines.request import GenerationRequest
 
     GenerationRequest("", refiner_start=args.refiner_start).check()  # the library's range check and message
 
 
 def batch(args: argparse.Namespace) -> int:
     """One process, or one rank of a torchrun job (its rows, its device); rank 0 speaks for the job."""
-    from ldm.batch import prepare_batch, run_batch
-    from ldm.distributed import Ranks
+    from ldm.serving.batch import prepare_batch, run_batch
+    from ldm.serving.distributed import Ranks
 
     if args.parameters is not None and not isinstance(args.parameters, dict):
         raise LdmError("--parameters must be a JSON object")
@@ -638,7 +640,7 @@ def batch(args: argparse.Namespace) -> int:
     try:
         try:  # before the model loads; every rank reads the same and takes rank 0's word on the state
             if args.format == "azure":
-                from ldm.azure import read_folder
+                from ldm.serving.azure import read_folder
 
                 source = read_folder(args.input, args.parameters, args.mini_batch_size or 1)
             else:
@@ -654,7 +656,7 @@ def batch(args: argparse.Namespace) -> int:
         if ranks.rank == 0:
             written = "results.jsonl"
             if args.format == "azure":
-                from ldm.azure import write_predictions
+                from ldm.serving.azure import write_predictions
 
                 written = write_predictions(job, args.images or "base64").name + " and results.jsonl"
             on = f" on {ranks.world} ranks" if ranks.world > 1 else ""
@@ -678,8 +680,8 @@ def generate(args: argparse.Namespace) -> None:
     if args.attention_maps and Path(args.attention_maps).is_file():
         raise LdmError(f"--attention-maps {args.attention_maps}: a file; give a folder")
 
-    from ldm.images import load_image, numbered_paths, save_png
-    from ldm.request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest
+    from ldm.pipelines.images import load_image, numbered_paths, save_png
+    from ldm.pipelines.request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest
 
     if args.from_png:
         from_png(args)
@@ -726,7 +728,7 @@ def generate(args: argparse.Namespace) -> None:
 
     pipe = load_model(args)
     if "auto" in (args.device, args.dtype):
-        from ldm.assemble import DTYPES
+        from ldm.loading.components import DTYPES
 
         dtype = next(name for name, dt in DTYPES.items() if dt == pipe.dtype)
         print(f"ldm: {pipe.name} on {pipe.device}, {dtype}", file=sys.stderr)
@@ -740,8 +742,8 @@ def generate(args: argparse.Namespace) -> None:
     if args.preview_every:
         callbacks.append(Previews(pipe, out, args.preview_every))
     if args.attention_maps:
-        from ldm.attention_maps import AttentionMaps
-        from ldm.images import fit_size
+        from ldm.hooks.attention_maps import AttentionMaps
+        from ldm.pipelines.images import fit_size
 
         width, height = (args.width, args.height) if image is None else fit_size(image, pipe.vae_scale)
         maps = AttentionMaps.for_pipeline(pipe, args.width or width, args.height or height, args.guidance)
@@ -768,7 +770,7 @@ def generate(args: argparse.Namespace) -> None:
 
 def save_maps(maps, pipe, request, result, folder: Path) -> None:
     """One heat map per prompt token over each image (several images: a subfolder each, 0/, 1/, …)."""
-    from ldm.attention_maps import prompt_tokens, save_attention_maps
+    from ldm.hooks.attention_maps import prompt_tokens, save_attention_maps
 
     tokens = prompt_tokens(pipe, request.prompt, request.prompt_syntax, request.emphasis)
     folder.mkdir(parents=True, exist_ok=True)
@@ -790,7 +792,7 @@ class Previews:
         self.written = set()
 
     def __call__(self, step) -> None:
-        from ldm.images import numbered_paths, save_png
+        from ldm.pipelines.images import numbered_paths, save_png
 
         done = step.i + 1
         if done % self.every or done in self.written:  # (PNDM reports its doubled step twice)

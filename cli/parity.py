@@ -1,4 +1,4 @@
-"""`ldm parity`: ldm against diffusers on the user's own weights, component by component (`ldm.parity`).
+"""`ldm parity`: ldm against diffusers on the user's own weights, component by component (`ldm.tools.parity`).
 
 Importable without torch: `add_parser` registers the subcommand, `run` imports the library when it runs.
 """
@@ -6,7 +6,7 @@ Importable without torch: `add_parser` registers the subcommand, `run` imports t
 import argparse
 import sys
 
-from ldm.options import SAMPLER_LABELS
+from ldm.choices import SAMPLER_LABELS
 
 DESCRIPTION = (
     "Load a diffusers folder or an original single-file .safetensors checkpoint with ldm and with diffusers "
@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print the comparison table; 0 when every row is within tolerance, 1 otherwise (LdmError: the CLI's 2)."""
-    from ldm import parity
+    from ldm.tools import parity
 
     report = parity.check(args.model, sampler=args.sampler, steps=args.steps,
                           size=tuple(args.size) if args.size else None, device=args.device, seed=args.seed,

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from lora_files import ATTENTION, TEXT, modules  # noqa: E402
 
-from ldm.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from ldm.lora import load_lora, unload_loras  # noqa: E402
-from ldm.single_file import unet_rules  # noqa: E402
-from ldm.unet import UNet, UNetConfig  # noqa: E402
+from ldm.adapters.lora import load_lora, unload_loras  # noqa: E402
+from ldm.loading.single_file import unet_rules  # noqa: E402
+from ldm.networks.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from ldm.networks.unet import UNet, UNetConfig  # noqa: E402
 
 SDXL_UNET = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
              "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ldm.tokenizer import write_tokenizer_folder
+from ldm.networks.tokenizer import write_tokenizer_folder
 
 SD1_MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -418,7 +418,7 @@ REFERENCE_SCHEDULER_SETTINGS = {"dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolve
 def diffusers_scheduler(name: str, config: dict, karras: bool = False):
     import diffusers
 
-    from ldm.samplers import SAMPLERS
+    from ldm.sampling.samplers import SAMPLERS
 
     settings = REFERENCE_SCHEDULER_SETTINGS.get(name, {}) | ({"use_karras_sigmas": True} if karras else {})
     return getattr(diffusers, SAMPLERS[name].diffusers_class).from_config(config, **settings)
@@ -435,7 +435,7 @@ def folder_components(root: Path) -> tuple[dict[str, dict], dict[str, dict[str, 
     """The config.json dicts and the state dicts (ldm names) of a diffusers folder's networks."""
     from safetensors.torch import load_file
 
-    from ldm.assemble import text_encoder_state
+    from ldm.loading.components import text_encoder_state
 
     configs, states = {}, {}
     for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
@@ -451,8 +451,8 @@ def write_single_file(folder: Path, path: Path, family: str, extras: bool = True
     """An original-layout single file of a tiny folder, written with ldm's converter (tables run backwards),
     plus what the official files also carry when `extras`: schedule buffers, EMA bookkeeping, CLIP's
     position_ids and logit_scale, and for SD 2.x the 24th OpenCLIP block and text_projection it does not use."""
-    from ldm.families import FAMILIES
-    from ldm.single_file import write_single_file_state
+    from ldm.loading.families import FAMILIES
+    from ldm.loading.single_file import write_single_file_state
 
     configs, states = folder_components(folder)
     tensors = write_single_file_state(FAMILIES[LDM_FAMILY[family]], configs, states)

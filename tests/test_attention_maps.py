@@ -1,4 +1,4 @@
-"""Cross-attention maps (ldm.attention_maps): an observer on the attention dispatch point that leaves the images
+"""Cross-attention maps (ldm.hooks.attention_maps): an observer on the attention dispatch point that leaves the images
 bit-identical, records probabilities that sum to 1 over the context, and writes one overlay per prompt token."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import attention
-from ldm.attention_maps import AttentionMaps, prompt_tokens, save_attention_maps
-from ldm.pipeline import StableDiffusion
+from ldm.hooks.attention_maps import AttentionMaps, prompt_tokens, save_attention_maps
+from ldm.networks import attention
+from ldm.pipelines.stable_diffusion import StableDiffusion
 
 PROMPT = "a photograph of an astronaut riding a horse"
 

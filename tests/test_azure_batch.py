@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from test_image_tasks import picture, rectangle_mask
 
-from ldm.azure import PREDICTION_COLUMNS, read_folder, write_predictions
-from ldm.batch import prepare_batch, run_batch
-from ldm.pipeline import StableDiffusion
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.serving.azure import PREDICTION_COLUMNS, read_folder, write_predictions
+from ldm.serving.batch import prepare_batch, run_batch
 from ldm_cli.main import main
 
 PARAMS = {"num_inference_steps": 2, "height": 64, "width": 64}

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.azure import read_folder
-from ldm.batch import Batch, prepare_batch, run_batch
-from ldm.distributed import Ranks
 from ldm.errors import InputError
-from ldm.pipeline import StableDiffusion
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.serving.azure import read_folder
+from ldm.serving.batch import Batch, prepare_batch, run_batch
+from ldm.serving.distributed import Ranks
 from ldm_cli.main import main
 
 PARAMS = {"num_inference_steps": 2, "height": 64, "width": 64}

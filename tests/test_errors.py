@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from ldm.errors import LoadError
-from ldm.loading import read_safetensors
+from ldm.loading.files import read_safetensors
 from ldm_cli.main import main
 
 PROMPT = "a cat"
@@ -176,8 +176,8 @@ def test_scheduler_settings_ldm_does_not_implement_are_refused(field, value, sam
     from official import SD1_SCHEDULER
 
     from ldm.errors import ConfigError
-    from ldm.samplers import SAMPLERS
-    from ldm.schedules import SchedulerConfig
+    from ldm.sampling.samplers import SAMPLERS
+    from ldm.sampling.schedules import SchedulerConfig
 
     config = SchedulerConfig.from_diffusers(SD1_SCHEDULER | {field: value})
     with pytest.raises(ConfigError, match=f"{field}="):
@@ -188,8 +188,8 @@ def test_scheduler_settings_ldm_does_not_implement_are_refused(field, value, sam
 def test_a_folder_with_an_sde_dpm_scheduler_defaults_to_the_sde_sampler():
     from official import SD1_SCHEDULER
 
-    from ldm.samplers import sampler_for
-    from ldm.schedules import SchedulerConfig
+    from ldm.sampling.samplers import sampler_for
+    from ldm.sampling.schedules import SchedulerConfig
 
     dpm = SD1_SCHEDULER | {"_class_name": "DPMSolverMultistepScheduler"}
     assert sampler_for(SchedulerConfig.from_diffusers(dpm)) == "dpmpp_2m"
@@ -222,7 +222,7 @@ def test_a_scheduler_ldm_lacks_needs_a_sampler_named(capsys, folder_copy, tmp_pa
 
 def test_karras_is_checked_against_the_folders_default_sampler(sd1_folder):
     from ldm.errors import InputError
-    from ldm.pipeline import StableDiffusion
+    from ldm.pipelines.stable_diffusion import StableDiffusion
 
     pipe = StableDiffusion.from_pretrained(sd1_folder)  # PNDM folder: no Karras grid in diffusers
     with pytest.raises(InputError, match="not to pndm"):
@@ -234,7 +234,7 @@ def test_a_cast_on_load_reads_each_tensor_once_and_gives_the_same_values(sd1_fol
     tensor); the values must be those of casting the memory-mapped tensors."""
     import torch
 
-    from ldm.loading import read_safetensors
+    from ldm.loading.files import read_safetensors
 
     for path in (sd1_folder / "unet" / "diffusion_pytorch_model.safetensors", sd1_folder / "text_encoder" /
                  "model.safetensors"):

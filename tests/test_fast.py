@@ -1,4 +1,4 @@
-"""`ldm.fast.accelerate`: fused projections, channels_last and torch.compile applied from outside, checked
+"""`ldm.speed.accelerate.accelerate`: fused projections, channels_last and torch.compile applied from outside, checked
 against the reference path (fp32 on the CPU here; the CUDA path is marked `gpu`)."""
 
 import functools
@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import max_rel_err
 
-from ldm.fast import (
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.speed.accelerate import (
     FusedCrossAttention,
     FusedSelfAttention,
     TensorTimestep,
@@ -17,7 +18,6 @@ from ldm.fast import (
     fuse_projections,
     use_winograd,
 )
-from ldm.pipeline import StableDiffusion
 
 PROMPT = "a small house by a lake"
 
@@ -96,8 +96,8 @@ def test_compiling_with_freezing_keeps_the_loaded_weights(sd1_folder, monkeypatc
     and has `MAPPED` page them out around compiles. Nothing is compiled here (torch.compile is lazy)."""
     import torch._inductor.config as inductor
 
-    from ldm import fast
-    from ldm.loading import mapped_pages
+    from ldm.loading.files import mapped_pages
+    from ldm.speed import accelerate as fast
 
     monkeypatch.setattr(fast, "use_winograd", functools.partial(use_winograd, min_channels=1))  # tiny widths
     pipe = StableDiffusion.from_pretrained(sd1_folder)
@@ -118,7 +118,7 @@ def test_compiling_with_freezing_keeps_the_loaded_weights(sd1_folder, monkeypatc
 def test_accelerate_without_freezing_precomputes_and_lays_out(sd1_folder, monkeypatch):
     """Eager (and the compile backends that read the parameters): channels_last weights and precomputed Winograd
     filters, since nothing would fold them."""
-    from ldm import fast
+    from ldm.speed import accelerate as fast
 
     monkeypatch.setattr(fast, "use_winograd", functools.partial(use_winograd, min_channels=1))
     pipe = accelerate(StableDiffusion.from_pretrained(sd1_folder), compile=False)
@@ -133,7 +133,7 @@ def test_page_out_drops_the_mapped_pages_and_keeps_every_write(tmp_path):
     the file's. Anonymous tensors are never advised."""
     from safetensors.torch import save_file
 
-    from ldm.loading import mapped_pages, page_out, read_safetensors
+    from ldm.loading.files import mapped_pages, page_out, read_safetensors
 
     def resident_file_mib() -> float:
         status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
@@ -161,7 +161,7 @@ def test_cuda_half_precision_compiled_matches_fp32_reference(sd1_folder):
 
 
 def test_bench_runs_each_mode_against_diffusers_counterpart():
-    from ldm.bench import check_mode, configurations
+    from ldm.tools.bench import check_mode, configurations
 
     assert configurations(["eager", "graph", "compile"], diffusers=True) == [
         ("ldm", "eager"), ("diffusers", "eager"), ("ldm", "graph"), ("ldm", "compile"), ("diffusers", "compile")]
@@ -173,7 +173,7 @@ def test_bench_runs_each_mode_against_diffusers_counterpart():
 
 
 def test_bench_table_pairs_modes_and_leaves_out_what_was_not_measured():
-    from ldm.bench import table
+    from ldm.tools.bench import table
 
     def row(impl, mode, step, gpu=None):
         return {"impl": impl, "mode": mode, "unet_step_s": step, "unet_step_gpu_s": gpu, "load_s": 1.0}
@@ -210,7 +210,7 @@ def test_bench_and_model_options(sd1_folder, capsys):
 def test_bench_decodes_in_the_vae_dtype(sdxl_folder):
     """The SDXL VAE is upcast to fp32 under an fp16 UNet: the timed decode casts the fp16 latents (the crash
     of `ldm bench --arch sdxl --device cuda`, issue 13)."""
-    from ldm.bench import ldm_vae_decode
+    from ldm.tools.bench import ldm_vae_decode
 
     pipe = StableDiffusion.from_pretrained(sdxl_folder, dtype="fp16", safety_checker=False)
     assert next(pipe.vae.parameters()).dtype == torch.float32
@@ -235,7 +235,7 @@ def test_bench_times_ldm_and_diffusers_on_a_folder(sd1_folder, capsys):
 
 @pytest.mark.slow  # ldm and diffusers on the tiny SDXL in fp16 on the CPU, in this process
 def test_bench_runs_sdxl_in_half_precision(sdxl_folder):
-    from ldm.bench import run_one
+    from ldm.tools.bench import run_one
 
     for impl in ("ldm", "diffusers"):
         row = run_one(impl, str(sdxl_folder), 64, 2, "euler", "eager", "cpu", "fp16", 1)

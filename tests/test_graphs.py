@@ -1,4 +1,4 @@
-"""`ldm.fast.CUDAGraphs`, the UNet step replayed as a CUDA graph: its bookkeeping (layouts, static buffers,
+"""`ldm.speed.accelerate.CUDAGraphs`, the UNet step replayed as a CUDA graph: its bookkeeping (layouts, static buffers,
 captures, outputs) driven on the CPU with a stand-in for the graph, the pass-through off CUDA, and on CUDA
 (`gpu`) the real graphs against the eager network."""
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm import attention
-from ldm.fast import CUDAGraphs, TensorTimestep, accelerate, layout
-from ldm.pipeline import StableDiffusion
+from ldm.networks import attention
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.speed.accelerate import CUDAGraphs, TensorTimestep, accelerate, layout
 
 PROMPT = "a small house by a lake"
 

@@ -1,5 +1,5 @@
-"""The hires fix (`ldm.hires`, `--hires-scale`) and the image-to-image inputs it rests on (latents as the image,
-one image and one seed per image), against diffusers' StableDiffusion(XL)Pipeline → upscale →
+"""The hires fix (`ldm.pipelines.hires`, `--hires-scale`) and the image-to-image inputs it rests on (latents as the
+image, one image and one seed per image), against diffusers' StableDiffusion(XL)Pipeline → upscale →
 StableDiffusion(XL)Img2ImgPipeline, and against an explicit image-to-image of ldm's own first pass."""
 
 import base64
@@ -18,10 +18,10 @@ from diffusers import (
 from PIL import Image
 from test_image_tasks import picture
 
-from ldm.images import parse_infotext
-from ldm.options import Limits
-from ldm.pipeline import StableDiffusion
-from ldm.scoring import RequestError, parse_parameters, score
+from ldm.pipelines.images import parse_infotext
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.serving.limits import Limits
+from ldm.serving.scoring import RequestError, parse_parameters, score
 from ldm_cli.main import main
 
 PROMPT = "a castle on a hill"

@@ -2,10 +2,10 @@
 
 import pytest
 
-from ldm import loading
-from ldm.assemble import hub_files
 from ldm.errors import LoadError
-from ldm.pipeline import StableDiffusion
+from ldm.loading import files as loading
+from ldm.loading.components import hub_files
+from ldm.pipelines.stable_diffusion import StableDiffusion
 
 
 def test_hub_id_alias_and_patterns(monkeypatch, sd1_folder):

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from ldm.families import FAMILIES, manifest, weights_dir
-from ldm.pipeline import StableDiffusion
+from ldm.loading.families import FAMILIES, manifest, weights_dir
+from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm_cli.main import main
 
 

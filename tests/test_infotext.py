@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.images import infotext, parse_infotext
+from ldm.pipelines.images import infotext, parse_infotext
 from ldm_cli.main import main
 
 
@@ -82,7 +82,7 @@ def test_from_png_errors(sd1_folder, tmp_path, capsys, make, message):
 
 
 def test_from_png_of_image_to_image_needs_the_image(sd1_folder, tmp_path, capsys):
-    from ldm.images import save_png
+    from ldm.pipelines.images import save_png
 
     png = tmp_path / "i2i.png"
     save_png(Image.new("RGB", (8, 8)), png, "a door\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, "
@@ -92,7 +92,7 @@ def test_from_png_of_image_to_image_needs_the_image(sd1_folder, tmp_path, capsys
 
 
 def test_model_hash_is_computed_once(single_file, tmp_path, monkeypatch):
-    from ldm import hashes
+    from ldm.loading import hashes
 
     monkeypatch.setenv("LDM_CACHE", str(tmp_path))
     model = single_file("sd1")

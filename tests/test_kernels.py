@@ -47,8 +47,8 @@ SCRIPT = textwrap.dedent("""
 
 PIPELINE = textwrap.dedent("""
     import sys, torch
-    from ldm.fast import use_kernels, KernelResnetBlock
-    from ldm.pipeline import StableDiffusion
+    from ldm.speed.accelerate import use_kernels, KernelResnetBlock
+    from ldm.pipelines.stable_diffusion import StableDiffusion
 
     unet = StableDiffusion.from_pretrained(sys.argv[1]).unet
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
-"""LoRA and LyCORIS adapters (`ldm.lora`): merged weights against diffusers' `load_lora_weights` + `fuse_lora` on
-the same tiny official-layout folders (tensor by tensor, and whole images), LoHa/LoKr against LyCORIS's merge
-formulas computed here, exact unloading, LoRAs before and after `ldm.fast.accelerate`, and bad input."""
+"""LoRA and LyCORIS adapters (`ldm.adapters.lora`): merged weights against diffusers' `load_lora_weights` +
+`fuse_lora` on the same tiny official-layout folders (tensor by tensor, and whole images), LoHa/LoKr against
+LyCORIS's merge formulas computed here, exact unloading, LoRAs before and after `ldm.speed.accelerate`, and bad
+input."""
 
 import hashlib
 import json
@@ -28,11 +29,11 @@ from lora_files import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ldm.adapters.lora import find_lora, load_lora, lora_hash, loras_dir, unload_loras
 from ldm.errors import InputError, LoadError
-from ldm.fast import WinogradConv2d, accelerate, use_winograd
-from ldm.lora import find_lora, load_lora, lora_hash, loras_dir, unload_loras
-from ldm.pipeline import StableDiffusion
-from ldm.single_file import unet_rules
+from ldm.loading.single_file import unet_rules
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.speed.accelerate import WinogradConv2d, accelerate, use_winograd
 
 PROMPT = "a red boat on a calm sea"
 

@@ -12,9 +12,9 @@ from lora_files import ATTENTION, TEXT, draw, modules, save_kohya
 from PIL import Image
 from test_lora import assert_same_bits, states
 
-from ldm.lora import lora_hash
-from ldm.pipeline import StableDiffusion
-from ldm.scoring import Limits, RequestError, parse, score
+from ldm.adapters.lora import lora_hash
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.serving.scoring import Limits, RequestError, parse, score
 from ldm_cli.main import main
 
 RUN = {"steps": 3, "seed": 4, "width": 64, "height": 64, "sampler": "euler"}

@@ -16,11 +16,11 @@ from official import (
     save_component,
 )
 
-from ldm.assemble import text_encoder_state
-from ldm.clip import CLIPTextConfig, CLIPTextModel
-from ldm.loading import load_module, read_safetensors
-from ldm.unet import UNet, UNetConfig
-from ldm.vae import VAE, VAEConfig
+from ldm.loading.components import text_encoder_state
+from ldm.loading.files import load_module, read_safetensors
+from ldm.networks.clip import CLIPTextConfig, CLIPTextModel
+from ldm.networks.unet import UNet, UNetConfig
+from ldm.networks.vae import VAE, VAEConfig
 
 TOL = MODULE_TOL
 
@@ -143,8 +143,8 @@ def test_absent_config_fields_take_diffusers_class_defaults():
     """A config.json that leaves a field out means diffusers' class default: the same network must come out."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ldm.unet import UNet
-    from ldm.vae import VAE, VAEConfig
+    from ldm.networks.unet import UNet
+    from ldm.networks.vae import VAE, VAEConfig
 
     with torch.device("meta"):  # shapes only
         pairs = ((VAE(VAEConfig.from_diffusers({})), AutoencoderKL()),

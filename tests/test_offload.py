@@ -1,4 +1,4 @@
-"""CPU offload (`ldm.offload`, `--offload`): the same image with and without it, where every weight is while each
+"""CPU offload (`ldm.speed.offload`, `--offload`): the same image with and without it, where every weight is while each
 network and each layer runs, and what the command line refuses.
 
 There is no GPU here, so the tests make the movement itself observable on the CPU: `Placeholders` parks a
@@ -16,10 +16,10 @@ from test_image_tasks import picture
 from torch import Tensor
 
 from ldm.errors import InputError
-from ldm.fast import CUDAGraphs, TensorTimestep, accelerate
-from ldm.offload import KEPT_RESIDENT, MOVED_WHOLE, Offload, disable_offload, enable_offload, networks
-from ldm.pipeline import StableDiffusion
-from ldm.refined import Refined
+from ldm.pipelines.refiner import Refined
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.speed.accelerate import CUDAGraphs, TensorTimestep, accelerate
+from ldm.speed.offload import KEPT_RESIDENT, MOVED_WHOLE, Offload, disable_offload, enable_offload, networks
 from ldm_cli.main import main, parse_args
 
 PROMPT = "a lighthouse on a cliff at dawn"
@@ -154,8 +154,8 @@ def test_sequential_offload_brings_each_layer_only_for_its_own_forward(sdxl_fold
 
 
 def test_textual_inversion_under_offload(sd1_folder, tmp_path, expected):
-    """ldm.prompts looks the token embedding up directly (not through the encoder's forward) for an embedding's
-    vectors: both modes bring it for that call too."""
+    """ldm.pipelines.prompts looks the token embedding up directly (not through the encoder's forward) for an
+    embedding's vectors: both modes bring it for that call too."""
     from safetensors.torch import save_file
 
     width = load(sd1_folder).tower_widths()["text_encoder"]
@@ -262,7 +262,7 @@ def test_cli_offload_gives_the_same_png(sd1_folder, tmp_path, monkeypatch):
 
 def test_bench_offload_modes():
     """`ldm bench --mode model-offload sequential-offload`: ldm's offload against diffusers' (CUDA only)."""
-    from ldm.bench import check_mode, configurations
+    from ldm.tools.bench import check_mode, configurations
 
     assert configurations(["model-offload"], diffusers=True) == [("ldm", "model-offload"),
                                                                   ("diffusers", "model-offload")]

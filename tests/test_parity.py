@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from ldm import parity
 from ldm.errors import LdmError
+from ldm.tools import parity
 from ldm_cli.parity import add_parser, run
 
 STEPS = 2  # the tiny models' native size is 64×64

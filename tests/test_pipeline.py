@@ -7,7 +7,7 @@ from diffusers import StableDiffusionPipeline
 from official import diffusers_scheduler
 from PIL import Image
 
-from ldm.pipeline import StableDiffusion
+from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm_cli.main import main
 
 PROMPT = "a photograph of an astronaut riding a horse"

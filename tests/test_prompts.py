@@ -1,5 +1,5 @@
-"""The A1111 prompt language (`ldm.prompts`), textual inversion (`ldm.embeddings`) and clip skip, against
-references: A1111's documented parser examples; its chunking rule run on transformers' `CLIPTokenizer`;
+"""The A1111 prompt language (`ldm.pipelines.prompts`), textual inversion (`ldm.adapters.embeddings`) and clip
+skip, against references: A1111's documented parser examples; its chunking rule run on transformers' `CLIPTokenizer`;
 the conditioning through transformers' `CLIPTextModel`; diffusers' `clip_skip` and `load_textual_inversion`."""
 
 from types import SimpleNamespace
@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.errors import InputError, LoadError
-from ldm.pipeline import StableDiffusion
-from ldm.prompts import extract_extra_networks, parse_attention, prompt_chunks
+from ldm.pipelines.prompts import extract_extra_networks, parse_attention, prompt_chunks
+from ldm.pipelines.stable_diffusion import StableDiffusion
 
 # (conftest.py) every comparison here is within this process: ldm and the references at one thread
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,7 +125,7 @@ LONG_PROMPTS = [
 
 
 def ours(tokenizer, text, vectors=None):
-    from ldm.prompts import EmbeddingLookup
+    from ldm.pipelines.prompts import EmbeddingLookup
 
     lookup = EmbeddingLookup(tokenizer, vectors) if vectors else None
     chunks, _ = prompt_chunks(tokenizer, text, embeddings=lookup)

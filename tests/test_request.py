@@ -13,12 +13,12 @@ from PIL import Image
 from test_serve import Server
 
 from ldm.errors import InputError
-from ldm.pipeline import StableDiffusion
-from ldm.refined import Refined
-from ldm.request import GenerationRequest
-from ldm.samplers import Step
-from ldm.scoring import RequestError, score
-from ldm.server import ServeConfig
+from ldm.pipelines.refiner import Refined
+from ldm.pipelines.request import GenerationRequest
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.sampling.samplers import Step
+from ldm.serving.scoring import RequestError, score
+from ldm.serving.server import ServeConfig
 from ldm_cli.main import main
 
 PROMPT = "a lighthouse on a cliff at dusk"

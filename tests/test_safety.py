@@ -13,8 +13,8 @@ from official import make_safety_checker, official_safety_checker_state, write_s
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from ldm.pipeline import StableDiffusion
-from ldm.safety import FeatureExtractorConfig, SafetyChecker, SafetyCheckerConfig, checker_state, preprocess
+from ldm.networks.safety import FeatureExtractorConfig, SafetyChecker, SafetyCheckerConfig, checker_state, preprocess
+from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm_cli.main import main
 
 # (conftest.py) every comparison here is within this process: ldm and the references at one thread

@@ -13,10 +13,10 @@ import torch
 from conftest import max_rel_err
 from official import SD1_SCHEDULER, SD21_SCHEDULER, SDXL_SCHEDULER, diffusers_scheduler
 
-from ldm.denoisers import Denoiser
 from ldm.errors import InputError
-from ldm.samplers import SAMPLERS, Step, get_ancestral_step
-from ldm.schedules import Schedule, SchedulerConfig
+from ldm.sampling.denoisers import Denoiser
+from ldm.sampling.samplers import SAMPLERS, Step, get_ancestral_step
+from ldm.sampling.schedules import Schedule, SchedulerConfig
 
 CONFIGS = {"sd1-eps": SD1_SCHEDULER, "sd21-v": SD21_SCHEDULER, "sdxl-eps": SDXL_SCHEDULER}
 DIFFUSERS = list(SAMPLERS)
@@ -88,7 +88,7 @@ def test_karras_trajectory_matches_diffusers(name, config, steps):
 
 
 def test_karras_where_diffusers_has_it():
-    from ldm.request import GenerationRequest
+    from ldm.pipelines.request import GenerationRequest
 
     # EulerAncestral, DDIM and PNDM have no use_karras_sigmas
     assert KARRAS == ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
@@ -152,7 +152,7 @@ def test_a_folder_asking_for_karras_gets_it(sd1_folder, tmp_path):
     import json
     import shutil
 
-    from ldm.pipeline import StableDiffusion
+    from ldm.pipelines.stable_diffusion import StableDiffusion
 
     folder = shutil.copytree(sd1_folder, tmp_path / "karras")
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

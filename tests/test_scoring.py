@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from test_image_tasks import picture, rectangle_mask
 
-from ldm.pipeline import StableDiffusion
-from ldm.scoring import Limits, RequestError, parse, score
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.serving.scoring import Limits, RequestError, parse, score
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 
@@ -233,7 +233,7 @@ def test_inpainting_notebook_payload_with_encodebytes_images(inpaint):
 
 def test_base64_may_hold_line_breaks_but_not_other_characters():
     from ldm.errors import InputError
-    from ldm.images import decode_image
+    from ldm.pipelines.images import decode_image
 
     buffer = io.BytesIO()
     picture(16, 16).save(buffer, format="PNG")

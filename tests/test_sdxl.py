@@ -9,7 +9,7 @@ from official import diffusers_scheduler
 from PIL import Image
 from test_image_tasks import picture
 
-from ldm.pipeline import StableDiffusion, StableDiffusionXL
+from ldm.pipelines.stable_diffusion import StableDiffusion, StableDiffusionXL
 from ldm_cli.main import main
 
 PROMPT = "a lighthouse on a cliff at dawn"

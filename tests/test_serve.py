@@ -14,9 +14,9 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from ldm.pipeline import StableDiffusion
-from ldm.scoring import Limits, score
-from ldm.server import ServeConfig, Worker, create_app
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.serving.scoring import Limits, score
+from ldm.serving.server import ServeConfig, Worker, create_app
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 
@@ -334,11 +334,11 @@ def test_image_urls_are_fetched_only_when_allowed(pipe, capsys):
 
 def test_serve_refuses_a_model_it_cannot_find_or_read_before_serving(tmp_path, sd1_folder, monkeypatch, capsys):
     """A user error about --model: one line on stderr and exit 2, as `ldm generate` does, and no server."""
-    import ldm.server
+    import ldm.serving.server
     from ldm_cli.main import main
 
     started = []
-    monkeypatch.setattr(ldm.server, "serve", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setattr(ldm.serving.server, "serve", lambda *args, **kwargs: started.append(args))
     (tmp_path / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     (tmp_path / "empty").mkdir()
     for model, message in ((tmp_path / "nowhere", "no such file or folder"),

@@ -13,13 +13,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_image_tasks import picture, rectangle_mask
 
-from ldm.clip import CLIPTextConfig, CLIPTextModel
-from ldm.families import FAMILIES
-from ldm.loading import read_safetensors
-from ldm.pipeline import StableDiffusion, StableDiffusionXL
-from ldm.single_file import component_rules, read_single_file, write_single_file_state
-from ldm.unet import UNet, UNetConfig
-from ldm.vae import VAE, VAEConfig
+from ldm.loading.families import FAMILIES
+from ldm.loading.files import read_safetensors
+from ldm.loading.single_file import component_rules, read_single_file, write_single_file_state
+from ldm.networks.clip import CLIPTextConfig, CLIPTextModel
+from ldm.networks.unet import UNet, UNetConfig
+from ldm.networks.vae import VAE, VAEConfig
+from ldm.pipelines.stable_diffusion import StableDiffusion, StableDiffusionXL
 from ldm_cli.main import main
 
 FAMILY_NAMES = ["sd1", "sd21", "sd2-inpaint", "sdxl", "sdxl-refiner"]

@@ -1,4 +1,4 @@
-"""Large images and seamless textures (ldm.tiling, --vae): tiled VAE against diffusers' enable_tiling(), the
+"""Large images and seamless textures (ldm.speed.tiling, --vae): tiled VAE against diffusers' enable_tiling(), the
 seam check, circular padding that makes images wrap, and swapping the VAE."""
 
 import numpy as np
@@ -8,11 +8,12 @@ from conftest import max_rel_err
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.assemble import load
+from ldm.adapters.seamless import set_seamless
 from ldm.errors import InputError, LoadError
-from ldm.pipeline import StableDiffusion
-from ldm.single_file import to_single_file, vae_rules
-from ldm.tiling import Tiles, disable_vae_tiling, enable_vae_tiling, set_seamless
+from ldm.loading.single_file import to_single_file, vae_rules
+from ldm.pipelines.setup import load
+from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.speed.tiling import Tiles, disable_vae_tiling, enable_vae_tiling
 from ldm_cli.main import main
 
 TILE = 32  # pixels (4 latents): the fixture's 96×80 images take 4×4 tiles
@@ -78,7 +79,7 @@ def test_no_seams_at_tile_borders(pipe):
 
 
 def test_auto_tiles_only_what_does_not_fit(pipe, monkeypatch):
-    import ldm.tiling as tiling
+    import ldm.speed.tiling as tiling
 
     z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_same_vae_swapped_in_gives_the_same_image(sd1_folder, pipe, tmp_path):
 
 
 def test_a_vae_of_another_family_is_refused(sd1_folder, sdxl_folder, tmp_path):
-    from ldm.vae import VAE, VAEConfig
+    from ldm.networks.vae import VAE, VAEConfig
 
     with pytest.raises(LoadError, match=r"SDXL \(scaling factor 0.13025.*SD 1.x model.*SD 1.x/2.x \(scaling"):
         load(sd1_folder, device="cpu", safety_checker=False, vae=sdxl_folder / "vae")

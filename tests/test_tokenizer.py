@@ -3,7 +3,7 @@
 import pytest
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
-from ldm.tokenizer import CLIPTokenizer, write_tokenizer_folder
+from ldm.networks.tokenizer import CLIPTokenizer, write_tokenizer_folder
 
 HARD_PROMPTS = [
     "",

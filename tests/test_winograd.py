@@ -1,5 +1,5 @@
 """kernels/winograd.py: Winograd F(4×4, 3×3) convolution against the float64 direct convolution, and
-`ldm.fast.use_winograd`, which converts a network's 3×3 convolutions to it."""
+`ldm.speed.accelerate.use_winograd`, which converts a network's 3×3 convolutions to it."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import max_rel_err
 from torch import nn
 
-from ldm.fast import WinogradConv2d, use_winograd
+from ldm.speed.accelerate import WinogradConv2d, use_winograd
 from ldm_kernels import winograd
 
 

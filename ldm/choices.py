@@ -1,0 +1,29 @@
+"""The words users type — sampler names, prompt syntaxes, emphasis modes, response forms — and what A1111
+calls them.
+
+Importable without torch, so that the command line parses (and `ldm --help` answers) at once; the modules
+that implement these options take their names from here.
+"""
+
+# sampler name → AUTOMATIC1111's name of it (written into the infotext, read back by --from-png)
+SAMPLER_LABELS = {"pndm": "PLMS", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
+                  "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC"}
+# the samplers whose diffusers scheduler takes Karras σ (`use_karras_sigmas`)
+KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+
+SYNTAXES = ("a1111", "plain")
+
+# the hires fix's upscalers → A1111's names (the infotext's `Hires upscaler`): the latent ones interpolate the
+# first pass's latents (torch `interpolate` mode, antialias), the others resize its decoded images with PIL
+HIRES_UPSCALERS = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
+                   "latent-bicubic": "Latent (bicubic)", "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
+                   "latent-nearest": "Latent (nearest)", "latent-nearest-exact": "Latent (nearest-exact)",
+                   "lanczos": "Lanczos", "nearest": "Nearest"}
+HIRES_MAX_SCALE = 4.0  # A1111's slider
+# A1111's emphasis modes: "Original" (weights, then the chunk's mean restored), "No norm" (weights only),
+# "None" (brackets read literally; long prompts are still chunked)
+EMPHASES = {"original": "Original", "no-norm": "No norm", "none": "None"}
+
+# the scoring adapter's response forms: one object per image (the SD 2.1 / SDXL / inpainting cards), or the
+# SD 1.5 / 1.4 cards' single object of lists
+FORMS = ("rows", "sd15", "sd14")

@@ -1,0 +1,222 @@
+"""One generation request: every parameter of a run, checked in one place.
+
+    request = GenerationRequest("a cat", steps=30, seed=1).check()   # the checks that need no model
+    result = pipe(request)                                           # the rest, against the loaded model
+
+The command line, the scoring adapter (`ldm serve`) and `ldm batch` all build one, so the same mistake gets
+the same message from each. `check()` knows nothing of the model and runs before gigabytes of weights load;
+the pipeline then checks what depends on the model (sizes against its VAE, inpainting against its UNet,
+SDXL micro-conditioning against its kind, clip skip against its towers' depth) when it runs the request.
+An error names the field at fault (`InputError.field`).
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ldm.choices import EMPHASES, HIRES_MAX_SCALE, HIRES_UPSCALERS, SYNTAXES
+from ldm.errors import InputError
+from ldm.sampling.samplers import SAMPLERS
+
+MAX_SEED = 2**64 - 1
+MAX_CLIP_SKIP = 12  # A1111's range; a model with fewer text layers refuses what it cannot skip
+# stands for an image or mask not read yet (a file, a request's rows) while a request is checked
+IMAGE_PLACEHOLDER = Image.new("RGB", (8, 8))
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. Defaults: the model's native size (an image's own, rounded down to a multiple of 8,
+    when there is one), the model folder's sampler, 50 steps, guidance 7.5, strength 0.8 (0.3 for SDXL, 1.0
+    with a mask), a random seed. See `StableDiffusion.__call__` for each parameter's meaning."""
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None = None
+    steps: int = 50
+    guidance: float = 7.5  # classifier-free guidance is on above 1 (diffusers' rule)
+    guidance_rescale: float = 0.0
+    seed: int | list[int] | None = None  # a list: one per prompt or per image (not inpainting)
+    width: int | None = None
+    height: int | None = None
+    sampler: str | None = None
+    karras: bool = False
+    eta: float = 0.0
+    num_images: int = 1  # per prompt
+    # image-to-image: an image (for every image of the batch), one image per image of the batch, or the VAE
+    # latents (scaled, as diffusers' img2img takes a 4-channel tensor) of one or of each; with `mask` (and one
+    # image), inpainting (white = repaint)
+    image: Image.Image | list[Image.Image] | Tensor | None = None
+    mask: Image.Image | None = None
+    strength: float | None = None
+    # SDXL micro-conditioning, (height, width) and (top, left) pairs; the refiner's aesthetic scores
+    original_size: tuple[int, int] | None = None
+    crop_coords: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    # the base → refiner hand-off: stop after a fraction of the schedule; resume σ-space latents from there
+    denoising_end: float | None = None
+    denoising_start: float | None = None
+    latents: Tensor | None = None
+    refiner_start: float | None = None  # for `Refined` (an SDXL base with its refiner): where the refiner takes over
+    prompt_syntax: str = "a1111"
+    emphasis: str = "original"
+    clip_skip: int = 1
+    loras: list[tuple[str, float]] = field(default_factory=list)  # names in weights/loras, merged for this call
+    prompt_loras: bool = True  # False: <lora:…> tags in the prompt are not merged (a refiner finishing a base's run)
+    # A1111's hires fix (text-to-image): generate, upscale by `hires_scale` (`ldm.pipelines.hires`), then
+    # image-to-image at the larger size with `hires_steps` (default: `steps`) at strength `hires_denoise` (default:
+    # 0.7, A1111's)
+    hires_scale: float | None = None
+    hires_steps: int | None = None
+    hires_denoise: float | None = None
+    hires_upscaler: str | None = None  # `ldm.choices.HIRES_UPSCALERS` (default: latent, A1111's)
+    output_type: str = "pil"  # "latent": the result's `latents` (VAE-scaled), undecoded, as in diffusers
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def negatives(self) -> list[str] | None:
+        """One negative prompt per prompt, or None when none was given."""
+        if self.negative_prompt is None:
+            return None
+        if isinstance(self.negative_prompt, str):
+            return [self.negative_prompt] * len(self.prompts)
+        return list(self.negative_prompt)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    def replace(self, **changes) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+    def check(self, max_steps: int = 1000) -> "GenerationRequest":
+        """Reject what no model could run, with a message that says what to pass instead; returns self.
+        `max_steps`: the model's training timesteps, where it is known."""
+
+        def bad(name: str, message: str):
+            raise InputError(message, field=name)
+
+        prompts = self.prompts
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            bad("prompt", "the prompt must be a text or a list of texts")
+        negatives = self.negatives
+        if negatives is not None and (len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives)):
+            bad("negative_prompt", f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if self.prompt_syntax not in SYNTAXES:
+            bad("prompt_syntax", f"unknown prompt syntax {self.prompt_syntax!r} (use {' or '.join(SYNTAXES)})")
+        if self.emphasis not in EMPHASES:
+            bad("emphasis", f"unknown emphasis {self.emphasis!r} (use {', '.join(EMPHASES)})")
+        if not _whole(self.clip_skip) or not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            bad("clip_skip", f"clip skip must be a whole number from 1 (the last layer) to {MAX_CLIP_SKIP}, "
+                             f"got {self.clip_skip!r}")
+        if self.mask is not None and self.image is None:
+            bad("mask", "--mask needs the image it applies to (--image)")
+        self._check_image(bad)
+        if self.strength is not None and self.image is None:
+            bad("strength", "--strength applies to image-to-image and inpainting: give an --image")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            bad("sampler", f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if self.karras and self.sampler is not None and not SAMPLERS[self.sampler].karras:
+            bad("karras", f"--karras applies to {', '.join(n for n, s in SAMPLERS.items() if s.karras)}, "
+                          f"not to {self.sampler}")
+        if not _whole(self.steps) or not 1 <= self.steps <= max_steps:
+            bad("steps", f"steps must be a whole number from 1 to {max_steps} (the training timesteps), "
+                         f"got {self.steps!r}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (not _whole(value) or value < 8 or value % 8):
+                bad(name, f"{name} must be a positive multiple of 8, got {value!r}")
+        if not _number(self.guidance) or not math.isfinite(self.guidance) or self.guidance < 0:
+            bad("guidance", f"guidance must be a number ≥ 0, got {self.guidance}")
+        if not _whole(self.num_images) or self.num_images < 1:
+            bad("num_images", f"the number of images must be ≥ 1, got {self.num_images!r}")
+        seeds = self.seed if isinstance(self.seed, list) else [self.seed]
+        for seed in seeds:
+            if seed is not None and (not _whole(seed) or not 0 <= seed <= MAX_SEED):
+                bad("seed", f"seed must be between 0 and {MAX_SEED}, got {seed}")
+        if isinstance(self.seed, list) and (len(seeds) not in (len(prompts), self.batch) or self.mask is not None):
+            bad("seed", "a list of seeds is one per prompt or one per image (inpainting takes one seed)")
+        if not _number(self.eta) or not 0 <= self.eta <= 1:
+            bad("eta", f"eta must be between 0 and 1, got {self.eta}")
+        if not _number(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:
+            bad("guidance_rescale", f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}")
+        if self.strength is not None and (not _number(self.strength) or not 0 < self.strength <= 1):
+            bad("strength", f"strength must be in (0, 1], got {self.strength}")
+        for name in ("denoising_start", "denoising_end", "refiner_start"):
+            value = getattr(self, name)
+            if value is not None and (not _number(value) or not 0 < value < 1):
+                bad(name, f"{name.replace('_', ' ')} must be strictly between 0 and 1, got {value}")
+        if (self.latents is None) != (self.denoising_start is None) or (
+                self.latents is not None and self.image is not None):
+            bad("denoising_start", "denoising_start goes with latents (from a run with denoising_end), "
+                                   "without an image")
+        if self.output_type not in ("pil", "latent"):
+            bad("output_type", f"output type must be pil or latent, got {self.output_type!r}")
+        self._check_hires(bad, max_steps)
+        return self
+
+    def _check_image(self, bad) -> None:
+        image = self.image
+        if image is None or isinstance(image, Image.Image):
+            return
+        if isinstance(image, Tensor):
+            if image.ndim != 4 or image.shape[0] not in (1, self.batch):
+                bad("image", f"latents given as the image must be (1 or {self.batch}, channels, height, width), "
+                             f"got {tuple(image.shape)}")
+        elif not isinstance(image, list) or not image or not all(isinstance(i, Image.Image) for i in image):
+            bad("image", "the image must be an image, a list of images or a latents tensor")
+        elif len(image) not in (1, self.batch):
+            bad("image", f"{len(image)} images for a batch of {self.batch}: give one, or one per image")
+        if self.mask is not None:
+            bad("mask", "inpainting takes one image (a PIL image), not a list or latents")
+
+    def _check_hires(self, bad, max_steps: int) -> None:
+        """The hires fix's own checks; the final size against a server's limits is `hires_size`'s."""
+        if self.hires_scale is None:
+            for name in ("hires_steps", "hires_denoise", "hires_upscaler"):
+                if getattr(self, name) is not None:
+                    bad(name, f"{name.replace('_', ' ')} goes with a hires scale (--hires-scale)")
+            return
+        if not _number(self.hires_scale) or not 1 <= self.hires_scale <= HIRES_MAX_SCALE:
+            bad("hires_scale", f"hires scale must be from 1 to {HIRES_MAX_SCALE:g} (the factor the first image is "
+                               f"upscaled by), got {self.hires_scale}")
+        if self.hires_steps is not None and (not _whole(self.hires_steps) or not 1 <= self.hires_steps <= max_steps):
+            bad("hires_steps", f"hires steps must be a whole number from 1 to {max_steps}, got {self.hires_steps!r}")
+        if self.hires_denoise is not None and (not _number(self.hires_denoise) or not 0 < self.hires_denoise <= 1):
+            bad("hires_denoise", f"hires denoising strength must be in (0, 1], got {self.hires_denoise}")
+        if self.hires_upscaler is not None and self.hires_upscaler not in HIRES_UPSCALERS:
+            bad("hires_upscaler", f"unknown hires upscaler {self.hires_upscaler!r}; choose one of: "
+                                  f"{', '.join(HIRES_UPSCALERS)}")
+        for name in ("image", "latents", "denoising_end"):
+            if getattr(self, name) is not None:
+                bad("hires_scale", f"the hires fix is a second pass of text-to-image; it does not combine with "
+                                   f"{name}")
+
+    def generators(self) -> torch.Generator | list[torch.Generator]:
+        """The CPU generator(s) the run draws from (design decision 4): one seeded with `seed`, or one per seed of
+        a list. A base and its refiner share them, as in diffusers. The seed must be set."""
+        if isinstance(self.seed, list):
+            return [torch.Generator("cpu").manual_seed(s) for s in self.seed]
+        return torch.Generator("cpu").manual_seed(self.seed)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
+    """The hires pass's size for a first pass of width × height: A1111's int(size × scale), rounded down to the
+    VAE's multiple."""
+    return tuple(int(v * scale) // multiple * multiple for v in (width, height))

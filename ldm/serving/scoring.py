@@ -1,0 +1,460 @@
+"""The scoring schema of the Azure ML model-catalog cards, as a thin adapter over the pipeline.
+
+Request (pandas' "split" orientation; `ldm serve` and `ldm batch` both take it):
+
+    {"input_data": {"columns": ["prompt"], "index": [0, 1], "data": ["a cat", "a dog"],
+                    "parameters": {"num_inference_steps": 30, "guidance_scale": 7.5, "seed": 1}}}
+
+Columns `prompt` or `text_prompt` (SD 1.4's card), `negative_prompt` (a row's own, over the parameter), and
+`image` and `mask` (or `mask_image`) for image-to-image and inpainting as base64 PNG/JPEG (line breaks
+allowed, as `base64.encodebytes` writes them) or, where the caller allows it, http(s) URLs; rows as strings,
+lists in column order, or objects keyed by column.
+
+Response, one object per image in row order (the SD 2.1, SDXL and inpainting cards' form):
+
+    [{"prompt": "a cat", "generated_image": "<base64 PNG>", "nsfw_content_detected": null, "seed": 1}, ...]
+
+`nsfw_content_detected` is the safety checker's flag, null when the model has none. A row that cannot be run
+is reported in place as {"prompt": ..., "index": ..., "error": {"field": ..., "message": ...}}; a request that
+cannot be read at all raises a `RequestError`, whose `as_dict()` is the error body. The SD 1.5 and SD 1.4
+cards' older forms (one object holding lists) are `form="sd15"` / `form="sd14"`.
+"""
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+from PIL import Image
+
+from ldm.adapters.lora import find_lora
+from ldm.choices import FORMS
+from ldm.errors import InputError, LdmError
+from ldm.pipelines.images import decode_image, encode_png, fit_size, image_from_bytes, is_url
+from ldm.pipelines.prompts import extract_extra_networks
+from ldm.pipelines.request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest, hires_size
+from ldm.sampling.samplers import SAMPLERS
+from ldm.serving.limits import Limits
+
+COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
+           "mask": "mask", "mask_image": "mask"}
+NO_URLS = "image URLs are not fetched by this server (start it with --allow-image-urls to allow them)"
+
+
+class RequestError(InputError):
+    """A request ldm cannot run, naming the field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    def as_dict(self) -> dict:
+        return {"error": {"field": self.field, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """`parameters`, with the cards' defaults (50 steps, guidance 7.5) and ldm's extras."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+    strength: float | None = None
+    num_images_per_prompt: int = 1
+    prompt_syntax: str | None = None  # "plain" (a request's default: diffusers reads brackets literally) or "a1111"
+    clip_skip: int = 1
+    loras: tuple[tuple[str, float], ...] = ()  # files of the server's LoRA folder, by name, with their weights
+    refiner_start: float | None = None  # with a refiner (ldm serve --refiner): where it takes over (or denoising_end)
+    # the hires fix (text-to-image; `ldm.pipelines.hires`): the size limit applies to the upscaled image
+    hires_scale: float | None = None
+    hires_steps: int | None = None
+    hires_denoise: float | None = None
+    hires_upscaler: str | None = None
+
+
+# a GenerationRequest field → the parameter of a scoring request that sets it (for the field an error names)
+PARAMETER_OF = {"steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
+                "num_images": "num_images_per_prompt"}
+
+
+@dataclass
+class Row:
+    position: int  # in `data`
+    label: object  # its `index` label (the position when `index` is shorter, as in the SD 1.5 card)
+    prompt: str | None = None
+    negative_prompt: str | None = None  # its own; None: the request's `negative_prompt` parameter
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    error: RequestError | None = None
+
+
+@dataclass
+class Request:
+    rows: list[Row]
+    parameters: Parameters
+    seed: int  # rows get seed, seed + 1, …: the request's `seed`, or a random one
+    limits: Limits = field(default_factory=Limits)
+    form: str = "rows"
+    prompt_syntax: str = "plain"  # when the parameters do not say (`ldm batch`: "a1111")
+
+
+def _number(name: str, value, kind: type):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+        isinstance(value, int) and not isinstance(value, bool)
+    if not ok:
+        raise RequestError(f"parameters.{name}", f"expected {'a number' if kind is float else 'an integer'}, "
+                                                 f"got {value!r}")
+    return float(value) if kind is float else value
+
+
+def parse_parameters(raw, limits: Limits) -> Parameters:
+    if raw is None:
+        return Parameters()
+    if not isinstance(raw, dict):
+        raise RequestError("parameters", "expected an object")
+    known = {f.name: f for f in fields(Parameters)}
+    if "denoising_end" in raw:  # diffusers' name for the base's share, as the SDXL card's example passes it
+        if "refiner_start" in raw:
+            raise RequestError("parameters.denoising_end", "give refiner_start or denoising_end, not both")
+        raw = {("refiner_start" if k == "denoising_end" else k): v for k, v in raw.items()}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise RequestError(f"parameters.{unknown[0]}", f"unknown parameter (known: {', '.join(known)})")
+    values = {}
+    for name, value in raw.items():
+        if value is None:
+            continue
+        if name == "loras":
+            values[name] = parse_loras(value)
+        elif name in ("negative_prompt", "scheduler", "prompt_syntax", "hires_upscaler"):
+            if not isinstance(value, str):
+                raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
+            values[name] = value
+        else:
+            values[name] = _number(name, value, float if name in ("guidance_scale", "strength", "refiner_start",
+                                                                  "hires_scale", "hires_denoise") else int)
+    p = Parameters(**values)
+    if not 1 <= p.num_inference_steps <= limits.max_steps:
+        raise RequestError("parameters.num_inference_steps", f"must be from 1 to {limits.max_steps} on this server, "
+                                                             f"got {p.num_inference_steps}")
+    if p.hires_steps is not None and not 1 <= p.hires_steps <= limits.max_steps:
+        raise RequestError("parameters.hires_steps", f"must be from 1 to {limits.max_steps} on this server, "
+                                                     f"got {p.hires_steps}")
+    if not 1 <= p.num_images_per_prompt <= limits.max_images_per_prompt:
+        raise RequestError("parameters.num_images_per_prompt",
+                           f"must be from 1 to {limits.max_images_per_prompt}, got {p.num_images_per_prompt}")
+    if p.height and p.width and p.height * p.width > limits.max_pixels:
+        larger = "width" if p.width >= p.height else "height"  # the one to bring down first
+        raise RequestError(f"parameters.{larger}", f"{p.width}x{p.height} is more than this server's "
+                                                   f"{limits.max_pixels} pixels per image")
+    if p.scheduler is not None and scheduler_name(p.scheduler) is None:
+        raise RequestError("parameters.scheduler", f"unknown scheduler {p.scheduler!r} (one of: {', '.join(SAMPLERS)}, "
+                                                   "or a diffusers scheduler class name)")
+    if not 0 <= p.guidance_scale <= 100:
+        raise RequestError("parameters.guidance_scale", f"must be between 0 and 100, got {p.guidance_scale}")
+    try:  # the rest as every entry point checks a request (the same message as the command line's)
+        generation_request(p, [""], None, IMAGE_PLACEHOLDER if p.strength is not None else None, None,
+                           p.seed, p.prompt_syntax or "plain").check()
+    except InputError as e:
+        name = PARAMETER_OF.get(e.field, e.field)
+        raise RequestError(f"parameters.{name}" if name in known else "parameters", str(e)) from None
+    if p.height and p.width and (error := hires_too_large(p, p.width, p.height, limits)):
+        raise error
+    return p
+
+
+def hires_too_large(p: Parameters, width: int, height: int, limits: Limits, multiple: int = 8) -> RequestError | None:
+    """The error for a hires fix whose upscaled image exceeds the server's pixels per image (None: it fits)."""
+    if p.hires_scale is None:
+        return None
+    big_w, big_h = hires_size(width, height, p.hires_scale, multiple)
+    if big_w * big_h <= limits.max_pixels:
+        return None
+    return RequestError("parameters.hires_scale", f"{width}x{height} upscaled {p.hires_scale:g}× is {big_w}x{big_h}, "
+                                                  f"more than this server's {limits.max_pixels} pixels per image")
+
+
+def parse_loras(value) -> tuple[tuple[str, float], ...]:
+    """`loras`: {"NAME": WEIGHT, …} or ["NAME", "NAME:WEIGHT", …], NAME a file of the server's LoRA folder
+    (weights/loras): a request never names a path."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        pairs = [tuple(v.rsplit(":", 1)) if ":" in v else (v, 1.0) for v in value]
+    else:
+        raise RequestError("parameters.loras", 'expected {"NAME": WEIGHT} or ["NAME", "NAME:WEIGHT"]')
+    out = []
+    for name, weight in pairs:
+        try:
+            weight = float(weight) if not isinstance(weight, bool) else math.nan
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise RequestError("parameters.loras", f"{name}: the weight must be a finite number")
+        try:
+            find_lora(str(name), allow_paths=False)
+        except InputError as e:
+            raise RequestError("parameters.loras", str(e)) from None
+        out.append((str(name), weight))
+    return tuple(out)
+
+
+def scheduler_name(name: str) -> str | None:
+    """An ldm sampler name, or the diffusers scheduler class it reproduces (the first sampler of that class)."""
+    if name in SAMPLERS:
+        return name
+    return next((n for n, spec in SAMPLERS.items() if spec.diffusers_class == name), None)
+
+
+def _row(position: int, label, value, columns: list[str], limits: Limits,
+         fetch: Callable[[str], bytes] | None = None) -> Row:
+    row = Row(position, label)
+    where = f"data[{position}]"
+    try:
+        if isinstance(value, str):
+            if columns != ["prompt"]:
+                raise RequestError(where, f"a bare string row needs the single column 'prompt', not {columns}")
+            cells = {"prompt": value}
+        elif isinstance(value, list):
+            if len(value) != len(columns):
+                raise RequestError(where, f"has {len(value)} values for {len(columns)} columns {columns}")
+            cells = dict(zip(columns, value, strict=True))
+        elif isinstance(value, dict):
+            unknown = sorted(k for k in value if k not in COLUMNS)
+            if unknown:
+                raise RequestError(f"{where}.{unknown[0]}", f"unknown column (known: {', '.join(COLUMNS)})")
+            cells = {COLUMNS[k]: v for k, v in value.items()}
+        else:
+            raise RequestError(where, f"expected a string, a list or an object, got {type(value).__name__}")
+        row.prompt = cells.get("prompt")
+        if not isinstance(row.prompt, str):
+            raise RequestError(f"{where}.prompt", "missing, or not a string")
+        row.negative_prompt = cells.get("negative_prompt")
+        if row.negative_prompt is not None and not isinstance(row.negative_prompt, str):
+            raise RequestError(f"{where}.negative_prompt", "not a string")
+        for name in ("image", "mask"):
+            value = cells.get(name)
+            if value is None or isinstance(value, Image.Image):  # `ldm batch` hands over images read from files
+                setattr(row, name, value)
+                continue
+            if is_url(value) and fetch is None:
+                raise RequestError(f"{where}.{name}", NO_URLS)
+            try:
+                if isinstance(value, InputError):
+                    raise value
+                if is_url(value):
+                    image = image_from_bytes(fetch(value), name, 4 * limits.max_pixels, f"{value.strip()[:200]}")
+                else:
+                    image = decode_image(value, name, max_pixels=4 * limits.max_pixels)
+                setattr(row, name, image)
+            except InputError as e:
+                raise RequestError(f"{where}.{name}", str(e).removeprefix(f"{name}: ")) from None
+        if row.mask is not None and row.image is None:
+            raise RequestError(f"{where}.mask", "a mask needs the image it applies to")
+        if row.mask is not None and row.mask.size != row.image.size:
+            raise RequestError(f"{where}.mask", f"is {row.mask.width}x{row.mask.height}, the image "
+                                                f"{row.image.width}x{row.image.height}: they must match")
+        if row.image is not None:
+            try:
+                width, height = fit_size(row.image)
+            except InputError as e:
+                raise RequestError(f"{where}.image", str(e)) from None
+            if width * height > limits.max_pixels:
+                raise RequestError(f"{where}.image", f"{width}x{height} is more than this server's "
+                                                     f"{limits.max_pixels} pixels per image")
+    except RequestError as e:
+        row.error = e
+    return row
+
+
+def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: str = "plain",
+          fetch: Callable[[str], bytes] | None = None) -> Request:
+    """Read a request body (already JSON-decoded). Request-level problems raise a RequestError; a row that
+    cannot be read carries its own error and the other rows still run. `prompt_syntax`: how prompts are read
+    when the parameters do not say. `fetch`: an image URL's bytes (or an InputError), such as
+    `functools.partial(ldm.pipelines.images.fetch_url, max_bytes=…)`; without it a URL is the row's error."""
+    if form not in FORMS:
+        raise ValueError(f"unknown response form {form!r}")
+    if not isinstance(body, dict) or "input_data" not in body:
+        raise RequestError("input_data", "missing: the body must be {\"input_data\": {\"columns\": [...], "
+                                         "\"data\": [...], \"parameters\": {...}}}")
+    unknown = sorted(set(body) - {"input_data", "parameters"})
+    if unknown:
+        raise RequestError(unknown[0], "unknown top-level field (expected input_data)")
+    data_in = body["input_data"]
+    if not isinstance(data_in, dict):
+        raise RequestError("input_data", "expected an object with columns, index, data and parameters")
+    unknown = sorted(set(data_in) - {"columns", "index", "data", "parameters"})
+    if unknown:
+        raise RequestError(f"input_data.{unknown[0]}", "unknown field (expected columns, index, data, parameters)")
+    columns = data_in.get("columns", ["prompt"])
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        raise RequestError("input_data.columns", "expected a list of column names")
+    for name in columns:
+        if name not in COLUMNS:
+            raise RequestError("input_data.columns", f"unknown column {name!r} (known: {', '.join(COLUMNS)})")
+    columns = [COLUMNS[c] for c in columns]
+    if "prompt" not in columns or len(set(columns)) != len(columns):
+        raise RequestError("input_data.columns", "needs one prompt (or text_prompt) column and no repeats")
+    data = data_in.get("data")
+    if not isinstance(data, list) or not data:
+        raise RequestError("input_data.data", "expected a non-empty list of rows")
+    if len(data) > limits.max_rows:
+        raise RequestError("input_data.data", f"{len(data)} rows; this server takes at most {limits.max_rows} "
+                                              "per request")
+    index = data_in.get("index") or []
+    if not isinstance(index, list):
+        raise RequestError("input_data.index", "expected a list of row labels")
+    # parameters sit inside input_data in the cards; accept them beside it too
+    parameters = parse_parameters(data_in.get("parameters", body.get("parameters")), limits)
+    rows = [_row(i, index[i] if i < len(index) else i, value, columns, limits, fetch) for i, value in enumerate(data)]
+    seed = parameters.seed if parameters.seed is not None else secrets.randbits(32)
+    return Request(rows, parameters, seed, limits, form, parameters.prompt_syntax or prompt_syntax)
+
+
+def row_seed(request: Request, row: Row) -> int:
+    return (request.seed + row.position) % (MAX_SEED + 1)
+
+
+def negative_prompt(request: Request, row: Row) -> str | None:
+    """The row's own negative prompt, else the request's."""
+    return row.negative_prompt if row.negative_prompt is not None else request.parameters.negative_prompt
+
+
+def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bool] | None = None) -> list[dict]:
+    """The response objects of some rows: one per image, or one carrying a row's error. Several error-free
+    text-to-image rows go through the pipeline as one batch, each with its own seed, so each image is the one
+    the row gets alone (up to float rounding of a batched matmul). The rows of a pass share one negative prompt
+    (`run` groups them so)."""
+    if len(rows) == 1 and rows[0].error is not None:
+        return [error_object(rows[0], rows[0].error)]
+    negative = negative_prompt(request, rows[0])
+    if any(negative_prompt(request, row) != negative for row in rows):
+        raise ValueError("rows of different negative prompts cannot share a pass")
+    p = request.parameters
+    seeds = [row_seed(request, row) for row in rows]
+    native = pipe.native_size
+    first = rows[0]
+    width, height = fit_size(first.image) if first.image is not None else (native, native)
+    width, height = p.width or width, p.height or height
+    if width * height > request.limits.max_pixels:
+        error = RequestError("parameters.width", f"{width}x{height} is more than this server's "
+                                                 f"{request.limits.max_pixels} pixels per image: give a smaller "
+                                                 "width and height")
+        return [error_object(row, error) for row in rows]
+    if first.image is None and (error := hires_too_large(p, width, height, request.limits, pipe.vae_scale)):
+        return [error_object(row, error) for row in rows]
+
+    def cancel_check(step) -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled()
+
+    try:
+        result = pipe(generation_request(p, [row.prompt for row in rows], negative, first.image, first.mask,
+                                         seeds if len(rows) > 1 else seeds[0], request.prompt_syntax),
+                      callbacks=[cancel_check])
+    except LdmError as e:  # a bad value for this model, or a LoRA of the folder that does not fit it
+        return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
+    n = p.num_images_per_prompt
+
+    def notes(row: Row) -> dict:
+        """What the client should know of its row (a plain prompt cut at 77 tokens): the notes that name its
+        prompt or the negative prompt."""
+        texts = [repr(t[:30]) for t in (row.prompt, negative) if t]
+        mine = [note for note in result.notes if any(t in note for t in texts)]
+        return {"notes": mine} if mine else {}
+
+    return [{"prompt": rows[i // n].prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
+             "seed": seeds[i // n]} | notes(rows[i // n])
+            for i, (image, text, nsfw) in enumerate(zip(result.images, result.infotexts, result.nsfw, strict=True))]
+
+
+def generation_request(p: Parameters, prompts: list[str], negative: str | None, image, mask, seed,
+                       prompt_syntax: str) -> GenerationRequest:
+    """The request one pass of rows makes of the pipeline."""
+    return GenerationRequest(prompts, negative, steps=p.num_inference_steps, guidance=p.guidance_scale, seed=seed,
+                             width=p.width, height=p.height,
+                             sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
+                             num_images=p.num_images_per_prompt, image=image, mask=mask, strength=p.strength,
+                             prompt_syntax=prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
+                             refiner_start=p.refiner_start, hires_scale=p.hires_scale, hires_steps=p.hires_steps,
+                             hires_denoise=p.hires_denoise, hires_upscaler=p.hires_upscaler)
+
+
+def run_row(pipe, request: Request, row: Row, cancelled: Callable[[], bool] | None = None) -> list[dict]:
+    return run_rows(pipe, request, [row], cancelled)
+
+
+class Cancelled(Exception):
+    """The client went away: the work for it stops at the next step."""
+
+
+def error_object(row: Row, error: RequestError) -> dict:
+    return {"prompt": row.prompt, "index": row.label, "error": {"field": error.field, "message": error.message}}
+
+
+def respond(objects: list[dict], form: str = "rows"):
+    """The response body in `form`: "rows" (a list, one object per image or failed row), or the SD 1.5 / 1.4
+    cards' single object of lists (flags as the strings "True"/"False", as those cards show them)."""
+    if form == "rows":
+        return objects
+    images = [o for o in objects if "error" not in o]
+    key = "generated_images" if form == "sd14" else "generated_image"
+    body = {key: [o["generated_image"] for o in images],
+            "nsfw_content_detected": [None if o["nsfw_content_detected"] is None else str(o["nsfw_content_detected"])
+                                      for o in images]}
+    errors = [o for o in objects if "error" in o]
+    return [body | ({"errors": errors} if errors else {})]
+
+
+def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, batch_size: int = 1):
+    """Every row of a parsed request, in order, as the response body. Consecutive text-to-image rows go
+    through the networks together (they share the request's parameters), up to `batch_size` images a pass;
+    a row with more images than that still runs, alone."""
+    if request.parameters.refiner_start is not None and not hasattr(pipe, "refiner"):
+        raise RequestError("parameters.refiner_start", f"this server runs {pipe.name} without a refiner (ldm serve "
+                                                       "--refiner MODEL)")
+    per_row = request.parameters.num_images_per_prompt
+    rows_per_pass = max(1, batch_size // per_row)
+    objects, group = [], []
+
+    def kind(row: Row) -> tuple:
+        """Rows of a pass must have equally many chunks (a batch pads every prompt to the longest one's, which
+        would change the images of the shorter ones), the same <lora:…> tags (merged for the whole pass) and the
+        same negative prompt (one for the pass)."""
+        tags, negative = extract_extra_networks(row.prompt)[1], negative_prompt(request, row)
+        try:
+            return pipe.chunk_count(row.prompt, request.prompt_syntax), tags, negative
+        except InputError:
+            return -1, tags, negative  # runs alone, and reports its error
+
+    group_kind = None
+    for row in request.rows:
+        if row.error is None and row.image is None and rows_per_pass > 1:
+            row_kind = kind(row)
+            if group and row_kind != group_kind:
+                objects += run_rows(pipe, request, group, cancelled)
+                group = []
+            group.append(row)
+            group_kind = row_kind
+            if len(group) == rows_per_pass:
+                objects += run_rows(pipe, request, group, cancelled)
+                group = []
+            continue
+        if group:
+            objects += run_rows(pipe, request, group, cancelled)
+            group = []
+        objects += run_rows(pipe, request, [row], cancelled)
+    if group:
+        objects += run_rows(pipe, request, group, cancelled)
+    return respond(objects, request.form)
+
+
+def score(pipe, body, limits: Limits = Limits(), form: str = "rows", cancelled: Callable[[], bool] | None = None,
+          batch_size: int = 1):
+    """Parse and run a request body. Raises RequestError for a request that cannot be read."""
+    return run(pipe, parse(body, limits, form), cancelled, batch_size)
