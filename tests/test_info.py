@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from ldm.loading.families import FAMILIES, manifest, weights_dir
+from ldm.loading.families import SPECS, manifest, weights_dir
 from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm_cli.main import main
 
@@ -49,7 +49,7 @@ def test_a_file_name_in_the_weights_store(single_file, tmp_path, monkeypatch, ca
 
 def test_manifest_lists_every_family():
     entries = manifest()
-    assert {e.family for e in entries.values()} == set(FAMILIES)
+    assert {e.family for e in entries.values()} == set(SPECS)
     assert entries["sd15"].aliases == ("runwayml/stable-diffusion-v1-5",)
     assert all(e.single_file is None or e.single_file.endswith(".safetensors") for e in entries.values())
 

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_image_tasks import picture, rectangle_mask
 
-from ldm.loading.families import FAMILIES
+from ldm.loading.families import SPECS
 from ldm.loading.files import read_safetensors
 from ldm.loading.single_file import component_rules, read_single_file, write_single_file_state
 from ldm.networks.clip import CLIPTextConfig, CLIPTextModel
@@ -277,7 +277,7 @@ def test_full_size_official_layouts_infer_the_official_configs(family):
             module = builders[component](cfg) if component in builders else CLIPTextModel(
                 CLIPTextConfig.from_transformers(cfg))
             states[component] = module.state_dict()
-    tensors = write_single_file_state(FAMILIES[family], official, states)
+    tensors = write_single_file_state(SPECS[family], official, states)
     if family.startswith("sd2"):  # the 24th OpenCLIP-H block the folder drops, and the unused projection
         tensors |= {k.replace("resblocks.0.", "resblocks.23."): v for k, v in tensors.items()
                     if k.startswith("cond_stage_model.model.transformer.resblocks.0.")}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ldm.errors import InputError, LoadError
-from ldm.loading.families import PREDICTION_TYPES
+from ldm.loading.families import SPECS, ModelSpec, prediction_type_override
 from ldm.loading.files import (
     PICKLE_SUFFIXES,
     load_module,
@@ -28,10 +28,10 @@ from ldm.loading.files import (
     resolve,
     weights_file,
 )
-from ldm.loading.single_file import TOWERS, read_single_file, take, vae_rules
+from ldm.loading.single_file import read_single_file, take, vae_rules
 from ldm.networks.clip import CLIPTextConfig, CLIPTextModel
 from ldm.networks.safety import FeatureExtractorConfig, Safety, SafetyChecker, SafetyCheckerConfig, checker_state
-from ldm.networks.tokenizer import EOS, CLIPTokenizer, clip_bpe_vocab
+from ldm.networks.tokenizer import CLIPTokenizer, clip_bpe_vocab
 from ldm.networks.unet import UNet, UNetConfig
 from ldm.networks.vae import VAE, VAEConfig
 from ldm.sampling.schedules import SchedulerConfig
@@ -83,17 +83,17 @@ class Folder:
     """What a diffusers folder's model_index.json and config.json files say, before any weight is read."""
 
     index: dict
-    xl: bool
     listed: set[str]  # the components model_index.json names (not [null, null])
     towers: list[str]  # text_encoder, text_encoder_2
     unet: UNetConfig
     vae: VAEConfig
     text_encoders: dict[str, CLIPTextConfig]
-    family: str  # for messages and `ldm info`
+    spec: ModelSpec  # its family's, with what the configs state (`folder_spec`)
 
 
 def read_folder(root: Path) -> Folder:
-    """Read and check a folder's layout and configs (LoadError naming what is missing or malformed)."""
+    """Read and check a folder's layout and configs (LoadError naming what is missing or malformed), and resolve
+    it to its family's spec."""
     index = read_json(root / "model_index.json")
     pipeline_class = index.get("_class_name") if isinstance(index, dict) else None
     if pipeline_class not in SD_PIPELINES + XL_PIPELINES:
@@ -109,18 +109,32 @@ def read_folder(root: Path) -> Folder:
     unet = read_config(root / "unet" / "config.json", UNetConfig.from_diffusers)
     vae = read_config(root / "vae" / "config.json", VAEConfig.from_diffusers)
     text_encoders = {t: read_config(root / t / "config.json", CLIPTextConfig.from_transformers) for t in towers}
+    return Folder(index, listed, towers, unet, vae, text_encoders, folder_spec(xl, index, unet, vae, text_encoders))
+
+
+def folder_spec(xl: bool, index: dict, unet: UNetConfig, vae: VAEConfig,
+                text_encoders: dict[str, CLIPTextConfig]) -> ModelSpec:
+    """The family a folder's configs describe, with what they state in place of the family's values. The family:
+    SD or SDXL by the pipeline class; SDXL base or refiner by its towers (the refiner has no CLIP-L); SD 1.x
+    (CLIP-L, quick_gelu) or SD 2.x (OpenCLIP-H, gelu) by the text encoder's activation; inpainting by the UNet's
+    inputs. SDXL's choices come from model_index.json, where it is silent its pipeline class's defaults (diffusers'
+    rule: zeros for an empty negative prompt, no aesthetic score)."""
     if xl:
-        family = "SDXL refiner" if "text_encoder" not in text_encoders else "SDXL base"
-    else:  # CLIP-L or OpenCLIP-H
-        family = "SD 1.x" if text_encoders["text_encoder"].hidden_act == "quick_gelu" else "SD 2.x"
-    family += " inpainting" if unet.in_channels > vae.latent_channels else ""
-    return Folder(index, xl, listed, towers, unet, vae, text_encoders, family)
+        key = "sdxl" if "text_encoder" in text_encoders else "sdxl-refiner"
+    elif text_encoders["text_encoder"].hidden_act == "quick_gelu":
+        key = "sd1"
+    else:
+        key = "sd2-inpaint" if unet.in_channels > vae.latent_channels else "sd2"
+    choices = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
+               "requires_aesthetics_score": index.get("requires_aesthetics_score", False)} if xl else {}
+    return SPECS[key].with_model(sample_size=unet.sample_size, unet_in_channels=unet.in_channels,
+                                 latent_channels=vae.latent_channels, **choices)
 
 
-def upcast_vae_dtype(xl: bool, dtype: torch.dtype, vae_cfg: VAEConfig) -> torch.dtype:
+def upcast_vae_dtype(spec: ModelSpec, dtype: torch.dtype, vae_cfg: VAEConfig) -> torch.dtype:
     """The SDXL pipelines run a half-precision VAE in fp32 when its config says force_upcast (the SDXL VAE
-    overflows fp16); StableDiffusionPipeline does not."""
-    return torch.float32 if xl and dtype == torch.float16 and vae_cfg.force_upcast else dtype
+    overflows fp16); StableDiffusionPipeline does not (`ModelSpec.upcast_vae`)."""
+    return torch.float32 if spec.upcast_vae and dtype == torch.float16 and vae_cfg.force_upcast else dtype
 
 
 def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -142,7 +156,7 @@ def text_encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 class Components:
     """One model's loaded parts, before any pipeline: what `StableDiffusion.from_components` is built from."""
 
-    xl: bool
+    spec: ModelSpec  # the model's family, with what its configs state (`ModelSpec.with_model`): `pipe.spec`
     unet: UNet
     vae: VAE
     encoders: dict[str, CLIPTextModel]  # by component: text_encoder, text_encoder_2
@@ -151,8 +165,6 @@ class Components:
     device: torch.device
     dtype: torch.dtype
     name: str  # the infotext's Model
-    force_zeros_for_empty_prompt: bool = True
-    requires_aesthetics_score: bool = False
     safety: Safety | None = None  # the SD 1.x safety checker, where the folder lists it
     vae_name: str | None = None  # another VAE than the model's own (`vae=`): the infotext's VAE
     model_file: Path | None = None  # a single file: its sha256 is the infotext's Model hash
@@ -183,44 +195,49 @@ def load_components(model: str | Path, device: str = "auto", dtype: str = "auto"
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if prediction_type not in (None, *PREDICTION_TYPES):
-        raise InputError(f"unknown prediction type {prediction_type!r} (use {' or '.join(PREDICTION_TYPES)})")
+    override = prediction_type_override(prediction_type)  # (before anything is downloaded)
     root = resolve(str(model), hub_files(variant), revision, local_files_only)
     if root.is_file():
         if variant is not None:
             raise InputError(f"--variant {variant} selects files in a diffusers folder; {root} is a single file")
         return load_single_file_components(root, device, dtype, prediction_type, vae)
-    folder = read_folder(root)
-    vae_name = None if vae is None else vae_label(vae)
-    if vae is not None:
-        swapped = load_vae(vae, folder.vae, folder.family, folder.xl, dev, dt)
-    vae_dtype = upcast_vae_dtype(folder.xl, dt, folder.vae)
+    name = Path(str(model)).name if Path(str(model)).exists() else str(model)
+    return load_folder_components(root, name, dev, dt, variant, override, safety_checker, vae)
 
-    def load_part(part, stem, build, dtype=dt, rename=lambda state: state):
+
+def load_folder_components(root: Path, name: str, device: torch.device, dtype: torch.dtype, variant: str | None,
+                           prediction_type: str | None, safety_checker: bool, vae: str | Path | None) -> Components:
+    """A diffusers folder's `Components` (`load_components`); `prediction_type`: the scheduler config's value in
+    place of the folder's."""
+    folder = read_folder(root)
+    spec = folder.spec
+    vae_name = None if vae is None else vae_label(vae)
+    if vae is not None:  # first: a VAE that does not fit is refused before the rest is read
+        vae = load_vae(vae, folder.vae, spec, device, dtype)
+
+    def load_part(part, stem, build, dtype=dtype, rename=lambda state: state):
         path = weights_file(root / part, stem, variant)
-        return load_module(build, rename(read_safetensors(path, dtype)), path, folder.family, dev)
+        return load_module(build, rename(read_safetensors(path, dtype)), path, spec.label, device)
 
     unet = load_part("unet", "diffusion_pytorch_model", lambda: UNet(folder.unet))
-    vae = swapped if vae is not None else load_part("vae", "diffusion_pytorch_model", lambda: VAE(folder.vae),
-                                                    vae_dtype)
+    if vae is None:
+        vae = load_part("vae", "diffusion_pytorch_model", lambda: VAE(folder.vae),
+                        upcast_vae_dtype(spec, dtype, folder.vae))
     encoders = {t: load_part(t, "model", lambda c=cfg: CLIPTextModel(c), rename=text_encoder_state)
                 for t, cfg in folder.text_encoders.items()}
     tokenizers = {t: CLIPTokenizer.from_folder(root / t.replace("text_encoder", "tokenizer")) for t in folder.towers}
     scheduler = read_config(root / "scheduler" / "scheduler_config.json", SchedulerConfig.from_diffusers)
     if prediction_type is not None:
-        scheduler = dataclasses.replace(scheduler, prediction_type=PREDICTION_TYPES[prediction_type])
-    name = Path(str(model)).name if Path(str(model)).exists() else str(model)
+        scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
     safety = None
     if safety_checker and "safety_checker" in folder.listed:
         for part in ("safety_checker", "feature_extractor"):
             if not (root / part).is_dir():
                 raise LoadError(f"{root}: model_index.json lists a safety checker but the {part}/ folder is "
                                 "missing (load with --no-safety-checker to go without it)")
-        safety = load_safety(root, dev, dt, variant)
-    return Components(folder.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, name,
-                      force_zeros_for_empty_prompt=folder.index.get("force_zeros_for_empty_prompt", True),
-                      requires_aesthetics_score=folder.index.get("requires_aesthetics_score", False),
-                      safety=safety, vae_name=vae_name)
+        safety = load_safety(root, device, dtype, variant)
+    return Components(spec, unet, vae, encoders, tokenizers, scheduler, device, dtype, name, safety=safety,
+                      vae_name=vae_name)
 
 
 def load_single_file_components(path: str | Path, device: str = "auto", dtype: str = "auto",
@@ -240,44 +257,43 @@ def load_single_file_components(path: str | Path, device: str = "auto", dtype: s
     if path.suffix != ".safetensors":
         raise LoadError(f"{path}: ldm reads single-file checkpoints in the .safetensors format, and diffusers "
                         "folders")
-    if prediction_type not in (None, *PREDICTION_TYPES):
-        raise InputError(f"unknown prediction type {prediction_type!r} (use {' or '.join(PREDICTION_TYPES)})")
+    prediction_type_override(prediction_type)  # refused before the file is read
     tensors = read_safetensors(path)
     try:
         checkpoint = read_single_file(tensors, prediction_type)
     except LoadError as e:
         raise LoadError(f"{path}: {e}") from None
-    family = checkpoint.family
+    spec = checkpoint.family
     unet_cfg = UNetConfig.from_diffusers(checkpoint.configs["unet"])
     vae_cfg = VAEConfig.from_diffusers(checkpoint.configs["vae"])
 
     def load_part(component, build, dtype=dt):
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.states[component].items()}
-        return load_module(build, state, path, family.label, dev)
+        return load_module(build, state, path, spec.label, dev)
 
     unet = load_part("unet", lambda: UNet(unet_cfg))
     vae_name = None if vae is None else vae_label(vae)
     if vae is not None:
-        vae = load_vae(vae, vae_cfg, family.label, family.xl, dev, dt)
+        vae = load_vae(vae, vae_cfg, spec, dev, dt)
     else:
-        vae = load_part("vae", lambda: VAE(vae_cfg), upcast_vae_dtype(family.xl, dt, vae_cfg))
+        vae = load_part("vae", lambda: VAE(vae_cfg), upcast_vae_dtype(spec, dt, vae_cfg))
     encoders, tokenizers = {}, {}
     vocab, merges = clip_bpe_vocab()
-    for component, _, kind in TOWERS[family.key]:
-        cfg = CLIPTextConfig.from_transformers(checkpoint.configs[component])
-        encoders[component] = load_part(component, lambda c=cfg: CLIPTextModel(c))
-        tokenizers[component] = CLIPTokenizer(vocab, merges, pad_token=EOS if kind == "clip" else "!")
+    for tower in spec.towers:
+        cfg = CLIPTextConfig.from_transformers(checkpoint.configs[tower.component])
+        encoders[tower.component] = load_part(tower.component, lambda c=cfg: CLIPTextModel(c))
+        tokenizers[tower.component] = CLIPTokenizer(vocab, merges, pad_token=tower.pad_token)
     scheduler = SchedulerConfig.from_diffusers(checkpoint.scheduler)
-    return Components(family.xl, unet, vae, encoders, tokenizers, scheduler, dev, dt, path.stem,
-                      force_zeros_for_empty_prompt=not family.refiner, requires_aesthetics_score=family.refiner,
-                      vae_name=vae_name, model_file=path)
+    return Components(spec, unet, vae, encoders, tokenizers, scheduler, dev, dt, path.stem, vae_name=vae_name,
+                      model_file=path)
 
 
 def vae_family(cfg: VAEConfig) -> str:
-    """A VAE's family, as its scaling factor tells it: SD 1.x/2.x and SDXL VAEs have the same shapes but
-    different latent spaces."""
-    known = {0.18215: "SD 1.x/2.x", 0.13025: "SDXL"}
-    name = known.get(cfg.scaling_factor, "an unknown family")
+    """A VAE's latent space, as its scaling and shift factors tell it (`ModelSpec.latent_space`): SD 1.x/2.x and
+    SDXL VAEs have the same shapes but different latent spaces."""
+    spaces = dict.fromkeys(s.latent_space for s in SPECS.values()
+                           if (s.vae_scaling_factor, s.vae_shift_factor) == (cfg.scaling_factor, cfg.shift_factor))
+    name = "/".join(spaces) or "an unknown family"
     return f"{name} (scaling factor {cfg.scaling_factor}, {cfg.latent_channels} latent channels)"
 
 
@@ -303,8 +319,7 @@ def vae_label(source: str | Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def load_vae(source: str | Path, model: VAEConfig, family: str, xl: bool, device: torch.device,
-             dtype: torch.dtype) -> VAE:
+def load_vae(source: str | Path, model: VAEConfig, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> VAE:
     """The VAE of `source` in place of a model's (`--vae`): a diffusers `vae/` folder (config.json and
     diffusion_pytorch_model.safetensors; a model folder holding one works too), or one .safetensors file in the
     original LDM layout (`sdxl_vae.safetensors`, `vae-ft-mse-840000-ema-pruned.safetensors`; also a full
@@ -323,7 +338,7 @@ def load_vae(source: str | Path, model: VAEConfig, family: str, xl: bool, device
     if path.is_dir():
         cfg = read_config(path / "config.json", VAEConfig.from_diffusers)
         weights = weights_file(path, "diffusion_pytorch_model")
-        state = read_safetensors(weights, upcast_vae_dtype(xl, dtype, cfg))
+        state = read_safetensors(weights, upcast_vae_dtype(spec, dtype, cfg))
     elif path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             refuse_pickle(path)
@@ -342,13 +357,13 @@ def load_vae(source: str | Path, model: VAEConfig, family: str, xl: bool, device
                 tensors = take(tensors, vae_rules(cfg, prefix=""))
             except LoadError as e:
                 raise LoadError(f"--vae {source}: {e}") from None
-        target = upcast_vae_dtype(xl, dtype, cfg)
+        target = upcast_vae_dtype(spec, dtype, cfg)
         state = {k: v.to(target) for k, v in tensors.items() if not k.startswith(("loss.", "model_ema."))}
         weights = path
     else:
         raise LoadError(f"--vae {source}: no such file or folder")
     if (cfg.latent_channels, cfg.scaling_factor, cfg.shift_factor) != (
             model.latent_channels, model.scaling_factor, model.shift_factor):
-        raise LoadError(f"--vae {source}: a VAE of {vae_family(cfg)} does not fit this {family} model, whose "
+        raise LoadError(f"--vae {source}: a VAE of {vae_family(cfg)} does not fit this {spec.label} model, whose "
                         f"VAE is {vae_family(model)}")
-    return load_module(lambda: VAE(cfg), state, weights, family, device)
+    return load_module(lambda: VAE(cfg), state, weights, spec.label, device)

@@ -63,7 +63,7 @@ def model_info(model: str, revision: str | None = None, variant: str | None = No
     if root.is_file():
         return _single_file_info(model, root)
     folder = read_folder(root)
-    info = ModelInfo(model, "diffusers folder", root, folder.family,
+    info = ModelInfo(model, "diffusers folder", root, folder.spec.label,
                      read_json(root / "scheduler" / "scheduler_config.json"))
     for part in ["unet", "vae", *folder.towers]:
         path = weights_file(root / part, "model" if part in folder.towers else "diffusion_pytorch_model", variant)
@@ -79,17 +79,12 @@ def _single_file_info(model: str, path: Path) -> ModelInfo:
         checkpoint = read_single_file(read_safetensors(path))  # memory-mapped: nothing is read but the header
     except LoadError as e:
         raise LoadError(f"{path}: {e}") from None
-    family = checkpoint.family.label
-    unet = checkpoint.configs["unet"]
-    if unet["in_channels"] > checkpoint.configs["vae"]["latent_channels"] and "inpaint" not in family:
-        family += " inpainting"
-    info = ModelInfo(model, "single file", path, family, checkpoint.scheduler)
+    info = ModelInfo(model, "single file", path, checkpoint.family.label, checkpoint.scheduler)
     for name, state in checkpoint.states.items():
         info.components.append(Component(name, path, _dtypes([str(t.dtype) for t in state.values()]),
                                          sum(t.numel() for t in state.values()), checkpoint.configs[name]))
     reasons = Counter(checkpoint.ignored.values())
     info.notes += [f"{n} key(s) unused: {why}" for why, n in reasons.items()]
-    if checkpoint.family.key == "sd2":
-        info.notes.append("the prediction type is not stored in a single file: SD 2.x defaults to v (768-px "
-                          "models); a 512-px SD 2.x base file needs --prediction-type eps")
+    if checkpoint.family.file_note:
+        info.notes.append(checkpoint.family.file_note)
     return info

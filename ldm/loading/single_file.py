@@ -21,22 +21,16 @@ import torch
 from torch import Tensor
 
 from ldm.errors import LoadError
-from ldm.loading.families import FAMILIES, PREDICTION_TYPES, TEXT_HEAD_DIM, Family
+from ldm.loading.families import SPECS, TEXT_HEAD_DIM, ModelSpec, prediction_type_override
 from ldm.networks.clip import CLIPTextConfig, CLIPTextModel
 from ldm.networks.unet import UNet, UNetConfig
 from ldm.networks.vae import VAE, VAEConfig
 
 UNET, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
-# Which text towers each family's file holds: (ldm component, file prefix, kind).
-TOWERS = {
-    "sd1": [("text_encoder", "cond_stage_model.transformer.", "clip")],
-    "sd2": [("text_encoder", "cond_stage_model.model.", "openclip")],
-    "sd2-inpaint": [("text_encoder", "cond_stage_model.model.", "openclip")],
-    "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
-             ("text_encoder_2", "conditioner.embedders.1.model.", "openclip")],
-    "sdxl-refiner": [("text_encoder_2", "conditioner.embedders.0.model.", "openclip")],
-}
+# Which text towers each family's file holds, (ldm component, file prefix, kind): `ModelSpec.towers` as tuples, as
+# `ldm.tools.parity` reads them.
+TOWERS = {key: [(t.component, t.prefix, t.kind) for t in spec.towers] for key, spec in SPECS.items()}
 
 # Keys a file may hold that no ldm module reads, and why. Anything else unused is an error.
 IGNORED = [
@@ -244,7 +238,7 @@ def _latent_channels(tensors) -> int:
 # ------------------------------------------------------------------------------- config inference
 
 
-def _heads(family: Family, width: int) -> int:
+def _heads(family: ModelSpec, width: int) -> int:
     if family.unet_heads is not None:
         return family.unet_heads
     if width % family.head_dim:
@@ -253,7 +247,7 @@ def _heads(family: Family, width: int) -> int:
     return width // family.head_dim
 
 
-def infer_unet(tensors: dict[str, Tensor], family: Family, towers: dict[str, dict]) -> dict:
+def infer_unet(tensors: dict[str, Tensor], family: ModelSpec, towers: dict[str, dict]) -> dict:
     """A diffusers unet/config.json for the file's UNet: the layout from the shapes, heads by family rule."""
     t = {k[len(UNET):]: v for k, v in tensors.items() if k.startswith(UNET)}
     levels, level = [], []  # per level: (width, transformer depth) of each resnet
@@ -298,19 +292,23 @@ def infer_unet(tensors: dict[str, Tensor], family: Family, towers: dict[str, dic
     }
     if [d for d in up_depths if d] != [d for d in depths[::-1] if d]:
         cfg["reverse_transformer_layers_per_block"] = [d or 1 for d in up_depths]
-    if family.xl:
-        adm = _shape(t, "label_emb.0.0.weight")[1]
-        pooled = towers["text_encoder_2"]["projection_dim"]
-        ids = 5 if family.refiner else 6  # refiner: original size, crop, aesthetic score; base: + target size
-        if (adm - pooled) % ids:
-            raise LoadError(f"label_emb takes {adm} features, which is not the {pooled}-wide pooled text embedding "
-                            f"plus {ids} size embeddings of equal width")
-        cfg |= {"addition_embed_type": "text_time", "addition_time_embed_dim": (adm - pooled) // ids,
-                "projection_class_embeddings_input_dim": adm}
-    return cfg
+    return cfg | (_text_time(t, family, towers) if family.xl else {})
 
 
-def infer_vae(tensors: dict[str, Tensor], family: Family) -> dict:
+def _text_time(t: dict[str, Tensor], family: ModelSpec, towers: dict[str, dict]) -> dict:
+    """SDXL's addition embedding (`text_time`): the pooled text embedding and the micro-conditioning's time ids,
+    each id embedded at one width, which the width of `label_emb` and the count of ids tell."""
+    adm = _shape(t, "label_emb.0.0.weight")[1]
+    pooled = towers["text_encoder_2"]["projection_dim"]
+    ids = 5 if family.requires_aesthetics_score else 6  # original size, crop, aesthetic score; or + target size
+    if (adm - pooled) % ids:
+        raise LoadError(f"label_emb takes {adm} features, which is not the {pooled}-wide pooled text embedding "
+                        f"plus {ids} size embeddings of equal width")
+    return {"addition_embed_type": "text_time", "addition_time_embed_dim": (adm - pooled) // ids,
+            "projection_class_embeddings_input_dim": adm}
+
+
+def infer_vae(tensors: dict[str, Tensor], family: ModelSpec) -> dict:
     t = {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
     levels = _indices(t, "encoder.down.")
     return {
@@ -361,49 +359,59 @@ class SingleFile:
     """What a single file holds, in ldm's terms: family, configs (diffusers/transformers config.json dicts)
     and each component's state dict under ldm's names (views of the file's memory-mapped tensors)."""
 
-    family: Family
+    family: ModelSpec  # the family's, with the file's UNet and VAE channels and its rule's assumption in its label
     configs: dict[str, dict]  # "unet", "vae", "text_encoder", "text_encoder_2"
     states: dict[str, dict[str, Tensor]]
     scheduler: dict  # the family's official scheduler_config.json, with the prediction type asked for
     ignored: dict[str, str]  # file key → why no module reads it
 
 
-def component_rules(family: Family, configs: dict[str, dict], legacy_clip: bool = False) -> dict[str, list[Rule]]:
+def component_rules(family: ModelSpec, configs: dict[str, dict], legacy_clip: bool = False) -> dict[str, list[Rule]]:
     """Every component's key table, for a file of `family` whose configs are `configs`. `legacy_clip`: the
     CLIP-L keys lack the `text_model.` segment (`cond_stage_model.transformer.embeddings…`, older SD 1.x files)."""
     rules = {"unet": unet_rules(UNetConfig.from_diffusers(configs["unet"])),
              "vae": vae_rules(VAEConfig.from_diffusers(configs["vae"]))}
-    for component, prefix, kind in TOWERS[family.key]:
-        cfg = CLIPTextConfig.from_transformers(configs[component])
-        if kind == "openclip":
-            rules[component] = openclip_rules(cfg, prefix)
+    for tower in family.towers:
+        cfg, prefix = CLIPTextConfig.from_transformers(configs[tower.component]), tower.prefix
+        if tower.kind == "openclip":
+            rules[tower.component] = openclip_rules(cfg, prefix)
         elif not legacy_clip:
-            rules[component] = clip_rules(cfg, prefix)
+            rules[tower.component] = clip_rules(cfg, prefix)
         else:
-            rules[component] = [Rule(r.ours, prefix + r.theirs[len(prefix + "text_model."):], r.op)
-                                for r in clip_rules(cfg, prefix)]
+            rules[tower.component] = [Rule(r.ours, prefix + r.theirs[len(prefix + "text_model."):], r.op)
+                                      for r in clip_rules(cfg, prefix)]
     return rules
 
 
-def sd2_drops_last_block(family: Family, tensors: dict[str, Tensor]) -> bool:
+def sd2_drops_last_block(family: ModelSpec, tensors: dict[str, Tensor]) -> bool:
     """SD 2.x conditions on OpenCLIP-H's penultimate layer. The original files hold all 24 blocks (and the
     unused text_projection): the last is dropped. Files converted back from a diffusers folder (diffusers'
     convert_diffusers_to_original_stable_diffusion.py) hold only the 23 the folder keeps, and no projection."""
-    return family.key in ("sd2", "sd2-inpaint") and "cond_stage_model.model.text_projection" in tensors
+    return family.unused_last_text_block and f"{family.towers[0].prefix}text_projection" in tensors
+
+
+def legacy_clip_keys(family: ModelSpec, tensors: dict[str, Tensor]) -> bool:
+    """Older SD 1.x files keep CLIP-L's keys without transformers' `text_model.` segment
+    (`cond_stage_model.transformer.embeddings…`)."""
+    tower = family.towers[0]
+    return (not family.xl and tower.kind == "clip"
+            and not any(k.startswith(tower.prefix + "text_model.") for k in tensors))
 
 
 def read_single_file(tensors: dict[str, Tensor], prediction_type: str | None = None) -> SingleFile:
     """Detect, infer and map a single file's tensors (LoadError with the reason when they do not fit)."""
-    family = FAMILIES[detect(tensors)]
-    legacy_clip = family.key == "sd1" and not any(k.startswith(TOWERS["sd1"][0][1] + "text_model.") for k in tensors)
+    family = SPECS[detect(tensors)]
+    legacy_clip = legacy_clip_keys(family, tensors)
     configs = {}
-    for component, prefix, kind in TOWERS[family.key]:
-        if kind == "clip" and not legacy_clip:
-            prefix += "text_model."
-        configs[component] = infer_text_encoder(tensors, prefix, kind, sd2_drops_last_block(family, tensors),
-                                                projected=family.xl)
+    for tower in family.towers:
+        prefix = tower.prefix + ("text_model." if tower.kind == "clip" and not legacy_clip else "")
+        configs[tower.component] = infer_text_encoder(tensors, prefix, tower.kind,
+                                                      sd2_drops_last_block(family, tensors), projected=family.xl)
     configs["unet"] = infer_unet(tensors, family, configs)
     configs["vae"] = infer_vae(tensors, family)
+    family = family.with_model(label=f"{family.label} ({family.assumed})" if family.assumed else family.label,
+                               unet_in_channels=configs["unet"]["in_channels"],
+                               latent_channels=configs["vae"]["latent_channels"])
     rules = component_rules(family, configs, legacy_clip)
     states = {}
     for component, table in rules.items():
@@ -432,13 +440,12 @@ def read_single_file(tensors: dict[str, Tensor], prediction_type: str | None = N
         shown = ", ".join(unexpected[:6]) + (f" … ({len(unexpected)} in all)" if len(unexpected) > 6 else "")
         raise LoadError(f"it holds keys no {family.label} module reads: {shown}")
 
-    scheduler = dict(family.scheduler)
-    if prediction_type is not None:
-        scheduler["prediction_type"] = PREDICTION_TYPES[prediction_type]
+    override = prediction_type_override(prediction_type)
+    scheduler = family.scheduler | ({"prediction_type": override} if override else {})
     return SingleFile(family, configs, states, scheduler, ignored)
 
 
-def write_single_file_state(family: Family, configs: dict[str, dict],
+def write_single_file_state(family: ModelSpec, configs: dict[str, dict],
                             states: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
     """The original single-file tensors of a model given in ldm/diffusers names (the inverse of reading)."""
     out = {}
