@@ -14,7 +14,7 @@ from PIL import Image
 from test_image_tasks import picture, rectangle_mask
 
 from ldm.pipelines.stable_diffusion import StableDiffusion
-from ldm.serving.azure import PREDICTION_COLUMNS, read_folder, write_predictions
+from ldm.serving.azure import PREDICTION_COLUMNS, read_azure_input, write_predictions
 from ldm.serving.batch import prepare_batch, run_batch
 from ldm_cli.main import main
 
@@ -89,9 +89,9 @@ def test_a_killed_azure_batch_resumes(sd1, folder, whole, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch(sd1, prepare_batch(read_folder(folder, PARAMS), out, PARAMS, 40, settings), kill_after_two)
+        run_batch(sd1, prepare_batch(read_azure_input(folder, PARAMS), out, PARAMS, 40, settings), kill_after_two)
     assert not (out / "predictions.csv").exists()
-    batch = prepare_batch(read_folder(folder, PARAMS, mini_batch_size=2), out, PARAMS, None, settings)
+    batch = prepare_batch(read_azure_input(folder, PARAMS, mini_batch_size=2), out, PARAMS, None, settings)
     assert run_batch(sd1, batch) == (3, 2, 1)  # the malformed row is one of the three
     write_predictions(batch)
     assert (out / "predictions.csv").read_bytes() == (whole / "predictions.csv").read_bytes()
@@ -157,7 +157,7 @@ def test_a_folder_needs_format_azure_and_azure_options_need_it(sd1_folder, tmp_p
 def test_predictions_of_a_row_with_several_images(tmp_path):
     """One line per image, all with the row's number (write_predictions reads only results.jsonl and PNGs)."""
     (tmp_path / "a.csv").write_text("prompt\nx\n")
-    batch = prepare_batch(read_folder(tmp_path), tmp_path / "out", seed=1)
+    batch = prepare_batch(read_azure_input(tmp_path), tmp_path / "out", seed=1)
     (tmp_path / "out" / "results.jsonl").write_text("".join(
         json.dumps({"row": 0, "of": 2, "prompt": "x", "nsfw_content_detected": None, "seed": 1,
                     "file": f"00000-{k}.png"}) + "\n" for k in range(2)))

@@ -18,7 +18,7 @@ import torch
 
 from ldm.errors import InputError
 from ldm.pipelines.stable_diffusion import StableDiffusion
-from ldm.serving.azure import read_folder
+from ldm.serving.azure import read_azure_input
 from ldm.serving.batch import Batch, prepare_batch, run_batch
 from ldm.serving.distributed import Ranks
 from ldm_cli.main import main
@@ -152,9 +152,9 @@ def test_rows_are_shared_by_row_or_by_mini_batch_of_files(tmp_path):
         (tmp_path / name).write_text("prompt\n" + "".join(f"p{i}\n" for i in range(count)))
     by_row = Batch(None, tmp_path, set(), Ranks(0, 3))
     assert [by_row.owner(r) for r in range(8)] == [0, 1, 2, 0, 1, 2, 0, 1]
-    by_file = Batch(None, tmp_path, set(), Ranks(0, 3), read_folder(tmp_path))  # a mini-batch: one file
+    by_file = Batch(None, tmp_path, set(), Ranks(0, 3), read_azure_input(tmp_path))  # a mini-batch: one file
     assert [by_file.owner(r) for r in range(8)] == [0, 0, 0, 1, 2, 2, 2, 2]
-    assert read_folder(tmp_path, mini_batch_size=2).units == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert read_azure_input(tmp_path, mini_batch_size=2).units == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_ranks_from_torchrun_environment():

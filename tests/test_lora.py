@@ -214,7 +214,7 @@ def test_lora_merges_like_diffusers(request, reference, tmp_path, family, fmt, c
     assert {c for c, _ in spec} == {"unet", *TOWERS[family]}  # every network adapted
 
     unload_loras(pipe)
-    assert pipe.loras == [] and not pipe._lora_originals
+    assert pipe.loras == [] and not pipe.lora_originals
     assert_same_bits(states(pipe), before)
 
 
@@ -262,7 +262,7 @@ def test_two_loras_stack_like_diffusers_and_unload_exactly(sd1_folder, reference
     _, expected = reference.merged("sd1", (first, 0.6), (second, -0.4))
     changed = changed_weights(spec_for(pipe, "sd1", convs=True))
     assert_merged_like(pipe, expected, before, changed)
-    assert len(pipe._lora_originals) == sum(len(v) for v in changed.values())  # each kept once, at first touch
+    assert len(pipe.lora_originals) == sum(len(v) for v in changed.values())  # each kept once, at first touch
     unload_loras(pipe)
     assert_same_bits(states(pipe), before)
 

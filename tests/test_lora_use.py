@@ -14,7 +14,9 @@ from test_lora import assert_same_bits, states
 
 from ldm.adapters.lora import lora_hash
 from ldm.pipelines.stable_diffusion import StableDiffusion
-from ldm.serving.scoring import Limits, RequestError, parse, score
+from ldm.serving.limits import Limits
+from ldm.serving.runner import score
+from ldm.serving.schema import RequestError, parse
 from ldm_cli.main import main
 
 RUN = {"steps": 3, "seed": 4, "width": 64, "height": 64, "sampler": "euler"}

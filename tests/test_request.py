@@ -13,11 +13,12 @@ from PIL import Image
 from test_serve import Server
 
 from ldm.errors import InputError
-from ldm.pipelines.refiner import Refined
+from ldm.pipelines.refiner import BaseWithRefiner
 from ldm.pipelines.request import GenerationRequest
 from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm.sampling.samplers import Step
-from ldm.serving.scoring import RequestError, score
+from ldm.serving.runner import score
+from ldm.serving.schema import RequestError
 from ldm.serving.server import ServeConfig
 from ldm_cli.main import main
 
@@ -37,7 +38,7 @@ def test_refiner_through_serve_and_batch_equals_the_cli(sdxl_folder, sdxl_refine
     assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.7" in cli.text["parameters"]
 
     base = StableDiffusion.from_pretrained(sdxl_folder)
-    refined = Refined(base, StableDiffusion.from_pretrained(sdxl_refiner_folder))
+    refined = BaseWithRefiner(base, StableDiffusion.from_pretrained(sdxl_refiner_folder))
     server = Server(lambda: refined, ServeConfig(queue_size=2))
     try:  # the scoring schema names the hand-off as diffusers does (denoising_end), or refiner_start
         for name in ("denoising_end", "refiner_start"):

@@ -14,7 +14,7 @@ from conftest import max_rel_err
 from official import SD1_SCHEDULER, SD21_SCHEDULER, SDXL_SCHEDULER, diffusers_scheduler
 
 from ldm.errors import InputError
-from ldm.sampling.denoisers import Denoiser
+from ldm.sampling.denoisers import PredictionDenoiser
 from ldm.sampling.samplers import SAMPLERS, Step, get_ancestral_step
 from ldm.sampling.schedules import Schedule, SchedulerConfig
 
@@ -60,7 +60,7 @@ def ldm_trajectory(name, config, steps, seed, eta=0.0, karras=False):
         sigma_next = schedule.sigmas[step.i + 1]
         trajectory.append(step.x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else step.x)
 
-    spec.sample(Denoiser(fake_unet, schedule, cfg.prediction_type), x, schedule, record, eta=eta,
+    spec.sample(PredictionDenoiser(fake_unet, schedule, cfg.prediction_type), x, schedule, record, eta=eta,
                 generator=generator, output=cfg.prediction_type)
     return trajectory
 
@@ -144,8 +144,8 @@ def test_v_prediction_wrapper_is_the_closed_form():
         return eps
 
     schedule = Schedule([sigma, 0.0], [500.0], 1.0)
-    assert torch.allclose(Denoiser(v_model, schedule, "v_prediction")(x, sigma), x0)
-    assert torch.allclose(Denoiser(eps_model, schedule, "epsilon")(x, sigma), x0)
+    assert torch.allclose(PredictionDenoiser(v_model, schedule, "v_prediction")(x, sigma), x0)
+    assert torch.allclose(PredictionDenoiser(eps_model, schedule, "epsilon")(x, sigma), x0)
 
 
 def test_a_folder_asking_for_karras_gets_it(sd1_folder, tmp_path):
@@ -214,7 +214,7 @@ def test_started_part_way_like_diffusers_img2img(name, config, strength):
         sigma_next = schedule.sigmas[step.i + 1]
         actual.append(step.x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else step.x)
 
-    spec.sample(Denoiser(fake_unet, schedule, config_.prediction_type), x, schedule, record, eta=0.0,
+    spec.sample(PredictionDenoiser(fake_unet, schedule, config_.prediction_type), x, schedule, record, eta=0.0,
                 generator=generator, output=config_.prediction_type)
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
@@ -315,7 +315,7 @@ def k_diffusion_sigma_to_t(sigma: float, training_sigmas) -> float:
 def test_off_grid_sigma_interpolates_the_timestep_like_k_diffusion(name):
     schedule = SAMPLERS[name].schedule(SchedulerConfig.from_diffusers(SD1_SCHEDULER), 10, False)
     seen = []
-    denoiser = Denoiser(lambda x, t: seen.append(t) or x, schedule)
+    denoiser = PredictionDenoiser(lambda x, t: seen.append(t) or x, schedule)
     x = torch.zeros(1, 4, 2, 2)
     for sigma, t in zip(schedule.sigmas, schedule.timesteps, strict=False):  # on the grid: the schedule's own
         denoiser(x, sigma)
@@ -327,4 +327,4 @@ def test_off_grid_sigma_interpolates_the_timestep_like_k_diffusion(name):
         assert seen[-1] == pytest.approx(k_diffusion_sigma_to_t(sigma, training), abs=1e-3)
     assert seen[-1] == pytest.approx(300.5, abs=1e-3)  # halfway in log σ between two training σ
     with pytest.raises(KeyError, match="not on the schedule"):
-        Denoiser(lambda x, t: x, Schedule([2.0, 0.0], [500.0], 1.0))(x, 1.0)
+        PredictionDenoiser(lambda x, t: x, Schedule([2.0, 0.0], [500.0], 1.0))(x, 1.0)

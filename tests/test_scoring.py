@@ -10,7 +10,9 @@ from PIL import Image
 from test_image_tasks import picture, rectangle_mask
 
 from ldm.pipelines.stable_diffusion import StableDiffusion
-from ldm.serving.scoring import Limits, RequestError, parse, score
+from ldm.serving.limits import Limits
+from ldm.serving.runner import score
+from ldm.serving.schema import RequestError, parse
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}
 

@@ -15,7 +15,8 @@ import uvicorn
 from PIL import Image
 
 from ldm.pipelines.stable_diffusion import StableDiffusion
-from ldm.serving.scoring import Limits, score
+from ldm.serving.limits import Limits
+from ldm.serving.runner import score
 from ldm.serving.server import ServeConfig, Worker, create_app
 
 FAST = {"num_inference_steps": 2, "height": 64, "width": 64}

@@ -57,7 +57,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -269,36 +269,52 @@ class _Factors:
 
     def __init__(self, kind: str, t: dict[str, Tensor], alpha: float | None, rslora: bool = False):
         self.kind, self.t = kind, t
-        if kind == "lora":
-            up, down = t["lora_up"], t["lora_down"]
-            rank = down.shape[0]
-            if up.reshape(up.shape[0], -1).shape[1] != rank:
-                raise ValueError(f"lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} differ in rank")
-            kernel = t["lora_mid"].shape[2:] if "lora_mid" in t else down.shape[2:]
-            self.shape = (up.shape[0], down.shape[1], *kernel)
-        elif kind == "loha":
-            rank = t["hada_w1_b"].shape[0]
-            self.shape = self._loha_shape(t["hada_w1_a"], t["hada_w1_b"], t.get("hada_t1"))
-            other = self._loha_shape(t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t2"))
-            if math.prod(other) != math.prod(self.shape):
-                raise ValueError(f"the two Hadamard factors differ in shape: {self.shape} vs {other}")
-        else:
-            w1 = self._lokr_shape(t, "lokr_w1", None)
-            w2 = self._lokr_shape(t, "lokr_w2", t.get("lokr_t2"))
-            self.shape = (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
-            rank = next((t[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in t), None)
+        rank = {"lora": self._read_lora, "loha": self._read_loha, "lokr": self._read_lokr}[kind]()
         use_alpha = alpha is not None and alpha != 0 and rank is not None
         self.scale = (alpha / (math.sqrt(rank) if rslora else rank)) if use_alpha else 1.0
         if self.low_rank() is None:  # check that the factors compose before anything is merged: on the meta device
-            meta = _Factors.__new__(_Factors)
-            meta.kind, meta.shape = kind, self.shape
-            meta.t = {k: torch.empty(v.shape, device="meta") for k, v in t.items()}
-            try:
-                numel = meta.delta().numel()
-            except RuntimeError as e:
-                raise ValueError(f"its factors do not compose ({e})") from None
-            if numel != math.prod(self.shape):
-                raise ValueError(f"its factors give {numel} values for a {self.shape} delta")
+            self._check_composes()
+
+    def _read_lora(self) -> int:
+        """LoRA and LoCon: the delta's shape (the kernel is lora_mid's, a CP core, or lora_down's); its rank,
+        lora_down's rows."""
+        up, down = self.t["lora_up"], self.t["lora_down"]
+        rank = down.shape[0]
+        if up.reshape(up.shape[0], -1).shape[1] != rank:
+            raise ValueError(f"lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} differ in rank")
+        kernel = self.t["lora_mid"].shape[2:] if "lora_mid" in self.t else down.shape[2:]
+        self.shape = (up.shape[0], down.shape[1], *kernel)
+        return rank
+
+    def _read_loha(self) -> int:
+        """LoHa: the delta's shape (both Hadamard factors must give it); its rank, hada_w1_b's rows."""
+        t = self.t
+        rank = t["hada_w1_b"].shape[0]
+        self.shape = self._loha_shape(t["hada_w1_a"], t["hada_w1_b"], t.get("hada_t1"))
+        other = self._loha_shape(t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t2"))
+        if math.prod(other) != math.prod(self.shape):
+            raise ValueError(f"the two Hadamard factors differ in shape: {self.shape} vs {other}")
+        return rank
+
+    def _read_lokr(self) -> int | None:
+        """LoKr: the Kronecker product's shape; its rank, the rows of lokr_w2_b if w2 is factorised, else of
+        lokr_w1_b (None when neither is: alpha is then ignored)."""
+        w1 = self._lokr_shape(self.t, "lokr_w1", None)
+        w2 = self._lokr_shape(self.t, "lokr_w2", self.t.get("lokr_t2"))
+        self.shape = (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+        return next((self.t[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in self.t), None)
+
+    def _check_composes(self) -> None:
+        """A ValueError unless the factors give a delta of `shape`, computed on the meta device (no arithmetic)."""
+        meta = _Factors.__new__(_Factors)
+        meta.kind, meta.shape = self.kind, self.shape
+        meta.t = {k: torch.empty(v.shape, device="meta") for k, v in self.t.items()}
+        try:
+            numel = meta.delta().numel()
+        except RuntimeError as e:
+            raise ValueError(f"its factors do not compose ({e})") from None
+        if numel != math.prod(self.shape):
+            raise ValueError(f"its factors give {numel} values for a {self.shape} delta")
 
     @staticmethod
     def _loha_shape(a: Tensor, b: Tensor, core: Tensor | None) -> tuple[int, ...]:
@@ -366,8 +382,8 @@ def _peft_alphas(metadata: dict, path: Path) -> dict[str, dict]:
         raise LoadError(f"{path}: its lora_adapter_metadata is not valid JSON ({e})") from None
     out: dict[str, dict] = {}
     for key, value in fields.items():
-        component, _, field = key.partition(".")
-        out.setdefault(component, {})[field] = value
+        component, _, setting = key.partition(".")
+        out.setdefault(component, {})[setting] = value
     return out
 
 
@@ -379,109 +395,153 @@ def _peft_alpha(config: dict, module: str) -> float | None:
     return float(config["lora_alpha"]) if "lora_alpha" in config else None
 
 
-def _parse(path: Path, tensors: dict[str, Tensor], metadata: dict, components: dict[str, nn.Module],
-           unet_config: UNetConfig) -> list[tuple[_Module, dict, _Factors]]:
-    """Group the file's keys by module, map each to a reference module, and check every shape; one LoadError
-    listing what does not fit, before anything is merged."""
-    targets = {name: _targets(module) for name, module in components.items()}
-    unknown, unsupported, absent = [], [], []
+@dataclass
+class _Problems:
+    """What in a file does not fit, by kind, in file order: listed together in one LoadError."""
+
+    wrong: list[str] = field(default_factory=list)  # deltas of another shape than the weight's
+    absent: list[str] = field(default_factory=list)  # modules (or networks) this model lacks
+    incomplete: list[str] = field(default_factory=list)  # parts missing, stray or inconsistent; a module twice
+    unsupported: list[str] = field(default_factory=list)  # keys of adapter kinds ldm does not merge
+    unknown: list[str] = field(default_factory=list)  # keys in no naming ldm knows
+
+    def check(self, path: Path) -> None:
+        """One LoadError naming them all, if there are any."""
+        problems = []
+        if self.wrong:
+            problems.append(f"{len(self.wrong)} of its modules do not fit this model's shapes (a LoRA for another "
+                            f"model family?): {_show(self.wrong, 3)}")
+        if self.absent:
+            problems.append(f"keys for modules this model lacks: {_show(self.absent)}")
+        if self.incomplete:
+            problems.append(f"incomplete or inconsistent modules: {_show(self.incomplete)}")
+        if self.unsupported:
+            problems.append(f"keys of adapter kinds ldm does not merge (it merges LoRA, LoCon, LoHa, LoKr): "
+                            f"{_show(self.unsupported)}")
+        if self.unknown:
+            problems.append(f"keys in no LoRA naming ldm knows (kohya lora_unet_/lora_te_/lora_te1_/lora_te2_, "
+                            f"diffusers unet./text_encoder./text_encoder_2.): {_show(self.unknown)}")
+        if problems:
+            raise LoadError(f"LoRA {path}: " + "; ".join(problems))
+
+
+def _group(tensors: dict[str, Tensor], problems: _Problems) -> dict[tuple[str, str, bool], _Module]:
+    """The file's keys grouped by module: (component, module token, peft) → its keys by part. A key in no known
+    naming, or of an adapter kind ldm does not merge, goes to `problems`."""
     modules: dict[tuple[str, str, bool], _Module] = {}
     for key in tensors:
         split = _split(key)
         if split is None:
-            unknown.append(key)
+            problems.unknown.append(key)
             continue
         component, token, suffix, peft = split
         part = (PEFT_PARTS if peft else KOHYA_PARTS).get(suffix)
         if part is None:
             if suffix in UNSUPPORTED:
-                unsupported.append(f"{key} ({UNSUPPORTED[suffix]})")
+                problems.unsupported.append(f"{key} ({UNSUPPORTED[suffix]})")
             else:
-                unknown.append(key)
+                problems.unknown.append(key)
             continue
         stem = key[:len(key) - len(suffix) - 1] if suffix else key
         group = modules.setdefault((component, token, peft), _Module(component, token, stem, {}))
         group.keys[part] = key
+    return modules
 
-    names: dict[str, dict[str, str]] = {}
-    resolved: dict[tuple[str, str], str] = {}
-    result, wrong, incomplete = [], [], []
+
+class _ModuleNames:
+    """A file's module tokens → reference module names, per naming. diffusers/PEFT: the token is the module name.
+    kohya: the module name with dots as underscores, or for the UNet the LDM/SGM name (when any UNet token of the
+    file is one); its tables are built at the first kohya token of each component."""
+
+    def __init__(self, targets: dict[str, dict], unet_config: UNetConfig, ldm_unet: bool):
+        self.targets, self.unet_config, self.ldm_unet = targets, unet_config, ldm_unet
+        self.underscored: dict[str, dict[str, str]] = {}
+
+    def peft(self, component: str, token: str) -> str | None:
+        return token if token in self.targets[component] else None
+
+    def kohya(self, component: str, token: str) -> str | None:
+        if component not in self.underscored:
+            ldm = _ldm_unet_names(self.unet_config) if component == "unet" and self.ldm_unet else None
+            self.underscored[component] = _underscored(self.targets[component], ldm)
+        return self.underscored[component].get(token)
+
+
+def _alpha(group: _Module, tensors: dict[str, Tensor], config: dict) -> float | None:
+    """The module's alpha: its `alpha` key (one number), else PEFT's rule over the header's LoRA config (`config`,
+    empty for a kohya file), else None (alpha = rank). A ValueError names a key holding more than one number."""
+    key = group.keys.get("alpha")
+    if key is None:
+        return _peft_alpha(config, group.module)
+    if tensors[key].numel() != 1:
+        raise ValueError(f"{key} holds {tuple(tensors[key].shape)}, not one number")
+    return float(tensors[key].float().reshape(-1)[0])
+
+
+def _read_module(group: _Module, kind: str, tensors: dict[str, Tensor], config: dict, weight_shape: tuple[int, ...],
+                 problems: _Problems) -> _Factors | None:
+    """One module's factors, scaled by its alpha and checked against the weight it adapts (None: what is wrong
+    went to `problems`)."""
+    try:
+        alpha = _alpha(group, tensors, config)
+    except ValueError as e:
+        problems.incomplete.append(str(e))
+        return None
+    t = {part: tensors[k] for part, k in group.keys.items() if part != "alpha"}
+    try:
+        factors = _Factors(kind, t, alpha, rslora=bool(config.get("use_rslora")))
+    except (ValueError, IndexError) as e:  # IndexError: a factor with too few dimensions
+        problems.incomplete.append(f"{group.stem}: {e}")
+        return None
+    if not _fits(factors.shape, weight_shape):
+        problems.wrong.append(f"{group.stem}: LoRA {factors.shape} vs model {weight_shape} "
+                              f"({group.component} {group.module})")
+        return None
+    return factors
+
+
+def _parse(path: Path, tensors: dict[str, Tensor], metadata: dict, components: dict[str, nn.Module],
+           unet_config: UNetConfig) -> list[tuple[_Module, dict, _Factors]]:
+    """Group the file's keys by module, map each to a reference module, and check every shape; one LoadError
+    listing what does not fit, before anything is merged."""
+    problems = _Problems()
+    modules = _group(tensors, problems)
+    targets = {name: _targets(module) for name, module in components.items()}
+    ldm_unet = any(t.startswith(LDM_UNET_BLOCKS) for (c, t, p) in modules if c == "unet")
+    names = _ModuleNames(targets, unet_config, ldm_unet)
     configs = _peft_alphas(metadata, path)
+    resolved: dict[tuple[str, str], str] = {}  # (component, module) → the stem of the file's keys for it
+    result = []
     for (component, token, peft), group in modules.items():
         if component not in components:
-            absent.append(f"{group.stem} (this model has no {component})")
+            problems.absent.append(f"{group.stem} (this model has no {component})")
             continue
-        if peft:
-            module = token if token in targets[component] else None
-        else:
-            if component not in names:
-                ldm = None
-                if component == "unet" and any(t.startswith(LDM_UNET_BLOCKS) for (c, t, p) in modules if c == "unet"):
-                    ldm = _ldm_unet_names(unet_config)
-                names[component] = _underscored(targets[component], ldm)
-            module = names[component].get(token)
+        module = names.peft(component, token) if peft else names.kohya(component, token)
         if module is None:
-            absent.append(f"{group.stem} (no {component} module {token})")
+            problems.absent.append(f"{group.stem} (no {component} module {token})")
             continue
         kind = _kind(set(group.keys))
-        extra = sorted(set(group.keys) - KIND_PARTS[kind]) if kind else []
-        if kind is None or extra:
-            incomplete.append(f"{component} {module}: {', '.join(sorted(group.keys.values()))}")
+        if kind is None or set(group.keys) - KIND_PARTS[kind]:
+            problems.incomplete.append(f"{component} {module}: {', '.join(sorted(group.keys.values()))}")
             continue
         if (component, module) in resolved:
-            incomplete.append(f"{group.stem} and {resolved[component, module]} both adapt {component} {module}")
+            problems.incomplete.append(f"{group.stem} and {resolved[component, module]} both adapt {component} "
+                                       f"{module}")
             continue
         resolved[component, module] = group.stem
         group.module = module
-        alpha_key = group.keys.get("alpha")
-        t = {part: tensors[k] for part, k in group.keys.items() if part != "alpha"}
         config = configs.get(component, {}) if peft else {}
-        if alpha_key is not None:
-            alpha = float(tensors[alpha_key].float().reshape(-1)[0]) if tensors[alpha_key].numel() == 1 else None
-            if alpha is None:
-                incomplete.append(f"{alpha_key} holds {tuple(tensors[alpha_key].shape)}, not one number")
-                continue
-        else:
-            alpha = _peft_alpha(config, module) if peft else None
-        try:
-            factors = _Factors(kind, t, alpha, rslora=bool(config.get("use_rslora")))
-        except (ValueError, IndexError) as e:  # IndexError: a factor with too few dimensions
-            incomplete.append(f"{group.stem}: {e}")
-            continue
         weight_shape = tuple(_weight(targets[component][module]).shape)
-        if not _fits(factors.shape, weight_shape):
-            wrong.append(f"{group.stem}: LoRA {factors.shape} vs model {weight_shape} ({component} {module})")
-            continue
-        result.append((group, targets[component], factors))
-
-    problems = []
-    if wrong:
-        problems.append(f"{len(wrong)} of its modules do not fit this model's shapes (a LoRA for another model "
-                        f"family?): {_show(wrong, 3)}")
-    if absent:
-        problems.append(f"keys for modules this model lacks: {_show(absent)}")
-    if incomplete:
-        problems.append(f"incomplete or inconsistent modules: {_show(incomplete)}")
-    if unsupported:
-        problems.append(f"keys of adapter kinds ldm does not merge (it merges LoRA, LoCon, LoHa, LoKr): "
-                        f"{_show(unsupported)}")
-    if unknown:
-        problems.append(f"keys in no LoRA naming ldm knows (kohya lora_unet_/lora_te_/lora_te1_/lora_te2_, "
-                        f"diffusers unet./text_encoder./text_encoder_2.): {_show(unknown)}")
-    if problems:
-        raise LoadError(f"LoRA {path}: " + "; ".join(problems))
+        factors = _read_module(group, kind, tensors, config, weight_shape, problems)
+        if factors is not None:
+            result.append((group, targets[component], factors))
+    problems.check(path)
     if not result:
         raise LoadError(f"LoRA {path} holds no tensors")
     return result
 
 
 # ------------------------------------------------------------------------------------- merging
-
-
-def _originals(pipe) -> dict[tuple[str, str], Tensor]:
-    if getattr(pipe, "_lora_originals", None) is None:
-        pipe._lora_originals = {}
-    return pipe._lora_originals
 
 
 def _refresh_compiled(pipe) -> None:
@@ -530,8 +590,9 @@ def _merge(weight: Tensor, factors: _Factors, scale: float, scratch: dict[torch.
 @torch.no_grad()
 def load_lora(pipe, path: str | Path, weight: float = 1.0) -> LoadedLora:
     """Read a LoRA/LyCORIS file, check every key and shape against `pipe`'s UNet and text towers, merge it into
-    their weights (× `weight`) and record it in `pipe.loras`. A LoadError (naming the file and the keys) leaves
-    the model untouched. Weight 0 checks the file and changes nothing."""
+    their weights (× `weight`) and record it in `pipe.loras` (each weight it touches first keeps its original in
+    `pipe.lora_originals`). A LoadError (naming the file and the keys) leaves the model untouched. Weight 0 checks
+    the file and changes nothing."""
     path = Path(path)
     if not isinstance(weight, int | float) or not math.isfinite(weight):
         raise InputError(f"LoRA {path.name}: the weight must be a finite number, got {weight!r}")
@@ -540,7 +601,7 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0) -> LoadedLora:
     components = _components(pipe)
     modules = _parse(path, tensors, metadata, components, _unet(pipe).config)
     if weight != 0:
-        originals = _originals(pipe)
+        originals = pipe.lora_originals
         changed, scratch = [], {}
         for group, targets, factors in modules:
             target = targets[group.module]
@@ -555,8 +616,6 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0) -> LoadedLora:
         _refresh_winograd(changed)
         _refresh_compiled(pipe)
     lora = LoadedLora(path.stem, path, float(weight), lora_hash(path), len(modules))
-    if getattr(pipe, "loras", None) is None:
-        pipe.loras = []
     pipe.loras.append(lora)
     return lora
 
@@ -565,7 +624,7 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0) -> LoadedLora:
 def unload_loras(pipe) -> None:
     """Undo every merged LoRA: each touched weight gets its original back, bit for bit (wherever it lives now:
     a plain parameter or rows of a fused projection), and Winograd filters are recomputed from it."""
-    originals = getattr(pipe, "_lora_originals", None) or {}
+    originals = pipe.lora_originals
     if originals:
         components = _components(pipe)
         targets = {name: _targets(module) for name, module in components.items()}

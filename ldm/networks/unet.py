@@ -20,6 +20,57 @@ from ldm.networks.attention import attention
 # ----------------------------------------------------------------------------------------- config
 
 
+# config.json fields whose other values ldm does not implement, with the one value it takes (diffusers' default)
+UNSUPPORTED_FIELDS = {
+    "class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+    "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
+    "only_cross_attention": False, "dual_cross_attention": False, "center_input_sample": False,
+    "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "num_class_embeds": None,
+    "attention_type": "default", "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None, "resnet_skip_time_act": False,
+    "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0,
+}
+BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _block_types(cfg: dict, down_default: tuple[str, ...], up_default: tuple[str, ...]) -> tuple[tuple, tuple]:
+    """`down_block_types` and `up_block_types`: as many levels each, of the block types ldm builds."""
+    down = tuple(cfg.get("down_block_types", down_default))
+    up = tuple(cfg.get("up_block_types", up_default))
+    if len(up) != len(down):
+        raise ConfigError("unet config: down_block_types and up_block_types differ in length")
+    for name in down + up:
+        if name not in BLOCK_TYPES:
+            raise ConfigError(f"unet config: block type {name!r} is not supported")
+    return down, up
+
+
+def _per_level(cfg: dict, levels: int) -> tuple[tuple, tuple, tuple]:
+    """(heads, transformer depth in down order, transformer depth in up order), one entry per level, a single
+    value given for all; layers_per_block and cross_attention_dim may not be per level."""
+
+    def per_level(value, name):
+        value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
+        if len(value) != levels:
+            raise ConfigError(f"unet config: {name} has {len(value)} entries for {levels} levels")
+        return value
+
+    if isinstance(cfg.get("layers_per_block", 2), (list, tuple)):
+        raise ConfigError("unet config: per-level layers_per_block is not supported")
+    if isinstance(cfg.get("cross_attention_dim", 768), (list, tuple)):
+        raise ConfigError("unet config: per-level cross_attention_dim is not supported")
+    # diffusers' historical misnomer: `attention_head_dim` is the number of heads unless
+    # `num_attention_heads` is given.
+    heads = per_level(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8), "heads")
+    depth = per_level(cfg.get("transformer_layers_per_block", 1), "transformer_layers_per_block")
+    depth_up = cfg.get("reverse_transformer_layers_per_block")
+    depth_up = tuple(depth[::-1]) if depth_up is None else per_level(depth_up, "reverse_transformer_layers")
+    if any(isinstance(d, (list, tuple)) for d in depth_up):
+        raise ConfigError("unet config: nested reverse_transformer_layers_per_block is not supported")
+    return heads, depth, depth_up
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """The fields of an official `unet/config.json`, resolved the way diffusers resolves them."""
@@ -52,47 +103,12 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, cfg: dict) -> "UNetConfig":
         """Read an official config.json dict (absent fields take diffusers' class defaults)."""
-        unsupported = {
-            "class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
-            "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-            "only_cross_attention": False, "dual_cross_attention": False, "center_input_sample": False,
-            "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3,
-            "mid_block_type": "UNetMidBlock2DCrossAttn", "num_class_embeds": None,
-            "attention_type": "default", "mid_block_only_cross_attention": None,
-            "cross_attention_norm": None, "resnet_skip_time_act": False,
-            "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0,
-        }
-        for key, default in unsupported.items():
+        for key, default in UNSUPPORTED_FIELDS.items():
             if cfg.get(key, default) != default:
                 raise ConfigError(f"unet config: {key}={cfg[key]!r} is not supported (expected {default!r})")
-        down = tuple(cfg.get("down_block_types", cls.down_block_types))
-        up = tuple(cfg.get("up_block_types", cls.up_block_types))
-        levels = len(down)
-        if len(up) != levels:
-            raise ConfigError("unet config: down_block_types and up_block_types differ in length")
-        for name in down + up:
-            if name not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
-                raise ConfigError(f"unet config: block type {name!r} is not supported")
-
-        def per_level(value, name):
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
-            if len(value) != levels:
-                raise ConfigError(f"unet config: {name} has {len(value)} entries for {levels} levels")
-            return value
-
-        if isinstance(cfg.get("layers_per_block", 2), (list, tuple)):
-            raise ConfigError("unet config: per-level layers_per_block is not supported")
-        if isinstance(cfg.get("cross_attention_dim", 768), (list, tuple)):
-            raise ConfigError("unet config: per-level cross_attention_dim is not supported")
-        # diffusers' historical misnomer: `attention_head_dim` is the number of heads unless
-        # `num_attention_heads` is given.
-        heads = per_level(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8), "heads")
-        depth = per_level(cfg.get("transformer_layers_per_block", 1), "transformer_layers_per_block")
-        depth_up = cfg.get("reverse_transformer_layers_per_block")
-        depth_up = tuple(depth[::-1]) if depth_up is None else per_level(depth_up, "reverse_transformer_layers")
-        if any(isinstance(d, (list, tuple)) for d in depth_up):
-            raise ConfigError("unet config: nested reverse_transformer_layers_per_block is not supported")
-        known = {f for f in cls.__dataclass_fields__} | set(unsupported) | {
+        down, up = _block_types(cfg, cls.down_block_types, cls.up_block_types)
+        heads, depth, depth_up = _per_level(cfg, len(down))
+        known = {f for f in cls.__dataclass_fields__} | set(UNSUPPORTED_FIELDS) | {
             "attention_head_dim", "num_attention_heads", "transformer_layers_per_block",
             "reverse_transformer_layers_per_block"}
         return cls(

@@ -70,12 +70,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
             res[p][1] *= multiplier
 
     for m in RE_ATTENTION.finditer(text):
-        piece, weight = m.group(0), m.group(1)
-        if weight is not None:
-            try:
-                weight = float(weight)
-            except ValueError:  # "(x:1.2.3)": read as text; its bracket stays open
-                weight = None
+        piece, weight = m.group(0), _weight(m.group(1))
         if piece.startswith("\\"):
             res.append([piece[1:], 1.0])
         elif piece == "(":
@@ -97,16 +92,30 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         multiply_range(pos, 1.1)
     for pos in square_brackets:
         multiply_range(pos, 1 / 1.1)
-    if not res:
-        res = [["", 1.0]]
-    i = 0  # merge neighbouring runs of equal weight
-    while i + 1 < len(res):
-        if res[i][1] == res[i + 1][1]:
-            res[i][0] += res[i + 1][0]
-            res.pop(i + 1)
+    return _merged(res or [["", 1.0]])
+
+
+def _weight(text: str | None) -> float | None:
+    """The number of a `(x:w)` weight; None for none, or for one that is not a number ("(x:1.2.3)": read as text,
+    its bracket left open)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _merged(runs: list[list]) -> list[tuple[str, float]]:
+    """Neighbouring runs of equal weight as one."""
+    i = 0
+    while i + 1 < len(runs):
+        if runs[i][1] == runs[i + 1][1]:
+            runs[i][0] += runs[i + 1][0]
+            runs.pop(i + 1)
         else:
             i += 1
-    return [(text, weight) for text, weight in res]
+    return [(text, weight) for text, weight in runs]
 
 
 def extract_extra_networks(text: str, kind: str = "lora") -> tuple[str, list[tuple[str, list[str]]]]:
@@ -158,6 +167,71 @@ class EmbeddingLookup:
         return None
 
 
+class _Chunker:
+    """Fills chunks of CHUNK_TOKENS tokens as A1111's `tokenize_line` does: a token that finds the chunk full
+    closes it, moving the text after the chunk's last comma along when that comma lies within the last
+    `backtrack` tokens; an embedding's vectors go whole into one chunk."""
+
+    def __init__(self, tokenizer, backtrack: int):
+        self.tokenizer, self.backtrack = tokenizer, backtrack
+        self.chunks: list[Chunk] = []
+        self._empty()
+
+    def _empty(self) -> None:
+        self.tokens: list[int] = []
+        self.weights: list[float] = []
+        self.fixes: list[tuple[int, Tensor]] = []
+        self.last_comma = -1
+
+    def close(self) -> None:
+        """The chunk so far as `[BOS] + 75 tokens (padded with EOS) + [EOS]`, then the tower's pad token after the
+        first EOS; the next chunk starts empty."""
+        tokenizer = self.tokenizer
+        pad = CHUNK_TOKENS - len(self.tokens)
+        ids = [tokenizer.bos_id] + self.tokens + [tokenizer.eos_id] * (pad + 1)
+        if tokenizer.pad_id != tokenizer.eos_id:  # SD 2.x / OpenCLIP: the pad token after the first EOS
+            first_eos = ids.index(tokenizer.eos_id)
+            ids = ids[: first_eos + 1] + [tokenizer.pad_id] * (len(ids) - first_eos - 1)
+        self.chunks.append(Chunk(ids, [1.0] + self.weights + [1.0] * (pad + 1), [(p + 1, v) for p, v in self.fixes]))
+        self._empty()
+
+    def make_room(self, token: int) -> None:
+        """Before `token` (or the embedding that starts with it) is added: mark a comma, close a full chunk."""
+        if token == self.tokenizer.comma_id:
+            self.last_comma = len(self.tokens)
+        elif len(self.tokens) == CHUNK_TOKENS and self.last_comma != -1 and \
+                len(self.tokens) - self.last_comma <= self.backtrack:
+            cut = self.last_comma + 1  # the text after the last comma moves to the next chunk
+            moved = self.tokens[cut:], self.weights[cut:], [(p - cut, v) for p, v in self.fixes if p >= cut]
+            self.tokens, self.weights = self.tokens[:cut], self.weights[:cut]
+            self.fixes = [(p, v) for p, v in self.fixes if p < cut]
+            self.close()
+            self.tokens, self.weights, self.fixes = list(moved[0]), list(moved[1]), moved[2]
+        if len(self.tokens) == CHUNK_TOKENS:
+            self.close()
+
+    def add(self, token: int, weight: float) -> None:
+        self.tokens.append(token)
+        self.weights.append(weight)
+
+    def add_embedding(self, name: str, vectors: Tensor, weight: float) -> None:
+        """A textual-inversion embedding: one slot per vector, in the next chunk if this one has too few left."""
+        if len(vectors) > CHUNK_TOKENS:
+            raise InputError(f"embedding {name} has {len(vectors)} vectors, more than a chunk's "
+                             f"{CHUNK_TOKENS} tokens")
+        if len(self.tokens) + len(vectors) > CHUNK_TOKENS:
+            self.close()
+        self.fixes.append((len(self.tokens), vectors))
+        self.tokens += [0] * len(vectors)
+        self.weights += [weight] * len(vectors)
+
+    def finish(self) -> list[Chunk]:
+        """The chunks, the last one closed (a prompt with no tokens has one empty chunk)."""
+        if self.tokens or not self.chunks:
+            self.close()
+        return self.chunks
+
+
 def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "original",
                   embeddings: EmbeddingLookup | None = None) -> tuple[list[Chunk], str]:
     """The chunks of one prompt for one text tower, and the text the plain syntax dropped ("" if none).
@@ -167,61 +241,24 @@ def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "
     text = extract_extra_networks(text)[0]  # <lora:…> tags choose adapters; they are not text to encode
     literal = syntax == "plain" or emphasis == "none"
     parsed = [(text, 1.0)] if literal else parse_attention(text)
-    comma = tokenizer.comma_id
-    backtrack = 0 if syntax == "plain" else COMMA_BACKTRACK  # plain keeps diffusers' first 75 tokens
-    chunks: list[Chunk] = []
-    tokens: list[int] = []
-    weights: list[float] = []
-    fixes: list[tuple[int, Tensor]] = []
-    last_comma = -1
-
-    def close() -> None:
-        nonlocal tokens, weights, fixes, last_comma
-        pad = CHUNK_TOKENS - len(tokens)
-        ids = [tokenizer.bos_id] + tokens + [tokenizer.eos_id] * (pad + 1)
-        if tokenizer.pad_id != tokenizer.eos_id:  # SD 2.x / OpenCLIP: the pad token after the first EOS
-            first_eos = ids.index(tokenizer.eos_id)
-            ids = ids[: first_eos + 1] + [tokenizer.pad_id] * (len(ids) - first_eos - 1)
-        chunks.append(Chunk(ids, [1.0] + weights + [1.0] * (pad + 1), [(p + 1, v) for p, v in fixes]))
-        tokens, weights, fixes, last_comma = [], [], [], -1
-
+    chunker = _Chunker(tokenizer, 0 if syntax == "plain" else COMMA_BACKTRACK)  # plain keeps diffusers' first 75
     for piece, weight in parsed:
         if piece == "BREAK" and weight == -1:
-            close()
+            chunker.close()
             continue
         ids = tokenizer.tokenize(piece)
         position = 0
         while position < len(ids):
-            token = ids[position]
-            if token == comma:
-                last_comma = len(tokens)
-            elif len(tokens) == CHUNK_TOKENS and last_comma != -1 and len(tokens) - last_comma <= backtrack:
-                cut = last_comma + 1  # the text after the last comma moves to the next chunk
-                moved = tokens[cut:], weights[cut:], [(p - cut, v) for p, v in fixes if p >= cut]
-                tokens, weights, fixes = tokens[:cut], weights[:cut], [(p, v) for p, v in fixes if p < cut]
-                close()
-                tokens, weights, fixes = list(moved[0]), list(moved[1]), moved[2]
-            if len(tokens) == CHUNK_TOKENS:
-                close()
+            chunker.make_room(ids[position])
             found = embeddings.at(ids, position) if embeddings is not None else None
             if found is None:
-                tokens.append(token)
-                weights.append(weight)
+                chunker.add(ids[position], weight)
                 position += 1
                 continue
             name, used = found
-            vectors = embeddings.vectors[name]
-            if len(vectors) > CHUNK_TOKENS:
-                raise InputError(f"embedding {name} has {len(vectors)} vectors, more than a chunk's "
-                                 f"{CHUNK_TOKENS} tokens")
-            if len(tokens) + len(vectors) > CHUNK_TOKENS:
-                close()
-            fixes.append((len(tokens), vectors))
-            tokens += [0] * len(vectors)
-            weights += [weight] * len(vectors)
+            chunker.add_embedding(name, embeddings.vectors[name], weight)
             position += used
-    if tokens or not chunks:
-        close()
+    chunks = chunker.finish()
     dropped = ""
     if syntax == "plain" and len(chunks) > 1:  # diffusers' truncation: the first 75 tokens only
         dropped = tokenizer.decode([i for c in chunks[1:] for i in c.ids[1:-1]

@@ -12,6 +12,7 @@ An error names the field at fault (`InputError.field`).
 
 import dataclasses
 import math
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +63,7 @@ class GenerationRequest:
     denoising_end: float | None = None
     denoising_start: float | None = None
     latents: Tensor | None = None
-    refiner_start: float | None = None  # for `Refined` (an SDXL base with its refiner): where the refiner takes over
+    refiner_start: float | None = None  # for `BaseWithRefiner` (an SDXL base with its refiner): the hand-off point
     prompt_syntax: str = "a1111"
     emphasis: str = "original"
     clip_skip: int = 1
@@ -76,6 +77,9 @@ class GenerationRequest:
     hires_denoise: float | None = None
     hires_upscaler: str | None = None  # `ldm.choices.HIRES_UPSCALERS` (default: latent, A1111's)
     output_type: str = "pil"  # "latent": the result's `latents` (VAE-scaled), undecoded, as in diffusers
+    # set by `checked`/`derived` only: the training timesteps this request passed `check` against (None: not yet);
+    # `replace` starts it afresh
+    checked_steps: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def prompts(self) -> list[str]:
@@ -99,11 +103,27 @@ class GenerationRequest:
 
     def check(self, max_steps: int = 1000) -> "GenerationRequest":
         """Reject what no model could run, with a message that says what to pass instead; returns self.
-        `max_steps`: the model's training timesteps, where it is known."""
+        `max_steps`: the model's training timesteps, where it is known. The first problem found is the error."""
 
         def bad(name: str, message: str):
             raise InputError(message, field=name)
 
+        self._check_prompts(bad)
+        if self.mask is not None and self.image is None:
+            bad("mask", "--mask needs the image it applies to (--image)")
+        self._check_image(bad)
+        if self.strength is not None and self.image is None:
+            bad("strength", "--strength applies to image-to-image and inpainting: give an --image")
+        self._check_sampling(bad, max_steps)
+        self._check_seeds(bad)
+        self._check_fractions(bad)
+        if self.output_type not in ("pil", "latent"):
+            bad("output_type", f"output type must be pil or latent, got {self.output_type!r}")
+        self._check_hires(bad, max_steps)
+        return self
+
+    def _check_prompts(self, bad) -> None:
+        """Prompts and negative prompts (as many), how they are read, and the clip skip."""
         prompts = self.prompts
         if not prompts or not all(isinstance(p, str) for p in prompts):
             bad("prompt", "the prompt must be a text or a list of texts")
@@ -117,11 +137,9 @@ class GenerationRequest:
         if not _whole(self.clip_skip) or not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
             bad("clip_skip", f"clip skip must be a whole number from 1 (the last layer) to {MAX_CLIP_SKIP}, "
                              f"got {self.clip_skip!r}")
-        if self.mask is not None and self.image is None:
-            bad("mask", "--mask needs the image it applies to (--image)")
-        self._check_image(bad)
-        if self.strength is not None and self.image is None:
-            bad("strength", "--strength applies to image-to-image and inpainting: give an --image")
+
+    def _check_sampling(self, bad, max_steps: int) -> None:
+        """The sampler (and --karras for it), the steps, the size, the guidance and the number of images."""
         if self.sampler is not None and self.sampler not in SAMPLERS:
             bad("sampler", f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if self.karras and self.sampler is not None and not SAMPLERS[self.sampler].karras:
@@ -138,12 +156,19 @@ class GenerationRequest:
             bad("guidance", f"guidance must be a number ≥ 0, got {self.guidance}")
         if not _whole(self.num_images) or self.num_images < 1:
             bad("num_images", f"the number of images must be ≥ 1, got {self.num_images!r}")
+
+    def _check_seeds(self, bad) -> None:
+        """A seed, or a list of them: one per prompt or one per image."""
         seeds = self.seed if isinstance(self.seed, list) else [self.seed]
         for seed in seeds:
             if seed is not None and (not _whole(seed) or not 0 <= seed <= MAX_SEED):
                 bad("seed", f"seed must be between 0 and {MAX_SEED}, got {seed}")
-        if isinstance(self.seed, list) and (len(seeds) not in (len(prompts), self.batch) or self.mask is not None):
+        if isinstance(self.seed, list) and (len(seeds) not in (len(self.prompts), self.batch) or self.mask is not None):
             bad("seed", "a list of seeds is one per prompt or one per image (inpainting takes one seed)")
+
+    def _check_fractions(self, bad) -> None:
+        """The values between 0 and 1 (eta, guidance rescale, strength, the base → refiner hand-off), and
+        denoising_start with the latents it resumes."""
         if not _number(self.eta) or not 0 <= self.eta <= 1:
             bad("eta", f"eta must be between 0 and 1, got {self.eta}")
         if not _number(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:
@@ -158,10 +183,6 @@ class GenerationRequest:
                 self.latents is not None and self.image is not None):
             bad("denoising_start", "denoising_start goes with latents (from a run with denoising_end), "
                                    "without an image")
-        if self.output_type not in ("pil", "latent"):
-            bad("output_type", f"output type must be pil or latent, got {self.output_type!r}")
-        self._check_hires(bad, max_steps)
-        return self
 
     def _check_image(self, bad) -> None:
         image = self.image
@@ -220,3 +241,29 @@ def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tupl
     """The hires pass's size for a first pass of width × height: A1111's int(size × scale), rounded down to the
     VAE's multiple."""
     return tuple(int(v * scale) // multiple * multiple for v in (width, height))
+
+
+def random_seed() -> int:
+    """The seed of a run whose request names none: 32 random bits (any seed up to `MAX_SEED` is accepted)."""
+    return secrets.randbits(32)
+
+
+def checked(request: GenerationRequest, max_steps: int = 1000) -> GenerationRequest:
+    """`request` checked once: `request.check(max_steps)`, unless this very request passed it already against as
+    many training timesteps or fewer (the command line checks before the model loads, the pipeline's plan then
+    takes it as it is). `replace` makes a new request, checked where it runs; the parts of a run that a pipeline
+    makes of a checked request are `derived`. (A field set in place on a checked request is not checked: change a
+    request with `replace`.)"""
+    if request.checked_steps is None or request.checked_steps > max_steps:
+        request.check(max_steps)
+        request.checked_steps = max_steps
+    return request
+
+
+def derived(request: GenerationRequest, **changes) -> GenerationRequest:
+    """`request.replace(**changes)` for a part of a run that a pipeline makes of a checked request (a hires fix's
+    two passes, a base's and a refiner's halves, the seed drawn for them): valid by construction, so checked as
+    `request` was and not again."""
+    part = request.replace(**changes)
+    part.checked_steps = request.checked_steps
+    return part

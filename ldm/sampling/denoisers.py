@@ -1,9 +1,9 @@
 """Small wrappers that turn a UNet into the denoiser the samplers call.
 
-    unet ──guided()──▶ model(x_in, t) → ε or v ──Denoiser──▶ denoiser(x, σ) → x0
+    unet ──guided()──▶ model(x_in, t) → ε or v ──PredictionDenoiser──▶ denoiser(x, σ) → x0
 
 `guided` is classifier-free guidance (Ho & Salimans 2022) on the UNet's output, with the batch layout
-diffusers uses ([unconditional; conditional]). `Denoiser` maps σ to the UNet's input scaling and
+diffusers uses ([unconditional; conditional]). `PredictionDenoiser` maps σ to the UNet's input scaling and
 timestep and its ε or v output to x0 (Karras et al. 2022, Table 1 / Salimans & Ho 2022 for v).
 """
 
@@ -56,7 +56,7 @@ def with_channels(unet: Callable[..., Tensor], extra: Tensor) -> Callable[..., T
     return conditioned
 
 
-class Denoiser:
+class PredictionDenoiser:
     """`denoiser(x, σ)` → x0 for a UNet trained on discrete timesteps (ε- or v-prediction).
 
     The UNet sees x / √(σ²+1) (the variance-preserving latent) at the timestep the schedule pairs with σ,

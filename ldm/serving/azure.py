@@ -38,7 +38,7 @@ PREDICTION_COLUMNS = ("row_number_per_file", "prompt", "generated_image", "nsfw_
 PREDICTIONS = "predictions.csv"
 
 
-def read_folder(path: Path, parameters: dict | None = None, mini_batch_size: int = 1) -> BatchInput:
+def read_azure_input(path: Path, parameters: dict | None = None, mini_batch_size: int = 1) -> BatchInput:
     """A folder of CSV files (or one CSV file) as one batch input: its rows in file-name order, each with its
     file and number there, and its mini-batch (`mini_batch_size` files) as the unit a rank takes."""
     if mini_batch_size < 1:
@@ -81,7 +81,7 @@ def prediction_row(obj: dict, origin: tuple[str, int], output: Path, images: str
 
 
 def write_predictions(batch: Batch, images: str = "base64") -> Path:
-    """predictions.csv from the merged results.jsonl of a finished batch read by `read_folder` (rank 0's job)."""
+    """predictions.csv from the merged results.jsonl of a finished batch read by `read_azure_input` (rank 0's job)."""
     if images not in ("base64", "files"):
         raise ValueError(f"images must be 'base64' or 'files', not {images!r}")
     text = io.StringIO()

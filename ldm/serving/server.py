@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 from ldm.errors import LdmError
 from ldm.pipelines.images import fetch_url
-from ldm.serving.scoring import Limits, Request, RequestError, parse, run
+from ldm.serving.limits import Limits
+from ldm.serving.runner import run
+from ldm.serving.schema import Request, RequestError, parse
 
 log = logging.getLogger("ldm.serve")
 
@@ -163,11 +165,90 @@ class RequestLog:
             report(f"{scope['method']} {scope['path']} {status}{rows}, {time.monotonic() - start:.2f} s")
 
 
+class Refused(Exception):
+    """A request answered without a result: the status, the error body, and whether the answer says when to retry
+    (`Retry-After`) or closes the connection."""
+
+    def __init__(self, status: int, body: dict, retry: bool = False, close: bool = False):
+        super().__init__(status, body)
+        self.status, self.body, self.retry, self.close = status, body, retry, close
+
+
+async def read_body(http, config: ServeConfig) -> bytes:
+    """A request's body, at most `config.max_body_bytes`: Refused with 413 for a larger one, 499 when the client
+    goes away while sending it.
+
+    An over-limit body is read and dropped (up to `drain` bytes) before the 413: a server that closes its socket on
+    unread data makes the kernel reset the connection, and a client still sending (urllib, which sends
+    `Connection: close`) then never reads the answer. A client that waits for `100 Continue` has sent nothing yet:
+    it is answered at once, as is one whose body is too large to be worth reading."""
+    from starlette.requests import ClientDisconnect
+
+    limit, drain = config.max_body_bytes, config.drain_factor * config.max_body_bytes
+    declared = http.headers.get("content-length", "")
+    declared = int(declared) if declared.isdigit() else None
+    if declared is not None and declared > limit and (
+            declared > drain or "100-continue" in http.headers.get("expect", "").lower()):
+        raise Refused(413, error_body("body", f"{declared} bytes; this server takes at most {limit}"), close=True)
+    raw, received = bytearray(), 0
+    try:
+        async for chunk in http.stream():
+            received += len(chunk)
+            if received <= limit:
+                raw += chunk
+            elif received > drain:
+                break
+    except ClientDisconnect:
+        raise Refused(499, error_body("client", "disconnected")) from None
+    if received > limit:
+        raise Refused(413, error_body("body", f"{declared} bytes; this server takes at most {limit}"
+                                      if declared is not None else f"more than this server's {limit} bytes"),
+                      close=True)
+    return bytes(raw)
+
+
+async def receive_request(http, config: ServeConfig) -> Request:
+    """A request's body read (`read_body`) and parsed; Refused with 400 for one that is not a scoring request."""
+    raw = await read_body(http, config)
+    try:  # decoding base64 images (and fetching image URLs, where allowed) is work: off the event loop
+        return await asyncio.to_thread(read_request, raw, config)
+    except RequestError as e:
+        raise Refused(400, e.as_dict()) from None
+
+
+async def queue_and_wait(http, worker: Worker, request: Request, config: ServeConfig, start: float) -> asyncio.Future:
+    """Queue the request's job and wait until it is done, watching the connection: a client that goes away (499) or
+    a request not done within the timeout from `start` (504) cancels the job. Refused with these, or with 503 while
+    the model is not loaded or the queue is full. Returns the done job's future: the response body, or what the
+    run raised."""
+    if worker.pipe is None:
+        if worker.error is not None:
+            raise Refused(503, error_body("model", f"the model failed to load: {worker.error}"))
+        raise Refused(503, error_body("model", "the model is still loading"), retry=True)
+    job = Job(request)
+    if not worker.submit(job):
+        raise Refused(503, error_body("queue", f"the queue is full ({config.queue_size} requests waiting); "
+                                               "retry later"), retry=True)
+    waiting = asyncio.wrap_future(job.future)
+    while not waiting.done():
+        await asyncio.wait({waiting}, timeout=0.2)
+        if waiting.done():
+            break
+        gone = await http.is_disconnected()
+        if gone or time.monotonic() - start > config.timeout_s:
+            worker.cancel(job)
+            waiting.cancel()  # the worker's Cancelled, if it comes, is then nobody's to report
+            if gone:
+                log.info("client went away: request cancelled")
+                raise Refused(499, error_body("client", "disconnected"))
+            raise Refused(504, error_body("timeout", f"not done within {config.timeout_s:g} s"))
+    return waiting
+
+
 def create_app(worker: Worker, config: ServeConfig, model_name: str):
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.responses import JSONResponse
-    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="ldm", version="0.1.0",
                   description=f"Stable Diffusion ({model_name}) behind the Azure ML model-catalog scoring schema.")
@@ -177,9 +258,6 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
         headers = ({"Retry-After": str(config.retry_after_s)} if retry else {}) | ({"Connection": "close"} if close
                                                                                      else {})
         return JSONResponse(body, status_code=status, headers=headers or None)
-
-    def too_large(message: str) -> JSONResponse:
-        return answer(413, error_body("body", message), close=True)
 
     @app.get("/health", summary="Liveness and readiness: 200 once the model is loaded")
     def health():
@@ -193,57 +271,14 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
         "requestBody": {"required": True, "content": {"application/json": {"example": REQUEST_EXAMPLE}}}})
     async def score(http: HttpRequest):
         start = time.monotonic()
-        # An over-limit body is read and dropped (up to `drain` bytes) before the 413: a server that closes its
-        # socket on unread data makes the kernel reset the connection, and a client still sending (urllib, which
-        # sends `Connection: close`) then never reads the answer. A client that waits for `100 Continue` has sent
-        # nothing yet: it is answered at once, as is one whose body is too large to be worth reading.
-        limit, drain = config.max_body_bytes, config.drain_factor * config.max_body_bytes
-        declared = http.headers.get("content-length", "")
-        declared = int(declared) if declared.isdigit() else None
-        if declared is not None and declared > limit and (
-                declared > drain or "100-continue" in http.headers.get("expect", "").lower()):
-            return too_large(f"{declared} bytes; this server takes at most {limit}")
-        raw, received = bytearray(), 0
         try:
-            async for chunk in http.stream():
-                received += len(chunk)
-                if received <= limit:
-                    raw += chunk
-                elif received > drain:
-                    break
-        except ClientDisconnect:
-            return answer(499, error_body("client", "disconnected"))
-        if received > limit:
-            return too_large(f"{declared} bytes; this server takes at most {limit}" if declared is not None
-                             else f"more than this server's {limit} bytes")
-        try:  # decoding base64 images (and fetching image URLs, where allowed) is work: off the event loop
-            request = await asyncio.to_thread(read_request, bytes(raw), config)
-        except RequestError as e:
-            return answer(400, e.as_dict())
-        http.state.rows = len(request.rows)
-        if worker.pipe is None:
-            if worker.error is not None:
-                return answer(503, error_body("model", f"the model failed to load: {worker.error}"))
-            return answer(503, error_body("model", "the model is still loading"), retry=True)
-        job = Job(request)
-        if not worker.submit(job):
-            return answer(503, error_body("queue", f"the queue is full ({config.queue_size} requests waiting); "
-                                                   "retry later"), retry=True)
-        waiting = asyncio.wrap_future(job.future)
-        while not waiting.done():
-            await asyncio.wait({waiting}, timeout=0.2)
-            if waiting.done():
-                break
-            gone = await http.is_disconnected()
-            if gone or time.monotonic() - start > config.timeout_s:
-                worker.cancel(job)
-                waiting.cancel()  # the worker's Cancelled, if it comes, is then nobody's to report
-                if gone:
-                    log.info("client went away: request cancelled")
-                    return answer(499, error_body("client", "disconnected"))
-                return answer(504, error_body("timeout", f"not done within {config.timeout_s:g} s"))
+            request = await receive_request(http, config)
+            http.state.rows = len(request.rows)
+            done = await queue_and_wait(http, worker, request, config, start)
+        except Refused as e:
+            return answer(e.status, e.body, retry=e.retry, close=e.close)
         try:
-            return answer(200, waiting.result())
+            return answer(200, done.result())
         except RequestError as e:
             return answer(400, e.as_dict())
         except LdmError as e:
@@ -255,12 +290,15 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
     return app
 
 
-def serve(load: Callable[[], object], model_name: str, host: str, port: int, config: ServeConfig,
-          log_level: str = "info") -> None:
-    """Run the endpoint until interrupted (the model loads in the background; /health says when it is ready)."""
+def serve(settings, model_name: str, host: str, port: int, config: ServeConfig, log_level: str = "info") -> None:
+    """Run the endpoint until interrupted: the model of `settings` (a `ldm.pipelines.setup.RunSettings`) loads in
+    the background (`prepare_pipeline`; /health says when it is ready), and is called `model_name` in /health
+    and /docs."""
     import uvicorn
 
-    worker = Worker(load, config.queue_size, config.batch_size)
+    from ldm.pipelines.setup import prepare_pipeline
+
+    worker = Worker(functools.partial(prepare_pipeline, settings), config.queue_size, config.batch_size)
     worker.start()
     try:
         # uvicorn's access log would repeat each request's line (on stdout, without its rows and time)

@@ -3,7 +3,7 @@
 Without `--model` it writes a full-size SD 1.5 or SDXL base folder in the official layout with random
 weights (official configs, key names and file names; cached under ~/.cache/ldm/bench). Each measured
 configuration runs in a fresh subprocess, so that load time is measured from process start and peak RSS
-is that configuration's own. The modes (`MODES`, `--mode`), for ldm as the command line runs them:
+is that configuration's own. The modes (`BENCH_MODES`, `--mode`), for ldm as the command line runs them:
 
 - eager: no CUDA graph, no compile (`ldm generate` on the CPU; `--no-cuda-graph` on CUDA, where
   `accelerate` still fuses the attention projections and makes the networks channels_last);
@@ -42,7 +42,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from ldm.choices import BENCH_MODES
 
 START = time.monotonic()  # the runner subprocess imports this module first
 
@@ -172,19 +176,19 @@ def gpu_time(fn, repeats: int, wall: float) -> float:
     return statistics.median(times)
 
 
-MODES = ("eager", "graph", "compile", "max", "model-offload", "sequential-offload")
-OFFLOAD_MODES = {"model-offload": "model", "sequential-offload": "sequential"}
+OFFLOAD_OF_MODE = {"model-offload": "model", "sequential-offload": "sequential"}
 DIFFUSERS_MODE = {"eager": "eager", "graph": "eager", "compile": "compile", "max": "max",
                   "model-offload": "model-offload", "sequential-offload": "sequential-offload"}
-LDM_COMPILE = {"eager": False, "graph": False, "compile": "default", "max": "max"} | dict.fromkeys(OFFLOAD_MODES, False)
+LDM_COMPILE = ({"eager": False, "graph": False, "compile": "default", "max": "max"}
+               | dict.fromkeys(OFFLOAD_OF_MODE, False))
 
 
 def check_mode(mode: str, device: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+    if mode not in BENCH_MODES:
+        raise ValueError(f"mode {mode!r}: one of {', '.join(BENCH_MODES)}")
     if mode == "graph" and device != "cuda":
         raise ValueError("mode 'graph' replays CUDA graphs: it needs --device cuda")
-    if mode in OFFLOAD_MODES and device != "cuda":
+    if mode in OFFLOAD_OF_MODE and device != "cuda":
         raise ValueError(f"mode {mode!r} offloads to the CPU from a GPU: it needs --device cuda")
 
 
@@ -193,7 +197,7 @@ def setup_ldm(model: str, mode: str, device: str, dtype: str):
     from ldm.pipelines.stable_diffusion import StableDiffusion
     from ldm.speed.accelerate import accelerate
 
-    offload = OFFLOAD_MODES.get(mode)
+    offload = OFFLOAD_OF_MODE.get(mode)
     pipe = StableDiffusion.from_pretrained(model, device="cpu" if offload else device, dtype=dtype,
                                            safety_checker=False)
     if offload:  # as `ldm generate --offload` loads it
@@ -256,6 +260,109 @@ def ldm_vae_decode(pipe):
     return lambda z: pipe.vae.decode(z.to(dtype))
 
 
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
+
+
+class FirstStep:
+    """The warm-up run's marks, in seconds from process start: `start` when the pipeline first calls the UNet
+    (a forward pre-hook on the UNet the pipeline calls, outside any compiled graph), `t` when its first denoising
+    step is done (a step callback; on CUDA, synchronised)."""
+
+    def __init__(self, impl: str, cuda: bool):
+        self.impl, self.cuda = impl, cuda
+        self.start: float | None = None
+        self.t: float | None = None
+
+    def unet_called(self, *args) -> None:
+        if self.start is None:
+            self.start = time.monotonic() - START
+
+    def step_done(self, *args):  # ldm: a step callback (Step); diffusers: callback_on_step_end(pipe, i, t, kwargs)
+        if self.t is None:
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            self.t = time.monotonic() - START
+        return args[3] if self.impl == "diffusers" else None
+
+
+@dataclass
+class Calls:
+    """What a configuration times, on its loaded pipeline."""
+
+    encode: Callable[[], object]  # the prompt and the negative prompt
+    generate: Callable[..., object]  # a whole generation; generate(callback) calls back after each step
+    vae_decode: Callable[[object], object]  # latents of one image → its pixels
+    unet_step: Callable[[dict], Callable[[], object]]  # the UNet inputs → one UNet call (made after the warm-up)
+
+
+def ldm_calls(pipe, size: int, steps: int, sampler: str) -> Calls:
+    """ldm's: the pipeline's text encoding, generation and VAE decode; the UNet on the encoded conditioning (both
+    halves of classifier-free guidance, batched)."""
+    import torch
+
+    def encode():
+        return pipe.conditioning([PROMPT], [NEGATIVE], 1, True, (size, size), {})
+
+    def generate(callback=None):
+        return pipe(PROMPT, NEGATIVE, steps=steps, sampler=sampler, width=size, height=size, seed=0,
+                    callbacks=[callback] if callback else [])
+
+    def unet_step(inputs: dict):
+        cond, uncond = encode()
+        batched = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        return lambda: pipe.unet(inputs["x"], 500.0, **batched)
+
+    return Calls(encode, generate, ldm_vae_decode(pipe), unet_step)
+
+
+def diffusers_calls(pipe, size: int, steps: int, device: str) -> Calls:
+    """diffusers': `encode_prompt`, the pipeline call, the VAE decode in the VAE's dtype, the UNet on random
+    conditioning."""
+    import torch
+
+    xl = hasattr(pipe, "text_encoder_2")
+
+    def encode():
+        return pipe.encode_prompt(PROMPT, device, 1, True, NEGATIVE) if not xl else pipe.encode_prompt(
+            PROMPT, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=NEGATIVE)
+
+    def generate(callback=None):
+        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, height=size, width=size,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="pil",
+                    callback_on_step_end=callback)
+
+    def vae_decode(z):
+        return pipe.vae.decode(z.to(pipe.vae.dtype)).sample
+
+    def unet_step(inputs: dict):
+        x, timestep, context, added = inputs["x"], inputs["timestep"], inputs["context"], inputs["added"]
+        return lambda: pipe.unet(x, timestep, context, **added).sample
+
+    return Calls(encode, generate, vae_decode, unet_step)
+
+
+def unet_inputs(impl: str, pipe, size: int, device: str, dt) -> dict:
+    """Random inputs at `size`: the UNet's latents and text context (batch 2: classifier-free guidance), one
+    image's VAE latents, and for diffusers' SDXL UNet its added conditioning, made once, outside the timed call:
+    no host→device copy inside it."""
+    import torch
+
+    cfg, latent = pipe.unet.config, size // 8
+    inputs = {"x": torch.randn(2, cfg.in_channels, latent, latent, device=device, dtype=dt),
+              "context": torch.randn(2, 77, cfg.cross_attention_dim, device=device, dtype=dt),
+              "z": torch.randn(1, 4, latent, latent, device=device, dtype=dt),
+              "timestep": torch.tensor(500.0, device=device), "added": {}}
+    if impl == "diffusers" and hasattr(pipe, "text_encoder_2"):
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim  # 1280 in SDXL
+        inputs["added"] = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, device=device, dtype=dt),
+                                                 "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,
+                                                                          device=device, dtype=dt)}}
+    return inputs
+
+
 def run_one(impl: str, model: str, size: int, steps: int, sampler: str, mode: str, device: str,
             dtype: str, repeats: int) -> dict:
     """Measure one configuration in this process (called in a fresh subprocess by `bench`)."""
@@ -264,85 +371,31 @@ def run_one(impl: str, model: str, size: int, steps: int, sampler: str, mode: st
     check_mode(mode, device)
     cuda = device == "cuda"
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    first_step = {}
-
-    def mark_first(*args):  # ldm: a step callback (Step); diffusers: callback_on_step_end(pipe, i, t, callback_kwargs)
-        if "t" not in first_step:
-            if cuda:
-                torch.cuda.synchronize()
-            first_step["t"] = time.monotonic() - START
-        return args[3] if impl == "diffusers" else None
-
-    def mark_start(*args):  # a forward pre-hook on the UNet the pipeline calls (outside any compiled graph)
-        first_step.setdefault("start", time.monotonic() - START)
-
-    prompt, negative = "a photograph of an astronaut riding a horse", "blurry"
-    latent = size // 8
+    marks = FirstStep(impl, cuda)
     if impl == "ldm":
         pipe = setup_ldm(model, mode, device, dtype)
         load = time.monotonic() - START
-        cfg = pipe.unet.config
-        xl = hasattr(pipe, "text_encoder_2")
-
-        def encode():
-            return pipe.conditioning([prompt], [negative], 1, True, (size, size), {})
-
-        def generate(callback=None):
-            return pipe(prompt, negative, steps=steps, sampler=sampler, width=size, height=size, seed=0,
-                        callbacks=[callback] if callback else [])
-
-        def unet_call():
-            return pipe.unet(x, 500.0, **batched)
-
-        vae_decode = ldm_vae_decode(pipe)
+        calls = ldm_calls(pipe, size, steps, sampler)
     else:
         pipe = setup_diffusers(model, mode, device, dt, sampler)
         load = time.monotonic() - START
-        cfg = pipe.unet.config
-        xl = hasattr(pipe, "text_encoder_2")
-
-        def encode():
-            return pipe.encode_prompt(prompt, device, 1, True, negative) if not xl else pipe.encode_prompt(
-                prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                negative_prompt=negative)
-
-        def generate(callback=None):
-            return pipe(prompt, negative_prompt=negative, num_inference_steps=steps, height=size, width=size,
-                        generator=torch.Generator("cpu").manual_seed(0), output_type="pil",
-                        callback_on_step_end=callback)
-
-        def vae_decode(z):
-            return pipe.vae.decode(z.to(pipe.vae.dtype)).sample
-
-        def unet_call():
-            return pipe.unet(x, timestep, context, **added).sample
-
-    x = torch.randn(2, cfg.in_channels, latent, latent, device=device, dtype=dt)
-    context = torch.randn(2, 77, cfg.cross_attention_dim, device=device, dtype=dt)
-    z = torch.randn(1, 4, latent, latent, device=device, dtype=dt)
-    timestep, added = torch.tensor(500.0, device=device), {}
-    if impl == "diffusers" and xl:  # made once, outside the timed call: no host→device copy inside it
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim  # 1280 in SDXL
-        added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled, device=device, dtype=dt),
-                                       "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,
-                                                                device=device, dtype=dt)}}
+        calls = diffusers_calls(pipe, size, steps, device)
+    inputs = unet_inputs(impl, pipe, size, device, dt)
     with torch.no_grad():
-        hook = pipe.unet.register_forward_pre_hook(mark_start)
+        hook = pipe.unet.register_forward_pre_hook(marks.unet_called)
         begin = time.monotonic()
-        generate(mark_first)  # warm-up: compiles, captures; the first step and image of the process are marked
+        calls.generate(marks.step_done)  # warm-up: compiles, captures; marks the process's first step and image
         first_run, first_image = time.monotonic() - begin, time.monotonic() - START
         hook.remove()
-        if impl == "ldm":
-            cond, uncond = encode()
-            batched = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        unet_call = calls.unet_step(inputs)
         unet_step = median_time(unet_call, repeats)
-        result = {"impl": impl, "mode": mode, "load_s": load, "to_first_step_s": first_step.get("start"),
-                  "first_step_s": first_step.get("t"), "to_first_image_s": first_image,
-                  "text_encode_s": median_time(encode, repeats),
+        result = {"impl": impl, "mode": mode, "load_s": load, "to_first_step_s": marks.start,
+                  "first_step_s": marks.t, "to_first_image_s": first_image,
+                  "text_encode_s": median_time(calls.encode, repeats),
                   "unet_step_s": unet_step,
                   "unet_step_gpu_s": gpu_time(unet_call, repeats, unet_step) if cuda else None,
-                  "vae_decode_s": median_time(lambda: vae_decode(z), repeats),
-                  "end_to_end_s": median_time(generate, 1),
+                  "vae_decode_s": median_time(lambda: calls.vae_decode(inputs["z"]), repeats),
+                  "end_to_end_s": median_time(calls.generate, 1),
                   "peak_rss_gib": _peak_rss_bytes() / 2**30,
                   "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
         result["compile_s"] = first_run - result["end_to_end_s"]
@@ -404,7 +457,7 @@ def table(rows: list[dict]) -> str:
     counterpart was measured. Rows that no configuration measured (GPU time on the CPU) are left out."""
     names = [f"{r['impl']} {r['mode']}" for r in rows]
     by = {(r["impl"], r["mode"]): r for r in rows}
-    pairs = [(by[("ldm", m)], by[("diffusers", DIFFUSERS_MODE[m])]) for m in MODES
+    pairs = [(by[("ldm", m)], by[("diffusers", DIFFUSERS_MODE[m])]) for m in BENCH_MODES
              if ("ldm", m) in by and ("diffusers", DIFFUSERS_MODE[m]) in by]
     header = names + [f"ldm {a['mode']} / diffusers {b['mode']}" for a, b in pairs]
     lines = ["| metric | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]

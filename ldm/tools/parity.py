@@ -197,17 +197,13 @@ def quiet(diffusers, transformers):
 
 
 def describe(pipe) -> str:
-    """SD 1.x, SD 2.x, SDXL base or SDXL refiner (+ inpainting), from what the loaded pipeline holds."""
-    if hasattr(pipe, "text_encoder_2"):
-        kind = "SDXL refiner" if pipe.requires_aesthetics_score else "SDXL base"
-    else:
-        kind = "SD 1.x" if pipe.text_encoder.config.hidden_act == "quick_gelu" else "SD 2.x"
-    return kind + (" inpainting" if pipe.inpainting else "")
+    """SD 1.x, SD 2.x, SDXL base or SDXL refiner (+ inpainting): the loaded model's family (`ModelSpec.label`)."""
+    return pipe.spec.label
 
 
 def pipeline_class(pipe) -> str:
     """The diffusers pipeline that runs the task ldm's pipeline is checked on."""
-    if hasattr(pipe, "text_encoder_2"):
+    if pipe.spec.xl:
         if pipe.inpainting:
             return "StableDiffusionXLInpaintPipeline"
         return "StableDiffusionXLImg2ImgPipeline" if pipe.requires_aesthetics_score else "StableDiffusionXLPipeline"
@@ -257,7 +253,7 @@ def reference_pipeline(diffusers, path: Path, pipe, sampler: str, device: torch.
 
     name = pipeline_class(pipe)
     cls = getattr(diffusers, name)
-    extra = {} if hasattr(pipe, "text_encoder_2") else {"safety_checker": None, "feature_extractor": None,
+    extra = {} if pipe.spec.xl else {"safety_checker": None, "feature_extractor": None,
                                                         "requires_safety_checker": False}
     if path.is_dir():
         ref = cls.from_pretrained(path, torch_dtype=torch.float32, **extra)
@@ -291,7 +287,7 @@ def reference_pipeline(diffusers, path: Path, pipe, sampler: str, device: torch.
 def compare_text(pipe, ref, prompt: str) -> tuple[list[Row], torch.Tensor, torch.Tensor | None]:
     """Rows for each tower (tokens, the hidden state the UNet reads, SDXL's pooled embedding), and
     transformers' conditioning (context, pooled) for the UNet call."""
-    xl = hasattr(pipe, "text_encoder_2")
+    xl = pipe.spec.xl
     rows, contexts, pooled = [], [], None
     towers = pipe.text_towers()
     for name, tokenizer, encoder, layer, final_norm in towers:
@@ -348,7 +344,7 @@ def compare_images(pipe, ref, prompt: str, sampler: str, steps: int, width: int,
     task, size = {}, {"width": width, "height": height}
     if pipe.inpainting:
         task = {"image": picture(width, height), "mask": mask(width, height)}
-    elif getattr(pipe, "requires_aesthetics_score", False):
+    elif pipe.spec.requires_aesthetics_score:
         task, size = {"image": picture(width, height)}, {}
     ours = pipe(prompt, steps=steps, seed=seed, width=width, height=height, sampler=sampler, guidance=GUIDANCE,
                 prompt_syntax="plain", **task).images[0]
@@ -366,6 +362,18 @@ def compare_images(pipe, ref, prompt: str, sampler: str, steps: int, width: int,
 
 
 # ------------------------------------------------------------------------------------------- check
+
+
+def check_comparable(pipe, steps: int, width: int, height: int) -> None:
+    """An InputError for what the loaded model cannot be compared at: a size off its VAE's multiple, or (the SDXL
+    refiner, compared on image-to-image) too few steps for its strength to leave one."""
+    for name, value in (("width", width), ("height", height)):
+        if value < pipe.vae_scale or value % pipe.vae_scale:
+            raise InputError(f"--size: the {name} must be a positive multiple of {pipe.vae_scale}, got {value}")
+    if pipe.spec.requires_aesthetics_score and int(steps * pipe.default_strength) < 1:
+        raise InputError(f"the SDXL refiner is checked on image-to-image at strength {pipe.default_strength}, "
+                         f"which runs int(steps × {pipe.default_strength}) steps: pass --steps "
+                         f"{math.ceil(1 / pipe.default_strength)} or more")
 
 
 def check(model: str | Path, sampler: str | None = None, steps: int = DEFAULT_STEPS,
@@ -396,13 +404,7 @@ def check(model: str | Path, sampler: str | None = None, steps: int = DEFAULT_ST
                          f"pass --sampler (one of {', '.join(SAMPLERS)})")
     native = pipe.native_size
     width, height = size or (native, native)
-    for name, value in (("width", width), ("height", height)):
-        if value < pipe.vae_scale or value % pipe.vae_scale:
-            raise InputError(f"--size: the {name} must be a positive multiple of {pipe.vae_scale}, got {value}")
-    if getattr(pipe, "requires_aesthetics_score", False) and int(steps * pipe.default_strength) < 1:
-        raise InputError(f"the SDXL refiner is checked on image-to-image at strength {pipe.default_strength}, "
-                         f"which runs int(steps × {pipe.default_strength}) steps: pass --steps "
-                         f"{math.ceil(1 / pipe.default_strength)} or more")
+    check_comparable(pipe, steps, width, height)
     dev = pipe.device
     with strict_fp32(dev), quiet(diffusers, transformers):
         log(f"loading {path} with diffusers {diffusers.__version__}…")

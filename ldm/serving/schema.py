@@ -1,4 +1,5 @@
-"""The scoring schema of the Azure ML model-catalog cards, as a thin adapter over the pipeline.
+"""The scoring schema of the Azure ML model-catalog cards: a request body read and checked, and the response
+built. `ldm.serving.runner` runs what this reads through the pipeline.
 
 Request (pandas' "split" orientation; `ldm serve` and `ldm batch` both take it):
 
@@ -21,7 +22,6 @@ cards' older forms (one object holding lists) are `form="sd15"` / `form="sd14"`.
 """
 
 import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -29,10 +29,9 @@ from PIL import Image
 
 from ldm.adapters.lora import find_lora
 from ldm.choices import FORMS
-from ldm.errors import InputError, LdmError
-from ldm.pipelines.images import decode_image, encode_png, fit_size, image_from_bytes, is_url
-from ldm.pipelines.prompts import extract_extra_networks
-from ldm.pipelines.request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest, hires_size
+from ldm.errors import InputError
+from ldm.pipelines.images import decode_image, fit_size, image_from_bytes, is_url
+from ldm.pipelines.request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest, hires_size, random_seed
 from ldm.sampling.samplers import SAMPLERS
 from ldm.serving.limits import Limits
 
@@ -76,6 +75,9 @@ class Parameters:
     hires_upscaler: str | None = None
 
 
+PARAMETER_NAMES = tuple(f.name for f in fields(Parameters))
+TEXT_PARAMETERS = ("negative_prompt", "scheduler", "prompt_syntax", "hires_upscaler")
+REAL_PARAMETERS = ("guidance_scale", "strength", "refiner_start", "hires_scale", "hires_denoise")  # the rest: integers
 # a GenerationRequest field → the parameter of a scoring request that sets it (for the field an error names)
 PARAMETER_OF = {"steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
                 "num_images": "num_images_per_prompt"}
@@ -102,6 +104,9 @@ class Request:
     prompt_syntax: str = "plain"  # when the parameters do not say (`ldm batch`: "a1111")
 
 
+# ------------------------------------------------------------------------------------- parameters
+
+
 def _number(name: str, value, kind: type):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
         isinstance(value, int) and not isinstance(value, bool)
@@ -111,33 +116,34 @@ def _number(name: str, value, kind: type):
     return float(value) if kind is float else value
 
 
-def parse_parameters(raw, limits: Limits) -> Parameters:
-    if raw is None:
-        return Parameters()
+def _parameter_values(raw) -> dict:
+    """The `parameters` object's values by Parameters field, each of its field's type (null: the default)."""
     if not isinstance(raw, dict):
         raise RequestError("parameters", "expected an object")
-    known = {f.name: f for f in fields(Parameters)}
     if "denoising_end" in raw:  # diffusers' name for the base's share, as the SDXL card's example passes it
         if "refiner_start" in raw:
             raise RequestError("parameters.denoising_end", "give refiner_start or denoising_end, not both")
         raw = {("refiner_start" if k == "denoising_end" else k): v for k, v in raw.items()}
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(set(raw) - set(PARAMETER_NAMES))
     if unknown:
-        raise RequestError(f"parameters.{unknown[0]}", f"unknown parameter (known: {', '.join(known)})")
+        raise RequestError(f"parameters.{unknown[0]}", f"unknown parameter (known: {', '.join(PARAMETER_NAMES)})")
     values = {}
     for name, value in raw.items():
         if value is None:
             continue
         if name == "loras":
             values[name] = parse_loras(value)
-        elif name in ("negative_prompt", "scheduler", "prompt_syntax", "hires_upscaler"):
+        elif name in TEXT_PARAMETERS:
             if not isinstance(value, str):
                 raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
             values[name] = value
         else:
-            values[name] = _number(name, value, float if name in ("guidance_scale", "strength", "refiner_start",
-                                                                  "hires_scale", "hires_denoise") else int)
-    p = Parameters(**values)
+            values[name] = _number(name, value, float if name in REAL_PARAMETERS else int)
+    return values
+
+
+def _check_limits(p: Parameters, limits: Limits) -> None:
+    """The server's limits (steps, images, pixels), a known scheduler and the guidance range."""
     if not 1 <= p.num_inference_steps <= limits.max_steps:
         raise RequestError("parameters.num_inference_steps", f"must be from 1 to {limits.max_steps} on this server, "
                                                              f"got {p.num_inference_steps}")
@@ -147,24 +153,41 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     if not 1 <= p.num_images_per_prompt <= limits.max_images_per_prompt:
         raise RequestError("parameters.num_images_per_prompt",
                            f"must be from 1 to {limits.max_images_per_prompt}, got {p.num_images_per_prompt}")
-    if p.height and p.width and p.height * p.width > limits.max_pixels:
+    if p.height and p.width:
         larger = "width" if p.width >= p.height else "height"  # the one to bring down first
-        raise RequestError(f"parameters.{larger}", f"{p.width}x{p.height} is more than this server's "
-                                                   f"{limits.max_pixels} pixels per image")
+        if error := too_many_pixels(f"parameters.{larger}", p.width, p.height, limits):
+            raise error
     if p.scheduler is not None and scheduler_name(p.scheduler) is None:
         raise RequestError("parameters.scheduler", f"unknown scheduler {p.scheduler!r} (one of: {', '.join(SAMPLERS)}, "
                                                    "or a diffusers scheduler class name)")
     if not 0 <= p.guidance_scale <= 100:
         raise RequestError("parameters.guidance_scale", f"must be between 0 and 100, got {p.guidance_scale}")
+
+
+def parse_parameters(raw, limits: Limits) -> Parameters:
+    """`parameters` read and checked: the server's limits first, then as every entry point checks a request."""
+    if raw is None:
+        return Parameters()
+    p = Parameters(**_parameter_values(raw))
+    _check_limits(p, limits)
     try:  # the rest as every entry point checks a request (the same message as the command line's)
         generation_request(p, [""], None, IMAGE_PLACEHOLDER if p.strength is not None else None, None,
                            p.seed, p.prompt_syntax or "plain").check()
     except InputError as e:
         name = PARAMETER_OF.get(e.field, e.field)
-        raise RequestError(f"parameters.{name}" if name in known else "parameters", str(e)) from None
+        raise RequestError(f"parameters.{name}" if name in PARAMETER_NAMES else "parameters", str(e)) from None
     if p.height and p.width and (error := hires_too_large(p, p.width, p.height, limits)):
         raise error
     return p
+
+
+def too_many_pixels(field: str, width: int, height: int, limits: Limits, advice: str = "") -> RequestError | None:
+    """The error for an image of width × height over the server's pixels per image (None: it fits), blaming
+    `field`; `advice` follows the message."""
+    if width * height <= limits.max_pixels:
+        return None
+    return RequestError(field, f"{width}x{height} is more than this server's {limits.max_pixels} pixels per "
+                               f"image{advice}")
 
 
 def hires_too_large(p: Parameters, width: int, height: int, limits: Limits, multiple: int = 8) -> RequestError | None:
@@ -210,65 +233,108 @@ def scheduler_name(name: str) -> str | None:
     return next((n for n, spec in SAMPLERS.items() if spec.diffusers_class == name), None)
 
 
+def generation_request(p: Parameters, prompts: list[str], negative: str | None, image, mask, seed,
+                       prompt_syntax: str) -> GenerationRequest:
+    """The request one pass of rows makes of the pipeline."""
+    return GenerationRequest(prompts, negative, steps=p.num_inference_steps, guidance=p.guidance_scale, seed=seed,
+                             width=p.width, height=p.height,
+                             sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
+                             num_images=p.num_images_per_prompt, image=image, mask=mask, strength=p.strength,
+                             prompt_syntax=prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
+                             refiner_start=p.refiner_start, hires_scale=p.hires_scale, hires_steps=p.hires_steps,
+                             hires_denoise=p.hires_denoise, hires_upscaler=p.hires_upscaler)
+
+
+# ------------------------------------------------------------------------------------------- rows
+
+
+def _cells(value, columns: list[str], where: str) -> dict:
+    """A row (a string, a list in column order, or an object keyed by column) as its cells by column."""
+    if isinstance(value, str):
+        if columns != ["prompt"]:
+            raise RequestError(where, f"a bare string row needs the single column 'prompt', not {columns}")
+        return {"prompt": value}
+    if isinstance(value, list):
+        if len(value) != len(columns):
+            raise RequestError(where, f"has {len(value)} values for {len(columns)} columns {columns}")
+        return dict(zip(columns, value, strict=True))
+    if isinstance(value, dict):
+        unknown = sorted(k for k in value if k not in COLUMNS)
+        if unknown:
+            raise RequestError(f"{where}.{unknown[0]}", f"unknown column (known: {', '.join(COLUMNS)})")
+        return {COLUMNS[k]: v for k, v in value.items()}
+    raise RequestError(where, f"expected a string, a list or an object, got {type(value).__name__}")
+
+
+def _image_cell(name: str, value, where: str, limits: Limits, fetch: Callable[[str], bytes] | None):
+    """An image or mask cell as an image (None when absent): base64, a URL (with `fetch`), or already an image
+    (`ldm batch` hands over images read from files). It may decode to 4× the pixels a generation may have."""
+    if value is None or isinstance(value, Image.Image):
+        return value
+    if is_url(value) and fetch is None:
+        raise RequestError(f"{where}.{name}", NO_URLS)
+    try:
+        if isinstance(value, InputError):
+            raise value
+        if is_url(value):
+            return image_from_bytes(fetch(value), name, 4 * limits.max_pixels, f"{value.strip()[:200]}")
+        return decode_image(value, name, max_pixels=4 * limits.max_pixels)
+    except InputError as e:
+        raise RequestError(f"{where}.{name}", str(e).removeprefix(f"{name}: ")) from None
+
+
+def _check_images(row: Row, where: str, limits: Limits) -> None:
+    """A mask goes with an image of its size; the image, at the size it runs at, within the pixel limit."""
+    if row.mask is not None and row.image is None:
+        raise RequestError(f"{where}.mask", "a mask needs the image it applies to")
+    if row.mask is not None and row.mask.size != row.image.size:
+        raise RequestError(f"{where}.mask", f"is {row.mask.width}x{row.mask.height}, the image "
+                                            f"{row.image.width}x{row.image.height}: they must match")
+    if row.image is not None:
+        try:
+            width, height = fit_size(row.image)
+        except InputError as e:
+            raise RequestError(f"{where}.image", str(e)) from None
+        if error := too_many_pixels(f"{where}.image", width, height, limits):
+            raise error
+
+
 def _row(position: int, label, value, columns: list[str], limits: Limits,
          fetch: Callable[[str], bytes] | None = None) -> Row:
+    """One row of `data` read and checked; what is wrong with it is its `error`."""
     row = Row(position, label)
     where = f"data[{position}]"
     try:
-        if isinstance(value, str):
-            if columns != ["prompt"]:
-                raise RequestError(where, f"a bare string row needs the single column 'prompt', not {columns}")
-            cells = {"prompt": value}
-        elif isinstance(value, list):
-            if len(value) != len(columns):
-                raise RequestError(where, f"has {len(value)} values for {len(columns)} columns {columns}")
-            cells = dict(zip(columns, value, strict=True))
-        elif isinstance(value, dict):
-            unknown = sorted(k for k in value if k not in COLUMNS)
-            if unknown:
-                raise RequestError(f"{where}.{unknown[0]}", f"unknown column (known: {', '.join(COLUMNS)})")
-            cells = {COLUMNS[k]: v for k, v in value.items()}
-        else:
-            raise RequestError(where, f"expected a string, a list or an object, got {type(value).__name__}")
+        cells = _cells(value, columns, where)
         row.prompt = cells.get("prompt")
         if not isinstance(row.prompt, str):
             raise RequestError(f"{where}.prompt", "missing, or not a string")
         row.negative_prompt = cells.get("negative_prompt")
         if row.negative_prompt is not None and not isinstance(row.negative_prompt, str):
             raise RequestError(f"{where}.negative_prompt", "not a string")
-        for name in ("image", "mask"):
-            value = cells.get(name)
-            if value is None or isinstance(value, Image.Image):  # `ldm batch` hands over images read from files
-                setattr(row, name, value)
-                continue
-            if is_url(value) and fetch is None:
-                raise RequestError(f"{where}.{name}", NO_URLS)
-            try:
-                if isinstance(value, InputError):
-                    raise value
-                if is_url(value):
-                    image = image_from_bytes(fetch(value), name, 4 * limits.max_pixels, f"{value.strip()[:200]}")
-                else:
-                    image = decode_image(value, name, max_pixels=4 * limits.max_pixels)
-                setattr(row, name, image)
-            except InputError as e:
-                raise RequestError(f"{where}.{name}", str(e).removeprefix(f"{name}: ")) from None
-        if row.mask is not None and row.image is None:
-            raise RequestError(f"{where}.mask", "a mask needs the image it applies to")
-        if row.mask is not None and row.mask.size != row.image.size:
-            raise RequestError(f"{where}.mask", f"is {row.mask.width}x{row.mask.height}, the image "
-                                                f"{row.image.width}x{row.image.height}: they must match")
-        if row.image is not None:
-            try:
-                width, height = fit_size(row.image)
-            except InputError as e:
-                raise RequestError(f"{where}.image", str(e)) from None
-            if width * height > limits.max_pixels:
-                raise RequestError(f"{where}.image", f"{width}x{height} is more than this server's "
-                                                     f"{limits.max_pixels} pixels per image")
+        row.image = _image_cell("image", cells.get("image"), where, limits, fetch)
+        row.mask = _image_cell("mask", cells.get("mask"), where, limits, fetch)
+        _check_images(row, where, limits)
     except RequestError as e:
         row.error = e
     return row
+
+
+# ---------------------------------------------------------------------------------------- request
+
+
+def _columns(data_in: dict) -> list[str]:
+    """`columns` (default: prompt alone) by the names rows use: one prompt column, no repeats."""
+    columns = data_in.get("columns", ["prompt"])
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        raise RequestError("input_data.columns", "expected a list of column names")
+    for name in columns:
+        if name not in COLUMNS:
+            raise RequestError("input_data.columns", f"unknown column {name!r} (known: {', '.join(COLUMNS)})")
+    columns = [COLUMNS[c] for c in columns]
+    if "prompt" not in columns or len(set(columns)) != len(columns):
+        raise RequestError("input_data.columns", "needs one prompt (or text_prompt) column and no repeats")
+    return columns
 
 
 def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: str = "plain",
@@ -291,15 +357,7 @@ def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: st
     unknown = sorted(set(data_in) - {"columns", "index", "data", "parameters"})
     if unknown:
         raise RequestError(f"input_data.{unknown[0]}", "unknown field (expected columns, index, data, parameters)")
-    columns = data_in.get("columns", ["prompt"])
-    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
-        raise RequestError("input_data.columns", "expected a list of column names")
-    for name in columns:
-        if name not in COLUMNS:
-            raise RequestError("input_data.columns", f"unknown column {name!r} (known: {', '.join(COLUMNS)})")
-    columns = [COLUMNS[c] for c in columns]
-    if "prompt" not in columns or len(set(columns)) != len(columns):
-        raise RequestError("input_data.columns", "needs one prompt (or text_prompt) column and no repeats")
+    columns = _columns(data_in)
     data = data_in.get("data")
     if not isinstance(data, list) or not data:
         raise RequestError("input_data.data", "expected a non-empty list of rows")
@@ -312,7 +370,7 @@ def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: st
     # parameters sit inside input_data in the cards; accept them beside it too
     parameters = parse_parameters(data_in.get("parameters", body.get("parameters")), limits)
     rows = [_row(i, index[i] if i < len(index) else i, value, columns, limits, fetch) for i, value in enumerate(data)]
-    seed = parameters.seed if parameters.seed is not None else secrets.randbits(32)
+    seed = parameters.seed if parameters.seed is not None else random_seed()
     return Request(rows, parameters, seed, limits, form, parameters.prompt_syntax or prompt_syntax)
 
 
@@ -325,72 +383,7 @@ def negative_prompt(request: Request, row: Row) -> str | None:
     return row.negative_prompt if row.negative_prompt is not None else request.parameters.negative_prompt
 
 
-def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bool] | None = None) -> list[dict]:
-    """The response objects of some rows: one per image, or one carrying a row's error. Several error-free
-    text-to-image rows go through the pipeline as one batch, each with its own seed, so each image is the one
-    the row gets alone (up to float rounding of a batched matmul). The rows of a pass share one negative prompt
-    (`run` groups them so)."""
-    if len(rows) == 1 and rows[0].error is not None:
-        return [error_object(rows[0], rows[0].error)]
-    negative = negative_prompt(request, rows[0])
-    if any(negative_prompt(request, row) != negative for row in rows):
-        raise ValueError("rows of different negative prompts cannot share a pass")
-    p = request.parameters
-    seeds = [row_seed(request, row) for row in rows]
-    native = pipe.native_size
-    first = rows[0]
-    width, height = fit_size(first.image) if first.image is not None else (native, native)
-    width, height = p.width or width, p.height or height
-    if width * height > request.limits.max_pixels:
-        error = RequestError("parameters.width", f"{width}x{height} is more than this server's "
-                                                 f"{request.limits.max_pixels} pixels per image: give a smaller "
-                                                 "width and height")
-        return [error_object(row, error) for row in rows]
-    if first.image is None and (error := hires_too_large(p, width, height, request.limits, pipe.vae_scale)):
-        return [error_object(row, error) for row in rows]
-
-    def cancel_check(step) -> None:
-        if cancelled is not None and cancelled():
-            raise Cancelled()
-
-    try:
-        result = pipe(generation_request(p, [row.prompt for row in rows], negative, first.image, first.mask,
-                                         seeds if len(rows) > 1 else seeds[0], request.prompt_syntax),
-                      callbacks=[cancel_check])
-    except LdmError as e:  # a bad value for this model, or a LoRA of the folder that does not fit it
-        return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
-    n = p.num_images_per_prompt
-
-    def notes(row: Row) -> dict:
-        """What the client should know of its row (a plain prompt cut at 77 tokens): the notes that name its
-        prompt or the negative prompt."""
-        texts = [repr(t[:30]) for t in (row.prompt, negative) if t]
-        mine = [note for note in result.notes if any(t in note for t in texts)]
-        return {"notes": mine} if mine else {}
-
-    return [{"prompt": rows[i // n].prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
-             "seed": seeds[i // n]} | notes(rows[i // n])
-            for i, (image, text, nsfw) in enumerate(zip(result.images, result.infotexts, result.nsfw, strict=True))]
-
-
-def generation_request(p: Parameters, prompts: list[str], negative: str | None, image, mask, seed,
-                       prompt_syntax: str) -> GenerationRequest:
-    """The request one pass of rows makes of the pipeline."""
-    return GenerationRequest(prompts, negative, steps=p.num_inference_steps, guidance=p.guidance_scale, seed=seed,
-                             width=p.width, height=p.height,
-                             sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
-                             num_images=p.num_images_per_prompt, image=image, mask=mask, strength=p.strength,
-                             prompt_syntax=prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
-                             refiner_start=p.refiner_start, hires_scale=p.hires_scale, hires_steps=p.hires_steps,
-                             hires_denoise=p.hires_denoise, hires_upscaler=p.hires_upscaler)
-
-
-def run_row(pipe, request: Request, row: Row, cancelled: Callable[[], bool] | None = None) -> list[dict]:
-    return run_rows(pipe, request, [row], cancelled)
-
-
-class Cancelled(Exception):
-    """The client went away: the work for it stops at the next step."""
+# --------------------------------------------------------------------------------------- response
 
 
 def error_object(row: Row, error: RequestError) -> dict:
@@ -409,52 +402,3 @@ def respond(objects: list[dict], form: str = "rows"):
                                       for o in images]}
     errors = [o for o in objects if "error" in o]
     return [body | ({"errors": errors} if errors else {})]
-
-
-def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, batch_size: int = 1):
-    """Every row of a parsed request, in order, as the response body. Consecutive text-to-image rows go
-    through the networks together (they share the request's parameters), up to `batch_size` images a pass;
-    a row with more images than that still runs, alone."""
-    if request.parameters.refiner_start is not None and not hasattr(pipe, "refiner"):
-        raise RequestError("parameters.refiner_start", f"this server runs {pipe.name} without a refiner (ldm serve "
-                                                       "--refiner MODEL)")
-    per_row = request.parameters.num_images_per_prompt
-    rows_per_pass = max(1, batch_size // per_row)
-    objects, group = [], []
-
-    def kind(row: Row) -> tuple:
-        """Rows of a pass must have equally many chunks (a batch pads every prompt to the longest one's, which
-        would change the images of the shorter ones), the same <lora:…> tags (merged for the whole pass) and the
-        same negative prompt (one for the pass)."""
-        tags, negative = extract_extra_networks(row.prompt)[1], negative_prompt(request, row)
-        try:
-            return pipe.chunk_count(row.prompt, request.prompt_syntax), tags, negative
-        except InputError:
-            return -1, tags, negative  # runs alone, and reports its error
-
-    group_kind = None
-    for row in request.rows:
-        if row.error is None and row.image is None and rows_per_pass > 1:
-            row_kind = kind(row)
-            if group and row_kind != group_kind:
-                objects += run_rows(pipe, request, group, cancelled)
-                group = []
-            group.append(row)
-            group_kind = row_kind
-            if len(group) == rows_per_pass:
-                objects += run_rows(pipe, request, group, cancelled)
-                group = []
-            continue
-        if group:
-            objects += run_rows(pipe, request, group, cancelled)
-            group = []
-        objects += run_rows(pipe, request, [row], cancelled)
-    if group:
-        objects += run_rows(pipe, request, group, cancelled)
-    return respond(objects, request.form)
-
-
-def score(pipe, body, limits: Limits = Limits(), form: str = "rows", cancelled: Callable[[], bool] | None = None,
-          batch_size: int = 1):
-    """Parse and run a request body. Raises RequestError for a request that cannot be read."""
-    return run(pipe, parse(body, limits, form), cancelled, batch_size)
