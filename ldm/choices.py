@@ -13,6 +13,9 @@ KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
 SYNTAXES = ("a1111", "plain")
 
+# the dtypes users name (`ldm.loading.components.DTYPES` maps them to torch's); "auto" is chosen by device
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
 # the hires fix's upscalers → A1111's names (the infotext's `Hires upscaler`): the latent ones interpolate the
 # first pass's latents (torch `interpolate` mode, antialias), the others resize its decoded images with PIL
 HIRES_UPSCALERS = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
@@ -27,3 +30,11 @@ EMPHASES = {"original": "Original", "no-norm": "No norm", "none": "None"}
 # the scoring adapter's response forms: one object per image (the SD 2.1 / SDXL / inpainting cards), or the
 # SD 1.5 / 1.4 cards' single object of lists
 FORMS = ("rows", "sd15", "sd14")
+
+# --offload: each network brought to the GPU while it runs (diffusers' enable_model_cpu_offload), or each layer
+# (enable_sequential_cpu_offload)
+OFFLOAD_MODES = ("model", "sequential")
+# --vae-tiling as `enable_vae_tiling` takes it: always, or only where the whole-image pass would not fit
+VAE_TILING_MODES = ("on", "auto")
+# `ldm bench --mode`: how ldm runs (eager, the CUDA graph, compiled, max-autotune, offloaded)
+BENCH_MODES = ("eager", "graph", "compile", "max", "model-offload", "sequential-offload")

@@ -191,7 +191,9 @@ def test_bench_table_pairs_modes_and_leaves_out_what_was_not_measured():
 
 
 def test_bench_and_model_options(sd1_folder, capsys):
-    from ldm_cli.main import load_model, main, parse_args
+    from ldm.pipelines.setup import prepare_pipeline
+    from ldm_cli.main import main, parse_args
+    from ldm_cli.options import run_settings
 
     args = parse_args(["bench", "--mode", "eager", "max", "--compile", "--timeout", "60"])
     assert args.mode == ["eager", "max"] and args.compile and args.timeout == 60
@@ -202,8 +204,8 @@ def test_bench_and_model_options(sd1_folder, capsys):
     assert (args.compile, args.compile_mode, args.no_cuda_graph) == (False, "max", True)
     args = parse_args(["generate", "--compile", "a house"])  # a bare --compile leaves the prompt alone
     assert args.compile and args.prompt == "a house" and args.compile_mode is None
-    pipe = load_model(parse_args(["generate", "a house", "--model", str(sd1_folder), "--device", "cpu",
-                                  "--no-safety-checker"]))
+    args = parse_args(["generate", "a house", "--model", str(sd1_folder), "--device", "cpu", "--no-safety-checker"])
+    pipe = prepare_pipeline(run_settings(args))
     assert not isinstance(pipe.unet, TensorTimestep)  # the CPU's default path: the reference networks
 
 

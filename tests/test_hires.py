@@ -18,10 +18,11 @@ from diffusers import (
 from PIL import Image
 from test_image_tasks import picture
 
-from ldm.pipelines.images import parse_infotext
+from ldm.pipelines.infotext import parse_infotext
 from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm.serving.limits import Limits
-from ldm.serving.scoring import RequestError, parse_parameters, score
+from ldm.serving.runner import score
+from ldm.serving.schema import RequestError, parse_parameters
 from ldm_cli.main import main
 
 PROMPT = "a castle on a hill"

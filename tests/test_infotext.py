@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.pipelines.images import infotext, parse_infotext
+from ldm.pipelines.infotext import infotext, parse_infotext
 from ldm_cli.main import main
 
 

@@ -1,12 +1,11 @@
 """Images in and out: files → tensors for the VAE, tensors → PIL, and PNGs carrying AUTOMATIC1111's
-`parameters` text chunk. Pre-processing follows diffusers' `VaeImageProcessor`: Lanczos resize, [-1, 1]
-for images, grayscale binarised at 0.5 for masks."""
+`parameters` text chunk (the text itself: `ldm.pipelines.infotext`). Pre-processing follows diffusers'
+`VaeImageProcessor`: Lanczos resize, [-1, 1] for images, grayscale binarised at 0.5 for masks."""
 
 import base64
 import binascii
 import http.client
 import io
-import json
 import re
 import time
 import urllib.error
@@ -165,60 +164,6 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     x = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float()  # denormalised in the VAE's dtype
     x = (x * 255).round().to(torch.uint8).numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in x]
-
-
-def quote(value) -> str:
-    """A1111's quoting of an infotext value: as a JSON string when it holds `,`, `:` or a newline."""
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-
-def infotext(prompt: str, negative_prompt: str, params: dict) -> str:
-    """AUTOMATIC1111's generation-parameters text: prompt, negative prompt, then `Key: value, …` (None values
-    left out)."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None))
-    return "\n".join(lines)
-
-
-RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """(prompt, negative prompt, {key: value}) of an A1111 `parameters` text, as A1111's
-    `parse_generation_parameters` reads it: the last line holds the parameters, a line starting with
-    `Negative prompt:` starts the negative prompt, quoted values are JSON strings."""
-    *lines, last = text.strip().split("\n")
-    if len(RE_PARAM.findall(last)) < 3:  # no parameters line
-        lines.append(last)
-        last = ""
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    params = {}
-    for key, value in RE_PARAM.findall(last):
-        value = value.strip()
-        if len(value) > 1 and value[0] == value[-1] == '"':
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass
-        params[key.strip()] = value
-    return "\n".join(prompt), "\n".join(negative), params
-
-
-def png_parameters(path: str | Path) -> str:
-    """The `parameters` text chunk of a PNG, or an InputError saying there is none."""
-    image = load_image(path, "--from-png")
-    text = image.info.get("parameters")
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(f"--from-png {path}: the image carries no generation parameters (no A1111 'parameters' "
-                         "text chunk)")
-    return text
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str) -> None:

@@ -32,8 +32,11 @@ from pathlib import Path
 
 from ldm.errors import InputError
 from ldm.pipelines.images import load_image
+from ldm.pipelines.setup import RunSettings, prepare_pipeline
 from ldm.serving.distributed import ONE, Ranks
-from ldm.serving.scoring import COLUMNS, Limits, Request, RequestError, Row, parse, run_row
+from ldm.serving.limits import Limits
+from ldm.serving.runner import run_row
+from ldm.serving.schema import COLUMNS, Request, RequestError, Row, parse
 
 NO_LIMITS = Limits(max_rows=10**9, max_steps=1000, max_pixels=4096 * 4096, max_images_per_prompt=64)
 
@@ -273,11 +276,28 @@ def claim(output: Path, fingerprint: str, seed: int | None, drawn: int, settings
     return state
 
 
+def recorded_settings(settings: RunSettings) -> dict:
+    """What batch.json keeps of the model and how it loads (and the batch's fingerprint holds): the options that
+    change the images, named as the command line names them. A refiner and the VAE and tiling options appear
+    only when given, so that a folder started before they existed resumes as it was."""
+    record = {"model": settings.model, "variant": settings.variant, "revision": settings.revision,
+              "prediction_type": settings.prediction_type, "no_safety_checker": not settings.safety_checker,
+              "dtype": settings.dtype}
+    if settings.refiner:
+        record |= {"refiner": settings.refiner, "refiner_start": settings.refiner_start}
+    given = {"vae": settings.vae, "tiling": settings.seamless, "vae_tiling": settings.vae_tiling,
+             "vae_tile_size": settings.vae_tile_size}
+    return record | {name: value for name, value in given.items() if value}
+
+
 def prepare_batch(source: Path | BatchInput, output: Path, parameters: dict | None = None, seed: int | None = None,
-                  settings: dict | None = None, ranks: Ranks = ONE) -> Batch:
+                  settings: RunSettings | dict | None = None, ranks: Ranks = ONE) -> Batch:
     """Read and check the input (a file, or a `BatchInput` already read), then claim or resume `output` (rank 0
-    does, and every rank takes its seed). `settings` (the model and how it is loaded) must be those the folder
-    was started with: a resumed run may not mix two models' images."""
+    does, and every rank takes its seed). `settings` (the model and how it is loaded: a `RunSettings`, or its
+    `recorded_settings` as a batch.json holds them) must be those the folder was started with: a resumed run may
+    not mix two models' images."""
+    if isinstance(settings, RunSettings):
+        settings = recorded_settings(settings)
     read = read_input(source, parameters) if isinstance(source, Path) else source
     try:
         request = parse(read.body, NO_LIMITS, prompt_syntax="a1111")  # batch files are read as the CLI reads prompts
@@ -292,6 +312,12 @@ def prepare_batch(source: Path | BatchInput, output: Path, parameters: dict | No
     own = log_path(output, ranks)
     done = set().union(*(complete_rows(path, truncate=path == own) for path in results_files(output)))
     return Batch(request, output, done, ranks, read)
+
+
+def load_pipeline(batch: Batch, settings: RunSettings):
+    """The pipeline that runs this rank's rows (`ldm.pipelines.setup.prepare_pipeline`), or None when none is left
+    to run (a finished batch run again: its outputs are written again)."""
+    return prepare_pipeline(settings) if batch.left() else None
 
 
 def run_batch(pipe, batch: Batch, progress: Callable[[int, int], None] | None = None,

@@ -1,0 +1,70 @@
+"""`ldm serve`: the scoring schema over HTTP (`ldm.serving.server`), one model loaded once."""
+
+import argparse
+import sys
+
+from ldm.errors import LdmError
+from ldm_cli.options import add_limit_options, add_model_options, run_settings
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `serve` on the `ldm` command's subparsers."""
+    srv = subparsers.add_parser(
+        "serve", help="serve the scoring schema over HTTP (POST /score, GET /health, /docs)",
+        description="A real-time endpoint speaking the Azure ML model-catalog scoring schema (README: 'Serving'). "
+                    "One model, loaded once; requests wait in a bounded queue for the one worker that owns the "
+                    "device; a full queue answers 503 with Retry-After. Needs the serve extra "
+                    "(pip install -e '.[serve]').")
+    add_model_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8080, help="TCP port to listen on (default: %(default)s)")
+    add_limit_options(srv)
+    srv.add_argument("--queue-size", type=int, default=8,
+                     help="requests that may wait for the worker; more get 503 (default: %(default)s)")
+    srv.add_argument("--batch-size", type=int, default=None,
+                     help="images of a request's text-to-image rows that run through the networks together "
+                          "(default: 4 on CUDA, where batching raises throughput; 1 on the CPU, where it does not)")
+    srv.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default: %(default)s)")
+    srv.add_argument("--allow-image-urls", action="store_true",
+                     help="fetch image and mask cells given as http(s) URLs (each at most --max-body-mb, within 10 s); "
+                          "without it such a row is refused. The server can then reach any address a client names")
+    srv.add_argument("--timeout", type=float, default=600,
+                     help="seconds a request may wait and run before it is cancelled with 504 (default: %(default)s)")
+    return srv
+
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise LdmError("ldm serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
+    from ldm.pipelines.setup import check_models
+    from ldm.serving import server
+
+    config = serve_config(args)
+    settings = run_settings(args)
+    check_models(settings)  # a model that cannot be found or read is the user's error, said now (exit 2)
+    print(f"ldm: serving {args.model} on http://{args.host}:{args.port} (POST /score, GET /health, /docs); "
+          "loading the model…", file=sys.stderr)
+    server.serve(settings, args.model, args.host, args.port, config)
+
+
+def serve_config(args: argparse.Namespace):
+    """The server's limits, queue, batch size, body size and timeout, checked."""
+    from ldm.serving.limits import Limits
+    from ldm.serving.server import ServeConfig
+
+    for name in ("max_rows", "max_steps", "max_pixels", "max_images", "queue_size", "port"):
+        if getattr(args, name) < 1:
+            raise LdmError(f"--{name.replace('_', '-')} must be at least 1")
+    import torch
+
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = 4 if args.device != "cpu" and torch.cuda.is_available() else 1
+    if batch_size < 1 or args.timeout <= 0 or args.max_body_mb <= 0:
+        raise LdmError("--batch-size must be at least 1, --timeout and --max-body-mb above 0")
+    return ServeConfig(Limits(args.max_rows, args.max_steps, args.max_pixels, args.max_images), args.queue_size,
+                       int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
+                       batch_size=batch_size, allow_image_urls=args.allow_image_urls)
