@@ -90,8 +90,11 @@ def main() -> None:
         nets["unet"] = build(lambda: UNet(unet_cfg), dtype)
     params = sum(p.numel() for n in nets.values() for p in n.parameters())
     print(f"built {', '.join(nets)}: {params / 1e9:.2f} B parameters in {args.dtype} ({time.perf_counter() - t:.0f} s)")
-    pipe = types.SimpleNamespace(unet=nets.get("unet", torch.nn.Identity()), **{k: v for k, v in nets.items()
-                                                                                 if k != "unet"})
+    unet = nets.get("unet", torch.nn.Identity())
+    towers = {k: v for k, v in nets.items() if k != "unet"}
+    # the surface ldm.adapters.lora reads of a pipeline: its networks and the declared LoRA fields
+    pipe = types.SimpleNamespace(unet=unet, **towers, loras=[], lora_originals={},
+                                 networks=lambda: {"unet": unet, **towers})
     if unet_cfg is None:  # a stand-in UNet without targets, so that the LoRA's towers are what is timed
         pipe.unet.config = UNetConfig()
     with tempfile.TemporaryDirectory() as folder:

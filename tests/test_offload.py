@@ -16,10 +16,10 @@ from test_image_tasks import picture
 from torch import Tensor
 
 from ldm.errors import InputError
-from ldm.pipelines.refiner import Refined
+from ldm.pipelines.refiner import BaseWithRefiner
 from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm.speed.accelerate import CUDAGraphs, TensorTimestep, accelerate
-from ldm.speed.offload import KEPT_RESIDENT, MOVED_WHOLE, Offload, disable_offload, enable_offload, networks
+from ldm.speed.offload import KEPT_RESIDENT, MOVED_WHOLE, Offload, disable_offload, enable_offload
 from ldm_cli.main import main, parse_args
 
 PROMPT = "a lighthouse on a cliff at dawn"
@@ -82,7 +82,7 @@ def test_same_image_with_offload(request, expected, family, task, mode):
                    if not isinstance(network, KEPT_RESIDENT))  # everything parked until called
     assert np.array_equal(run(pipe, task), expected(family, task))
     disable_offload(pipe)  # every weight back, the hooks gone
-    assert all(here(t) for network in networks(pipe).values() for t in network.parameters())
+    assert all(here(t) for network in pipe.networks().values() for t in network.parameters())
     assert np.array_equal(run(pipe, task), expected(family, task))
 
 
@@ -185,7 +185,7 @@ def test_hooks_that_do_nothing_fail(sd1_folder):
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_base_and_refiner_offloaded_as_one(sdxl_folder, sdxl_refiner_folder, mode):
     def refined():
-        return Refined(load(sdxl_folder), load(sdxl_refiner_folder), start=0.5)
+        return BaseWithRefiner(load(sdxl_folder), load(sdxl_refiner_folder), start=0.5)
 
     want = run(refined(), "txt2img", steps=4)
     pipe = refined()
@@ -241,8 +241,8 @@ def test_generate_serve_and_batch_take_offload():
 
 
 def test_cli_offload_gives_the_same_png(sd1_folder, tmp_path, monkeypatch):
-    """`load_model`'s offload path (load on the CPU, offload), with the CPU standing in for the GPU."""
-    import ldm_cli.main
+    """`prepare_pipeline`'s offload path (load on the CPU, offload), with the CPU standing in for the GPU."""
+    import ldm.pipelines.setup
 
     def generate(*flags):
         out = tmp_path / f"out{len(flags)}.png"
@@ -252,7 +252,7 @@ def test_cli_offload_gives_the_same_png(sd1_folder, tmp_path, monkeypatch):
         return np.asarray(image.convert("RGB")), image.text["parameters"]
 
     want, text = generate()
-    monkeypatch.setattr(ldm_cli.main, "offload_device", lambda args: torch.device("cpu"))
+    monkeypatch.setattr(ldm.pipelines.setup, "offload_device", lambda settings: torch.device("cpu"))
     offloaded = []
     attach = Offload.attach
     monkeypatch.setattr(Offload, "attach", lambda self: offloaded.append(self.mode) or attach(self))

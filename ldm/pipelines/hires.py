@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.choices import HIRES_UPSCALERS
-from ldm.pipelines.request import GenerationRequest, hires_size
+from ldm.pipelines.request import GenerationRequest, checked, derived, hires_size, random_seed
 
 DEFAULT_DENOISE = 0.7  # A1111's default denoising strength of the hires pass
 DEFAULT_UPSCALER = "latent"
@@ -49,11 +49,9 @@ def hires_fix(pipe, request: GenerationRequest, callbacks: Sequence = (), genera
     """Run `request` (with a `hires_scale`) as the two passes of the hires fix on `pipe`; returns the second
     pass's `Generation`, its infotexts describing the whole run. `generator` (default: seeded from the seed) is
     the first pass's; callbacks see both passes (each begins with `begin(total)`)."""
-    r = request.check(pipe.scheduler.num_train_timesteps)
+    r = checked(request, pipe.scheduler.num_train_timesteps)
     if r.seed is None:
-        import secrets
-
-        r = r.replace(seed=secrets.randbits(32))  # one seed for both passes
+        r = derived(r, seed=random_seed())  # one seed for both passes
     native = pipe.native_size
     width, height = r.width or native, r.height or native
     big_w, big_h = hires_size(width, height, r.hires_scale, pipe.vae_scale)
@@ -61,7 +59,8 @@ def hires_fix(pipe, request: GenerationRequest, callbacks: Sequence = (), genera
     denoise = DEFAULT_DENOISE if r.hires_denoise is None else r.hires_denoise
     plain = dict(hires_scale=None, hires_steps=None, hires_denoise=None, hires_upscaler=None)
 
-    first = pipe.generate(r.replace(width=width, height=height, output_type="latent", **plain), callbacks, generator)
+    first = pipe.generate(derived(r, width=width, height=height, output_type="latent", **plain), callbacks,
+                          generator)
     if upscaler in LATENT_MODES:
         image = upscale_latents(first.latents, (big_h // pipe.vae_scale, big_w // pipe.vae_scale), upscaler)
     else:
@@ -69,12 +68,9 @@ def hires_fix(pipe, request: GenerationRequest, callbacks: Sequence = (), genera
         image = images[0] if len(images) == 1 else images
     first.latents = None  # (not kept while the second pass runs)
 
-    described = {"Steps": r.steps, "Size": f"{width}x{height}", "Denoising strength": denoise,
-                 "Hires upscale": r.hires_scale, "Hires steps": r.hires_steps,
+    second = derived(r, image=image, width=big_w, height=big_h, steps=r.hires_steps or r.steps, strength=denoise,
+                     **plain)
+    described = {"Denoising strength": denoise, "Hires upscale": r.hires_scale, "Hires steps": r.hires_steps,
                  "Hires upscaler": HIRES_UPSCALERS[upscaler]} | (describe or {})
-    second = r.replace(image=image, width=big_w, height=big_h, steps=r.hires_steps or r.steps, strength=denoise,
-                       **plain)
-    result = pipe.generate(second, callbacks, None, described)
-    result.notes = list(dict.fromkeys(first.notes + result.notes))
-    result.evaluations += first.evaluations
-    return result
+    # the infotext keeps the first pass's Steps and Size (its Seed is the second's too)
+    return first.then(lambda params: pipe.generate(second, callbacks, None, params), ("Steps", "Size"), described)

@@ -1,52 +1,129 @@
-"""The SDXL base → refiner hand-off (the SDXL model card's "ensemble of expert denoisers"), as one pipeline.
+"""The SDXL base → refiner hand-off (the SDXL model card's "ensemble of expert denoisers"), a pipeline of its own.
 
-    pipe = Refined(StableDiffusion.from_pretrained("sdxl-base"), StableDiffusion.from_pretrained("sdxl-refiner"))
+    pipe = BaseWithRefiner(StableDiffusion.from_pretrained("sdxl-base"),
+                           StableDiffusion.from_pretrained("sdxl-refiner"))
     result = pipe("a lion", seed=1)   # the base runs the first 80% of the schedule, the refiner the rest
 
 The base stops at `start` (a request's `refiner_start` overrides it) and hands its σ-space latents to the
 refiner, which finishes the same schedule with the same generators: diffusers' `denoising_end` /
 `denoising_start` rule, image for image. Only one of the two models sits on the accelerator at a time: the one
 that waits is parked on the CPU. The infotext names the base as Model and the refiner as Refiner, as A1111
-does. Anything else (`unet`, `vae_scale`, `chunk_count`, `load_lora`, …) is the base's.
+does. Besides the call, it has the part of a pipeline's surface that its users read (the command line, the
+server, attention maps, offload): its name, device and dtype, both models' networks, and what the base decides
+(native size, VAE scale, prompt chunks and text towers, embeddings, notes, LoRAs).
 """
 
-import secrets
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from ldm.errors import InputError
-from ldm.pipelines.request import GenerationRequest
-from ldm.pipelines.stable_diffusion import Callback, Generation, Generators, StableDiffusion, StableDiffusionXL
+from ldm.pipelines.request import GenerationRequest, checked, derived, random_seed
+from ldm.pipelines.stable_diffusion import Generation, Generators, StableDiffusion
+from ldm.sampling.samplers import StepCallback
 
 DEFAULT_START = 0.8  # the SDXL model card's and diffusers' example
+BASE_IDENTITY = ("Model hash", "Model", "VAE", "Tiling", "Lora hashes")  # the base's, in the infotext (`identity`)
 
 
-class Refined:
+def check_hand_off(base: StableDiffusion, refiner: StableDiffusion, start: float) -> None:
+    """An SDXL base, then an SDXL refiner (their family specs say so), and a start strictly inside the schedule."""
+    if not (base.spec.xl and refiner.spec.xl):
+        raise InputError(f"the hand-off is between SDXL models; {base.name} and {refiner.name} are "
+                         f"{base.spec.label} and {refiner.spec.label}", field="refiner")
+    if base.spec.refiner or not refiner.spec.refiner:
+        raise InputError(f"{base.name} → {refiner.name}: the first must be an SDXL base, the second an SDXL "
+                         "refiner", field="refiner")
+    if not 0 < start < 1:
+        raise InputError(f"refiner start must be strictly between 0 and 1, got {start}", field="refiner_start")
+
+
+class BaseWithRefiner:
     """An SDXL base with its refiner; called like a pipeline (a `GenerationRequest`, or a prompt and keywords)."""
 
     def __init__(self, base: StableDiffusion, refiner: StableDiffusion, start: float = DEFAULT_START):
-        if not (isinstance(base, StableDiffusionXL) and isinstance(refiner, StableDiffusionXL)):
-            raise InputError(f"the hand-off is between SDXL models; {base.name} and {refiner.name} are "
-                             f"{type(base).__name__} and {type(refiner).__name__}", field="refiner")
-        if base.requires_aesthetics_score or not refiner.requires_aesthetics_score:
-            raise InputError(f"{base.name} → {refiner.name}: the first must be an SDXL base, the second an SDXL "
-                             "refiner", field="refiner")
-        if not 0 < start < 1:
-            raise InputError(f"refiner start must be strictly between 0 and 1, got {start}", field="refiner_start")
+        check_hand_off(base, refiner, start)
         self.base, self.refiner, self.start = base, refiner, start
-        self.device = base.device  # where the running model sits; the waiting one is parked on the CPU
-        if refiner.device != torch.device("cpu") and self.device.type != "cpu":
+        self._device = base.device  # where the running model sits; the waiting one is parked on the CPU
+        if refiner.device != torch.device("cpu") and self._device.type != "cpu":
             refiner.to("cpu")
 
-    def __getattr__(self, name: str):
-        if name in ("base", "refiner"):  # not yet set (a half-built object): no recursion
-            raise AttributeError(name)
-        return getattr(self.base, name)
+    # ------------------------------------------------------------------------------ the surface
 
     @property
     def name(self) -> str:
         return f"{self.base.name} + {self.refiner.name}"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the running model computes (the waiting one is parked on the CPU, unless offloaded)."""
+        return self._device
+
+    @device.setter
+    def device(self, device: torch.device | str) -> None:
+        """Where both models compute from now on, their weights left where they are: offload's execution device
+        (`ldm.speed.offload`: its hooks bring the weights, so nothing is parked). `to` moves them."""
+        self._device = self.base.device = self.refiner.device = torch.device(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def native_size(self) -> int:
+        return self.base.native_size
+
+    @property
+    def vae_scale(self) -> int:
+        return self.base.vae_scale
+
+    @property
+    def notes(self) -> list[str]:
+        """The base's notes from loading."""
+        return self.base.notes
+
+    @property
+    def embeddings(self) -> dict:
+        """The base's textual-inversion embeddings (`load_embedding` gives both models each one)."""
+        return self.base.embeddings
+
+    def chunk_count(self, text: str, prompt_syntax: str = "a1111") -> int:
+        return self.base.chunk_count(text, prompt_syntax)
+
+    def text_towers(self, clip_skip: int = 1) -> list:
+        """The base's text towers (CLIP-L first): how the prompt is read."""
+        return self.base.text_towers(clip_skip)
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Both models' networks (`StableDiffusion.networks`), named `base.unet`, `refiner.unet`, …: offloaded as
+        one, they share one execution device and, in model mode, one resident network at a time."""
+        return {f"{part}.{name}": network for part, pipe in (("base", self.base), ("refiner", self.refiner))
+                for name, network in pipe.networks().items()}
+
+    def load_lora(self, path: str | Path, weight: float = 1.0):
+        """A LoRA for the base (`StableDiffusion.load_lora`): the refiner finishes the base's run without it."""
+        return self.base.load_lora(path, weight)
+
+    def load_embedding(self, path: str | Path):
+        """A textual-inversion embedding for both models (the refiner takes its OpenCLIP-bigG vectors)."""
+        self.refiner.load_embedding(path)
+        return self.base.load_embedding(path)
+
+    def decode(self, latents: torch.Tensor):
+        """Decode with the VAE of whichever model sits where the latents are (the two share the SDXL VAE)."""
+        running = self.refiner if self.refiner.device == latents.device != self.base.device else self.base
+        return running.decode(latents)
+
+    def to(self, device: torch.device | str) -> "BaseWithRefiner":
+        """Move to `device`: on the CPU both models; elsewhere the base (the refiner waits on the CPU)."""
+        self._device = torch.device(device)
+        if self._device.type == "cpu":
+            self.base.to("cpu")
+            self.refiner.to("cpu")
+        else:
+            self._on_device(self.base)
+        return self
 
     def _on_device(self, pipe: StableDiffusion) -> None:
         """Park the other model on the CPU and bring `pipe` to the accelerator (nothing moves on a CPU run)."""
@@ -56,12 +133,35 @@ class Refined:
         other.to("cpu")
         pipe.to(self.device)
 
+    # -------------------------------------------------------------------------------- the run
+
     def __call__(self, request: GenerationRequest | str | list[str], negative_prompt: str | list[str] | None = None,
-                 *, callbacks: Sequence[Callback] = (), generator: Generators | None = None,
+                 *, callbacks: Sequence[StepCallback] = (), generator: Generators | None = None,
                  describe: dict | None = None, **options) -> Generation:
+        """Run the base up to the start (`start`, or the request's `refiner_start`), then the refiner from its
+        latents, both drawing from the same generators (`generator`, or those seeded from the seed)."""
         if not isinstance(request, GenerationRequest):
             request = GenerationRequest(request, negative_prompt, **options)
-        request.check()
+        request = self._check(request)
+        start = self.start if request.refiner_start is None else request.refiner_start
+        if request.seed is None:
+            request = derived(request, seed=random_seed())
+        generator = generator or request.generators()  # both halves draw from the same stream, as in diffusers
+        self._on_device(self.base)
+        first = self.base(derived(request, denoising_end=start, refiner_start=None, aesthetic_score=None,
+                                  negative_aesthetic_score=None), callbacks=callbacks, generator=generator)
+        self._on_device(self.refiner)
+        refiner_part = derived(request, latents=first.latents, denoising_start=start, refiner_start=None,
+                               target_size=None, loras=[],
+                               prompt_loras=False)  # the base's LoRAs are for the base
+        # the PNG names the base as Model (with its hash and LoRAs) and the refiner as Refiner, as A1111 does
+        described = {"Refiner": self.refiner.name, "Refiner switch at": start} | (describe or {})
+        return first.then(lambda params: self.refiner(refiner_part, callbacks=callbacks, generator=generator,
+                                                      describe=params), BASE_IDENTITY, described)
+
+    def _check(self, request: GenerationRequest) -> GenerationRequest:
+        """The request checked (once: `ldm.pipelines.request.checked`), and what a hand-off does not run refused."""
+        request = checked(request, self.base.scheduler.num_train_timesteps)
         if request.image is not None or request.latents is not None:
             raise InputError("the refiner finishes a text-to-image run; image-to-image and inpainting run without "
                              "it", field="image")
@@ -71,41 +171,4 @@ class Refined:
         if request.denoising_end is not None or request.denoising_start is not None:
             raise InputError("denoising_start/denoising_end: the hand-off point of a base with a refiner is "
                              "refiner_start", field="denoising_end")
-        start = self.start if request.refiner_start is None else request.refiner_start
-        if request.seed is None:
-            request = request.replace(seed=secrets.randbits(32))
-        generator = generator or request.generators()  # both halves draw from the same stream, as in diffusers
-        base_part = request.replace(denoising_end=start, refiner_start=None, aesthetic_score=None,
-                                    negative_aesthetic_score=None)
-        self._on_device(self.base)
-        first = self.base(base_part, callbacks=callbacks, generator=generator)
-        self._on_device(self.refiner)
-        # the PNG names the base as Model (with its hash and LoRAs) and the refiner as Refiner, as A1111 does
-        described = {k: first.params[k] for k in ("Model hash", "Model", "VAE", "Tiling", "Lora hashes")} | {
-            "Refiner": self.refiner.name, "Refiner switch at": start} | (describe or {})
-        refiner_part = request.replace(latents=first.latents, denoising_start=start, refiner_start=None,
-                                       target_size=None, loras=[],
-                                       prompt_loras=False)  # the base's LoRAs are for the base
-        result = self.refiner(refiner_part, callbacks=callbacks, generator=generator, describe=described)
-        result.notes = list(dict.fromkeys(first.notes + result.notes))
-        result.evaluations += first.evaluations
-        return result
-
-    def decode(self, latents: torch.Tensor):
-        """Decode with the VAE of whichever model sits where the latents are (the two share the SDXL VAE)."""
-        running = self.refiner if self.refiner.device == latents.device != self.base.device else self.base
-        return running.decode(latents)
-
-    def load_embedding(self, path):
-        """A textual-inversion embedding for both models (the refiner takes its OpenCLIP-bigG vectors)."""
-        self.refiner.load_embedding(path)
-        return self.base.load_embedding(path)
-
-    def to(self, device: torch.device | str) -> "Refined":
-        self.device = torch.device(device)
-        if self.device.type == "cpu":
-            self.base.to("cpu")
-            self.refiner.to("cpu")
-        else:
-            self._on_device(self.base)
-        return self
+        return request

@@ -17,7 +17,6 @@ denoised)`; `ldm.hooks.attention_maps` records cross-attention at the attention 
 """
 
 import dataclasses
-import secrets
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,42 +34,23 @@ from ldm.adapters.lora import unload_loras as unmerge_loras
 from ldm.choices import EMPHASES
 from ldm.errors import InputError, LdmError
 from ldm.loading.components import Components, load_components, load_single_file_components
+from ldm.loading.families import ModelSpec
 from ldm.loading.hashes import sha256
 from ldm.networks.clip import CLIPTextModel
 from ldm.networks.safety import Safety
 from ldm.networks.tokenizer import CLIPTokenizer
 from ldm.networks.unet import UNet
 from ldm.networks.vae import VAE
-from ldm.pipelines.images import fit_size, image_to_tensor, infotext, mask_to_tensor, to_pil
+from ldm.pipelines.images import image_to_tensor, mask_to_tensor, to_pil
+from ldm.pipelines.infotext import infotext
+from ldm.pipelines.plan import Generators, Plan, make_plan
 from ldm.pipelines.prompts import EmbeddingLookup, empty_chunk, encode_chunks, extract_extra_networks, prompt_chunks
 from ldm.pipelines.request import MAX_CLIP_SKIP, MAX_SEED, GenerationRequest  # noqa: F401 (MAX_*: their old home)
-from ldm.sampling.denoisers import Denoiser, guided, with_channels
-from ldm.sampling.samplers import SAMPLERS, SamplerSpec, Step, randn, sampler_for
-from ldm.sampling.schedules import Schedule, SchedulerConfig
+from ldm.sampling.denoisers import PredictionDenoiser, guided, with_channels
+from ldm.sampling.samplers import Step, StepCallback, asked_steps, randn, sampler_for
+from ldm.sampling.schedules import SchedulerConfig
 from ldm.speed.accelerate import TensorTimestep
 from ldm.speed.offload import execution_device
-
-Callback = Callable[[Step], Tensor | None]
-Generators = torch.Generator | list[torch.Generator]
-
-
-@dataclass
-class Plan:
-    """A request resolved against a model: its defaults filled in (sampler, seed, strength, size), the σ grid to
-    walk, the random generators and the latents' shape."""
-
-    request: GenerationRequest
-    spec: SamplerSpec
-    karras: bool
-    schedule: Schedule
-    generator: "Generators"
-    shape: tuple[int, int, int, int]
-
-    @property
-    def seed(self) -> int:
-        """The run's seed (the first, with one per prompt or image)."""
-        seed = self.request.seed
-        return seed[0] if isinstance(seed, list) else seed
 
 
 @dataclass
@@ -84,16 +64,29 @@ class Generation:
     params: dict = field(default_factory=dict)  # the infotext's parameters (before each image's seed and position)
     evaluations: int = 0  # UNet evaluations (with guidance, each runs both branches): Heun takes two a step
 
+    def then(self, second_pass: Callable[[dict], "Generation"], kept: Sequence[str], described: dict) -> "Generation":
+        """The result of a run in two passes, this the first's (a hires fix, a base → refiner hand-off):
+        `second_pass(describe)` runs the second with infotext parameters that keep this pass's `kept` ones and add
+        `described`; the result has both passes' notes (each once) and UNet evaluations."""
+        result = second_pass({key: self.params[key] for key in kept} | described)
+        result.notes = list(dict.fromkeys(self.notes + result.notes))
+        result.evaluations += self.evaluations
+        return result
+
 
 class StableDiffusion:
-    """SD 1.x/2.x text-to-image, image-to-image and inpainting on the official diffusers folder layout."""
+    """SD 1.x/2.x text-to-image, image-to-image and inpainting on the official diffusers folder layout.
 
-    default_strength = 0.8  # image-to-image, as StableDiffusionImg2ImgPipeline
+    Every field a pipeline has is declared in `__init__`, those that the loader (`from_components`) and the
+    adapters (`ldm.adapters`) fill included; nothing else sets attributes on a pipeline."""
 
-    def __init__(self, unet: UNet, vae: VAE, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype, name: str = "model"):
+    def __init__(self, spec: ModelSpec, unet: UNet, vae: VAE, text_encoder: CLIPTextModel | None,
+                 tokenizer: CLIPTokenizer | None, scheduler: SchedulerConfig, device: torch.device,
+                 dtype: torch.dtype, name: str = "model"):
+        self.spec = spec  # the model's family (`ldm.loading.families.ModelSpec`), with what its configs state
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.scheduler, self.device, self.dtype, self.name = scheduler, device, dtype, name
+        self.scheduler, self.dtype, self.name = scheduler, dtype, name
+        self.device = device  # where the networks run (offload hooks bring them there from the CPU)
         self.default_sampler = sampler_for(scheduler)  # None: the folder's scheduler is not one ldm has
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.safety_checker: Safety | None = None  # set: every image is checked, flagged ones come back black
@@ -101,8 +94,15 @@ class StableDiffusion:
         self.notes: list[str] = []  # said once, at load: embeddings of the folder that do not fit, …
         self.model_file: Path | None = None  # a single-file checkpoint: its sha256 is the infotext's Model hash
         self.loras: list[LoadedLora] = []  # merged adapters, in load order (`load_lora`)
+        # (component, weight name) → the weight before any LoRA touched it: what `unload_loras` restores
+        self.lora_originals: dict[tuple[str, str], Tensor] = {}
         self.vae_name: str | None = None  # another VAE than the model's own (`vae=`): the infotext's VAE
         self.seamless = False  # circular padding (`ldm.adapters.seamless.set_seamless`): the infotext's Tiling
+
+    @property
+    def default_strength(self) -> float:
+        """Image-to-image's strength where the request gives none: the family's (`ModelSpec.default_strength`)."""
+        return self.spec.default_strength
 
     # ---------------------------------------------------------------------------------- loading
 
@@ -125,16 +125,14 @@ class StableDiffusion:
 
     @staticmethod
     def from_components(parts: Components) -> "StableDiffusion":
-        """The pipeline over loaded networks, with the embeddings of weights/embeddings that fit it."""
-        if not parts.xl:
-            pipe = StableDiffusion(parts.unet, parts.vae, parts.encoders["text_encoder"],
-                                   parts.tokenizers["text_encoder"], parts.scheduler, parts.device, parts.dtype,
-                                   parts.name)
+        """The pipeline over loaded networks (a `StableDiffusionXL` for an SDXL family), with the embeddings of
+        weights/embeddings that fit it."""
+        common = (parts.spec, parts.unet, parts.vae, parts.encoders.get("text_encoder"),
+                  parts.tokenizers.get("text_encoder"), parts.scheduler, parts.device, parts.dtype, parts.name)
+        if not parts.spec.xl:
+            pipe = StableDiffusion(*common)
         else:
-            pipe = StableDiffusionXL(parts.unet, parts.vae, parts.encoders.get("text_encoder"),
-                                     parts.tokenizers.get("text_encoder"), parts.scheduler, parts.device, parts.dtype,
-                                     parts.name, parts.encoders["text_encoder_2"], parts.tokenizers["text_encoder_2"],
-                                     parts.force_zeros_for_empty_prompt, parts.requires_aesthetics_score)
+            pipe = StableDiffusionXL(*common, parts.encoders["text_encoder_2"], parts.tokenizers["text_encoder_2"])
         pipe.safety_checker, pipe.vae_name, pipe.model_file = parts.safety, parts.vae_name, parts.model_file
         found, pipe.notes = folder_embeddings(pipe.tower_widths())
         pipe.embeddings = {e.name: e for e in found}
@@ -143,16 +141,20 @@ class StableDiffusion:
     # --------------------------------------------------------------------------------- prompts
 
     def text_towers(self, clip_skip: int = 1) -> list[tuple[str, CLIPTokenizer, CLIPTextModel, int, bool]]:
-        """(component, tokenizer, encoder, hidden layer, final LayerNorm) of each text tower. SD 1.x/2.x read
-        the last layer through the final LayerNorm; clip skip N reads layer -N instead (A1111's meaning; SD
-        2.x folders already dropped OpenCLIP's last layer, so N counts from the penultimate there)."""
-        return [self._tower("text_encoder", self.tokenizer, self.text_encoder, -clip_skip, True)]
+        """(component, tokenizer, encoder, hidden layer, final LayerNorm) of each text tower of the family, in
+        the order their hidden states are concatenated (the pooled embedding is the last tower's). The layer
+        is the family's rule (`ModelSpec.text_layer`): SD 1.x/2.x read the last layer through the final
+        LayerNorm, clip skip N layer -N instead (A1111's meaning; SD 2.x folders already dropped OpenCLIP's
+        last layer, so N counts from the penultimate there); SDXL reads each tower's penultimate hidden state
+        without the final LayerNorm, clip skip N layer -(N+1) (diffusers' `clip_skip=N-1`)."""
+        return [self._tower(tower.component, getattr(self, tower.tokenizer), getattr(self, tower.component),
+                            clip_skip) for tower in self.spec.towers]
 
-    def _tower(self, name: str, tokenizer, encoder, layer: int, final_norm: bool):
+    def _tower(self, name: str, tokenizer, encoder, clip_skip: int):
+        layer, final_norm = self.spec.text_layer(clip_skip)
         depth = encoder.config.num_hidden_layers
         if -layer > depth:
-            raise InputError(f"clip skip {-layer if final_norm else -layer - 1} is more than the {depth} layers of "
-                             f"{self.name}'s {name}")
+            raise InputError(f"clip skip {clip_skip} is more than the {depth} layers of {self.name}'s {name}")
         return name, tokenizer, encoder, layer, final_norm
 
     def load_lora(self, path: str | Path, weight: float = 1.0) -> LoadedLora:
@@ -237,7 +239,7 @@ class StableDiffusion:
         return {"context": encoded[0]}, ({"context": encoded[1]} if guide else None)
 
     def __call__(self, request: GenerationRequest | str | list[str], negative_prompt: str | list[str] | None = None,
-                 *, callbacks: Sequence[Callback] = (), generator: Generators | None = None,
+                 *, callbacks: Sequence[StepCallback] = (), generator: Generators | None = None,
                  describe: dict | None = None, **options) -> Generation:
         """Run a `GenerationRequest`, or build one from a prompt and keyword arguments (its fields).
 
@@ -251,8 +253,8 @@ class StableDiffusion:
         (returned in the result).
 
         SDXL only: `original_size`, `crop_coords`, `target_size` as (height, width) / (top, left) pairs,
-        the refiner's `aesthetic_score` / `negative_aesthetic_score`. Base → refiner hand-off (`Refined` does
-        it for you): `denoising_end=f` stops after the first fraction f of the schedule and returns σ-space
+        the refiner's `aesthetic_score` / `negative_aesthetic_score`. Base → refiner hand-off (`BaseWithRefiner`
+        does it for you): `denoising_end=f` stops after the first fraction f of the schedule and returns σ-space
         `latents` (no images); `latents=…, denoising_start=f` finishes them (diffusers' rule for the cut).
 
         Prompts are read as AUTOMATIC1111 reads them (`ldm.pipelines.prompts`): `(word:1.3)` emphasis, any length in
@@ -267,7 +269,7 @@ class StableDiffusion:
         `prompt_loras=False` ignores them, as a refiner does that finishes a base's run).
 
         `callbacks`: each is called with a `Step(i, total, sigma, x, denoised)` after every step (i counts the
-        steps asked for: PNDM's doubled step is one step, reported twice; `Generation.evaluations` counts UNet
+        steps asked for: PNDM's doubled step is one step, reported once; `Generation.evaluations` counts UNet
         calls) and may return replacement σ-space latents; one with a `begin(total)` method is told the step
         count first (a progress bar shows at once). `generator` replaces the one(s) seeded from `seed`.
         Text-to-image also takes one seed per prompt or per image (`seed=[…]`): each prompt's (each image's)
@@ -316,7 +318,7 @@ class StableDiffusion:
                 merge_lora(self, path, weight)
 
     @torch.no_grad()
-    def generate(self, request: GenerationRequest, callbacks: Sequence[Callback] = (),
+    def generate(self, request: GenerationRequest, callbacks: Sequence[StepCallback] = (),
                  generator: Generators | None = None, describe: dict | None = None) -> Generation:
         """The algorithm: plan, encode the text, start from noise (or an image), sample, annotate, decode.
         `describe`: infotext keys that replace or extend the run's own (a refiner names its base)."""
@@ -335,67 +337,10 @@ class StableDiffusion:
         texts = [infotext(prompt, negative, params | extra) for prompt, negative, extra in self.captions(plan)]
         return Generation(images, plan.seed, texts, nsfw=nsfw, notes=notes, params=params, evaluations=evaluations)
 
-    def plan(self, request: GenerationRequest, generator=None) -> "Plan":
+    def plan(self, request: GenerationRequest, generator: Generators | None = None) -> Plan:
         """Check the request against this model, fill in its defaults, and lay out the schedule and the random
-        generators."""
-        r = request.check(self.scheduler.num_train_timesteps)
-        sampler = r.sampler or self.default_sampler
-        if sampler is None:
-            raise InputError(f"{self.name}'s scheduler ({self.scheduler.class_name}) is not one ldm implements; "
-                             f"pick a sampler: {', '.join(SAMPLERS)}", field="sampler")
-        if r.karras and not SAMPLERS[sampler].karras:  # the folder's sampler (check() saw only one asked for)
-            r.replace(sampler=sampler).check()
-        for name in ("width", "height"):
-            value = getattr(r, name)
-            if value is not None and value % self.vae_scale:
-                raise InputError(f"{name} must be a positive multiple of {self.vae_scale}, got {value!r}", field=name)
-        if r.refiner_start is not None:
-            raise InputError(f"refiner_start: {self.name} runs without a refiner (ldm serve/batch/generate "
-                             "--refiner MODEL)", field="refiner_start")
-        if self.inpainting and r.mask is None:
-            raise InputError(f"{self.name} is an inpainting model (9-channel UNet): give it an image and a mask",
-                             field="mask")
-        latents, channels = r.latents, self.vae.config.latent_channels
-        if latents is not None and latents.shape[:2] != (r.batch, channels):
-            raise InputError(f"latents of shape {tuple(latents.shape)} do not fit {r.batch} images "
-                             f"of {channels} latent channels", field="latents")
-        if isinstance(r.image, Tensor) and r.image.shape[1] != channels:
-            raise InputError(f"latents given as the image have {r.image.shape[1]} channels; {self.name}'s VAE has "
-                             f"{channels}", field="image")
-        spec = SAMPLERS[sampler]
-        cut_or_pasted = r.denoising_start or r.denoising_end or (r.mask is not None and not self.inpainting)
-        if spec.two_calls_per_step and cut_or_pasted:
-            raise InputError(f"{sampler}: diffusers cuts the schedule (refiner hand-off) or pastes the known region "
-                             "(inpainting with a 4-channel model) between the two halves of its steps, which ldm "
-                             "does not imitate; pick another sampler for this", field="sampler")
-        if latents is not None:
-            native_w, native_h = latents.shape[-1] * self.vae_scale, latents.shape[-2] * self.vae_scale
-        elif isinstance(r.image, Tensor):
-            native_w, native_h = r.image.shape[-1] * self.vae_scale, r.image.shape[-2] * self.vae_scale
-        elif r.image is not None:
-            native_w, native_h = fit_size(r.image[0] if isinstance(r.image, list) else r.image, self.vae_scale)
-        else:
-            native_w = native_h = self.native_size
-        seed = r.seed if r.seed is not None else secrets.randbits(32)
-        strength = r.strength if r.strength is not None else 1.0 if r.mask is not None else self.default_strength
-        r = r.replace(sampler=sampler, seed=seed, strength=strength, width=r.width or native_w,
-                      height=r.height or native_h)
-
-        karras = r.karras or (self.scheduler.use_karras_sigmas and spec.karras)
-        schedule = spec.schedule(self.scheduler, r.steps, karras)
-        T = self.scheduler.num_train_timesteps
-        if r.image is not None:
-            schedule = schedule.from_strength(strength)
-        if r.denoising_start is not None:
-            schedule = schedule.since(r.denoising_start, T)
-        if r.denoising_end is not None:
-            schedule = schedule.until(r.denoising_end, T)
-        generator = generator or r.generators()
-        if isinstance(generator, list) and (r.batch % len(generator) or r.mask is not None):
-            raise InputError(f"a list of generators is one per image ({r.batch}) or one per prompt; inpainting "
-                             "takes one")
-        shape = (r.batch, self.vae.config.latent_channels, r.height // self.vae_scale, r.width // self.vae_scale)
-        return Plan(r, spec, karras, schedule, generator, shape)
+        generators (`ldm.pipelines.plan.make_plan`: the family's spec, the scheduler config, the VAE's scale)."""
+        return make_plan(self.spec, request, self.scheduler, self.vae_scale, self.name, generator)
 
     def encode(self, plan: "Plan", notes: list[str], used: set[str]) -> tuple[dict, dict | None]:
         """The UNet's conditioning for the prompts and, with guidance (a scale above 1, diffusers' rule), the
@@ -408,11 +353,11 @@ class StableDiffusion:
                                  notes=notes, used=used)
 
     def sample(self, plan: "Plan", unet, x: Tensor, cond: dict, uncond: dict | None, paste,
-               callbacks: Sequence[Callback]) -> tuple[Tensor, int]:
+               callbacks: Sequence[StepCallback]) -> tuple[Tensor, int]:
         """Run the sampler over the schedule: (the σ-space result, the UNet evaluations it took)."""
         r, schedule = plan.request, plan.schedule
-        denoiser = Denoiser(guided(unet, cond, uncond, r.guidance, r.guidance_rescale), schedule,
-                            self.scheduler.prediction_type, self.dtype)
+        denoiser = PredictionDenoiser(guided(unet, cond, uncond, r.guidance, r.guidance_rescale), schedule,
+                                      self.scheduler.prediction_type, self.dtype)
         evaluations = 0
 
         def counted(x: Tensor, sigma: float) -> Tensor:
@@ -420,19 +365,16 @@ class StableDiffusion:
             evaluations += 1
             return denoiser(x, sigma)
 
-        # the steps asked for: PNDM's doubled second step is one step (its σ comes twice)
-        seen, done_at = set(), []
-        for sigma in schedule.sigmas[:-1]:
-            seen.add(sigma)
-            done_at.append(len(seen))
-        total = done_at[-1]
         for callback in callbacks:
             if hasattr(callback, "begin"):
-                callback.begin(total)
+                callback.begin(asked_steps(schedule.sigmas))
 
         def step_end(step: Step) -> Tensor | None:
+            """The paste after every sampler step; the callbacks once per step asked for (`Step.repeat`)."""
             replaced = None if paste is None else paste(step)
-            step = dataclasses.replace(step, i=done_at[step.i] - 1, total=total,
+            if step.repeat:
+                return replaced
+            step = dataclasses.replace(step, i=step.asked, total=step.asked_total,
                                        x=step.x if replaced is None else replaced)
             for callback in callbacks:
                 out = callback(step)
@@ -482,12 +424,12 @@ class StableDiffusion:
     @property
     def native_size(self) -> int:
         """The side in pixels the model draws at by default: its UNet's sample size × the VAE's scale."""
-        return self.unet.config.sample_size * self.vae_scale
+        return self.spec.sample_size * self.vae_scale
 
     @property
     def inpainting(self) -> bool:
         """A UNet that takes mask and masked-image latents besides the noisy latents (9 channels)."""
-        return self.unet.config.in_channels > self.vae.config.latent_channels
+        return self.spec.inpainting
 
     def encode_image(self, image: Tensor, generator: torch.Generator) -> Tensor:
         """Scaled float32 latents of an image in [-1, 1]: a sample of the VAE posterior, noise from
@@ -571,23 +513,25 @@ class StableDiffusion:
         return to_pil(images)
 
     def to(self, device: torch.device | str) -> "StableDiffusion":
-        """Move every network to `device` (to park an idle model on the CPU, say)."""
-        for module in self.modules():
-            module.to(device)
-        if self.safety_checker is not None:
-            self.safety_checker.to(device)
+        """Move every network (`networks()`) to `device` (to park an idle model on the CPU, say)."""
+        networks = self.networks()
+        for network in networks.values():
+            network.to(device)
+        if self.unet is not networks["unet"]:  # a speed wrapper moves too: it drops the CUDA graphs it captured
+            self.unet.to(device)
         self.device = torch.device(device)
         return self
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.unet, self.vae, self.text_encoder]
+        """The text towers, the UNet and the VAE: `networks()` without the safety checker."""
+        return [network for name, network in self.networks().items() if name != "safety_checker"]
 
     def networks(self) -> dict[str, torch.nn.Module]:
-        """The networks as loaded, by component name (the UNet without a speed wrapper around it), the safety
-        checker's among them: what adapters and offload walk."""
-        found = {"text_encoder": self.text_encoder, "text_encoder_2": getattr(self, "text_encoder_2", None),
-                 "unet": self.unet.unet if isinstance(self.unet, TensorTimestep) else self.unet, "vae": self.vae,
-                 "safety_checker": self.safety_checker.checker if self.safety_checker is not None else None}
+        """The networks as loaded, by component name: the family's text towers, the UNet (without a speed wrapper
+        around it), the VAE and the safety checker's, if any. What `to`, adapters and offload walk."""
+        found = {tower.component: getattr(self, tower.component) for tower in self.spec.towers}
+        found |= {"unet": self.unet.unet if isinstance(self.unet, TensorTimestep) else self.unet, "vae": self.vae,
+                  "safety_checker": self.safety_checker.checker if self.safety_checker is not None else None}
         return {name: network for name, network in found.items() if network is not None}
 
 
@@ -595,26 +539,22 @@ class StableDiffusionXL(StableDiffusion):
     """SDXL base 1.0 and refiner 1.0: two text towers (the refiner has only OpenCLIP-bigG), penultimate
     hidden states, the pooled bigG embedding and size (or aesthetic-score) micro-conditioning."""
 
-    default_strength = 0.3  # image-to-image, as StableDiffusionXLImg2ImgPipeline
+    def __init__(self, spec: ModelSpec, unet: UNet, vae: VAE, text_encoder: CLIPTextModel | None,
+                 tokenizer: CLIPTokenizer | None, scheduler: SchedulerConfig, device: torch.device,
+                 dtype: torch.dtype, name: str, text_encoder_2: CLIPTextModel, tokenizer_2: CLIPTokenizer):
+        super().__init__(spec, unet, vae, text_encoder, tokenizer, scheduler, device, dtype, name)
+        self.text_encoder_2 = text_encoder_2  # OpenCLIP-bigG (the refiner's only tower): the pooled embedding's
+        self.tokenizer_2 = tokenizer_2
 
-    def __init__(self, unet: UNet, vae: VAE, text_encoder: CLIPTextModel | None, tokenizer: CLIPTokenizer | None,
-                 scheduler: SchedulerConfig, device: torch.device, dtype: torch.dtype, name: str,
-                 text_encoder_2: CLIPTextModel, tokenizer_2: CLIPTokenizer, force_zeros_for_empty_prompt: bool = True,
-                 requires_aesthetics_score: bool = False):
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, name)
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self.requires_aesthetics_score = requires_aesthetics_score
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """No negative prompt: zeros as the unconditional embeddings (the family's, or model_index.json's, choice)."""
+        return self.spec.force_zeros_for_empty_prompt
 
-    def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
-
-    def text_towers(self, clip_skip: int = 1) -> list[tuple[str, CLIPTokenizer, CLIPTextModel, int, bool]]:
-        """Each tower's penultimate hidden state, without the final LayerNorm; clip skip N reads layer -(N+1)
-        (diffusers' `clip_skip=N-1`). The pooled embedding is the last tower's (OpenCLIP-bigG)."""
-        towers = (("text_encoder", self.tokenizer, self.text_encoder), ("text_encoder_2", self.tokenizer_2,
-                                                                          self.text_encoder_2))
-        return [self._tower(name, tok, enc, -1 - clip_skip, False) for name, tok, enc in towers if enc is not None]
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        """The refiner's micro-conditioning: an aesthetic score in place of the target size (`ModelSpec`)."""
+        return self.spec.requires_aesthetics_score
 
     def conditioning(self, prompts: list[str], negatives: list[str] | None, num_images: int, guide: bool,
                      size: tuple[int, int], micro: dict, **text) -> tuple[dict, dict | None]:

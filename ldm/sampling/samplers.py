@@ -14,7 +14,11 @@ latents after it and the denoiser's x0 estimate at that σ (k-diffusion's callba
 returns a tensor, sampling continues from that one (as diffusers' `callback_on_step_end` may replace the
 latents; inpainting with a 4-channel UNet pastes the re-noised known region back this way). Samplers that
 evaluate the denoiser more than once per step report the first evaluation (at `sigma`, on the latents the
-step started from); PNDM, whose steps are its UNet calls, reports each call's own evaluation.
+step started from); PNDM, whose steps are its UNet calls, reports each call's own evaluation. A step also says
+where it stands among the steps asked for (`asked`, `asked_total`): PNDM evaluates its second timestep twice
+(to correct its first step, then to take its second), so its grid holds that σ twice, and the second of those
+calls is a `repeat`: a second report of one step asked for, which a count of the steps (a progress bar,
+previews) skips.
 """
 
 import math
@@ -43,21 +47,32 @@ Denoiser = Callable[[Tensor, float], Tensor]
 class Step:
     """A finished sampler step (k-diffusion's callback dict as a type)."""
 
-    i: int  # the step's index, 0-based
-    total: int  # steps in this run (len(sigmas) - 1)
+    i: int  # the step's index, 0-based (PNDM: its UNet call's)
+    total: int  # steps in this run (len(sigmas) - 1; PNDM: its UNet calls)
     sigma: float  # the σ the step started from (sigmas[i])
     x: Tensor  # the σ-space latents after the step
     denoised: Tensor  # the denoiser's x0 estimate at `sigma` (the step's first evaluation)
+    asked: int  # its index among the steps asked for (`asked_steps`: a σ the grid holds twice is one step)
+    asked_total: int  # the steps asked for in this run
+    repeat: bool  # its σ is the step before's: a second report of one step asked for (PNDM's second call at σ_1)
 
 
-Callback = Callable[[Step], Tensor | None] | None
+StepCallback = Callable[[Step], Tensor | None]  # what it returns, if anything, is the latents to continue from
 
 
-def _step_end(callback: Callback, sigmas: list[float], i: int, x: Tensor, denoised: Tensor) -> Tensor:
+def asked_steps(sigmas: list[float]) -> int:
+    """The steps asked for in a run over `sigmas`: one per σ it starts from, a σ the grid holds twice in a row
+    counted once (PNDM's second timestep, evaluated to correct its first step and again to take its second)."""
+    return len(set(sigmas[:-1]))
+
+
+def _step_end(callback: StepCallback | None, sigmas: list[float], i: int, x: Tensor, denoised: Tensor) -> Tensor:
     """Step i is done: tell `callback`, and continue from the latents it returns, if any."""
     if callback is None:
         return x
-    replaced = callback(Step(i, len(sigmas) - 1, sigmas[i], x, denoised))
+    step = Step(i, len(sigmas) - 1, sigmas[i], x, denoised, asked=asked_steps(sigmas[:i + 2]) - 1,
+                asked_total=asked_steps(sigmas), repeat=i > 0 and sigmas[i] == sigmas[i - 1])
+    replaced = callback(step)
     return x if replaced is None else replaced
 
 
@@ -95,7 +110,7 @@ def _noise(x: Tensor, generator: "torch.Generator | list[torch.Generator] | None
 
 
 @torch.no_grad()
-def sample_euler(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
+def sample_euler(model: Denoiser, x: Tensor, sigmas: list[float], callback: StepCallback | None = None) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -106,7 +121,7 @@ def sample_euler(model: Denoiser, x: Tensor, sigmas: list[float], callback: Call
 
 
 @torch.no_grad()
-def sample_heun(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
+def sample_heun(model: Denoiser, x: Tensor, sigmas: list[float], callback: StepCallback | None = None) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1 without churn): Euler, then the trapezoidal
     correction with the derivative at the Euler point; a plain Euler step into σ = 0. A `Step`'s `denoised`
     is the first evaluation (at σ_i), not the one at the Euler point."""
@@ -125,7 +140,7 @@ def sample_heun(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callb
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: list[float], callback: Callback = None) -> Tensor:
+def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: list[float], callback: StepCallback | None = None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, midpoint form as diffusers' default): multistep in
     λ = -log σ; first order on the first step and into σ = 0."""
     x0_prev = None
@@ -156,7 +171,7 @@ def lms_coefficient(sigmas: list[float], order: int, i: int, j: int) -> float:
 
 @torch.no_grad()
 def sample_lms(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 4, grid: list[float] | None = None,
-               offset: int = 0, callback: Callback = None) -> Tensor:
+               offset: int = 0, callback: StepCallback | None = None) -> Tensor:
     """Linear multistep (k-diffusion's `sample_lms`): Adams–Bashforth on the σ-derivative with
     coefficients for the uneven σ grid, of order up to 4.
 
@@ -178,7 +193,7 @@ def sample_lms(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 4, 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: Denoiser, x: Tensor, sigmas: list[float], generator: torch.Generator | None = None,
-                        callback: Callback = None) -> Tensor:
+                        callback: StepCallback | None = None) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022; diffusers' `sde-dpmsolver++`, midpoint, η = 1): the 2M update
     with e^(-2h) weights plus fresh noise σ_next·√(1 - e^(-2h)), drawn at every step."""
     x0_prev = None
@@ -229,7 +244,8 @@ def _unipc_update(x: Tensor, sigmas: list[float], s: int, x0s: list[Tensor], ord
 
 
 @torch.no_grad()
-def sample_unipc(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 2, callback: Callback = None) -> Tensor:
+def sample_unipc(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 2,
+                 callback: StepCallback | None = None) -> Tensor:
     """UniPC (Zhao et al. 2023) as diffusers' UniPCMultistepScheduler defaults (bh2, data prediction,
     order 2, lower order at the end): each new evaluation first corrects the point it was taken at
     (UniC, not re-evaluated), then the multistep predictor (UniP) moves on. A `Step`'s `denoised` is that
@@ -251,7 +267,7 @@ def sample_unipc(model: Denoiser, x: Tensor, sigmas: list[float], order: int = 2
 
 @torch.no_grad()
 def sample_euler_ancestral(model: Denoiser, x: Tensor, sigmas: list[float], generator: torch.Generator | None = None,
-                           callback: Callback = None) -> Tensor:
+                           callback: StepCallback | None = None) -> Tensor:
     """Ancestral Euler (k-diffusion's `sample_euler_ancestral`, η=1): an Euler step down to σ_down, then
     fresh noise up to σ_next. diffusers draws the noise at every step, the last one included."""
     for i in range(len(sigmas) - 1):
@@ -267,7 +283,7 @@ def sample_euler_ancestral(model: Denoiser, x: Tensor, sigmas: list[float], gene
 @torch.no_grad()
 def sample_ddim(model: Denoiser, x: Tensor, sigmas: list[float], eta: float = 0.0,
                 generator: torch.Generator | None = None, lands: list[float] | None = None,
-                callback: Callback = None) -> Tensor:
+                callback: StepCallback | None = None) -> Tensor:
     """DDIM (Song et al. 2020) in σ-space: with η=0 the Euler step of the probability-flow ODE; η>0 adds
     fresh noise of variance η²·σ_to²(σ²-σ_to²)/σ² (eq. 16), drawn from `generator` on the CPU.
 
@@ -290,7 +306,7 @@ def sample_ddim(model: Denoiser, x: Tensor, sigmas: list[float], eta: float = 0.
 @torch.no_grad()
 def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "epsilon",
                 froms: list[float] | None = None, lands: list[float] | None = None,
-                callback: Callback = None) -> Tensor:
+                callback: StepCallback | None = None) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022, PNDM/PLMS) as diffusers runs it with `skip_prk_steps`:
     a pseudo improved-Euler first step, then Adams–Bashforth of order 2, 3, 4.
 
@@ -301,9 +317,9 @@ def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "
     Call c evaluates at σ_c and steps from `froms[c]` to `lands[c]` (default σ_c, σ_(c+1)); a latent is
     moved between σ labels keeping its variance-preserving value, as diffusers' latents are.
 
-    A `Step` per call (so `total` counts the first step twice): `denoised` is that call's own evaluation,
-    the x0 at σ_c of the latents it was given. For call 1 that is the x0 at the Euler-predicted point,
-    not of the latents it returns (the corrected step mixes both calls' outputs, which is no one x0).
+    A `Step` per call (so `total` counts the first step twice; the second call at σ_1 is a `repeat`): `denoised`
+    is that call's own evaluation, the x0 at σ_c of the latents it was given. For call 1 that is the x0 at the
+    Euler-predicted point, not of the latents it returns (the corrected step mixes both calls' outputs, no one x0).
     """
     froms = sigmas[:-1] if froms is None else froms
     lands = sigmas[1:] if lands is None else lands
@@ -360,7 +376,7 @@ class SamplerSpec:
     # diffusers runs each step as two scheduler calls (Heun), so cuts and per-call pastes fall mid-step
     two_calls_per_step: bool = False
 
-    def sample(self, model: Denoiser, x: Tensor, schedule: Schedule, callback: Callback = None,
+    def sample(self, model: Denoiser, x: Tensor, schedule: Schedule, callback: StepCallback | None = None,
                **available) -> Tensor:
         """Run over `schedule`, given the options it takes from `available` (eta, generator, output)."""
         available |= {"froms": schedule.froms, "lands": schedule.lands, "grid": schedule.grid or schedule.sigmas,

@@ -314,6 +314,7 @@ class TensorTimestep(nn.Module):
         super().__init__()
         self.unet, self.config, self.graphs = unet, unet.config, graphs
         self.__dict__["run"] = unet if run is None else run  # not a submodule: `unet` holds the parameters
+        _wrappers[unet] = weakref.ref(self)
 
     def forward(self, x: Tensor, t, context: Tensor, **kwargs) -> Tensor:
         if self.graphs is not None and self.graphs.applies(x):
@@ -326,6 +327,17 @@ class TensorTimestep(nn.Module):
         if self.graphs is not None:
             self.graphs.reset()
         return super()._apply(fn, recurse)
+
+
+# the plain UNet → the `TensorTimestep` around it (a weak reference: the wrapper goes with its pipeline)
+_wrappers: "weakref.WeakKeyDictionary[nn.Module, weakref.ref[TensorTimestep]]" = weakref.WeakKeyDictionary()
+
+
+def speed_wrapper(network: nn.Module) -> TensorTimestep | None:
+    """The `TensorTimestep` that runs `network` (a plain UNet, as a pipeline's `networks()` lists it), if one does:
+    its compiled form and CUDA graphs are the wrapper's, not the network's."""
+    ref = _wrappers.get(network)
+    return None if ref is None else ref()
 
 
 # ------------------------------------------------------------------ the CPU compile's memory
@@ -412,20 +424,10 @@ def accelerate(pipe, compile: bool | str = True, channels_last: bool = True, fus
 
     Without compile and without a CUDA graph (the CPU's `compile=False`), `pipe.unet` stays the plain UNet.
     """
-    if compile is True:
-        compile = "default"
-    if compile and compile not in COMPILE_MODES:
-        raise ValueError(f"compile mode {compile!r}: one of {', '.join(COMPILE_MODES)}")
     cuda = pipe.device.type == "cuda"
-    if compile and backend == "inductor":
-        mode = mode or COMPILE_MODES[compile][0 if cuda else 1]
-    inductor_graphs = bool(compile) and backend == "inductor" and mode in INDUCTOR_GRAPHS
-    if cuda_graph and inductor_graphs:
-        raise ValueError(f"torch.compile mode {mode!r} captures CUDA graphs itself: pass cuda_graph=False")
-    if cuda_graph is None:
-        cuda_graph = cuda and not inductor_graphs
-
-    unet = pipe.unet.unet if isinstance(pipe.unet, TensorTimestep) else pipe.unet
+    compile, mode, cuda_graph = _compile_options(cuda, compile, mode, backend, cuda_graph)
+    networks = pipe.networks()  # the UNet without a wrapper from an earlier call
+    unet, vae = networks["unet"], networks["vae"]
     # On the CPU, inductor's freezing folds the weights into constants of the generated code: it lays out the
     # convolutions' filters channels_last and packs them for oneDNN and MKL itself, and folds the Winograd
     # transform, so the compiled networks' own weights stay as loaded (memory-mapped) and are paged out once
@@ -434,29 +436,52 @@ def accelerate(pipe, compile: bool | str = True, channels_last: bool = True, fus
     if fuse:
         fuse_projections(unet)
     if kernels:
-        use_kernels(unet, pipe.vae)
+        use_kernels(unet, vae)
     if winograd is None:
         winograd = pipe.device.type == "cpu" and next(unet.parameters()).dtype == torch.float32
     if winograd:  # not the encoder: it runs once, for image-to-image only
-        use_winograd(unet, pipe.vae.decoder, precompute=not freezing)
+        use_winograd(unet, vae.decoder, precompute=not freezing)
     if channels_last:
-        eager = [m for m in pipe.vae.children() if m is not pipe.vae.decoder] if freezing else [unet, pipe.vae]
+        eager = [m for m in vae.children() if m is not vae.decoder] if freezing else [unet, vae]
         for module in eager:
             module.to(memory_format=torch.channels_last)
-    run = unet
-    if compile:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
-        import torch._inductor.config as inductor
-
-        if freezing:
-            inductor.freezing = True  # weights become constants of the graph: pre-packed, folded (process-wide)
-            MAPPED.watch(unet)
-            MAPPED.watch(pipe.vae.decoder)
-        options = {"fullgraph": True, "dynamic": False, "backend": backend}
-        if backend == "inductor":
-            options["mode"] = mode
-        run = torch.compile(unet, **options)
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder, **options)
+    run = _compiled(unet, vae, mode, backend, freezing) if compile else unet
     if compile or cuda_graph or cuda:
         pipe.unet = TensorTimestep(unet, run, CUDAGraphs(run) if cuda_graph else None)
     return pipe
+
+
+def _compile_options(cuda: bool, compile: bool | str, mode: str | None, backend: str,
+                     cuda_graph: bool | None) -> tuple[str | bool, str | None, bool]:
+    """`accelerate`'s compile, mode and cuda_graph arguments resolved: the `COMPILE_MODES` name (or False), the
+    torch.compile mode for the device, and whether the UNet step is replayed as our CUDA graph."""
+    if compile is True:
+        compile = "default"
+    if compile and compile not in COMPILE_MODES:
+        raise ValueError(f"compile mode {compile!r}: one of {', '.join(COMPILE_MODES)}")
+    if compile and backend == "inductor":
+        mode = mode or COMPILE_MODES[compile][0 if cuda else 1]
+    inductor_graphs = bool(compile) and backend == "inductor" and mode in INDUCTOR_GRAPHS
+    if cuda_graph and inductor_graphs:
+        raise ValueError(f"torch.compile mode {mode!r} captures CUDA graphs itself: pass cuda_graph=False")
+    if cuda_graph is None:
+        cuda_graph = cuda and not inductor_graphs
+    return compile, mode, cuda_graph
+
+
+def _compiled(unet: nn.Module, vae: nn.Module, mode: str | None, backend: str, freezing: bool):
+    """torch.compile of the UNet (returned: what `TensorTimestep` runs) and of the VAE decoder (in place), one
+    graph each, cached on disk (`cache_dir`); with `freezing`, the mapped weights paged out (`MAPPED`)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    import torch._inductor.config as inductor
+
+    if freezing:
+        inductor.freezing = True  # weights become constants of the graph: pre-packed, folded (process-wide)
+        MAPPED.watch(unet)
+        MAPPED.watch(vae.decoder)
+    options = {"fullgraph": True, "dynamic": False, "backend": backend}
+    if backend == "inductor":
+        options["mode"] = mode
+    run = torch.compile(unet, **options)
+    vae.decoder = torch.compile(vae.decoder, **options)
+    return run

@@ -32,23 +32,28 @@ forward returns) stay on the execution device. Code that needs to know where a n
 What does not combine: a CUDA graph replays reads of the weight addresses it captured, and compiled code is
 specialised to the weights' devices; `enable_offload` refuses a pipeline with either (`ldm.speed.accelerate.accelerate`
 with `compile=False, cuda_graph=False` is fine before it: fused projections and channels_last are layouts of
-the weights). `ldm.pipelines.refiner.Refined` is offloaded as one: its two models' networks share one execution device
-and, in model mode, one resident network at a time.
+the weights). What is offloaded is `pipe.networks()`, the plain networks by name (the UNet without its speed
+wrapper, whose compiled form and CUDA graphs `ldm.speed.accelerate.speed_wrapper` finds), and `pipe.device` is set
+to the execution device: an SDXL base with its refiner (`ldm.pipelines.refiner.BaseWithRefiner`) is offloaded as
+one through the same two, its two models' networks sharing one execution device and, in model mode, one resident
+network at a time.
 
 Sequential offload here copies from pageable memory, as diffusers does by default; pinned host memory would
 make its copies faster and asynchronous, at the cost of pinning every weight.
 """
 
+import sys
 import weakref
 
 import torch
 from torch import Tensor, nn
 
+from ldm.choices import OFFLOAD_MODES
 from ldm.errors import InputError
 from ldm.networks.clip import Embeddings, VisionEmbeddings
 from ldm.networks.safety import SafetyChecker
+from ldm.speed.accelerate import speed_wrapper
 
-MODES = ("model", "sequential")
 MOVED_WHOLE = (Embeddings, VisionEmbeddings)  # their forward reads position_embedding.weight (a child's) directly
 KEPT_RESIDENT = (SafetyChecker,)  # check() reads its own concept embeddings after forward has returned
 
@@ -66,34 +71,22 @@ def tensors(module: nn.Module, recurse: bool = True) -> list[Tensor]:
     return [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
 
 
-def pipelines(pipe) -> list:
-    """The pipelines in `pipe`: itself, or the base and refiner of a `Refined`."""
-    return [pipe.base, pipe.refiner] if hasattr(pipe, "refiner") and hasattr(pipe, "base") else [pipe]
-
-
-def networks(pipe) -> dict[str, nn.Module]:
-    """Every network of `pipe` by name (a `Refined`: `base.unet`, `refiner.unet`, …)."""
-    parts = pipelines(pipe)
-    found = {}
-    for part in parts:
-        prefix = "" if len(parts) == 1 else "base." if part is parts[0] else "refiner."
-        checker = part.safety_checker.checker if part.safety_checker is not None else None
-        for name, network in (("text_encoder", part.text_encoder), ("text_encoder_2",
-                              getattr(part, "text_encoder_2", None)), ("unet", part.unet), ("vae", part.vae),
-                              ("safety_checker", checker)):
-            if network is not None:
-                found[prefix + name] = network
-    return found
+def _compiled(module) -> bool:
+    """Whether `module` is torch.compile's compiled form of a module (`OptimizedModule`). Looked up, not imported:
+    importing torch._dynamo takes seconds, and before it is imported nothing has been compiled."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
 
 
 def _fixed_to_its_device(network: nn.Module) -> str | None:
-    """Why `network` cannot have its weights moved under it (a CUDA graph, compiled code), or None."""
-    for module in network.modules():
-        if getattr(module, "graphs", None) is not None:
-            return "its UNet step is replayed as a CUDA graph, which reads the weights where they were captured"
-        run = module.__dict__.get("run")
-        if type(module).__name__ == "OptimizedModule" or type(run).__name__ == "OptimizedModule":
-            return "it is compiled (torch.compile), and compiled code is specialised to where the weights are"
+    """Why `network` cannot have its weights moved under it (a CUDA graph, compiled code), or None. A UNet is
+    run by its speed wrapper (`ldm.speed.accelerate.TensorTimestep`), which holds both; a compiled VAE decoder is
+    a submodule of the VAE."""
+    wrapper = speed_wrapper(network)
+    if wrapper is not None and wrapper.graphs is not None:
+        return "its UNet step is replayed as a CUDA graph, which reads the weights where they were captured"
+    if any(_compiled(module) for module in network.modules()) or (wrapper is not None and _compiled(wrapper.run)):
+        return "it is compiled (torch.compile), and compiled code is specialised to where the weights are"
     return None
 
 
@@ -106,8 +99,8 @@ class Offload:
 
     def __init__(self, networks: dict[str, nn.Module], mode: str, device: torch.device | str,
                  offload_device: torch.device | str = "cpu", log: bool = False):
-        if mode not in MODES:
-            raise InputError(f"unknown offload mode {mode!r} (use {' or '.join(MODES)})", field="offload")
+        if mode not in OFFLOAD_MODES:
+            raise InputError(f"unknown offload mode {mode!r} (use {' or '.join(OFFLOAD_MODES)})", field="offload")
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -121,14 +114,14 @@ class Offload:
     @classmethod
     def enable(cls, pipe, mode: str = "model", device: torch.device | str | None = None,
                log: bool = False) -> "Offload":
-        """Offload `pipe` (a pipeline or a `Refined`) in place; its `device` becomes the execution device.
+        """Offload `pipe`'s networks (`pipe.networks()`) in place; its `device` becomes the execution device.
         `device`: default, the pipeline's own unless that is the CPU, else the CUDA device."""
         if device is None:
             device = pipe.device if pipe.device.type != "cpu" else "cuda" if torch.cuda.is_available() else None
             if device is None:
                 raise InputError("offload moves weights between the CPU and a GPU, and there is no GPU here",
                                  field="offload")
-        found = networks(pipe)
+        found = pipe.networks()
         for name, network in found.items():
             if network in _offloaded:
                 raise InputError(f"{name} is offloaded already (disable_offload first)", field="offload")
@@ -139,8 +132,7 @@ class Offload:
                                  field="offload")
         offload = cls(found, mode, device, log=log)
         offload.attach()
-        for part in [pipe, *pipelines(pipe)]:
-            part.device = offload.device
+        pipe.device = offload.device
         return offload
 
     # ------------------------------------------------------------------------------- the transfers
@@ -261,7 +253,7 @@ def enable_offload(pipe, mode: str = "model", device: torch.device | str | None 
 def disable_offload(pipe) -> None:
     """Undo `enable_offload`: no hooks, every weight on the execution device."""
     seen = set()
-    for network in networks(pipe).values():
+    for network in pipe.networks().values():
         offload = _offloaded.get(network)
         if offload is not None and id(offload) not in seen:
             seen.add(id(offload))

@@ -20,11 +20,11 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from ldm.choices import VAE_TILING_MODES
 from ldm.errors import InputError
 from ldm.networks.vae import VAE, VAEConfig
 from ldm.speed.offload import execution_device
 
-MODES = ("on", "auto")
 MIN_TILE_LATENTS = 4  # below this a tile overlaps its neighbour by less than one latent
 
 # The untiled decoder's peak memory, in bytes per output pixel per channel of its full-resolution level
@@ -164,8 +164,8 @@ def _encode(vae: VAE, tiles: Tiles, mode: str, x: Tensor) -> tuple[Tensor, Tenso
 def enable_vae_tiling(vae: VAE, mode: str = "on", size: int | None = None, overlap: float = 0.25) -> Tiles:
     """Make `vae.decode` / `vae.encode` tile images larger than a tile: always ("on", diffusers'
     `enable_tiling()`), or only where the untiled pass would not fit ("auto": `needs_tiles`)."""
-    if mode not in MODES:
-        raise InputError(f"unknown VAE tiling mode {mode!r} (use {' or '.join(MODES)})", field="vae_tiling")
+    if mode not in VAE_TILING_MODES:
+        raise InputError(f"unknown VAE tiling mode {mode!r} (use {' or '.join(VAE_TILING_MODES)})", field="vae_tiling")
     tiles = Tiles.for_vae(vae, size, overlap)
     vae.decode = partial(_decode, vae, tiles, mode)
     vae.encode = partial(_encode, vae, tiles, mode)
