@@ -410,18 +410,33 @@ def write_folder(root: Path, family: str = "sd1", seed: int = 0, fp16_variant: b
     return root
 
 
-# What a diffusers user picks for each of ldm's samplers: the scheduler class (ldm's registry names it)
-# built with `from_config(<the folder's scheduler config>)`, plus these settings.
-REFERENCE_SCHEDULER_SETTINGS = {"dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++"}}
+# What a diffusers user picks for each of ldm's samplers, written from the README's documented mapping ("The command",
+# `--sampler`): the scheduler class, built with `from_config(<the folder's scheduler config>)` plus these settings.
+# Hard-coded here, not read from ldm's registry, so that a wrong mapping in ldm cannot agree with itself.
+REFERENCE_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS, as every SD folder configures it
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),  # its step's default order is 4
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),  # the class defaults: order 2
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),  # the class defaults: bh2, order 2
+}
 
 
 def diffusers_scheduler(name: str, config: dict, karras: bool = False):
+    """diffusers' scheduler for ldm's sampler `name` on a folder's scheduler `config` (Karras σ if `karras`), from
+    the table above; first asserts that ldm's registry names the same class for it."""
     import diffusers
 
     from ldm.sampling.samplers import SAMPLERS
 
-    settings = REFERENCE_SCHEDULER_SETTINGS.get(name, {}) | ({"use_karras_sigmas": True} if karras else {})
-    return getattr(diffusers, SAMPLERS[name].diffusers_class).from_config(config, **settings)
+    cls, settings = REFERENCE_SCHEDULERS[name]
+    assert SAMPLERS[name].diffusers_class == cls, f"ldm maps {name} to {SAMPLERS[name].diffusers_class}, not {cls}"
+    settings = settings | ({"use_karras_sigmas": True} if karras else {})
+    return getattr(diffusers, cls).from_config(config, **settings)
 
 
 # ------------------------------------------------------------------------------------ single files
