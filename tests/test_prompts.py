@@ -62,9 +62,11 @@ def test_extra_networks_are_taken_out_of_the_text():
 
 # --------------------------------------------------------------------- chunks against a reference
 
-def reference_chunks(tok: CLIPTokenizer, text: str, embeddings: dict[str, int] = {}) -> list[tuple]:  # noqa: B006
+def reference_chunks(tok: CLIPTokenizer, text: str, embeddings: dict[str, int] = {},  # noqa: B006
+                     literal: bool = False) -> list[tuple]:
     """A1111's `tokenize_line` and `process_tokens` (sd_hijack_clip.py), written from the documented rule on
-    transformers' tokenizer: (ids, multipliers, [(position, name)]) per chunk."""
+    transformers' tokenizer: (ids, multipliers, [(position, name)]) per chunk. `literal`: emphasis "None", where
+    `tokenize_line` takes the whole line as one piece of weight 1 instead of parsing its brackets."""
     comma = tok.convert_tokens_to_ids(",</w>")
     names = sorted(((tok(n, add_special_tokens=False).input_ids, n) for n in embeddings), key=lambda e: -len(e[0]))
     chunks, state = [], {"ids": [], "mults": [], "fixes": [], "last_comma": -1}
@@ -78,7 +80,7 @@ def reference_chunks(tok: CLIPTokenizer, text: str, embeddings: dict[str, int] =
         chunks.append((full, [1.0] + mults + [1.0] * (pad + 1), [(p + 1, n) for p, n in state["fixes"]]))
         state.update(ids=[], mults=[], fixes=[], last_comma=-1)
 
-    for piece, weight in parse_attention(text):
+    for piece, weight in [(text, 1.0)] if literal else parse_attention(text):
         if piece == "BREAK" and weight == -1:
             next_chunk()
             continue
@@ -177,7 +179,8 @@ def test_embedding_is_never_split_across_chunks(sd1_folder):
 
 def reference_conditioning(folder, text, clip_skip=1, emphasis="original", embeddings=None):
     """The same chunks through transformers' CLIPTextModel: each chunk alone, hidden state -N then the final
-    LayerNorm, each token times its weight, the chunk's mean restored, chunks concatenated."""
+    LayerNorm, then A1111's emphasis (sd_emphasis.py): "original" each token times its weight and the chunk's mean
+    restored, "no-norm" the weights only, "none" the brackets read as text (no weights); chunks concatenated."""
     tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     model = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
     added = {}
@@ -190,16 +193,19 @@ def reference_conditioning(folder, text, clip_skip=1, emphasis="original", embed
         added[name] = new
     out = []
     with torch.no_grad():
-        for ids, mults, fixes in reference_chunks(tok, text, {n: len(v) for n, v in (embeddings or {}).items()}):
+        sizes = {n: len(v) for n, v in (embeddings or {}).items()}
+        for ids, mults, fixes in reference_chunks(tok, text, sizes, literal=emphasis == "none"):
             ids = list(ids)
             for position, name in fixes:
                 ids[position: position + len(added[name])] = added[name]
             states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
             z = getattr(model, "text_model", model).final_layer_norm(states[-clip_skip])
-            if emphasis == "original":
+            if emphasis == "original":  # sd_emphasis.py EmphasisOriginal: weights, then the chunk's mean restored
                 before = z.mean()
                 z = z * torch.tensor(mults)[None, :, None]
                 z = z * (before / z.mean())
+            elif emphasis == "no-norm":  # EmphasisOriginalNoNorm: weights only
+                z = z * torch.tensor(mults)[None, :, None]
             out.append(z)
     return torch.cat(out, dim=1)
 
@@ -211,6 +217,23 @@ def test_conditioning_matches_transformers(sd1_folder, text, clip_skip):
     expected = reference_conditioning(sd1_folder, text, clip_skip)
     assert hidden.shape == expected.shape and hidden.shape[1] % 77 == 0
     assert max_rel_err(hidden, expected) <= 1e-6
+
+
+EMPHASIS_PROMPT = "a (red:1.5) house by the [[river]], ((tall)) trees"
+
+
+@pytest.mark.parametrize("emphasis", ["no-norm", "none"])
+def test_emphasis_modes_match_a1111s_rule_on_transformers(sd1_folder, emphasis):
+    """`emphasis="no-norm"` multiplies each token's hidden state by its weight and keeps the result; `"none"`
+    encodes the brackets as text, unweighted: both against A1111's rule applied to transformers' CLIPTextModel
+    hidden states, and both different from the default ("Original")."""
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    (hidden, _), = pipe.encode_text([[EMPHASIS_PROMPT]], emphasis=emphasis)
+    expected = reference_conditioning(sd1_folder, EMPHASIS_PROMPT, emphasis=emphasis)
+    assert hidden.shape == expected.shape == (1, 77, pipe.text_encoder.config.hidden_size)
+    assert max_rel_err(hidden, expected) <= 1e-6
+    original = reference_conditioning(sd1_folder, EMPHASIS_PROMPT)
+    assert max_rel_err(expected, original) > 1e-3  # 1000× the tolerance: the mode changes what is compared
 
 
 def test_embedding_conditioning_matches_transformers(sd1_folder, tmp_path):
@@ -226,14 +249,20 @@ def test_embedding_conditioning_matches_transformers(sd1_folder, tmp_path):
     assert max_rel_err(hidden, expected) <= 1e-6
 
 
-def test_short_plain_prompts_keep_the_diffusers_conditioning(sd1_folder):
-    """Without brackets and within 75 tokens, both syntaxes give exactly the ids and states diffusers feeds."""
-    pipe = StableDiffusion.from_pretrained(sd1_folder)
+@pytest.mark.parametrize("fixture", ["sd1_folder", "sd21_folder"])  # EOS padding; "!" padding
+def test_short_plain_prompts_keep_the_diffusers_conditioning(request, fixture):
+    """Without brackets and within 75 tokens, both syntaxes give diffusers' own conditioning: the prompt embeds
+    of `StableDiffusionPipeline.encode_prompt` on the same folder (within 1e-6 relative)."""
+    folder = request.getfixturevalue(fixture)
+    pipe = StableDiffusion.from_pretrained(folder)
+    reference = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                        requires_safety_checker=False)
     text = "a photograph of an astronaut riding a horse!"
-    direct = pipe.text_encoder(pipe.tokenizer([text])).hidden
+    expected, _ = reference.encode_prompt(text, "cpu", 1, False)
+    assert expected.shape == (1, 77, pipe.text_encoder.config.hidden_size)
     for syntax in ("a1111", "plain"):
         (hidden, _), = pipe.encode_text([[text]], prompt_syntax=syntax)
-        assert torch.equal(hidden, direct)
+        assert hidden.shape == expected.shape and max_rel_err(hidden, expected) <= 1e-6, syntax
 
 
 def test_long_prompts_are_read_past_77_tokens_and_plain_truncates(sd1_folder):
