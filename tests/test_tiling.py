@@ -1,6 +1,8 @@
 """Large images and seamless textures (ldm.speed.tiling, --vae): tiled VAE against diffusers' enable_tiling(), the
 seam check, circular padding that makes images wrap, and swapping the VAE."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -58,24 +60,43 @@ def test_tiled_decode_and_encode_equal_diffusers(pipe, reference):
     assert not torch.equal(ours, pipe.vae.decode(z))  # the tiles were used (and are gone again)
 
 
+SEAM_LIMIT = 1.18  # measured (8 random latents, seed 10): blended 1.04-1.11, pasted tiles 1.27
+
+
+def pasted_tiles(vae, z: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    """The control: the same tiles decoded and pasted side by side, with no blend."""
+    stride, keep = int(tiles.latent * (1 - tiles.overlap)), tiles.sample - int(tiles.sample * tiles.overlap)
+    return torch.cat([torch.cat([vae.decode(z[:, :, i:i + tiles.latent, j:j + tiles.latent])[:, :, :keep, :keep]
+                                 for j in range(0, z.shape[3], stride)], dim=3)
+                      for i in range(0, z.shape[2], stride)], dim=2)
+
+
+def join_step(image: torch.Tensor, at: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean |step| between pixel `at - 1` and pixel `at` along `dim`."""
+    return image.diff(dim=dim).abs().index_select(dim, at - 1).mean()
+
+
 @torch.no_grad()
 def test_no_seams_at_tile_borders(pipe):
-    """At the columns and rows where tiles join, the tiled image changes no more than the untiled image does
-    between its own neighbouring pixels."""
-    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(2))
-    whole = pipe.vae.decode(z)[0]
+    """Where tiles join (the first column and row each tile keeps, and where its blend ends), the tiled image's
+    mean step between neighbouring pixels stays within 18 % of the untiled image's mean step at the same columns
+    and rows (8 random latents). The control, each tile decoded and pasted with no blend, fails that criterion."""
+    z = torch.randn(8, 4, 12, 12, generator=torch.Generator().manual_seed(10))
+    whole = pipe.vae.decode(z)
     tiles = enable_vae_tiling(pipe.vae, size=TILE)
     try:
-        tiled = pipe.vae.decode(z)[0]
+        tiled = pipe.vae.decode(z)
     finally:
         disable_vae_tiling(pipe.vae)
+    naive = pasted_tiles(pipe.vae, z, tiles)
     keep = tiles.sample - int(tiles.sample * tiles.overlap)  # each tile keeps this many rows and columns
-    joins = list(range(keep, whole.shape[-1], keep))
-    for dim in (1, 2):  # rows, columns
-        own = whole.diff(dim=dim).abs().amax()
-        step = tiled.diff(dim=dim).abs()
-        at_joins = step.index_select(dim, torch.tensor([j - 1 for j in joins]))
-        assert at_joins.amax() <= own, (dim, at_joins.amax(), own)
+    joins = torch.tensor(range(keep, whole.shape[-1], keep))
+    ends = joins + (tiles.sample - keep)  # where each blend ends
+    for dim in (2, 3):  # rows, columns
+        step = partial(join_step, dim=dim)
+        for at in (joins, ends[ends < whole.shape[-1]]):
+            assert step(tiled, at) <= SEAM_LIMIT * step(whole, at), (dim, at, step(tiled, at) / step(whole, at))
+        assert step(naive, joins) > SEAM_LIMIT * step(whole, joins), (dim, step(naive, joins) / step(whole, joins))
 
 
 def test_auto_tiles_only_what_does_not_fit(pipe, monkeypatch):
