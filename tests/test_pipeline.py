@@ -1,10 +1,12 @@
 """Whole images through the `ldm generate` CLI against diffusers' StableDiffusionPipeline on the same folder."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from official import diffusers_scheduler
+from official import diffusers_scheduler, write_folder
 from PIL import Image
 
 from ldm.pipelines.stable_diffusion import StableDiffusion
@@ -90,15 +92,31 @@ def test_guidance_off_runs_the_unet_once(sd1_folder, reference, tmp_path):
     assert np.abs(np.asarray(image).astype(np.int16) - expected).max() <= MAX_PIXEL_DIFF
 
 
-def test_fp16_variant_files(sd1_folder, tmp_path):
-    ref = StableDiffusionPipeline.from_pretrained(sd1_folder, variant="fp16", torch_dtype=torch.float32,
+def test_fp16_variant_files(sd1_folder, reference, tmp_path):
+    """`--variant fp16` reads each component's `*.fp16.safetensors`, as diffusers' `variant="fp16"` does: the
+    image equals StableDiffusionPipeline's loaded with that variant. The variant files here hold another random
+    model's weights (not the fp32 files rounded to fp16, which move the image by ≤ 1/255), so a variant that
+    is ignored gives a visibly different image."""
+    folder = tmp_path / "tiny-sd1-variant"
+    shutil.copytree(sd1_folder, folder)
+    other = write_folder(tmp_path / "other", "sd1", seed=77, fp16_variant=True)
+    variants = sorted(other.glob("*/*.fp16.safetensors"))
+    assert {p.parent.name for p in variants} == {"unet", "vae", "text_encoder", "safety_checker"}
+    for path in variants:
+        shutil.copyfile(path, folder / path.relative_to(other))
+    ref = StableDiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32,
                                                   safety_checker=None, feature_extractor=None,
                                                   requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
+    expected = diffusers_images(ref, "pndm", seed=1, steps=4)[0]
+    # the variant is another model: the folder's fp32 files give an image far from it
+    assert np.abs(diffusers_images(reference, "pndm", seed=1, steps=4)[0] - expected).max() > 30
     out = tmp_path / "v.png"
-    assert main(["generate", PROMPT, "--model", str(sd1_folder), "--variant", "fp16", "--steps", "4",
+    assert main(["generate", PROMPT, "--model", str(folder), "--variant", "fp16", "--steps", "4",
                  "--seed", "1", "-o", str(out)]) == 0
-    assert np.abs(read_png(out) - diffusers_images(ref, "pndm", seed=1, steps=4)[0]).max() <= MAX_PIXEL_DIFF
+    diff = np.abs(read_png(out) - expected).max()
+    print(f"--variant fp16: max pixel difference {diff}")
+    assert diff <= MAX_PIXEL_DIFF
 
 
 def test_random_seed_is_printed_and_recorded(sd1_folder, tmp_path, capsys):
