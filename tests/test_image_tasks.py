@@ -155,12 +155,56 @@ def test_four_channel_model_with_a_mask_blends_like_diffusers(sd1_folder, tmp_pa
     assert np.abs(actual[keep] - source[keep]).mean() < np.abs(actual[~keep] - source[~keep]).mean()
 
 
-def test_mask_of_another_size_is_resized_to_the_image(sd2_inpaint_folder, tmp_path, capsys):
-    picture(64, 64).save(tmp_path / "image.png")
-    rectangle_mask(32, 32, (8, 8, 24, 24)).save(tmp_path / "mask.png")
-    generate(tmp_path, sd2_inpaint_folder, "--image", str(tmp_path / "image.png"), "--mask",
-             str(tmp_path / "mask.png"), "--steps", "2", "--seed", "1")
-    assert "the mask (32x32) is resized to the image's 64x64" in capsys.readouterr().err
+def grey_mask(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A mask of random grey levels (uniform 0–255 per pixel): after resizing, which pixels repaint depends on the
+    resampling filter and on the threshold."""
+    levels = np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+    return Image.fromarray(levels, "L")
+
+
+def banded_mask(width: int, height: int) -> Image.Image:
+    """Grey levels either side of 50%: the top 16 rows 127 (left half) and 128 (right half), the rest a horizontal
+    gradient from 0 to 255. Bands wider than 8 pixels, so that the latent-size mask sees them too."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[:16, : width // 2], mask[:16, width // 2:] = 127, 128
+    mask[16:] = np.round(np.linspace(0, 255, width))[None].astype(np.uint8)
+    return Image.fromarray(mask, "L")
+
+
+INPAINT_FAMILIES = [("sd2_inpaint", "9ch"), ("sd1", "4ch")]
+
+
+@pytest.mark.parametrize("family, kind", INPAINT_FAMILIES)
+def test_mask_of_another_size_is_resized_to_the_image(request, tmp_path, capsys, family, kind):
+    """A 16×14 mask of random greys on a 64×56 image: ldm resizes it to the image (Lanczos) and binarises it as
+    diffusers' StableDiffusionInpaintPipeline's mask processor does (for the 9-channel UNet's input and the
+    4-channel model's paste-back alike); the image is diffusers' within 2/255, and a note says the mask was
+    resized."""
+    folder = request.getfixturevalue(f"{family}_folder")
+    image, mask = picture(64, 56, seed=6), grey_mask(16, 14, seed=1)
+    image.save(tmp_path / "image.png")
+    mask.save(tmp_path / "mask.png")
+    actual = generate(tmp_path, folder, "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
+                      "--steps", "6", "--seed", "1", "--sampler", "ddim")
+    assert "the mask (16x14) is resized to the image's 64x56" in capsys.readouterr().err
+    expected = reference(load(StableDiffusionInpaintPipeline, folder, "ddim"), 1, image=image, mask_image=mask,
+                         height=56, width=64, num_inference_steps=6)
+    assert_close(f"{family} {kind} inpaint, 16x14 mask", actual, expected)
+
+
+@pytest.mark.parametrize("family, kind", INPAINT_FAMILIES)
+def test_grey_mask_is_binarised_at_half(request, tmp_path, family, kind):
+    """A mask of greys (127 and 128 either side of 50%, and a 0–255 gradient) is binarised at 0.5 as diffusers'
+    StableDiffusionInpaintPipeline binarises it (128 repaints, 127 keeps); the image is diffusers' within 2/255."""
+    folder = request.getfixturevalue(f"{family}_folder")
+    image, mask = picture(64, 56, seed=7), banded_mask(64, 56)
+    image.save(tmp_path / "image.png")
+    mask.save(tmp_path / "mask.png")
+    actual = generate(tmp_path, folder, "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
+                      "--steps", "6", "--seed", "2", "--sampler", "ddim")
+    expected = reference(load(StableDiffusionInpaintPipeline, folder, "ddim"), 2, image=image, mask_image=mask,
+                         height=56, width=64, num_inference_steps=6)
+    assert_close(f"{family} {kind} inpaint, grey mask", actual, expected)
 
 
 @pytest.mark.parametrize("args, message", [
