@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import MODULE_TOL, max_rel_err
 from PIL import Image
 
 from ldm.hooks.attention_maps import AttentionMaps, prompt_tokens, save_attention_maps
@@ -149,3 +151,69 @@ def test_sdxl_two_chunk_prompt(sdxl_folder, tmp_path):
     assert tokens[-1].position > 77 and {t.text for t in tokens} == {"an", "astronaut", "riding", "a", "horse", ","}
     paths = save_attention_maps(maps, image, tokens, tmp_path)
     assert len(paths) == len(tokens) and paths[5].name == "05.png"  # the comma: no safe characters
+
+
+# DAAM's aggregation written out here from its description (README "Attention maps"; Tang et al. 2022): each
+# resolution's mean map upsampled bicubically (and clamped at 0: bicubic undershoots, DAAM's `clamp_(min=0)`) to one
+# size, then averaged with every cross-attention layer weighing the same. SD 1.x has 2 transformers in the down
+# block and 3 in the up block at each of the three upper levels, and 1 in the middle block: the layers per level.
+SD1_LAYERS = {(8, 5): 5, (4, 3): 5, (2, 2): 5, (1, 1): 1}
+
+
+def daam_aggregate(levels: dict, size: tuple[int, int], keep=None) -> torch.Tensor:
+    total, layers = 0, 0
+    for level, mean in levels.items():
+        if keep is None or level in keep:
+            up = F.interpolate(mean.double(), size=size, mode="bicubic", align_corners=False).clamp(min=0)
+            total, layers = total + SD1_LAYERS[level] * up, layers + SD1_LAYERS[level]
+    return total / layers
+
+
+def test_heat_maps_are_daams_aggregate_of_the_per_resolution_maps(recorded):
+    """heat_maps() at the latent size and at another size, and with `resolutions=`, against the aggregate computed
+    here from per_resolution() by DAAM's rule (layers weighing the same: the 1×1 middle block counts 1/16)."""
+    maps = recorded[2]["cond"]
+    levels = maps.per_resolution()
+    for size, keep in (((8, 5), None), ((32, 20), None), ((8, 5), {(8, 5), (4, 3)}), ((16, 10), {(2, 2), (1, 1)})):
+        got = maps.heat_maps(size) if keep is None else maps.heat_maps(size, resolutions=keep)
+        expected = daam_aggregate(levels, size, keep)
+        assert got.shape == expected.shape == (1, 77) + size
+        assert max_rel_err(got, expected) <= MODULE_TOL, (size, keep)
+    assert maps.heat_maps().shape == (1, 77, 8, 5)  # the default size is the latent size
+    # the rule is not degenerate here: each resolution weighing the same, or one level alone, gives another map
+    even = sum(F.interpolate(m, size=(8, 5), mode="bicubic").clamp(min=0) for m in levels.values()) / len(levels)
+    assert max_rel_err(maps.heat_maps(), even) > 1e-3
+    assert max_rel_err(maps.heat_maps(), levels[(8, 5)]) > 1e-3
+
+
+def jet_reference(x: np.ndarray) -> np.ndarray:
+    """MATLAB's 'jet' from its control points (dark blue at 0, blue at 1/8, cyan at 3/8, yellow at 5/8, red at
+    7/8, dark red at 1), linear between them: (…,) in [0, 1] → (…, 3) RGB in [0, 1]."""
+    red = np.interp(x, [0, 3 / 8, 5 / 8, 7 / 8, 1], [0, 0, 1, 1, 0.5])
+    green = np.interp(x, [0, 1 / 8, 3 / 8, 5 / 8, 7 / 8, 1], [0, 0, 1, 1, 0, 0])
+    blue = np.interp(x, [0, 1 / 8, 3 / 8, 5 / 8, 1], [0.5, 1, 1, 0, 0])
+    return np.stack([red, green, blue], axis=-1)
+
+
+def test_an_overlays_pixels_are_the_scaled_heat_map_in_jet_over_the_image(sd1, recorded, tmp_path):
+    """One written PNG against the overlay computed here: the token's DAAM heat map (the aggregate above)
+    upsampled bicubically to the image's size, scaled to [0, 1] by its own minimum and maximum, coloured with jet
+    and laid over the image with that value as the opacity (image · (1 − a) + jet(a) · a, DAAM's overlay)."""
+    image, maps = recorded[1], recorded[2]["cond"]
+    tokens = prompt_tokens(sd1, PROMPT)
+    paths = save_attention_maps(maps, image, tokens, tmp_path)
+    heat = daam_aggregate(maps.per_resolution(), (8, 5))[0]
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+    for index in (4, 6):  # "astronaut", "a"
+        token = tokens[index]
+        up = F.interpolate(heat[token.position][None, None], size=(HEIGHT, WIDTH), mode="bicubic")[0, 0]
+        up = up.clamp(min=0).numpy()
+        a = (up - up.min()) / (up.max() - up.min())
+        assert a.min() == 0 and a.max() == 1
+        expected = np.round(255 * (rgb * (1 - a[..., None]) + jet_reference(a) * a[..., None]))
+        got = np.asarray(Image.open(paths[index])).astype(np.float64)
+        assert got.shape == expected.shape == (HEIGHT, WIDTH, 3)
+        assert np.abs(got - expected).max() <= 1, (token, np.abs(got - expected).max())
+        # the hottest pixel is dark red over nothing of the image; the coldest is the image itself
+        hot, cold = np.unravel_index(a.argmax(), a.shape), np.unravel_index(a.argmin(), a.shape)
+        assert np.abs(got[hot] - [128, 0, 0]).max() <= 1 and np.abs(got[cold] - 255 * rgb[cold]).max() <= 1
