@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 import uvicorn
 from PIL import Image
 
@@ -351,3 +352,53 @@ def test_serve_refuses_a_model_it_cannot_find_or_read_before_serving(tmp_path, s
     assert started == []
     assert main(["serve", "--model", str(sd1_folder), "--port", "8765"]) == 0
     assert len(started) == 1 and started[0][1:4] == (str(sd1_folder), "127.0.0.1", 8765)
+
+
+def served_config(monkeypatch, *flags: str) -> ServeConfig:
+    """The ServeConfig `ldm serve --model … FLAGS` hands the server (the server itself is not started)."""
+    import ldm.serving.server
+    from ldm_cli.main import main
+
+    started = []
+    monkeypatch.setattr(ldm.serving.server, "serve", lambda *args, **kwargs: started.append(args))
+    assert main(["serve", *flags]) == 0
+    [(_, _, _, _, config)] = started
+    return config
+
+
+def test_every_serve_flag_reaches_the_server_and_takes_effect(sd1_folder, pipe, monkeypatch):
+    """`ldm serve`'s flags against the ServeConfig written here from their README meaning (each flag a value of its
+    own, so a swapped pair shows), then that very config served: each limit refuses what it should."""
+    flags = ["--model", str(sd1_folder), "--max-rows", "2", "--max-steps", "10", "--max-pixels", "5000",
+             "--max-images", "3", "--max-body-mb", "0.01", "--queue-size", "5", "--batch-size", "6",
+             "--response-format", "sd14", "--timeout", "7.5", "--allow-image-urls"]
+    config = served_config(monkeypatch, *flags)
+    assert config == ServeConfig(limits=Limits(max_rows=2, max_steps=10, max_pixels=5000, max_images_per_prompt=3),
+                                 queue_size=5, max_body_bytes=int(0.01 * 1024 * 1024), timeout_s=7.5, form="sd14",
+                                 batch_size=6, allow_image_urls=True)
+    # the defaults (README "Serving"), the batch size 1 on the CPU and 4 on CUDA
+    assert served_config(monkeypatch, "--model", str(sd1_folder)) == ServeConfig(
+        limits=Limits(max_rows=16, max_steps=150, max_pixels=1024 * 1024, max_images_per_prompt=4), queue_size=8,
+        max_body_bytes=32 * 1024 * 1024, timeout_s=600, form="rows", batch_size=1, allow_image_urls=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert served_config(monkeypatch, "--model", str(sd1_folder)).batch_size == 4  # --device auto: CUDA
+    assert served_config(monkeypatch, "--model", str(sd1_folder), "--device", "cpu").batch_size == 1
+    monkeypatch.undo()
+
+    s = Server(lambda: pipe, served_config(monkeypatch, *flags))
+    try:
+        def refused(payload, **parameters):
+            status, _, out = s.request("POST", "/score", {"input_data": {"data": payload, "parameters": FAST | {
+                "seed": 1} | parameters}})
+            assert status == 400, (status, out)
+            return out["error"]["field"], out["error"]["message"]
+
+        assert refused(["a", "b", "c"]) == ("input_data.data", "3 rows; this server takes at most 2 per request")
+        assert refused(["a"], num_inference_steps=11)[0] == "parameters.num_inference_steps"
+        assert refused(["a"], width=128, height=64)[0] == "parameters.width"  # 8192 pixels > 5000
+        assert refused(["a"], num_images_per_prompt=4) == (
+            "parameters.num_images_per_prompt", "must be from 1 to 3, got 4")
+        status, _, out = s.request("POST", "/score", body("a" * 11000, 1))  # 0.01 MB = 10485 bytes
+        assert status == 413 and out["error"]["field"] == "body"
+    finally:
+        s.close()
