@@ -157,7 +157,8 @@ def test_cuda_half_precision_compiled_matches_fp32_reference(sd1_folder):
     reference = image(StableDiffusion.from_pretrained(sd1_folder, device="cpu", dtype="fp32"))
     fast = accelerate(StableDiffusion.from_pretrained(sd1_folder, device="cuda", dtype="fp16"))
     for _ in range(2):
-        assert np.abs(image(fast) - reference).max() <= 8  # fp16 vs fp32 on a tiny random model
+        # fp16 on CUDA vs the fp32 CPU reference: the project's fp16 target is 2/255 (BENCHMARKS.md)
+        assert np.abs(image(fast) - reference).max() <= 2
 
 
 def test_bench_runs_each_mode_against_diffusers_counterpart():

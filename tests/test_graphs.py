@@ -213,7 +213,7 @@ def test_compiled_unet_under_the_graphs_has_no_breaks_and_no_recompiles(sd1_fold
 @pytest.mark.gpu
 def test_cuda_graph_images_match_eager(sd1_folder):
     """The real graphs on CUDA: the same images as the eager CUDA path (fp16), a capture per layout, and the
-    fp16 images within reach of the fp32 CPU reference."""
+    fp16 images within 2/255 of the fp32 CPU reference."""
     eager = accelerate(StableDiffusion.from_pretrained(sd1_folder, device="cuda", dtype="fp16"), compile=False,
                        cuda_graph=False)
     graphed = accelerate(StableDiffusion.from_pretrained(sd1_folder, device="cuda", dtype="fp16"), compile=False)
@@ -222,7 +222,8 @@ def test_cuda_graph_images_match_eager(sd1_folder):
         assert np.abs(image(graphed, **kwargs) - image(eager, **kwargs)).max() <= 2, kwargs
     assert graphed.unet.graphs.captures == 2  # 64² (three times), then 72²
     reference = image(StableDiffusion.from_pretrained(sd1_folder, device="cpu", dtype="fp32"))
-    assert np.abs(image(graphed) - reference).max() <= 8  # fp16 vs fp32 on a tiny random model (test_fast)
+    # fp16 on CUDA vs the fp32 CPU reference: the project's fp16 target is 2/255 (BENCHMARKS.md)
+    assert np.abs(image(graphed) - reference).max() <= 2
 
 
 @pytest.mark.gpu

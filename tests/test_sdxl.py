@@ -81,30 +81,58 @@ def test_base_micro_conditioning(sdxl_folder, tmp_path):
     assert_close("sdxl base micro-conditioning euler_a", actual, expected)
 
 
-def test_refiner_image_to_image(sdxl_refiner_folder, tmp_path):
+GIVEN_SCORES = {"aesthetic_score": 8.5, "negative_aesthetic_score": 1.0}  # diffusers' defaults: 6.0 / 2.5
+DEFAULT_SCORES = {"aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
+
+
+def refine_with_diffusers(folder, init, **scores) -> np.ndarray:
+    """diffusers' refiner image-to-image of `init` (its default strength 0.3, 10 steps, seed 7) with `scores`."""
+    return as_pixels(load(StableDiffusionXLImg2ImgPipeline, folder)(
+        PROMPT, image=init, num_inference_steps=10, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np", **scores).images)
+
+
+@pytest.mark.parametrize("scores", [{}, GIVEN_SCORES], ids=["default-scores", "given-scores"])
+def test_refiner_image_to_image(sdxl_refiner_folder, tmp_path, scores):
+    """`ldm generate --image` on the refiner equals StableDiffusionXLImg2ImgPipeline, with diffusers' default
+    aesthetic scores and with --aesthetic-score / --negative-aesthetic-score given (each one moves this image by
+    far more than the tolerance: `test_each_aesthetic_score_moves_the_refiner_image`)."""
     init = picture(64, 72, seed=5)
     init.save(tmp_path / "init.png")
+    score_args = [arg for name, value in scores.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
     actual, params = generate(tmp_path, "--model", str(sdxl_refiner_folder), "--image", str(tmp_path / "init.png"),
-                              "--steps", "10", "--seed", "7")
-    expected = as_pixels(load(StableDiffusionXLImg2ImgPipeline, sdxl_refiner_folder)(
-        PROMPT, image=init, num_inference_steps=10, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(7),
-        output_type="np").images)  # diffusers' default strength 0.3, aesthetic scores 6.0 / 2.5
-    assert_close("sdxl refiner img2img strength 0.3", actual, expected)
+                              "--steps", "10", "--seed", "7", *score_args)
+    expected = refine_with_diffusers(sdxl_refiner_folder, init, **scores)
+    assert_close(f"sdxl refiner img2img strength 0.3, scores {scores or 'default'}", actual, expected)
     assert "Denoising strength: 0.3" in params
+
+
+def test_each_aesthetic_score_moves_the_refiner_image(sdxl_refiner_folder):
+    """Control for `test_refiner_image_to_image[given-scores]`: in diffusers, putting either score back to its
+    default moves the image by well over the tolerance, so an ldm that ignored either score would fail there."""
+    init = picture(64, 72, seed=5)
+    given = refine_with_diffusers(sdxl_refiner_folder, init, **GIVEN_SCORES)
+    for name, default in DEFAULT_SCORES.items():
+        moved = np.abs(refine_with_diffusers(sdxl_refiner_folder, init, **(GIVEN_SCORES | {name: default})) - given)
+        print(f"{name} {GIVEN_SCORES[name]} → {default}: max pixel difference {moved.max()}")
+        assert moved.max() > 5 * MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("sampler", [None, "euler_a"])
 def test_base_to_refiner_hand_off(sdxl_folder, sdxl_refiner_folder, tmp_path, sampler):
+    """`ldm generate --refiner` equals diffusers' base (denoising_end) then refiner (denoising_start) on one
+    generator. The aesthetic scores go to the refiner alone (an SDXL base refuses them); they barely move its two
+    low-noise steps here, so `test_refiner_image_to_image[given-scores]` is what proves they are used."""
     actual, params = generate(tmp_path, "--model", str(sdxl_folder), "--refiner", str(sdxl_refiner_folder),
                               "--refiner-start", "0.8", "--steps", "10", "--seed", "3", "--aesthetic-score", "7",
-                              *(["--sampler", sampler] if sampler else []))
+                              "--negative-aesthetic-score", "2", *(["--sampler", sampler] if sampler else []))
     generator = torch.Generator("cpu").manual_seed(3)  # diffusers' documented use: one generator for both
     latents = load(StableDiffusionXLPipeline, sdxl_folder, sampler)(
         PROMPT, num_inference_steps=10, guidance_scale=7.5, denoising_end=0.8, generator=generator,
         output_type="latent").images
     expected = as_pixels(load(StableDiffusionXLImg2ImgPipeline, sdxl_refiner_folder, sampler)(
         PROMPT, image=latents, num_inference_steps=10, guidance_scale=7.5, denoising_start=0.8, aesthetic_score=7.0,
-        generator=generator, output_type="np").images)
+        negative_aesthetic_score=2.0, generator=generator, output_type="np").images)
     assert_close(f"sdxl base→refiner at 0.8, {sampler or 'euler'}", actual, expected)
     assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.8" in params
 

@@ -1,4 +1,7 @@
-"""Token ids equal to transformers' CLIPTokenizer (what diffusers feeds the text encoder)."""
+"""Token ids equal to transformers' CLIPTokenizer (what diffusers feeds the text encoder), and equal to known ids of
+CLIP's real vocabulary (the ids open_clip's own SimpleTokenizer gives)."""
+
+import json
 
 import pytest
 from transformers import CLIPTokenizer as ReferenceTokenizer
@@ -21,6 +24,20 @@ HARD_PROMPTS = [
     "supercalifragilisticexpialidocious antidisestablishmentarianism",
     "!!! ! !hello! wow!",
 ]
+
+
+# CLIP's real ids, BOS … EOS. The first is the well-known id sequence of diffusers' example prompt; the others were
+# read off open_clip's SimpleTokenizer (its own pure-Python BPE on bpe_simple_vocab_16e6.txt.gz) and written here.
+KNOWN_IDS = {
+    "a photograph of an astronaut riding a horse": [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407],
+    # upper case read as lower case; "," its own word, "???" one token (no "!": SD 2.x's pad token splits it off)
+    "Hello, World???": [49406, 3306, 267, 1002, 3824, 49407],
+    # a long word in BPE pieces: super cali frag ili stic expi ali do cious</w>
+    "supercalifragilisticexpialidocious": [49406, 1642, 2857, 13093, 2076, 5868, 26850, 835, 639, 38466, 49407],
+    # UTF-8 bytes through the byte→unicode table: café</w>, na ï ve</w>, 🚀</w>; contractions split off
+    "café naïve 🚀 it's DON'T": [49406, 15304, 1097, 35689, 563, 13542, 585, 568, 847, 713, 49407],
+}
+CLIP_VOCAB_SIZE = 49408  # 256 bytes, 256 bytes + </w>, 48894 merges, BOS, EOS
 
 
 @pytest.fixture(scope="module", params=["<|endoftext|>", "!"], ids=["pad-eos(SD1)", "pad-!(SD2)"])
@@ -50,3 +67,30 @@ def test_sd2_pad_token_comes_from_special_tokens_map(tmp_path):
     # SD 2.x: tokenizer_config.json says <|endoftext|>, special_tokens_map.json says "!" — the map wins
     write_tokenizer_folder(tmp_path, pad_token="!")
     assert CLIPTokenizer.from_folder(tmp_path).pad_id == 0
+
+
+@pytest.mark.parametrize("prompt", KNOWN_IDS, ids=range(len(KNOWN_IDS)))
+def test_ids_equal_known_clip_ids(tokenizers, prompt):
+    """ldm's tokenizer on the folder ldm writes gives CLIP's real ids. The transformers comparison above reads the
+    same vocab.json/merges.txt, so a bug in building them would pass there; it cannot pass here."""
+    ours, _ = tokenizers
+    assert ours(prompt)[0, : len(KNOWN_IDS[prompt])].tolist() == KNOWN_IDS[prompt]
+
+
+def test_written_vocabulary_is_clips_full_vocabulary(tmp_path):
+    """The folder holds all 49408 tokens and 48894 merges (not a cut-down vocabulary), ids in CLIP's order."""
+    write_tokenizer_folder(tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(vocab) == CLIP_VOCAB_SIZE and sorted(vocab.values()) == list(range(CLIP_VOCAB_SIZE))
+    assert len(merges) == CLIP_VOCAB_SIZE - 2 * 256 - 2
+    assert (vocab["!"], vocab["!</w>"], vocab["<|startoftext|>"], vocab["<|endoftext|>"]) == (0, 256, 49406, 49407)
+
+
+@pytest.mark.parametrize("prompt", KNOWN_IDS, ids=range(len(KNOWN_IDS)))
+def test_known_ids_are_open_clips(prompt):
+    """The pinned ids are those of open_clip's own tokenizer (independent of ldm's and of the written folder)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer()
+    assert [reference.sot_token_id, *reference.encode(prompt), reference.eot_token_id] == KNOWN_IDS[prompt]
