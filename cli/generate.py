@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.choices import HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS
+from ldm.choices import HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS, TIMESTEP_SPACINGS
 from ldm.errors import LdmError
 from ldm_cli.options import add_model_options, run_settings
 
@@ -64,6 +64,10 @@ def add_sampling_options(gen: argparse.ArgumentParser) -> None:
                           + ", ".join(f"{name} ({label})" for name, label in SAMPLER_LABELS.items()))
     gen.add_argument("--karras", action="store_true",
                      help="Karras et al.'s σ schedule, for: " + ", ".join(KARRAS_SAMPLERS))
+    gen.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
+                     help="how the steps are spaced over the training timesteps (default: the model folder's "
+                          "scheduler config, else each sampler's diffusers default); trailing for Turbo and "
+                          "Lightning models; not for lcm, tcd")
     gen.add_argument("--guidance-rescale", type=float, default=0.0,
                      help="rescale guided output toward the conditional one's std, 0–1 (default: %(default)s)")
 
@@ -91,8 +95,8 @@ def add_sdxl_options(gen: argparse.ArgumentParser) -> None:
 
 
 def add_output_options(gen: argparse.ArgumentParser) -> None:
-    gen.add_argument("--eta", type=float, default=0.0,
-                     help="DDIM's η: 0 deterministic, 1 DDPM-like noise (default: %(default)s)")
+    gen.add_argument("--eta", type=float, default=None,
+                     help="DDIM's η: 0 deterministic (its default), 1 DDPM-like noise; TCD's γ (its default: 0.3)")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate (default: %(default)s)")
     gen.add_argument("-o", "--output", default="output.png",
                      help="PNG path; several images: NAME.png, NAME-1.png, … (default: %(default)s)")
@@ -208,7 +212,8 @@ def build_request(args: argparse.Namespace):
     request = GenerationRequest(
         args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
         guidance_rescale=args.guidance_rescale, seed=seed, width=args.width, height=args.height, sampler=args.sampler,
-        karras=args.karras, eta=args.eta, num_images=args.num_images, strength=args.strength,
+        karras=args.karras, timestep_spacing=args.timestep_spacing, eta=args.eta, num_images=args.num_images,
+        strength=args.strength,
         image=IMAGE_PLACEHOLDER if args.image else None, mask=IMAGE_PLACEHOLDER if args.mask else None,  # (read below)
         original_size=flip(args.original_size), crop_coords=tuple(args.crop_coords) if args.crop_coords else None,
         target_size=flip(args.target_size), aesthetic_score=args.aesthetic_score,

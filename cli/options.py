@@ -46,9 +46,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-files-only", action="store_true",
                         help="never contact the Hub: a Hub model must be in the cache (as with HF_HUB_OFFLINE=1)")
     add_speed_options(parser)
-    parser.add_argument("--prediction-type", default=None, choices=("eps", "v"),
+    parser.add_argument("--prediction-type", default=None, choices=("eps", "v", "sample"),
                         help="override the model's prediction type (a single file does not store it: SD 2.x files "
-                             "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file)")
+                             "default to v, the 768-px models; pass eps for a 512-px SD 2.x base file or SD-Turbo, "
+                             "sample for the 1-step SDXL-Lightning UNet)")
     parser.add_argument("--refiner", default=None,
                         help="an SDXL refiner (folder, single file or Hub id) that finishes the SDXL base's "
                              "text-to-image runs (the SDXL model card's base → refiner hand-off)")

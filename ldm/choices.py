@@ -7,9 +7,14 @@ that implement these options take their names from here.
 
 # sampler name → AUTOMATIC1111's name of it (written into the infotext, read back by --from-png)
 SAMPLER_LABELS = {"pndm": "PLMS", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
-                  "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC"}
+                  "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC",
+                  "lcm": "LCM", "tcd": "TCD"}  # A1111 has LCM; TCD is Forge's and ComfyUI's name
 # the samplers whose diffusers scheduler takes Karras σ (`use_karras_sigmas`)
 KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+
+# how the timesteps of a run are spaced over the training range (diffusers' `timestep_spacing`; Lin et al. 2023,
+# Table 2): "trailing" starts at the last training timestep, as the Turbo and Lightning models are sampled
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 SYNTAXES = ("a1111", "plain")
 

@@ -423,6 +423,8 @@ REFERENCE_SCHEDULERS: dict[str, tuple[str, dict]] = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),  # the class defaults: order 2
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),  # the class defaults: bh2, order 2
+    "lcm": ("LCMScheduler", {}),  # the class defaults: original_inference_steps 50, timestep_scaling 10
+    "tcd": ("TCDScheduler", {}),
 }
 
 

@@ -23,7 +23,7 @@ DIFFUSERS = list(SAMPLERS)
 KARRAS = [name for name, spec in SAMPLERS.items() if spec.karras]
 TRAJECTORY_TOL = 1e-4
 # diffusers keeps these in variance-preserving form; ldm works in σ-space
-VP_LATENTS = ("pndm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
+VP_LATENTS = ("pndm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm", "tcd")
 
 
 def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
@@ -31,7 +31,9 @@ def fake_unet(x: torch.Tensor, t) -> torch.Tensor:
     return torch.tanh(0.8 * x + torch.sin(t / 97.0 + x.roll(1, -1))) * 0.7 + 0.2 * x
 
 
-def diffusers_trajectory(name, config, steps, seed, eta=0.0, karras=False):
+def diffusers_trajectory(name, config, steps, seed, eta=None, karras=False):
+    """The latents after each step of diffusers' scheduler for `name` on `fake_unet` (eta: its step's default when
+    None: DDIM's 0, TCD's γ 0.3)."""
     scheduler = diffusers_scheduler(name, config, karras)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
@@ -40,7 +42,7 @@ def diffusers_trajectory(name, config, steps, seed, eta=0.0, karras=False):
     for n, t in enumerate(scheduler.timesteps):
         out = fake_unet(scheduler.scale_model_input(x, t), t)
         extra = {"generator": generator} if "generator" in SAMPLERS[name].options else {}
-        extra |= {"eta": eta} if name == "ddim" else {}
+        extra |= {"eta": eta} if "eta" in SAMPLERS[name].options and eta is not None else {}
         x = scheduler.step(out, t, x, **extra).prev_sample
         # Heun: a step ends after its correction, or after the last (Euler) call into σ = 0
         if getattr(scheduler, "state_in_first_order", True) or n == len(scheduler.timesteps) - 1:
@@ -48,7 +50,7 @@ def diffusers_trajectory(name, config, steps, seed, eta=0.0, karras=False):
     return trajectory
 
 
-def ldm_trajectory(name, config, steps, seed, eta=0.0, karras=False):
+def ldm_trajectory(name, config, steps, seed, eta=None, karras=False):
     cfg = SchedulerConfig.from_diffusers(config)
     spec = SAMPLERS[name]
     schedule = spec.schedule(cfg, steps, karras)
@@ -214,7 +216,7 @@ def test_started_part_way_like_diffusers_img2img(name, config, strength):
         sigma_next = schedule.sigmas[step.i + 1]
         actual.append(step.x / (1 + sigma_next**2) ** 0.5 if name in VP_LATENTS else step.x)
 
-    spec.sample(PredictionDenoiser(fake_unet, schedule, config_.prediction_type), x, schedule, record, eta=0.0,
+    spec.sample(PredictionDenoiser(fake_unet, schedule, config_.prediction_type), x, schedule, record, eta=None,
                 generator=generator, output=config_.prediction_type)
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
@@ -328,3 +330,68 @@ def test_off_grid_sigma_interpolates_the_timestep_like_k_diffusion(name):
     assert seen[-1] == pytest.approx(300.5, abs=1e-3)  # halfway in log σ between two training σ
     with pytest.raises(KeyError, match="not on the schedule"):
         PredictionDenoiser(lambda x, t: x, Schedule([2.0, 0.0], [500.0], 1.0))(x, 1.0)
+
+
+# ------------------------------------------------------------------------------ few-step samplers, spacing, x0
+
+
+def _assert_same_trajectory(name, config, steps, seed, eta=None):
+    expected = diffusers_trajectory(name, config, steps, seed=seed, eta=eta)
+    actual = ldm_trajectory(name, config, steps, seed=seed, eta=eta)
+    assert len(actual) == len(expected) == steps
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert max_rel_err(a, e) < TRAJECTORY_TOL, f"step {i}"
+
+
+@pytest.mark.parametrize("eta", [None, 0.0, 0.7, 1.0])  # None: TCD's own γ, 0.3
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_tcd_gamma_matches_diffusers(steps, eta):
+    _assert_same_trajectory("tcd", SD1_SCHEDULER, steps, seed=steps, eta=eta)
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+@pytest.mark.parametrize("steps", [1, 3, 6])
+def test_distillation_grid_of_the_config(name, steps):
+    """A config's own original_inference_steps and timestep_scaling set the grid and LCM's boundary condition."""
+    config = SDXL_SCHEDULER | {"original_inference_steps": 8, "timestep_scaling": 0.05}
+    schedule = SAMPLERS[name].schedule(SchedulerConfig.from_diffusers(config), steps, False)
+    scheduler = diffusers_scheduler(name, config)
+    scheduler.set_timesteps(steps)
+    assert schedule.timesteps == scheduler.timesteps.tolist()
+    _assert_same_trajectory(name, config, steps, seed=5)
+
+
+def test_lcm_grid_and_its_limit():
+    cfg = SchedulerConfig.from_diffusers(SD1_SCHEDULER)
+    assert SAMPLERS["lcm"].schedule(cfg, 4, False).timesteps == [999.0, 759.0, 499.0, 259.0]
+    with pytest.raises(InputError, match="lcm takes at most 50 steps"):
+        SAMPLERS["lcm"].schedule(cfg, 51, False)
+
+
+SAMPLE_PREDICTING = [name for name, spec in SAMPLERS.items() if "sample" in spec.predictions]
+
+
+@pytest.mark.parametrize("name", SAMPLE_PREDICTING)
+@pytest.mark.parametrize("steps", [1, 4])
+def test_x0_prediction_matches_diffusers(name, steps):
+    """prediction_type "sample" (the UNet predicts x0, as the 1-step SDXL-Lightning UNet does)."""
+    assert set(SAMPLERS) - set(SAMPLE_PREDICTING) == {"pndm", "euler_a"}  # diffusers raises for these
+    _assert_same_trajectory(name, SDXL_SCHEDULER | {"prediction_type": "sample"}, steps, seed=steps)
+
+
+SPACED = [name for name, spec in SAMPLERS.items() if spec.spacing]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("name", SPACED)
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_timestep_spacing_matches_diffusers(name, spacing, steps):
+    """Every sampler whose scheduler has `timestep_spacing` follows each of its values (trailing: the Turbo and
+    Lightning models' spacing)."""
+    assert set(SAMPLERS) - set(SPACED) == {"lcm", "tcd"}  # their grids ignore it, as diffusers' do
+    config = SDXL_SCHEDULER | {"timestep_spacing": spacing}
+    expected = diffusers_trajectory(name, config, steps, seed=steps)
+    actual = ldm_trajectory(name, config, steps, seed=steps)
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert max_rel_err(a, e) < TRAJECTORY_TOL, f"step {i}"

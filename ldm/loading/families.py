@@ -28,15 +28,16 @@ DDIM_V = {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"} | _
 EULER_LEADING = {"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon", "timestep_spacing": "leading",
                  "interpolation_type": "linear", "use_karras_sigmas": False, "sample_max_value": 1.0} | _DDPM_BETAS
 
-PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}  # --prediction-type → scheduler config value
+# --prediction-type → scheduler config value (sample: the UNet predicts x0, as the 1-step SDXL-Lightning UNet)
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "sample": "sample"}
 TEXT_HEAD_DIM = 64  # CLIP ViT-L/14, OpenCLIP ViT-H/14 and ViT-bigG/14 all use 64-wide heads
 
 
 def prediction_type_override(prediction_type: str | None) -> str | None:
-    """The scheduler config's prediction_type that `--prediction-type` ("eps" or "v") asks for (None: the model's
+    """The scheduler config's prediction_type that `--prediction-type` (eps, v or sample) asks for (None: the model's
     own: a folder's scheduler config, a single file's family rule); an InputError for anything else."""
     if prediction_type not in (None, *PREDICTION_TYPES):
-        raise InputError(f"unknown prediction type {prediction_type!r} (use {' or '.join(PREDICTION_TYPES)})")
+        raise InputError(f"unknown prediction type {prediction_type!r} (use {', '.join(PREDICTION_TYPES)})")
     return None if prediction_type is None else PREDICTION_TYPES[prediction_type]
 
 

@@ -125,6 +125,8 @@ def read_infotext(text: str, source: str = "the infotext", with_image: bool = Fa
         raise InputError(f"{source}: emphasis {params['Emphasis']!r} is not one ldm has", field="emphasis")
     found["emphasis"] = emphasis
     found["prompt_syntax"] = params.get("Prompt syntax", "a1111")
+    if "Timestep spacing" in params:  # ldm's own key (A1111's schedulers do not space timesteps)
+        found["timestep_spacing"] = params["Timestep spacing"]
     if "Hires upscale" in params:  # the hires fix: its strength is the second pass's
         found |= _hires(params, source)
     elif "Denoising strength" in params:

@@ -7,6 +7,7 @@ the VAE's scale (pixels per latent). Nothing in it reads a weight: a seed drawn 
 its one random choice.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,8 +72,11 @@ def pick_sampler(r: GenerationRequest, scheduler: SchedulerConfig, name: str) ->
     if sampler is None:
         raise InputError(f"{name}'s scheduler ({scheduler.class_name}) is not one ldm implements; "
                          f"pick a sampler: {', '.join(SAMPLERS)}", field="sampler")
-    if r.karras and not SAMPLERS[sampler].karras:  # the folder's sampler (check() saw only one asked for)
+    if (r.karras or r.timestep_spacing) and r.sampler is None:  # the folder's sampler: check() saw none asked for
         r.replace(sampler=sampler).check()
+    if scheduler.prediction_type not in SAMPLERS[sampler].predictions:
+        raise InputError(f"{sampler}: {SAMPLERS[sampler].diffusers_class} does not take {name}'s prediction type "
+                         f"{scheduler.prediction_type!r}; pick another sampler", field="sampler")
     return sampler
 
 
@@ -118,8 +122,11 @@ def with_defaults(spec: ModelSpec, r: GenerationRequest, sampler: str, vae_scale
 
 def lay_out_schedule(r: GenerationRequest, sampling: SamplerSpec, scheduler: SchedulerConfig,
                      karras: bool) -> Schedule:
-    """The σ grid of `r.steps` steps, then the part of it this run walks: image-to-image's tail (its strength),
+    """The σ grid of `r.steps` steps (spaced as the request says, else as the scheduler config), then the part of it
+    this run walks: image-to-image's tail (its strength),
     a refiner's tail after `denoising_start`, a base's head before `denoising_end`."""
+    if r.timestep_spacing is not None:
+        scheduler = dataclasses.replace(scheduler, timestep_spacing=r.timestep_spacing)
     schedule = sampling.schedule(scheduler, r.steps, karras)
     T = scheduler.num_train_timesteps
     if r.image is not None:

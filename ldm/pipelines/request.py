@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ldm.choices import EMPHASES, HIRES_MAX_SCALE, HIRES_UPSCALERS, SYNTAXES
+from ldm.choices import EMPHASES, HIRES_MAX_SCALE, HIRES_UPSCALERS, SYNTAXES, TIMESTEP_SPACINGS
 from ldm.errors import InputError
 from ldm.sampling.samplers import SAMPLERS
 
@@ -45,7 +45,8 @@ class GenerationRequest:
     height: int | None = None
     sampler: str | None = None
     karras: bool = False
-    eta: float = 0.0
+    timestep_spacing: str | None = None  # `ldm.choices.TIMESTEP_SPACINGS`; None: the model's scheduler config's
+    eta: float | None = None  # DDIM's η, TCD's γ; None: the sampler's own (DDIM 0, TCD 0.3)
     num_images: int = 1  # per prompt
     # image-to-image: an image (for every image of the batch), one image per image of the batch, or the VAE
     # latents (scaled, as diffusers' img2img takes a 4-channel tensor) of one or of each; with `mask` (and one
@@ -145,6 +146,13 @@ class GenerationRequest:
         if self.karras and self.sampler is not None and not SAMPLERS[self.sampler].karras:
             bad("karras", f"--karras applies to {', '.join(n for n, s in SAMPLERS.items() if s.karras)}, "
                           f"not to {self.sampler}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            bad("timestep_spacing", f"unknown timestep spacing {self.timestep_spacing!r} (use "
+                                    f"{', '.join(TIMESTEP_SPACINGS)})")
+        if self.timestep_spacing is not None and self.sampler is not None and not SAMPLERS[self.sampler].spacing:
+            bad("timestep_spacing", f"--timestep-spacing applies to "
+                                    f"{', '.join(n for n, s in SAMPLERS.items() if s.spacing)}, not to {self.sampler} "
+                                    f"(its steps come from its distillation grid)")
         if not _whole(self.steps) or not 1 <= self.steps <= max_steps:
             bad("steps", f"steps must be a whole number from 1 to {max_steps} (the training timesteps), "
                          f"got {self.steps!r}")
@@ -169,7 +177,7 @@ class GenerationRequest:
     def _check_fractions(self, bad) -> None:
         """The values between 0 and 1 (eta, guidance rescale, strength, the base → refiner hand-off), and
         denoising_start with the latents it resumes."""
-        if not _number(self.eta) or not 0 <= self.eta <= 1:
+        if self.eta is not None and (not _number(self.eta) or not 0 <= self.eta <= 1):
             bad("eta", f"eta must be between 0 and 1, got {self.eta}")
         if not _number(self.guidance_rescale) or not 0 <= self.guidance_rescale <= 1:
             bad("guidance_rescale", f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}")

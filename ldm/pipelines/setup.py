@@ -65,7 +65,7 @@ class RunSettings:
     variant: str | None = None  # the weights variant of a diffusers folder (*.fp16.safetensors)
     revision: str | None = None  # a Hub revision
     local_files_only: bool = False  # never contact the Hub
-    prediction_type: str | None = None  # eps or v, over the model's own
+    prediction_type: str | None = None  # eps, v or sample, over the model's own
     safety_checker: bool = True  # (--no-safety-checker: False) the checker of models that ship one
     vae: str | None = None  # another VAE: a diffusers vae/ folder or a .safetensors file of the model's family
     vae_tiling: bool = False  # decode and encode in tiles always (otherwise only where a whole pass would not fit)

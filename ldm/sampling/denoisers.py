@@ -4,7 +4,8 @@
 
 `guided` is classifier-free guidance (Ho & Salimans 2022) on the UNet's output, with the batch layout
 diffusers uses ([unconditional; conditional]). `PredictionDenoiser` maps σ to the UNet's input scaling and
-timestep and its ε or v output to x0 (Karras et al. 2022, Table 1 / Salimans & Ho 2022 for v).
+timestep and its ε, v or x0 output to x0 (Karras et al. 2022, Table 1 / Salimans & Ho 2022 for v; an x0 ("sample")
+model's output is x0 itself).
 """
 
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldm.sampling.schedules import Schedule, sigma_to_t
+from ldm.sampling.schedules import PREDICTIONS, Schedule, sigma_to_t
 
 Model = Callable[[Tensor, float], Tensor]
 
@@ -57,7 +58,7 @@ def with_channels(unet: Callable[..., Tensor], extra: Tensor) -> Callable[..., T
 
 
 class PredictionDenoiser:
-    """`denoiser(x, σ)` → x0 for a UNet trained on discrete timesteps (ε- or v-prediction).
+    """`denoiser(x, σ)` → x0 for a UNet trained on discrete timesteps (ε-, v- or x0-prediction).
 
     The UNet sees x / √(σ²+1) (the variance-preserving latent) at the timestep the schedule pairs with σ,
     in `dtype` (the UNet's); the sampler's own state stays in the dtype of x (float32 in the pipelines).
@@ -67,7 +68,7 @@ class PredictionDenoiser:
 
     def __init__(self, model: Model, schedule: Schedule, prediction_type: str = "epsilon",
                  dtype: torch.dtype | None = None):
-        if prediction_type not in ("epsilon", "v_prediction"):
+        if prediction_type not in PREDICTIONS:
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
         self.model, self.prediction_type, self.dtype = model, prediction_type, dtype
         self.timestep_of = dict(zip(schedule.sigmas, schedule.timesteps, strict=False))
@@ -88,4 +89,6 @@ class PredictionDenoiser:
         out = self.model((x * c_in).to(self.dtype or x.dtype), t).to(x.dtype)
         if self.prediction_type == "epsilon":
             return x - sigma * out
+        if self.prediction_type == "sample":
+            return out
         return x / (sigma**2 + 1.0) - out * (sigma * c_in)

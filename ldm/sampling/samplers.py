@@ -36,7 +36,9 @@ from ldm.sampling.schedules import (
     ddim_schedule,
     dpm_schedule,
     euler_schedule,
+    lcm_schedule,
     pndm_schedule,
+    tcd_schedule,
     unipc_schedule,
 )
 
@@ -360,6 +362,42 @@ def sample_pndm(model: Denoiser, x: Tensor, sigmas: list[float], output: str = "
     return x
 
 
+@torch.no_grad()
+def sample_lcm(model: Denoiser, x: Tensor, sigmas: list[float], boundary: list[tuple[float, float]],
+               generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
+    """Latent consistency models' multistep sampler (Luo et al. 2023, Algorithm 3; diffusers' LCMScheduler): the
+    consistency function c_out·x0 + c_skip·x (on the variance-preserving latents) is the step's estimate, noised
+    afresh to the next σ; the last step returns the estimate. A `Step`'s `denoised` is the denoiser's x0, before
+    the boundary condition (c_skip < 1e-5 everywhere on the distillation grid)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        c_skip, c_out = boundary[i]
+        x0 = model(x, sigma)
+        estimate = c_out * x0 + c_skip * (x / (1.0 + sigma**2) ** 0.5)
+        x = estimate + _noise(x, generator) * sigma_next if sigma_next > 0 else estimate
+        x = _step_end(callback, sigmas, i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_tcd(model: Denoiser, x: Tensor, sigmas: list[float], lands_at: list[int], training_sigmas: np.ndarray,
+               eta: float = 0.3, generator: torch.Generator | None = None,
+               callback: StepCallback | None = None) -> Tensor:
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024, Algorithm 4;
+    diffusers' TCDScheduler), γ = `eta`: a DDIM step from σ down to σ_s of s = ⌊(1 − γ)·t_next⌋, then fresh noise
+    back up to σ_next (none with γ = 0, or after the last step, which lands on t = 0)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma)
+        s = int(torch.floor((1 - eta) * torch.tensor(lands_at[i])))  # as diffusers rounds it, in float32
+        sigma_s = float(training_sigmas[s]) if s != lands_at[i] else sigma_next
+        x = denoised + to_d(x, sigma, denoised) * sigma_s
+        if eta > 0 and lands_at[i] > 0:
+            x = x + _noise(x, generator) * max(sigma_next**2 - sigma_s**2, 0.0) ** 0.5
+        x = _step_end(callback, sigmas, i, x, denoised)
+    return x
+
+
 # ------------------------------------------------------------------------------------- registry
 
 
@@ -373,6 +411,10 @@ class SamplerSpec:
     label: str  # AUTOMATIC1111's name, written into the PNG parameters
     options: tuple[str, ...] = ()  # keyword arguments it takes beyond (model, x, sigmas, callback)
     karras: bool = False  # takes Karras σ (where the diffusers scheduler has `use_karras_sigmas`)
+    spacing: bool = True  # its grid follows `timestep_spacing` (LCM and TCD take theirs from the distillation grid)
+    eta: float = 0.0  # the η (TCD: γ) it runs with when a request gives none
+    # the prediction types its diffusers scheduler implements
+    predictions: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
     # diffusers runs each step as two scheduler calls (Heun), so cuts and per-call pastes fall mid-step
     two_calls_per_step: bool = False
 
@@ -380,7 +422,10 @@ class SamplerSpec:
                **available) -> Tensor:
         """Run over `schedule`, given the options it takes from `available` (eta, generator, output)."""
         available |= {"froms": schedule.froms, "lands": schedule.lands, "grid": schedule.grid or schedule.sigmas,
-                      "offset": schedule.offset}
+                      "offset": schedule.offset, "boundary": schedule.boundary, "lands_at": schedule.lands_at,
+                      "training_sigmas": schedule.training_sigmas}
+        if available.get("eta") is None:
+            available["eta"] = self.eta
         return self.run(model, x, schedule.sigmas, callback=callback, **{k: available[k] for k in self.options})
 
 
@@ -388,18 +433,24 @@ def _spec(name: str, run, schedule, diffusers_class: str, **more) -> SamplerSpec
     return SamplerSpec(run, schedule, diffusers_class, SAMPLER_LABELS[name], karras=name in KARRAS_SAMPLERS, **more)
 
 
+EPS_OR_V = ("epsilon", "v_prediction")  # PNDMScheduler and EulerAncestralDiscreteScheduler take no "sample"
+
 SAMPLERS: dict[str, SamplerSpec] = {
-    "pndm": _spec("pndm", sample_pndm, pndm_schedule, "PNDMScheduler", options=("output", "froms", "lands")),
+    "pndm": _spec("pndm", sample_pndm, pndm_schedule, "PNDMScheduler", options=("output", "froms", "lands"),
+                  predictions=EPS_OR_V),
     "ddim": _spec("ddim", sample_ddim, ddim_schedule, "DDIMScheduler", options=("eta", "generator", "lands")),
     "euler": _spec("euler", sample_euler, euler_schedule, "EulerDiscreteScheduler"),
     "euler_a": _spec("euler_a", sample_euler_ancestral, euler_schedule, "EulerAncestralDiscreteScheduler",
-                     options=("generator",)),
+                     options=("generator",), predictions=EPS_OR_V),
     "heun": _spec("heun", sample_heun, euler_schedule, "HeunDiscreteScheduler", two_calls_per_step=True),
     "lms": _spec("lms", sample_lms, euler_schedule, "LMSDiscreteScheduler", options=("grid", "offset")),
     "dpmpp_2m": _spec("dpmpp_2m", sample_dpmpp_2m, dpm_schedule, "DPMSolverMultistepScheduler"),
     "dpmpp_2m_sde": _spec("dpmpp_2m_sde", sample_dpmpp_2m_sde, dpm_schedule, "DPMSolverMultistepScheduler",
                           options=("generator",)),
     "unipc": _spec("unipc", sample_unipc, unipc_schedule, "UniPCMultistepScheduler"),
+    "lcm": _spec("lcm", sample_lcm, lcm_schedule, "LCMScheduler", options=("boundary", "generator"), spacing=False),
+    "tcd": _spec("tcd", sample_tcd, tcd_schedule, "TCDScheduler",
+                 options=("lands_at", "training_sigmas", "eta", "generator"), spacing=False, eta=0.3),
 }
 assert list(SAMPLERS) == list(SAMPLER_LABELS)
 

@@ -13,7 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ldm.choices import TIMESTEP_SPACINGS
 from ldm.errors import ConfigError, InputError
+
+# what a UNet's output is: the noise ε, the velocity v (Salimans & Ho 2022), or the clean latents x0 ("sample")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,9 @@ class SchedulerConfig:
             fields["class_name"] = cfg["_class_name"]
         if "trained_betas" in fields:
             fields["trained_betas"] = tuple(fields["trained_betas"])
-        for key, allowed in (("prediction_type", ("epsilon", "v_prediction")),
+        for key, allowed in (("prediction_type", PREDICTIONS),
                              ("beta_schedule", ("linear", "scaled_linear")),
-                             ("timestep_spacing", ("leading", "linspace", "trailing", None)),
+                             ("timestep_spacing", (*TIMESTEP_SPACINGS, None)),
                              ("interpolation_type", ("linear",))):
             if fields.get(key, getattr(cls, key)) not in allowed:
                 raise ConfigError(f"scheduler config: {key}={fields[key]!r} is not supported")
@@ -91,6 +95,10 @@ class Schedule:
     # The training grid σ_t = √((1-ᾱ_t)/ᾱ_t), t = 0 … T-1, where the denoiser places a σ that is not one of
     # `sigmas` (k-diffusion's `DiscreteSchedule`); None for a bare list of σ and timesteps.
     training_sigmas: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # LCM: each step's boundary condition (c_skip, c_out), from its timestep (`boundary_condition`)
+    boundary: list[tuple[float, float]] | None = None
+    # TCD: the training timestep each step lands on (0 after the last), which its γ-step goes back from
+    lands_at: list[int] | None = None
 
     def _part(self, start: int, stop: int | None = None) -> "Schedule":
         """Steps start…stop-1 (and the σ they end on)."""
@@ -103,7 +111,7 @@ class Schedule:
 
         return Schedule(self.sigmas[start:end], self.timesteps[start:stop], self.init_noise_sigma,
                         cut(self.froms), cut(self.lands), grid=self.grid or self.sigmas, offset=self.offset + start,
-                        training_sigmas=self.training_sigmas)
+                        training_sigmas=self.training_sigmas, boundary=cut(self.boundary), lands_at=cut(self.lands_at))
 
     def from_strength(self, strength: float) -> "Schedule":
         """The tail that image-to-image runs: the last min(int(steps·strength), steps) steps (diffusers'
@@ -298,3 +306,57 @@ def pndm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Sch
 
     return restart(0)
 
+
+
+# ------------------------------------------------------------------------------- few-step (consistency) models
+
+
+def consistency_timesteps(cfg: SchedulerConfig, steps: int, sampler: str) -> np.ndarray:
+    """LCMScheduler's (and TCDScheduler's) timesteps: the distillation grid of `original_inference_steps` (50 by
+    default) points t = k·i - 1 (k = T // that), descending, taken at floor(linspace(0, len, steps)) indices
+    (4 steps of 50: 999, 759, 499, 259)."""
+    original = int(cfg.extra.get("original_inference_steps", 50))
+    if not 1 <= original <= cfg.num_train_timesteps:
+        raise ConfigError(f"scheduler config: original_inference_steps={original} must be from 1 to "
+                          f"{cfg.num_train_timesteps}")
+    if steps > original:
+        raise InputError(f"{sampler} takes at most {original} steps on this model (its distillation grid: "
+                         f"original_inference_steps), got {steps}", field="steps")
+    grid = (np.arange(1, original + 1) * (cfg.num_train_timesteps // original) - 1)[::-1]
+    return grid[np.floor(np.linspace(0, len(grid), steps, endpoint=False)).astype(np.int64)]
+
+
+def boundary_condition(t: int, timestep_scaling: float) -> tuple[float, float]:
+    """LCM's consistency-model parametrisation at timestep t (Song et al. 2023, eq. 3; σ_data = 0.5):
+    c_skip = σ_d²/(s² + σ_d²), c_out = s/√(s² + σ_d²) with s = t·`timestep_scaling`, in float32 as diffusers'
+    `get_scalings_for_boundary_condition_discrete` computes them."""
+    scaled = torch.tensor(t) * timestep_scaling
+    return float(0.25 / (scaled**2 + 0.25)), float(scaled / (scaled**2 + 0.25) ** 0.5)
+
+
+def _consistency_config(cfg: SchedulerConfig, sampler: str) -> None:
+    if cfg.clip_sample:
+        raise ConfigError(f"{sampler} with clip_sample (x0 clipped to [-1, 1]) is not supported; the official "
+                          f"LCM/TCD configs set clip_sample: false")
+    expect(cfg, sampler, thresholding=(False,))
+
+
+def lcm_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
+    """LCMScheduler: the distillation grid's timesteps at their σ, each with its boundary condition, then σ = 0
+    (the last step returns its denoised estimate)."""
+    _consistency_config(cfg, "LCM")
+    ac, t = cfg.alphas_cumprod(), consistency_timesteps(cfg, steps, "lcm")
+    sigmas = [sigma_of(ac, ti) for ti in t] + [0.0]
+    scaling = float(cfg.extra.get("timestep_scaling", 10.0))
+    return Schedule(sigmas, [float(ti) for ti in t], (1.0 + sigmas[0] ** 2) ** 0.5,
+                    training_sigmas=_training_sigmas(cfg), boundary=[boundary_condition(ti, scaling) for ti in t])
+
+
+def tcd_schedule(cfg: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
+    """TCDScheduler: LCM's timesteps at their σ; the last step lands on t = 0 (σ_0, not 0: TCD returns the
+    sample its γ-step noises back to ᾱ_0)."""
+    _consistency_config(cfg, "TCD")
+    ac, t = cfg.alphas_cumprod(), consistency_timesteps(cfg, steps, "tcd")
+    sigmas = [sigma_of(ac, ti) for ti in t] + [sigma_of(ac, 0)]
+    return Schedule(sigmas, [float(ti) for ti in t], (1.0 + sigmas[0] ** 2) ** 0.5,
+                    training_sigmas=_training_sigmas(cfg), lands_at=[int(ti) for ti in t[1:]] + [0])

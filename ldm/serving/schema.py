@@ -62,6 +62,8 @@ class Parameters:
     height: int | None = None
     width: int | None = None
     scheduler: str | None = None
+    timestep_spacing: str | None = None  # leading, linspace or trailing (default: the model's scheduler config)
+    eta: float | None = None  # DDIM's η, TCD's γ (default: the sampler's own)
     strength: float | None = None
     num_images_per_prompt: int = 1
     prompt_syntax: str | None = None  # "plain" (a request's default: diffusers reads brackets literally) or "a1111"
@@ -76,8 +78,9 @@ class Parameters:
 
 
 PARAMETER_NAMES = tuple(f.name for f in fields(Parameters))
-TEXT_PARAMETERS = ("negative_prompt", "scheduler", "prompt_syntax", "hires_upscaler")
-REAL_PARAMETERS = ("guidance_scale", "strength", "refiner_start", "hires_scale", "hires_denoise")  # the rest: integers
+TEXT_PARAMETERS = ("negative_prompt", "scheduler", "timestep_spacing", "prompt_syntax", "hires_upscaler")
+REAL_PARAMETERS = ("guidance_scale", "eta", "strength", "refiner_start", "hires_scale",  # the rest: integers
+                   "hires_denoise")
 # a GenerationRequest field → the parameter of a scoring request that sets it (for the field an error names)
 PARAMETER_OF = {"steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
                 "num_images": "num_images_per_prompt"}
@@ -239,6 +242,7 @@ def generation_request(p: Parameters, prompts: list[str], negative: str | None, 
     return GenerationRequest(prompts, negative, steps=p.num_inference_steps, guidance=p.guidance_scale, seed=seed,
                              width=p.width, height=p.height,
                              sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
+                             timestep_spacing=p.timestep_spacing, eta=p.eta,
                              num_images=p.num_images_per_prompt, image=image, mask=mask, strength=p.strength,
                              prompt_syntax=prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
                              refiner_start=p.refiner_start, hires_scale=p.hires_scale, hires_steps=p.hires_steps,

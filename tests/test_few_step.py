@@ -1,0 +1,188 @@
+"""Few-step sampling through `ldm generate`: the LCM and TCD samplers, `--timestep-spacing` (Turbo and Lightning
+models are sampled with trailing spacing) and x0 prediction (`--prediction-type sample`), as whole images against
+diffusers' StableDiffusion(XL)Pipeline / StableDiffusionImg2ImgPipeline given the same scheduler (LCMScheduler,
+TCDScheduler, Euler with `timestep_spacing="trailing"`, …) on the same tiny folder and seed."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from official import diffusers_scheduler
+from PIL import Image
+
+from ldm_cli.main import main
+
+PROMPT = "a lighthouse on a cliff at dusk"
+MAX_PIXEL_DIFF = 2
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py) ldm and diffusers compared in one process
+
+LOADED = {}
+
+
+def load(cls, folder, sampler: str, **settings):
+    """diffusers' `cls` on `folder` (loaded once), with `sampler`'s scheduler on the folder's config and `settings`."""
+    if (cls, folder) not in LOADED:
+        pipe = cls.from_pretrained(folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
+            if cls is not StableDiffusionXLPipeline else cls.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        LOADED[cls, folder] = pipe, dict(pipe.scheduler.config)
+    pipe, config = LOADED[cls, folder]
+    scheduler = diffusers_scheduler(sampler, config)
+    # as keyword arguments: a loaded config lists the fields its file left out (`_use_default_values`), and
+    # `from_config` drops those from the dict, so a setting merged into it would be ignored
+    pipe.scheduler = type(scheduler).from_config(scheduler.config, **settings)
+    assert all(pipe.scheduler.config[k] == v for k, v in settings.items())
+    return pipe
+
+
+def reference(pipe, seed: int, **kwargs) -> np.ndarray:
+    out = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images[0]
+    assert out.std() > 0.04  # a real image, not a flat one that any output would match
+    return (out * 255).round().astype(np.int16)
+
+
+def generate(tmp_path, folder, *args) -> np.ndarray:
+    out = tmp_path / "out.png"
+    assert main(["generate", PROMPT, "--model", str(folder), "-o", str(out), *args]) == 0
+    return np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
+
+
+def assert_close(name, actual, expected):
+    assert actual.shape == expected.shape
+    diff = np.abs(actual - expected).max()
+    print(f"{name}: max pixel difference {diff}")
+    assert diff <= MAX_PIXEL_DIFF
+
+
+# (ldm's options, diffusers' scheduler settings, diffusers' call arguments)
+TEXT_TO_IMAGE = {
+    "lcm-4": (["--sampler", "lcm", "--steps", "4", "--guidance", "1.5"], {}, {"guidance_scale": 1.5}),
+    "lcm-1-no-cfg": (["--sampler", "lcm", "--steps", "1", "--guidance", "1"], {}, {"guidance_scale": 1.0}),
+    "tcd-4": (["--sampler", "tcd", "--steps", "4", "--guidance", "1.5"], {}, {"guidance_scale": 1.5, "eta": 0.3}),
+    "tcd-3-eta": (["--sampler", "tcd", "--steps", "3", "--eta", "0.8"], {}, {"eta": 0.8}),
+    "euler-1-trailing": (["--sampler", "euler", "--steps", "1", "--timestep-spacing", "trailing", "--guidance", "0"],
+                         {"timestep_spacing": "trailing"}, {"guidance_scale": 0.0}),  # SD-Turbo
+    "euler_a-2-trailing": (["--sampler", "euler_a", "--steps", "2", "--timestep-spacing", "trailing"],
+                           {"timestep_spacing": "trailing"}, {}),  # SDXL-Turbo's scheduler
+    "ddim-3-trailing": (["--sampler", "ddim", "--steps", "3", "--timestep-spacing", "trailing"],
+                        {"timestep_spacing": "trailing"}, {}),
+    "dpmpp_2m-4-linspace": (["--sampler", "dpmpp_2m", "--steps", "4", "--timestep-spacing", "linspace"],
+                            {"timestep_spacing": "linspace"}, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(TEXT_TO_IMAGE))
+def test_text_to_image_equals_diffusers(sd1_folder, tmp_path, case):
+    options, settings, call = TEXT_TO_IMAGE[case]
+    sampler = options[options.index("--sampler") + 1]
+    steps = int(options[options.index("--steps") + 1])
+    actual = generate(tmp_path, sd1_folder, "--seed", "5", *options)
+    expected = reference(load(StableDiffusionPipeline, sd1_folder, sampler, **settings), 5, num_inference_steps=steps,
+                         height=64, width=64, **call)
+    assert_close(case, actual, expected)
+
+
+def test_spacing_and_eta_change_the_image(sd1_folder, tmp_path):
+    """The controls: trailing spacing and TCD's γ each move these images far beyond the tolerance."""
+    leading = generate(tmp_path, sd1_folder, "--seed", "5", "--sampler", "euler_a", "--steps", "2")
+    trailing = generate(tmp_path, sd1_folder, "--seed", "5", "--sampler", "euler_a", "--steps", "2",
+                        "--timestep-spacing", "trailing")
+    assert np.abs(leading - trailing).max() > 20
+    gamma_default = generate(tmp_path, sd1_folder, "--seed", "5", "--sampler", "tcd", "--steps", "4")
+    gamma_0 = generate(tmp_path, sd1_folder, "--seed", "5", "--sampler", "tcd", "--steps", "4", "--eta", "0")
+    assert np.abs(gamma_default - gamma_0).max() > 20
+
+
+@pytest.mark.parametrize("sampler, steps, strength", [("lcm", 4, 0.6), ("lcm", 2, 1.0), ("tcd", 4, 0.5)])
+def test_image_to_image_equals_diffusers(sd1_folder, tmp_path, sampler, steps, strength):
+    """Image-to-image runs the last int(steps·strength) steps of the grid, as StableDiffusionImg2ImgPipeline does
+    with these schedulers (diffusers' LCM image-to-image pipeline instead rebuilds the grid from strength)."""
+    image = Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8))
+    image.save(tmp_path / "init.png")
+    actual = generate(tmp_path, sd1_folder, "--seed", "8", "--sampler", sampler, "--steps", str(steps), "--image",
+                      str(tmp_path / "init.png"), "--strength", str(strength), "--guidance", "1.5")
+    pipe = load(StableDiffusionImg2ImgPipeline, sd1_folder, sampler)
+    # diffusers' pipelines pass their own eta (0.0) to TCDScheduler.step, whose γ default is 0.3: ldm's default
+    eta = {"eta": 0.3} if sampler == "tcd" else {}
+    expected = reference(pipe, 8, image=image, num_inference_steps=steps, strength=strength, guidance_scale=1.5,
+                         **eta)
+    assert_close(f"{sampler} img2img {strength}", actual, expected)
+
+
+@pytest.mark.parametrize("sampler, options, settings", [
+    ("lcm", ["--steps", "4", "--guidance", "1.5"], {}),
+    ("euler_a", ["--steps", "1", "--guidance", "0", "--timestep-spacing", "trailing"],
+     {"timestep_spacing": "trailing"}),
+])
+def test_sdxl_few_step_equals_diffusers(sdxl_folder, tmp_path, sampler, options, settings):
+    actual = generate(tmp_path, sdxl_folder, "--seed", "3", "--sampler", sampler, *options)
+    guidance = float(options[options.index("--guidance") + 1])
+    expected = reference(load(StableDiffusionXLPipeline, sdxl_folder, sampler, **settings), 3,
+                         num_inference_steps=int(options[1]), guidance_scale=guidance)
+    assert_close(f"sdxl {sampler}", actual, expected)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "lcm"])
+def test_x0_prediction_equals_diffusers(sdxl_folder, tmp_path, sampler):
+    """`--prediction-type sample`: the UNet's output is x0 (the 1-step SDXL-Lightning UNet: Euler, trailing)."""
+    args = ["--seed", "4", "--sampler", sampler, "--steps", "2", "--guidance", "1"]
+    spacing = {"timestep_spacing": "trailing"} if sampler != "lcm" else {}
+    if spacing:
+        args += ["--timestep-spacing", "trailing"]
+    actual = generate(tmp_path, sdxl_folder, *args, "--prediction-type", "sample")
+    expected = reference(load(StableDiffusionXLPipeline, sdxl_folder, sampler, prediction_type="sample", **spacing), 4,
+                         num_inference_steps=2, guidance_scale=1.0)
+    assert_close(f"x0 {sampler}", actual, expected)
+    eps = generate(tmp_path, sdxl_folder, *args)
+    assert np.abs(eps - actual).max() > 20  # control: the prediction type moves the image
+
+
+def test_infotext_round_trip(sd1_folder, tmp_path):
+    """LCM and TCD are written as `Sampler: LCM` / `TCD`, the spacing as `Timestep spacing`, γ as `Eta`; each read
+    back by --from-png gives the same image."""
+    for options, written in ((["--sampler", "tcd", "--eta", "0.6"], "Sampler: TCD, "),
+                             (["--sampler", "euler", "--timestep-spacing", "trailing"], "Timestep spacing: trailing"),
+                             (["--sampler", "lcm"], "Sampler: LCM, ")):
+        first = tmp_path / "first.png"
+        assert main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "3", "--seed", "2", "-o", str(first),
+                     *options]) == 0
+        params = Image.open(first).text["parameters"]
+        assert written in params
+        assert ("Eta: 0.6" in params) == ("--eta" in options)
+        again = tmp_path / "again.png"
+        assert main(["generate", "--from-png", str(first), "--model", str(sd1_folder), "-o", str(again)]) == 0
+        assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "lcm", "--timestep-spacing", "trailing"], "--timestep-spacing applies to"),
+    (["--sampler", "euler_a", "--prediction-type", "sample"], "euler_a: EulerAncestralDiscreteScheduler does not take"),
+    (["--sampler", "pndm", "--prediction-type", "sample"], "pndm: PNDMScheduler does not take"),
+    (["--sampler", "lcm", "--steps", "51"], "lcm takes at most 50 steps"),
+    (["--sampler", "tcd", "--eta", "1.5"], "eta must be between 0 and 1"),
+    (["--timestep-spacing", "uniform"], "invalid choice: 'uniform'"),
+])
+def test_bad_input_is_one_line(sd1_folder, tmp_path, capsys, args, message):
+    try:
+        code = main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "2", "-o", str(tmp_path / "x.png"),
+                     *args])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_folder_sampler_with_spacing_it_ignores(sd1_folder, tmp_path, capsys):
+    """A folder whose scheduler is LCM's refuses --timestep-spacing without --sampler, in one line."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(sd1_folder, tmp_path / "lcm-folder")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config | {"_class_name": "LCMScheduler"}))
+    code = main(["generate", PROMPT, "--model", str(folder), "--steps", "2", "--timestep-spacing", "trailing",
+                 "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not to lcm" in err, err
