@@ -380,6 +380,21 @@ SDXL_REFINER_UNET = SDXL_UNET | {
     "projection_class_embeddings_input_dim": 5 * 8 + 128, "transformer_layers_per_block": 2,
 }
 
+# SimianLuo/LCM_Dreamshaper_v7: an SD 1.5 folder named for the LCM pipeline, with LCMScheduler and a UNet that takes
+# the guidance scale's embedding (time_cond_proj_dim 256 there)
+LCM_MODEL_INDEX = SD1_MODEL_INDEX | {"_class_name": "LatentConsistencyModelPipeline",
+                                     "_diffusers_version": "0.22.0.dev0", "requires_safety_checker": True,
+                                     "scheduler": ["diffusers", "LCMScheduler"]}
+LCM_SCHEDULER = {
+    "_class_name": "LCMScheduler", "_diffusers_version": "0.22.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000, "original_inference_steps": 50,
+    "prediction_type": "epsilon", "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "set_alpha_to_one": True,
+    "steps_offset": 1, "thresholding": False, "timestep_scaling": 10.0, "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+LCM_UNET = SD1_UNET | {"time_cond_proj_dim": 24}
+
 CLIP_L, OPENCLIP = "<|endoftext|>", "!"  # the pad tokens of the two tokenizer folders
 FAMILIES = {
     "sd1": (SD1_MODEL_INDEX, SD1_SCHEDULER, SD1_UNET, SD1_VAE, {"text_encoder": (SD1_TEXT_ENCODER, CLIP_L)}),
@@ -390,6 +405,7 @@ FAMILIES = {
              {"text_encoder": (SDXL_TEXT_ENCODER, CLIP_L), "text_encoder_2": (SDXL_TEXT_ENCODER_2, OPENCLIP)}),
     "sdxl-refiner": (SDXL_REFINER_MODEL_INDEX, SDXL_SCHEDULER, SDXL_REFINER_UNET, SDXL_VAE,
                      {"text_encoder_2": (SDXL_TEXT_ENCODER_2, OPENCLIP)}),
+    "lcm-sd1": (LCM_MODEL_INDEX, LCM_SCHEDULER, LCM_UNET, SD1_VAE, {"text_encoder": (SD1_TEXT_ENCODER, CLIP_L)}),
 }
 
 
@@ -445,7 +461,8 @@ def diffusers_scheduler(name: str, config: dict, karras: bool = False):
 
 FOLDER_FIXTURES = {"sd1": "sd1_folder", "sd21": "sd21_folder", "sd2-inpaint": "sd2_inpaint_folder",
                    "sdxl": "sdxl_folder", "sdxl-refiner": "sdxl_refiner_folder"}  # conftest.py's session folders
-LDM_FAMILY = {"sd1": "sd1", "sd21": "sd2", "sd2-inpaint": "sd2-inpaint", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}
+LDM_FAMILY = {"sd1": "sd1", "sd21": "sd2", "sd2-inpaint": "sd2-inpaint", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner",
+              "lcm-sd1": "sd1"}
 
 
 def folder_components(root: Path) -> tuple[dict[str, dict], dict[str, dict[str, torch.Tensor]]]:

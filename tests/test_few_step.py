@@ -186,3 +186,96 @@ def test_folder_sampler_with_spacing_it_ignores(sd1_folder, tmp_path, capsys):
                  "-o", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert code == 2 and "not to lcm" in err, err
+
+
+# ------------------------------------------------------------------------------------------------ LCM UNets
+
+
+@pytest.fixture(scope="module")
+def lcm_folder(tmp_path_factory):
+    from official import write_folder
+    from safetensors.torch import load_file, save_file
+
+    folder = write_folder(tmp_path_factory.mktemp("lcm") / "tiny-lcm", "lcm-sd1", seed=31)
+    # a trained LCM UNet depends on the guidance; a random cond_proj barely moves this tiny one: strengthen it
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    state["time_embedding.cond_proj.weight"] *= 30
+    save_file(state, str(path))
+    return folder
+
+
+def test_lcm_unet_equals_diffusers(lcm_folder):
+    """A `time_cond_proj_dim` UNet (the guidance embedding through `time_embedding.cond_proj`) against diffusers'
+    UNet2DConditionModel with `timestep_cond`, the embedding built by diffusers' own pipeline function."""
+    from conftest import max_rel_err
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+
+    from ldm.networks.unet import guidance_embedding
+    from ldm.pipelines.stable_diffusion import StableDiffusion
+
+    reference = UNet2DConditionModel.from_pretrained(lcm_folder / "unet")
+    ours = StableDiffusion.from_pretrained(lcm_folder).unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, reference.config.cross_attention_dim, generator=g)
+    w = torch.tensor([7.5, 2.0])
+    expected_cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=24)
+    assert torch.equal(guidance_embedding(w, 24), expected_cond)
+    with torch.no_grad():
+        expected = reference(x, 499, context, timestep_cond=expected_cond).sample
+        actual = ours(x, torch.tensor(499.0), context, timestep_cond=expected_cond)
+        without = reference(x, 499, context, timestep_cond=torch.zeros_like(expected_cond)).sample
+    assert max_rel_err(actual, expected) < 1e-4
+    assert max_rel_err(without, expected) > 1e-2  # control: the guidance embedding moves the output
+
+
+def lcm_reference(folder, seed: int, **kwargs) -> np.ndarray:
+    from diffusers import LatentConsistencyModelPipeline
+
+    if (LatentConsistencyModelPipeline, folder) not in LOADED:
+        pipe = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                              requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        LOADED[LatentConsistencyModelPipeline, folder] = pipe, dict(pipe.scheduler.config)
+    pipe, _ = LOADED[LatentConsistencyModelPipeline, folder]
+    return reference(pipe, seed, height=64, width=64, **kwargs)
+
+
+@pytest.mark.parametrize("steps, guidance", [(4, 8.5), (2, 1.0), (1, 3.0)])
+def test_lcm_folder_equals_latent_consistency_pipeline(lcm_folder, tmp_path, steps, guidance):
+    """An LCM folder (model_index names LatentConsistencyModelPipeline, its scheduler is LCMScheduler) runs lcm by
+    default, with the guidance embedded and no unconditional pass, as LatentConsistencyModelPipeline."""
+    actual = generate(tmp_path, lcm_folder, "--seed", "6", "--steps", str(steps), "--guidance", str(guidance))
+    expected = lcm_reference(lcm_folder, 6, num_inference_steps=steps, guidance_scale=guidance)
+    assert_close(f"lcm folder {steps} steps, guidance {guidance}", actual, expected)
+    if guidance != 1.0:  # control: the embedded guidance moves the image (w = 0 at guidance 1; measured 8/255)
+        plain = generate(tmp_path, lcm_folder, "--seed", "6", "--steps", str(steps), "--guidance", "1")
+        assert np.abs(plain - actual).max() > 2 * MAX_PIXEL_DIFF
+
+
+def test_lcm_unet_runs_once_per_step_and_notes_the_negative_prompt(lcm_folder, tmp_path, capsys):
+    from ldm.pipelines.stable_diffusion import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(lcm_folder)
+    batches = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    result = pipe(PROMPT, negative_prompt="blurry", steps=3, seed=1, guidance=8.0)
+    assert batches == [1, 1, 1]  # no unconditional batch, whatever the guidance
+    assert any("negative prompt is not used" in note for note in result.notes)
+    assert "Sampler: LCM, CFG scale: 8.0" in result.infotexts[0]
+
+
+def test_lcm_single_file_equals_the_folder(lcm_folder, tmp_path):
+    """An LDM-named single file of an LCM UNet: `time_embedding.cond_proj` kept under the `model.diffusion_model.`
+    prefix (the name stable-diffusion.cpp lists among the keys it skips), its width read from the shape. A single
+    file has no scheduler config: --sampler lcm, as the README's table says."""
+    from official import write_single_file
+    from safetensors.torch import load_file
+
+    path = write_single_file(lcm_folder, tmp_path / "lcm.safetensors", "lcm-sd1")
+    assert load_file(str(path))["model.diffusion_model.time_embedding.cond_proj.weight"].shape[1] == 24
+    actual = generate(tmp_path, path, "--seed", "6", "--steps", "4", "--guidance", "8.5", "--sampler", "lcm",
+                      "--width", "64", "--height", "64")
+    expected = lcm_reference(lcm_folder, 6, num_inference_steps=4, guidance_scale=8.5)
+    assert_close("lcm single file", actual, expected)

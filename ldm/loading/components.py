@@ -36,7 +36,9 @@ from ldm.networks.unet import UNet, UNetConfig
 from ldm.networks.vae import VAE, VAEConfig
 from ldm.sampling.schedules import SchedulerConfig
 
-SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+# (SimianLuo/LCM_Dreamshaper_v7 names the LCM pipeline: an SD 1.5 folder whose UNet takes the guidance as an input)
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

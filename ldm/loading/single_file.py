@@ -109,7 +109,9 @@ def unet_rules(cfg: UNetConfig, prefix: str = UNET) -> list[Rule]:
                "time_embedding.linear_2": ("time_embed.2", {}), "add_embedding.linear_1": ("label_emb.0.0", {}),
                "add_embedding.linear_2": ("label_emb.0.2", {}), "mid_block.resnets.0": ("middle_block.0", RESNET),
                "mid_block.attentions.0": ("middle_block.1", {}), "mid_block.resnets.1": ("middle_block.2", RESNET),
-               "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {})}
+               "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {}),
+               # LCM UNets' guidance projection: the files people share keep diffusers' name under the LDM prefix
+               "time_embedding.cond_proj": ("time_embedding.cond_proj", {})}
     for level in range(len(cfg.block_out_channels)):
         kind = cfg.up_block_types[level]
         first_in, first_out = 1 + level * (n + 1), level * (n + 1)  # each level: its resnets, then a resampler
@@ -292,6 +294,8 @@ def infer_unet(tensors: dict[str, Tensor], family: ModelSpec, towers: dict[str, 
     }
     if [d for d in up_depths if d] != [d for d in depths[::-1] if d]:
         cfg["reverse_transformer_layers_per_block"] = [d or 1 for d in up_depths]
+    if "time_embedding.cond_proj.weight" in t:  # an LCM UNet
+        cfg["time_cond_proj_dim"] = _shape(t, "time_embedding.cond_proj.weight")[1]
     return cfg | (_text_time(t, family, towers) if family.xl else {})
 
 

@@ -22,7 +22,7 @@ from ldm.networks.attention import attention
 
 # config.json fields whose other values ldm does not implement, with the one value it takes (diffusers' default)
 UNSUPPORTED_FIELDS = {
-    "class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+    "class_embed_type": None, "encoder_hid_dim": None,
     "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
     "only_cross_attention": False, "dual_cross_attention": False, "center_input_sample": False,
     "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -98,6 +98,8 @@ class UNetConfig:
     addition_embed_type: str | None = None  # "text_time" for SDXL
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # LCM UNets: the width of the guidance-scale embedding the time embedding takes (`guidance_embedding`)
+    time_cond_proj_dim: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # unused config.json fields
 
     @classmethod
@@ -133,6 +135,7 @@ class UNetConfig:
             addition_embed_type=cfg.get("addition_embed_type"),
             addition_time_embed_dim=cfg.get("addition_time_embed_dim"),
             projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim"),
+            time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
 
@@ -151,15 +154,28 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, shift:
     return F.pad(emb, (0, dim % 2))
 
 
-class TimestepEmbedding(nn.Module):
-    """Linear → SiLU → Linear, mapping a sinusoidal embedding to the block-wide time embedding."""
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """The sinusoidal embedding of a guidance weight w (LCM: w = guidance − 1), scaled by 1000, sin first: diffusers'
+    `get_guidance_scale_embedding` (pipeline_latent_consistency_text2img.py; Luo et al. 2023, §4.2)."""
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = (w.float() * 1000.0)[:, None] * frequencies[None, :]
+    return F.pad(torch.cat([emb.sin(), emb.cos()], dim=1), (0, dim % 2))
 
-    def __init__(self, in_dim: int, dim: int):
+
+class TimestepEmbedding(nn.Module):
+    """Linear → SiLU → Linear, mapping a sinusoidal embedding to the block-wide time embedding; with `cond_dim`
+    (LCM UNets), a condition projected to the input's width (no bias) is added to the input first."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim else None
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -394,7 +410,7 @@ class UNet(nn.Module):
         temb_ch = ch[0] * 4
         levels = len(ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_ch, cfg.time_cond_proj_dim)
         if cfg.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_ch)
         elif cfg.addition_embed_type is not None:
@@ -416,16 +432,19 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, text_embeds: Tensor | None = None,
-                time_ids: Tensor | None = None) -> Tensor:
+                time_ids: Tensor | None = None, timestep_cond: Tensor | None = None) -> Tensor:
         """x: (B, in_channels, h, w) latents; t: scalar or (B,) timesteps; context: (B, tokens, dim).
 
         SDXL (`text_time`) also takes the pooled text embedding `text_embeds` (B, D) and the
-        micro-conditioning `time_ids` (B, 6 or 5).
+        micro-conditioning `time_ids` (B, 6 or 5); an LCM UNet (`time_cond_proj_dim`) the embedded guidance
+        weight `timestep_cond` (B, time_cond_proj_dim), as diffusers' UNet2DConditionModel takes them.
         """
         cfg = self.config
         t = t.reshape(-1).expand(x.shape[0]) if torch.is_tensor(t) else torch.full((x.shape[0],), t)
         t_emb = timestep_embedding(t.to(x.device), cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = self.time_embedding(t_emb.to(x.dtype))
+        if (timestep_cond is None) != (cfg.time_cond_proj_dim is None):
+            raise ValueError("timestep_cond goes with a UNet whose config has time_cond_proj_dim, and it needs one")
+        temb = self.time_embedding(t_emb.to(x.dtype), None if timestep_cond is None else timestep_cond.to(x.dtype))
         if cfg.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
                 raise ValueError("this UNet (addition_embed_type='text_time') needs text_embeds and time_ids")

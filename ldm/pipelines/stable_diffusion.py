@@ -39,7 +39,7 @@ from ldm.loading.hashes import sha256
 from ldm.networks.clip import CLIPTextModel
 from ldm.networks.safety import Safety
 from ldm.networks.tokenizer import CLIPTokenizer
-from ldm.networks.unet import UNet
+from ldm.networks.unet import UNet, guidance_embedding
 from ldm.networks.vae import VAE
 from ldm.pipelines.images import image_to_tensor, mask_to_tensor, to_pil
 from ldm.pipelines.infotext import infotext
@@ -344,13 +344,23 @@ class StableDiffusion:
 
     def encode(self, plan: "Plan", notes: list[str], used: set[str]) -> tuple[dict, dict | None]:
         """The UNet's conditioning for the prompts and, with guidance (a scale above 1, diffusers' rule), the
-        negatives. `notes` receives what a plain prompt lost at 77 tokens; `used` the embeddings named."""
+        negatives; an LCM UNet's (`time_cond_proj_dim`) instead takes the guidance weight w = scale − 1 embedded, and
+        no negatives, as StableDiffusion(XL)Pipeline and LatentConsistencyModelPipeline give it. `notes` receives what
+        a plain prompt lost at 77 tokens; `used` the embeddings named."""
         r = plan.request
         micro = {k: getattr(r, k) for k in ("original_size", "crop_coords", "target_size", "aesthetic_score",
                                             "negative_aesthetic_score") if getattr(r, k) is not None}
-        return self.conditioning(r.prompts, r.negatives, r.num_images, r.guidance > 1, (r.height, r.width), micro,
-                                 prompt_syntax=r.prompt_syntax, emphasis=r.emphasis, clip_skip=r.clip_skip,
-                                 notes=notes, used=used)
+        embedded = self.unet.config.time_cond_proj_dim  # an LCM UNet: the guidance is its input, not a second batch
+        if embedded and r.negative_prompt is not None:
+            notes.append(f"the negative prompt is not used: {self.name}'s UNet takes the guidance scale as an input "
+                         "(an LCM UNet) and runs no unconditional pass")
+        cond, uncond = self.conditioning(r.prompts, r.negatives, r.num_images, r.guidance > 1 and not embedded,
+                                         (r.height, r.width), micro, prompt_syntax=r.prompt_syntax,
+                                         emphasis=r.emphasis, clip_skip=r.clip_skip, notes=notes, used=used)
+        if embedded:
+            w = torch.full((r.batch,), r.guidance - 1.0)
+            cond["timestep_cond"] = guidance_embedding(w, embedded).to(self.device, self.dtype)
+        return cond, uncond
 
     def sample(self, plan: "Plan", unet, x: Tensor, cond: dict, uncond: dict | None, paste,
                callbacks: Sequence[StepCallback]) -> tuple[Tensor, int]:
