@@ -102,6 +102,9 @@ def add_output_options(gen: argparse.ArgumentParser) -> None:
                      help="PNG path; several images: NAME.png, NAME-1.png, … (default: %(default)s)")
     gen.add_argument("--preview-every", type=int, default=None, metavar="N",
                      help="every N steps, decode the current estimate of the final image to NAME-stepNNN.png")
+    gen.add_argument("--preview-vae", default=None, metavar="TAESD",
+                     help="decode the previews with this VAE instead of the model's: TAESD (an AutoencoderTiny "
+                          "folder, or taesd_decoder.safetensors; taesdxl for SDXL), A1111's cheap live preview")
     gen.add_argument("--attention-maps", default=None, metavar="DIR",
                      help="write a cross-attention heat map per prompt token, overlaid on the image, and tokens.json "
                           "into DIR (README: 'Attention maps'; not with --compile)")
@@ -162,6 +165,8 @@ def check_options(args: argparse.Namespace) -> Path:
         raise LdmError(f"-o {args.output}: folder {out.parent} does not exist")
     if args.preview_every is not None and args.preview_every < 1:
         raise LdmError(f"--preview-every must be at least 1, got {args.preview_every}")
+    if args.preview_vae and not args.preview_every:
+        raise LdmError("--preview-vae decodes the previews: give --preview-every N too")
     if args.attention_maps and (args.compile or args.compile_mode):
         raise LdmError("--attention-maps records attention as the eager networks compute it: leave out --compile")
     if args.attention_maps and Path(args.attention_maps).is_file():
@@ -253,7 +258,7 @@ def run_pipeline(args: argparse.Namespace, pipe, request, out: Path):
     bar = ProgressBar()
     callbacks = [bar]
     if args.preview_every:
-        callbacks.append(Previews(pipe, out, args.preview_every))
+        callbacks.append(Previews(pipe, out, args.preview_every, preview_vae(pipe, args.preview_vae)))
     if not args.attention_maps:
         return pipe(request, callbacks=callbacks), bar.total
     from ldm.hooks.attention_maps import AttentionMaps
@@ -266,6 +271,15 @@ def run_pipeline(args: argparse.Namespace, pipe, request, out: Path):
         result = pipe(request, callbacks=callbacks)
     save_maps(maps, pipe, request, result, Path(args.attention_maps))
     return result, bar.total
+
+
+def preview_vae(pipe, source: str | None):
+    """The VAE of `--preview-vae` for this model (None: the model's own decodes the previews)."""
+    if source is None:
+        return None
+    from ldm.loading.components import load_vae
+
+    return load_vae(source, pipe.vae.config, pipe.spec, pipe.device, pipe.dtype)
 
 
 def save_maps(maps, pipe, request, result, folder: Path) -> None:

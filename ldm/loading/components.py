@@ -29,6 +29,7 @@ from ldm.loading.files import (
     weights_file,
 )
 from ldm.loading.single_file import read_single_file, take, vae_rules
+from ldm.loading.tiny_vae import is_tiny_vae, load_tiny_vae
 from ldm.networks.clip import CLIPTextConfig, CLIPTextModel
 from ldm.networks.safety import FeatureExtractorConfig, Safety, SafetyChecker, SafetyCheckerConfig, checker_state
 from ldm.networks.tokenizer import CLIPTokenizer, clip_bpe_vocab
@@ -337,6 +338,8 @@ def load_vae(source: str | Path, model: VAEConfig, spec: ModelSpec, device: torc
     path = Path(source).expanduser()
     if path.is_dir() and (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
         path = path / "vae"
+    if is_tiny_vae(path):  # TAESD (`ldm.loading.tiny_vae`)
+        return load_tiny_vae(path, spec, device, dtype)
     if path.is_dir():
         cfg = read_config(path / "config.json", VAEConfig.from_diffusers)
         weights = weights_file(path, "diffusion_pytorch_model")

@@ -27,6 +27,7 @@ from ldm.loading.components import (
     resolve_dtype,
 )
 from ldm.loading.files import resolve, safetensors_header
+from ldm.networks.taesd import TinyVAE
 from ldm.pipelines.refiner import DEFAULT_START, BaseWithRefiner
 from ldm.pipelines.request import GenerationRequest
 from ldm.pipelines.stable_diffusion import StableDiffusion
@@ -137,6 +138,10 @@ def _load_one(settings: RunSettings, model: str, device: str, dtype: str, predic
                 safety_checker=settings.safety_checker, vae=settings.vae)
     if settings.seamless:
         set_seamless(pipe)
+    elif isinstance(pipe.vae, TinyVAE):  # TAESD: a fraction of the VAE's memory, decoded whole
+        if settings.vae_tiling:
+            raise InputError("--vae-tiling: TAESD (--vae) decodes whole images in a fraction of the VAE's memory; "
+                             "leave out --vae-tiling", field="vae_tiling")
     else:  # vae_tiling: always; otherwise where the whole image would not fit (ldm.speed.tiling)
         enable_vae_tiling(pipe.vae, "on" if settings.vae_tiling else "auto", settings.vae_tile_size)
     return pipe

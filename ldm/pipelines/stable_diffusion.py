@@ -515,9 +515,11 @@ class StableDiffusion:
         return init.repeat(batch // init.shape[0], 1, 1, 1)
 
     @torch.no_grad()
-    def decode(self, latents: Tensor) -> list[Image.Image]:
-        weight = next(self.vae.parameters())
-        images = self.vae.decode(latents.to(execution_device(self.vae), weight.dtype) / self.vae.config.scaling_factor)
+    def decode(self, latents: Tensor, vae: torch.nn.Module | None = None) -> list[Image.Image]:
+        """The images of (scaled) latents, decoded by the pipeline's VAE or by `vae` (a TAESD for previews)."""
+        vae = vae or self.vae
+        weight = next(vae.parameters())
+        images = vae.decode(latents.to(execution_device(vae), weight.dtype) / vae.config.scaling_factor)
         if not torch.isfinite(images).all():
             raise LdmError(f"the VAE decode produced NaN/inf values ({weight.dtype} overflow): run again with "
                            "--dtype fp32, or bf16 where the device supports it")
