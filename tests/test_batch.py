@@ -2,12 +2,17 @@
 `parameters`, results.jsonl in the response form, deterministic seeds, and a killed run that resumes with no
 row missing and none twice."""
 
+import base64
 import json
 
 import numpy as np
 import pytest
+import torch
+from conftest import MODULE_TOL, max_rel_err
 from PIL import Image
 from test_image_tasks import picture, rectangle_mask
+from test_prompts import reference_conditioning
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm.serving.batch import prepare_batch, run_batch
@@ -161,3 +166,73 @@ def test_a_csv_line_of_too_many_or_too_few_fields_is_that_rows_error(sd1, tmp_pa
     assert lines[1]["prompt"] == "a dog, sitting"
     assert lines[1]["error"] == {"field": "data[1]", "message": "line 3: 3 fields for the header's 2 columns"}
     assert lines[2]["error"] == {"field": "data[2]", "message": "line 4: 1 field for the header's 2 columns"}
+
+
+def plain_conditioning(folder, text):
+    """diffusers' rule (StableDiffusionPipeline.encode_prompt) on transformers: the text tokenized literally, padded
+    and cut to 77 tokens, CLIPTextModel's last hidden state."""
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    model = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(ids.input_ids)[0]
+
+
+def recorded_prompt_conditioning(monkeypatch) -> list[torch.Tensor]:
+    """Every prompt conditioning the pipelines of this test encode (the first group of `encode_text`: the prompts)."""
+    seen, encode_text = [], StableDiffusion.encode_text
+
+    def recording(self, groups, **kwargs):
+        encoded = encode_text(self, groups, **kwargs)
+        seen.append(encoded[0][0])
+        return encoded
+
+    monkeypatch.setattr(StableDiffusion, "encode_text", recording)
+    return seen
+
+
+EMPHASIS_ROW = "a (red:1.5) house by the [[river]], ((tall)) trees"
+
+
+def test_rows_are_read_with_a1111s_rules_unless_the_parameters_say_plain(sd1_folder, tmp_path, monkeypatch):
+    """README 'Prompts': `ldm batch` reads its rows with A1111's rules, `"prompt_syntax": "plain"` as diffusers does.
+    The row's conditioning against A1111's emphasis rule on transformers' CLIPTextModel (test_prompts.py's
+    reference), the plain one against diffusers' rule; the row's PNG is the one `ldm generate` (A1111's syntax by
+    default) makes of the same prompt and seed, and the plain row's is not."""
+    seen = recorded_prompt_conditioning(monkeypatch)
+    src = write_jsonl(tmp_path / "rows.jsonl", [EMPHASIS_ROW])
+    common = ["--model", str(sd1_folder), "--input", str(src), "--seed", "8"]
+    assert main(["batch", *common, "--output", str(tmp_path / "a1111"), "--parameters", json.dumps(PARAMS)]) == 0
+    assert main(["batch", *common, "--output", str(tmp_path / "plain"), "--parameters",
+                 json.dumps(PARAMS | {"prompt_syntax": "plain"})]) == 0
+    assert main(["generate", EMPHASIS_ROW, "--model", str(sd1_folder), "--steps", "2", "--seed", "8", "--width", "64",
+                 "--height", "64", "-o", str(tmp_path / "generate.png")]) == 0
+    a1111, plain, generate = seen
+    assert max_rel_err(a1111, reference_conditioning(sd1_folder, EMPHASIS_ROW)) <= MODULE_TOL
+    assert max_rel_err(plain, plain_conditioning(sd1_folder, EMPHASIS_ROW)) <= MODULE_TOL
+    assert max_rel_err(plain, a1111) > 1e-3  # the weights move the conditioning far beyond the tolerance
+    assert torch.equal(generate, a1111)
+
+    def pixels(path):
+        return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+    expected = pixels(tmp_path / "generate.png")
+    assert np.array_equal(pixels(tmp_path / "a1111" / "00000.png"), expected)
+    assert np.abs(pixels(tmp_path / "plain" / "00000.png") - expected).max() > 10
+
+
+def test_base64_in_results_repeats_the_written_png_and_only_then(sd1_folder, tmp_path):
+    """README 'Batch runs': a results line names its PNG, without the image's base64 unless `--base64-in-results`;
+    with it, the base64 is the very bytes of the file written."""
+    src = write_jsonl(tmp_path / "rows.jsonl", ["a kite", "a drum"])
+    common = ["batch", "--model", str(sd1_folder), "--input", str(src), "--seed", "3", "--parameters",
+              json.dumps(PARAMS | {"num_inference_steps": 1})]
+    assert main([*common, "--output", str(tmp_path / "named")]) == 0
+    assert main([*common, "--output", str(tmp_path / "repeated"), "--base64-in-results"]) == 0
+    named, repeated = tmp_path / "named", tmp_path / "repeated"
+    png_in_base64 = base64.b64encode(b"\x89PNG\r\n").decode()[:8]  # every base64 PNG starts so
+    assert png_in_base64 not in (named / "results.jsonl").read_text()
+    assert all(set(o) == {"row", "of", "prompt", "nsfw_content_detected", "seed", "file"} for o in results(named))
+    for o in results(repeated):
+        assert base64.b64decode(o["generated_image"]) == (repeated / o["file"]).read_bytes()
+        assert (repeated / o["file"]).read_bytes() == (named / o["file"]).read_bytes()
