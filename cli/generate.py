@@ -53,9 +53,11 @@ def add_prompt_options(gen: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(gen: argparse.ArgumentParser) -> None:
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
-    gen.add_argument("--guidance", type=float, default=7.5,
-                     help="classifier-free guidance scale; ≤ 1 turns it off (default: %(default)s)")
+    gen.add_argument("--steps", type=int, default=None,
+                     help="denoising steps (default: 50, or the model card's: 1 for SD-Turbo, 4 for LCM)")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale; ≤ 1 turns it off (default: 7.5, or the model card's: "
+                          "0 for the Turbo models)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     gen.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
     gen.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's native size)")

@@ -86,7 +86,12 @@ def add_vae_options(parser: argparse.ArgumentParser) -> None:
                        help="seamless textures: circular padding in every convolution of the UNet and VAE "
                             "(A1111's --tiling); the image's edges continue each other")
     large.add_argument("--vae", default=None, metavar="FILE_OR_FOLDER",
-                       help="use this VAE: a diffusers vae/ folder or a .safetensors VAE file of the model's family")
+                       help="use this VAE: a diffusers vae/ folder or a .safetensors VAE file of the model's family, "
+                            "or TAESD (an AutoencoderTiny folder, taesd_decoder.safetensors)")
+    large.add_argument("--unet", default=None, metavar="FILE_OR_FOLDER",
+                       help="use this UNet (SDXL-Lightning's, lcm-sdxl's: the distilled UNets shipped alone): a "
+                            "diffusers UNet folder or a .safetensors UNet file, diffusers- or LDM-named, that fits "
+                            "the model")
 
 
 def run_settings(args: argparse.Namespace, **overrides):
@@ -96,7 +101,7 @@ def run_settings(args: argparse.Namespace, **overrides):
     return RunSettings(
         args.model, device=args.device, dtype=args.dtype, variant=args.variant, revision=args.revision,
         local_files_only=args.local_files_only, prediction_type=args.prediction_type,
-        safety_checker=not args.no_safety_checker, vae=args.vae, vae_tiling=args.vae_tiling,
+        safety_checker=not args.no_safety_checker, vae=args.vae, unet=args.unet, vae_tiling=args.vae_tiling,
         vae_tile_size=args.vae_tile_size, seamless=args.tiling, compile=args.compile_mode or args.compile,
         cuda_graph=not args.no_cuda_graph, offload=args.offload, refiner=args.refiner,
         refiner_start=args.refiner_start, **overrides)

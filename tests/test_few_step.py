@@ -3,6 +3,9 @@ models are sampled with trailing spacing) and x0 prediction (`--prediction-type 
 diffusers' StableDiffusion(XL)Pipeline / StableDiffusionImg2ImgPipeline given the same scheduler (LCMScheduler,
 TCDScheduler, Euler with `timestep_spacing="trailing"`, …) on the same tiny folder and seed."""
 
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -279,3 +282,160 @@ def test_lcm_single_file_equals_the_folder(lcm_folder, tmp_path):
                       "--width", "64", "--height", "64")
     expected = lcm_reference(lcm_folder, 6, num_inference_steps=4, guidance_scale=8.5)
     assert_close("lcm single file", actual, expected)
+
+
+# ----------------------------------------------------------------------------------------------------- --unet
+
+
+def sdxl_reference_with(sdxl_folder, unet, sampler: str, **settings):
+    """StableDiffusionXLPipeline on the folder with `unet` in place of its own (as the cards of lcm-sdxl and
+    SDXL-Lightning load theirs), and `sampler`'s scheduler."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder, unet=unet)
+    pipe.set_progress_bar_config(disable=True)
+    scheduler = diffusers_scheduler(sampler, dict(pipe.scheduler.config))
+    pipe.scheduler = type(scheduler).from_config(scheduler.config, **settings)
+    return pipe
+
+
+def test_unet_folder_of_an_lcm_sdxl(sdxl_folder, tmp_path):
+    """latent-consistency/lcm-sdxl: an SDXL UNet folder with time_cond_proj_dim, run on the SDXL base by `--unet`."""
+    from diffusers import UNet2DConditionModel
+    from official import SDXL_UNET, make_unet
+
+    config = SDXL_UNET | {"time_cond_proj_dim": 16}
+    unet = make_unet(config, seed=12)
+    unet.save_pretrained(tmp_path / "lcm-sdxl")
+    actual = generate(tmp_path, sdxl_folder, "--unet", str(tmp_path / "lcm-sdxl"), "--sampler", "lcm", "--steps", "4",
+                      "--guidance", "8", "--seed", "3")
+    pipe = sdxl_reference_with(sdxl_folder, UNet2DConditionModel.from_pretrained(tmp_path / "lcm-sdxl"), "lcm")
+    expected = reference(pipe, 3, num_inference_steps=4, guidance_scale=8.0)
+    assert_close("--unet lcm-sdxl folder", actual, expected)
+
+
+@pytest.mark.parametrize("names", ["diffusers", "ldm"])
+def test_unet_file_of_an_sdxl_lightning(sdxl_folder, tmp_path, names):
+    """SDXL-Lightning's UNet-only files (`sdxl_lightning_4step_unet.safetensors`: diffusers' names, which its card
+    loads with `unet.load_state_dict`), and the same UNet in LDM names (`model.diffusion_model.…`), sampled as
+    its card says: Euler, trailing, guidance off."""
+    from official import SDXL_UNET, make_unet
+    from safetensors.torch import save_file
+
+    from ldm.loading.single_file import to_single_file, unet_rules
+    from ldm.networks.unet import UNetConfig
+
+    other = make_unet(SDXL_UNET, seed=13)
+    state = other.state_dict()
+    if names == "ldm":
+        state = to_single_file(unet_rules(UNetConfig.from_diffusers(SDXL_UNET)), state)
+        assert all(k.startswith("model.diffusion_model.") for k in state)
+    path = tmp_path / "sdxl_lightning_2step_unet.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    options = ["--sampler", "euler", "--timestep-spacing", "trailing", "--steps", "2", "--guidance", "0"]
+    actual = generate(tmp_path, sdxl_folder, "--unet", str(path), "--seed", "4", *options)
+    expected = reference(sdxl_reference_with(sdxl_folder, other, "euler", timestep_spacing="trailing"), 4,
+                         num_inference_steps=2, guidance_scale=0.0)
+    assert_close(f"--unet {names}-named file", actual, expected)
+    own = generate(tmp_path, sdxl_folder, "--seed", "4", *options)
+    assert np.abs(own - actual).max() > 20  # control: the other UNet draws another image
+
+
+def test_unet_of_another_family_is_one_error(sd1_folder, sdxl_folder, tmp_path, capsys):
+    code = main(["generate", PROMPT, "--model", str(sdxl_folder), "--unet", str(sd1_folder), "--steps", "1",
+                 "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "does not fit this SDXL base model's" in errors[0] and "cross-attention" in errors[0]
+
+
+# ------------------------------------------------------------------------------------ the models by name
+
+
+@pytest.fixture()
+def sd_turbo_hub(sd21_folder, tmp_path, monkeypatch):
+    """stabilityai/sd-turbo as the Hub serves it (its folder: the SD 2.1 architecture at 512, ε-prediction, Euler
+    with trailing spacing), a tiny copy in place of the download."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(sd21_folder, tmp_path / "sd-turbo")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text()) | {"_class_name": "EulerDiscreteScheduler", "timestep_spacing":
+                                                  "trailing", "prediction_type": "epsilon"}
+    scheduler.write_text(json.dumps(config))
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(folder)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return folder, asked
+
+
+@pytest.mark.parametrize("name", ["sd-turbo", "stabilityai/sd-turbo"])
+def test_a_turbo_model_by_name_runs_as_its_card_says(sd_turbo_hub, tmp_path, name):
+    """Given no steps or guidance, a manifest model runs with its card's (SD-Turbo: 1 step, guidance off) and its
+    folder's sampler (Euler, trailing): the image of StableDiffusionPipeline called as the card calls it."""
+    folder, asked = sd_turbo_hub
+    out = tmp_path / "turbo.png"
+    assert main(["generate", PROMPT, "--model", name, "--seed", "9", "-o", str(out)]) == 0
+    assert asked == ["stabilityai/sd-turbo"]
+    params = Image.open(out).text["parameters"]
+    assert "Steps: 1, Sampler: Euler, CFG scale: 0.0," in params
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    expected = reference(pipe, 9, num_inference_steps=1, guidance_scale=0.0, height=64, width=64)
+    assert_close(f"{name} by its card", np.asarray(Image.open(out).convert("RGB")).astype(np.int16), expected)
+    given = tmp_path / "given.png"  # what the user gives wins over the card
+    assert main(["generate", PROMPT, "--model", name, "--seed", "9", "--steps", "2", "--guidance", "1.5",
+                 "-o", str(given)]) == 0
+    assert "Steps: 2, Sampler: Euler, CFG scale: 1.5," in Image.open(given).text["parameters"]
+
+
+def test_the_manifest_lists_the_few_step_models():
+    from ldm.loading.families import manifest
+
+    models = manifest()
+    assert models["sd-turbo"].card == {"steps": 1, "guidance": 0.0} and models["sd-turbo"].family == "sd2"
+    assert models["sdxl-turbo"].card == {"steps": 1, "guidance": 0.0, "width": 512, "height": 512}
+    assert models["lcm-dreamshaper-v7"].card == {"steps": 4, "guidance": 8.5}
+    assert "--prediction-type eps" in models["sd-turbo"].note  # what its single file needs
+
+
+# --------------------------------------------------------------------------------- over HTTP and in batch
+
+
+@pytest.mark.parametrize("parameters, request_fields", [
+    ({"scheduler": "LCMScheduler", "num_inference_steps": 3, "guidance_scale": 1.5},
+     {"sampler": "lcm", "steps": 3, "guidance": 1.5}),
+    ({"scheduler": "tcd", "eta": 0.6, "num_inference_steps": 2}, {"sampler": "tcd", "eta": 0.6, "steps": 2}),
+    ({"scheduler": "EulerDiscreteScheduler", "timestep_spacing": "trailing", "num_inference_steps": 1,
+      "guidance_scale": 0}, {"sampler": "euler", "timestep_spacing": "trailing", "steps": 1, "guidance": 0.0}),
+])
+def test_scoring_takes_the_few_step_parameters(sd1_folder, parameters, request_fields):
+    """The scoring schema (ldm serve, ldm batch) names the new samplers by ldm's name or diffusers' class, and takes
+    `timestep_spacing` and `eta`: its image is the pipeline's for the same request."""
+    from ldm.pipelines.stable_diffusion import StableDiffusion
+    from ldm.serving.runner import score
+
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    body = {"input_data": {"columns": ["prompt"], "data": [PROMPT], "parameters": parameters | {"seed": 3}}}
+    (out,) = score(pipe, body)
+    image = Image.open(io.BytesIO(base64.b64decode(out["generated_image"])))
+    expected = pipe(PROMPT, seed=3, width=64, height=64, **request_fields).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+@pytest.mark.parametrize("parameters, field", [
+    ({"timestep_spacing": "uniform"}, "parameters.timestep_spacing"),
+    ({"scheduler": "lcm", "timestep_spacing": "trailing"}, "parameters.timestep_spacing"),
+    ({"eta": 2}, "parameters.eta"),
+])
+def test_scoring_refuses_bad_few_step_parameters_naming_the_field(sd1_folder, parameters, field):
+    from ldm.serving.schema import RequestError, parse
+
+    with pytest.raises(RequestError) as error:
+        parse({"input_data": {"data": [PROMPT], "parameters": parameters}})
+    assert error.value.field == field, error.value

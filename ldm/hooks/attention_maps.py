@@ -29,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.networks.attention import add_attention_observer, remove_attention_observer
+from ldm.pipelines.plan import DEFAULT_GUIDANCE
 from ldm.pipelines.prompts import EmbeddingLookup, prompt_chunks
 
 CHUNK = 77  # context tokens per chunk: start token, 75 tokens, end token
@@ -67,13 +68,16 @@ class AttentionMaps:
         self.counts: dict[tuple[int, int], int] = {}  # (h, w) → calls (layers × steps)
 
     @classmethod
-    def for_pipeline(cls, pipe, width: int | None = None, height: int | None = None, guidance: float = 7.5,
+    def for_pipeline(cls, pipe, width: int | None = None, height: int | None = None, guidance: float | None = None,
                      keep: str = "cond") -> "AttentionMaps":
-        """The recorder for `pipe(…, width=width, height=height, guidance=guidance)` (None: the model's native
-        size); guidance is on when it exceeds 1, as the pipelines decide."""
-        native = pipe.native_size
-        return cls((height or native) // pipe.vae_scale, (width or native) // pipe.vae_scale,
-                   guided=guidance > 1, keep=keep)
+        """The recorder for `pipe(…, width=width, height=height, guidance=guidance)` (None: the model's defaults,
+        `pipe.defaults` or its native size and 7.5); guidance is on when it exceeds 1 and the UNet does not take it
+        as an input (an LCM UNet), as the pipelines decide."""
+        card = pipe.defaults
+        width, height = width or card.get("width", pipe.native_size), height or card.get("height", pipe.native_size)
+        guidance = card.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
+        guided = guidance > 1 and not pipe.unet.config.time_cond_proj_dim
+        return cls(height // pipe.vae_scale, width // pipe.vae_scale, guided=guided, keep=keep)
 
     def __enter__(self) -> "AttentionMaps":
         add_attention_observer(self)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ldm.errors import InputError, LoadError
-from ldm.loading.families import SPECS, ModelSpec, prediction_type_override
+from ldm.loading.families import SPECS, ModelSpec, lookup, prediction_type_override
 from ldm.loading.files import (
     PICKLE_SUFFIXES,
     load_module,
@@ -30,6 +30,7 @@ from ldm.loading.files import (
 )
 from ldm.loading.single_file import read_single_file, take, vae_rules
 from ldm.loading.tiny_vae import is_tiny_vae, load_tiny_vae
+from ldm.loading.unets import load_unet
 from ldm.networks.clip import CLIPTextConfig, CLIPTextModel
 from ldm.networks.safety import FeatureExtractorConfig, Safety, SafetyChecker, SafetyCheckerConfig, checker_state
 from ldm.networks.tokenizer import CLIPTokenizer, clip_bpe_vocab
@@ -172,6 +173,7 @@ class Components:
     vae_name: str | None = None  # another VAE than the model's own (`vae=`): the infotext's VAE
     model_file: Path | None = None  # a single file: its sha256 is the infotext's Model hash
     notes: list[str] = field(default_factory=list)
+    card: dict = field(default_factory=dict)  # the manifest's card defaults of a model loaded by name or Hub id
 
 
 def load_safety(root: Path, device: torch.device, dtype: torch.dtype, variant: str | None = None) -> Safety:
@@ -187,14 +189,16 @@ def load_safety(root: Path, device: torch.device, dtype: torch.dtype, variant: s
 
 def load_components(model: str | Path, device: str = "auto", dtype: str = "auto", variant: str | None = None,
                     revision: str | None = None, local_files_only: bool = False, prediction_type: str | None = None,
-                    safety_checker: bool = True, vae: str | Path | None = None) -> Components:
+                    safety_checker: bool = True, vae: str | Path | None = None,
+                    unet: str | Path | None = None) -> Components:
     """An official diffusers folder (or its Hub id), or an original single-file checkpoint → its `Components`.
 
     A folder: model_index.json, unet/, vae/, text_encoder/ (and text_encoder_2/ for SDXL), tokenizer(s),
     scheduler/; `variant="fp16"` reads the `*.fp16.safetensors` files. A `.safetensors` file: see
     `load_single_file_components`. `prediction_type` ("eps" or "v")
     overrides the scheduler's. A folder that lists a `safety_checker` (the SD 1.x repos) gets it loaded
-    unless `safety_checker=False`. `vae` replaces the model's VAE (`load_vae`).
+    unless `safety_checker=False`. `vae` replaces the model's VAE (`load_vae`), `unet` its UNet
+    (`ldm.loading.unets.load_unet`).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -203,13 +207,17 @@ def load_components(model: str | Path, device: str = "auto", dtype: str = "auto"
     if root.is_file():
         if variant is not None:
             raise InputError(f"--variant {variant} selects files in a diffusers folder; {root} is a single file")
-        return load_single_file_components(root, device, dtype, prediction_type, vae)
+        return load_single_file_components(root, device, dtype, prediction_type, vae, unet)
     name = Path(str(model)).name if Path(str(model)).exists() else str(model)
-    return load_folder_components(root, name, dev, dt, variant, override, safety_checker, vae)
+    parts = load_folder_components(root, name, dev, dt, variant, override, safety_checker, vae, unet)
+    entry = None if Path(str(model)).exists() else lookup(str(model))
+    parts.card = dict(entry.card) if entry else {}
+    return parts
 
 
 def load_folder_components(root: Path, name: str, device: torch.device, dtype: torch.dtype, variant: str | None,
-                           prediction_type: str | None, safety_checker: bool, vae: str | Path | None) -> Components:
+                           prediction_type: str | None, safety_checker: bool, vae: str | Path | None,
+                           unet: str | Path | None = None) -> Components:
     """A diffusers folder's `Components` (`load_components`); `prediction_type`: the scheduler config's value in
     place of the folder's."""
     folder = read_folder(root)
@@ -222,7 +230,10 @@ def load_folder_components(root: Path, name: str, device: torch.device, dtype: t
         path = weights_file(root / part, stem, variant)
         return load_module(build, rename(read_safetensors(path, dtype)), path, spec.label, device)
 
-    unet = load_part("unet", "diffusion_pytorch_model", lambda: UNet(folder.unet))
+    if unet is not None:  # (its own or the folder's: only one is read)
+        unet = load_unet(unet, folder.unet, spec, device, dtype)
+    else:
+        unet = load_part("unet", "diffusion_pytorch_model", lambda: UNet(folder.unet))
     if vae is None:
         vae = load_part("vae", "diffusion_pytorch_model", lambda: VAE(folder.vae),
                         upcast_vae_dtype(spec, dtype, folder.vae))
@@ -244,13 +255,14 @@ def load_folder_components(root: Path, name: str, device: torch.device, dtype: t
 
 
 def load_single_file_components(path: str | Path, device: str = "auto", dtype: str = "auto",
-                                prediction_type: str | None = None, vae: str | Path | None = None) -> Components:
+                                prediction_type: str | None = None, vae: str | Path | None = None,
+                                unet: str | Path | None = None) -> Components:
     """An original single-file checkpoint (`v1-5-pruned-emaonly.safetensors`, `sd_xl_base_1.0.safetensors`…).
 
     The family is detected from the keys and the configs inferred from the tensor shapes
     (`ldm.loading.single_file`); the tokenizer is CLIP's BPE as open_clip ships it; the scheduler and the
     prediction type are the family's official ones (SD 2.x: v-prediction; pass `prediction_type="eps"`
-    for a 512-px SD 2.x base file). `vae` replaces the file's VAE (`load_vae`).
+    for a 512-px SD 2.x base file). `vae` replaces the file's VAE (`load_vae`), `unet` its UNet (`load_unet`).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -274,7 +286,10 @@ def load_single_file_components(path: str | Path, device: str = "auto", dtype: s
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.states[component].items()}
         return load_module(build, state, path, spec.label, dev)
 
-    unet = load_part("unet", lambda: UNet(unet_cfg))
+    if unet is not None:
+        unet = load_unet(unet, unet_cfg, spec, dev, dt)
+    else:
+        unet = load_part("unet", lambda: UNet(unet_cfg))
     vae_name = None if vae is None else vae_label(vae)
     if vae is not None:
         vae = load_vae(vae, vae_cfg, spec, dev, dt)

@@ -164,6 +164,9 @@ class Checkpoint:
     components: tuple[str, ...]  # the folder's component subfolders ldm downloads
     single_file: str | None  # the original single-file checkpoint in the same repo, if it is safetensors
     aliases: tuple[str, ...] = ()
+    # the model card's defaults where they are not diffusers' (steps, guidance, width, height): the few-step models'
+    card: dict = dataclasses.field(default_factory=dict, compare=False)
+    note: str | None = None  # what `ldm info` says of it (how it is meant to be run)
 
 
 def manifest() -> dict[str, Checkpoint]:
@@ -171,7 +174,8 @@ def manifest() -> dict[str, Checkpoint]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         entries = {name: Checkpoint(name=name, family=e["family"], repo=e["repo"], components=tuple(e["components"]),
-                                    single_file=e.get("single_file"), aliases=tuple(e.get("aliases", ())))
+                                    single_file=e.get("single_file"), aliases=tuple(e.get("aliases", ())),
+                                    card=dict(e.get("card", {})), note=e.get("note"))
                    for name, e in raw["checkpoints"].items()}
     except FileNotFoundError:  # a store without the manifest: repo ids and paths still work, names do not
         return {}

@@ -41,6 +41,10 @@ class ModelInfo:
         if entry is not None:
             out.append(f"manifest:   {entry.name} ({entry.repo}"
                        + (f", single file {entry.single_file})" if entry.single_file else ")"))
+            if entry.card:
+                out.append("defaults:   " + ", ".join(f"{k} {v}" for k, v in entry.card.items()) + " (its card's)")
+            if entry.note:
+                out.append(f"how:        {entry.note}")
         for c in self.components:
             out.append(f"{c.name:<15} {c.parameters:>15,} parameters  {c.dtype:<9} {c.path}")
             out.append(f"    config: {c.config}")

@@ -21,6 +21,7 @@ from ldm.sampling.samplers import SAMPLERS, SamplerSpec, sampler_for
 from ldm.sampling.schedules import Schedule, SchedulerConfig
 
 Generators = torch.Generator | list[torch.Generator]
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5  # diffusers' pipelines' defaults, for a model whose card names none
 
 
 @dataclass
@@ -43,9 +44,10 @@ class Plan:
 
 
 def make_plan(spec: ModelSpec, request: GenerationRequest, scheduler: SchedulerConfig, vae_scale: int,
-              name: str = "model", generator: Generators | None = None) -> Plan:
+              name: str = "model", generator: Generators | None = None, card: dict | None = None) -> Plan:
     """Check the request against the model, fill in its defaults, and lay out the schedule and the random
-    generators. `name`: the model, in messages; `generator` replaces the one(s) seeded from the request's seed."""
+    generators. `name`: the model, in messages; `generator` replaces the one(s) seeded from the request's seed;
+    `card`: the model card's defaults (steps, guidance, width, height) where they differ from ldm's."""
     r = checked(request, scheduler.num_train_timesteps)
     sampler = pick_sampler(r, scheduler, name)
     check_against_model(spec, r, vae_scale, name)
@@ -55,7 +57,7 @@ def make_plan(spec: ModelSpec, request: GenerationRequest, scheduler: SchedulerC
         raise InputError(f"{sampler}: diffusers cuts the schedule (refiner hand-off) or pastes the known region "
                          "(inpainting with a 4-channel model) between the two halves of its steps, which ldm "
                          "does not imitate; pick another sampler for this", field="sampler")
-    r = with_defaults(spec, r, sampler, vae_scale)
+    r = with_defaults(spec, r, sampler, vae_scale, card or {})
     karras = r.karras or (scheduler.use_karras_sigmas and sampling.karras)
     schedule = lay_out_schedule(r, sampling, scheduler, karras)
     generator = generator or r.generators()
@@ -102,10 +104,12 @@ def check_against_model(spec: ModelSpec, r: GenerationRequest, vae_scale: int, n
                          f"{channels}", field="image")
 
 
-def with_defaults(spec: ModelSpec, r: GenerationRequest, sampler: str, vae_scale: int) -> GenerationRequest:
-    """The request with its defaults: the sampler, a random seed, the strength (1.0 with a mask, else the
-    family's image-to-image default), the size: the latents' or the image's (rounded down to a multiple of the
-    VAE's scale), else the model's native size."""
+def with_defaults(spec: ModelSpec, r: GenerationRequest, sampler: str, vae_scale: int,
+                  card: dict) -> GenerationRequest:
+    """The request with its defaults: the sampler, a random seed, the steps and guidance (the model card's, else
+    50 and 7.5), the strength (1.0 with a mask, else the family's image-to-image default), the size: the latents'
+    or the image's (rounded down to a multiple of the VAE's scale), else the card's, else the model's native
+    size."""
     if r.latents is not None:
         native_w, native_h = r.latents.shape[-1] * vae_scale, r.latents.shape[-2] * vae_scale
     elif isinstance(r.image, Tensor):
@@ -113,11 +117,14 @@ def with_defaults(spec: ModelSpec, r: GenerationRequest, sampler: str, vae_scale
     elif r.image is not None:
         native_w, native_h = fit_size(r.image[0] if isinstance(r.image, list) else r.image, vae_scale)
     else:
-        native_w = native_h = spec.sample_size * vae_scale
+        native_w = card.get("width", spec.sample_size * vae_scale)
+        native_h = card.get("height", spec.sample_size * vae_scale)
     seed = r.seed if r.seed is not None else random_seed()
     strength = r.strength if r.strength is not None else 1.0 if r.mask is not None else spec.default_strength
+    steps = r.steps if r.steps is not None else card.get("steps", DEFAULT_STEPS)
+    guidance = r.guidance if r.guidance is not None else card.get("guidance", DEFAULT_GUIDANCE)
     return r.replace(sampler=sampler, seed=seed, strength=strength, width=r.width or native_w,
-                     height=r.height or native_h)
+                     height=r.height or native_h, steps=steps, guidance=guidance)
 
 
 def lay_out_schedule(r: GenerationRequest, sampling: SamplerSpec, scheduler: SchedulerConfig,

@@ -79,6 +79,16 @@ class BaseWithRefiner:
         return self.base.vae_scale
 
     @property
+    def defaults(self) -> dict:
+        """The base's card defaults (`StableDiffusion.defaults`): a request's steps, guidance and size."""
+        return self.base.defaults
+
+    @property
+    def unet(self):
+        """The base's UNet: the one the first part of every text-to-image run goes through."""
+        return self.base.unet
+
+    @property
     def notes(self) -> list[str]:
         """The base's notes from loading."""
         return self.base.notes

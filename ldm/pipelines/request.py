@@ -33,12 +33,14 @@ IMAGE_PLACEHOLDER = Image.new("RGB", (8, 8))
 class GenerationRequest:
     """What to generate. Defaults: the model's native size (an image's own, rounded down to a multiple of 8,
     when there is one), the model folder's sampler, 50 steps, guidance 7.5, strength 0.8 (0.3 for SDXL, 1.0
-    with a mask), a random seed. See `StableDiffusion.__call__` for each parameter's meaning."""
+    with a mask), a random seed; a model whose card says otherwise (`StableDiffusion.defaults`: SD-Turbo's 1 step
+    without guidance, say) has the card's steps, guidance and size. See `StableDiffusion.__call__` for each
+    parameter's meaning."""
 
     prompt: str | list[str]
     negative_prompt: str | list[str] | None = None
-    steps: int = 50
-    guidance: float = 7.5  # classifier-free guidance is on above 1 (diffusers' rule)
+    steps: int | None = None  # None: the model card's, else 50
+    guidance: float | None = None  # None: the card's, else 7.5; classifier-free guidance is on above 1 (diffusers')
     guidance_rescale: float = 0.0
     seed: int | list[int] | None = None  # a list: one per prompt or per image (not inpainting)
     width: int | None = None
@@ -153,14 +155,15 @@ class GenerationRequest:
             bad("timestep_spacing", f"--timestep-spacing applies to "
                                     f"{', '.join(n for n, s in SAMPLERS.items() if s.spacing)}, not to {self.sampler} "
                                     f"(its steps come from its distillation grid)")
-        if not _whole(self.steps) or not 1 <= self.steps <= max_steps:
+        if self.steps is not None and (not _whole(self.steps) or not 1 <= self.steps <= max_steps):
             bad("steps", f"steps must be a whole number from 1 to {max_steps} (the training timesteps), "
                          f"got {self.steps!r}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (not _whole(value) or value < 8 or value % 8):
                 bad(name, f"{name} must be a positive multiple of 8, got {value!r}")
-        if not _number(self.guidance) or not math.isfinite(self.guidance) or self.guidance < 0:
+        if self.guidance is not None and (not _number(self.guidance) or not math.isfinite(self.guidance)
+                                          or self.guidance < 0):
             bad("guidance", f"guidance must be a number ≥ 0, got {self.guidance}")
         if not _whole(self.num_images) or self.num_images < 1:
             bad("num_images", f"the number of images must be ≥ 1, got {self.num_images!r}")

@@ -38,10 +38,10 @@ from ldm.speed.tiling import enable_vae_tiling
 
 def load(model: str | Path, device: str = "auto", dtype: str = "auto", variant: str | None = None,
          revision: str | None = None, local_files_only: bool = False, prediction_type: str | None = None,
-         safety_checker: bool = True, vae: str | Path | None = None) -> StableDiffusion:
+         safety_checker: bool = True, vae: str | Path | None = None, unet: str | Path | None = None) -> StableDiffusion:
     """`ldm.loading.components.load_components` → a pipeline (a `StableDiffusionXL` for SDXL models)."""
     return StableDiffusion.from_components(load_components(model, device, dtype, variant, revision, local_files_only,
-                                                           prediction_type, safety_checker, vae))
+                                                           prediction_type, safety_checker, vae, unet))
 
 
 def load_single_file(path: str | Path, device: str = "auto", dtype: str = "auto", prediction_type: str | None = None,
@@ -69,6 +69,7 @@ class RunSettings:
     prediction_type: str | None = None  # eps, v or sample, over the model's own
     safety_checker: bool = True  # (--no-safety-checker: False) the checker of models that ship one
     vae: str | None = None  # another VAE: a diffusers vae/ folder or a .safetensors file of the model's family
+    unet: str | None = None  # another UNet (the distilled ones shipped alone): a diffusers UNet folder or a file
     vae_tiling: bool = False  # decode and encode in tiles always (otherwise only where a whole pass would not fit)
     vae_tile_size: int | None = None  # pixels (default: the VAE config's sample_size)
     seamless: bool = False  # (--tiling) circular padding in every convolution of the UNet and VAE
@@ -91,8 +92,9 @@ class RunSettings:
         if self.vae_tile_size is not None and (self.vae_tile_size < 32 or self.vae_tile_size % 8):
             raise InputError(f"--vae-tile-size must be a multiple of 8 pixels, at least 32, got {self.vae_tile_size}",
                              field="vae_tile_size")
-        if self.vae is not None and not Path(self.vae).exists():
-            raise InputError(f"--vae {self.vae}: no such file or folder", field="vae")
+        for name in ("vae", "unet"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).exists():
+                raise InputError(f"--{name} {getattr(self, name)}: no such file or folder", field=name)
         for path in self.embeddings:
             if not Path(path).is_file():
                 raise InputError(f"--embedding {path}: no such file", field="embeddings")
@@ -130,12 +132,13 @@ def check_models(settings: RunSettings) -> None:
             read_folder(root)  # model_index.json and the configs
 
 
-def _load_one(settings: RunSettings, model: str, device: str, dtype: str, prediction_type: str | None):
+def _load_one(settings: RunSettings, model: str, device: str, dtype: str, prediction_type: str | None,
+              unet: str | None = None):
     """One model as the settings load it, seamless or VAE-tiled (before `accelerate`: its Winograd convolutions
-    pad with zeros)."""
+    pad with zeros); `unet` in place of its own."""
     pipe = load(model, device=device, dtype=dtype, variant=settings.variant, revision=settings.revision,
                 local_files_only=settings.local_files_only, prediction_type=prediction_type,
-                safety_checker=settings.safety_checker, vae=settings.vae)
+                safety_checker=settings.safety_checker, vae=settings.vae, unet=unet)
     if settings.seamless:
         set_seamless(pipe)
     elif isinstance(pipe.vae, TinyVAE):  # TAESD: a fraction of the VAE's memory, decoded whole
@@ -150,7 +153,8 @@ def _load_one(settings: RunSettings, model: str, device: str, dtype: str, predic
 def prepare_pipeline(settings: RunSettings):
     """The pipeline the settings describe, ready to run. With a refiner: the SDXL base and its refiner as one
     `ldm.pipelines.refiner` pipeline (the refiner loaded at once, so that a bad path fails before the base runs,
-    and parked on the CPU until its turn; it runs uncompiled). `vae` swaps the VAE of both, `seamless` makes
+    and parked on the CPU until its turn; it runs uncompiled). `unet` swaps the base's UNet, `vae` the VAE of both,
+    `seamless` makes
     both seamless, and both VAEs tile (`vae_tiling`: always; otherwise where a whole image would not fit).
     `offload`: the weights load on the CPU in the dtype they run in on the GPU and stay there
     (`ldm.speed.offload`); the networks are accelerated without CUDA graphs, then offloaded (the base and
@@ -159,10 +163,11 @@ def prepare_pipeline(settings: RunSettings):
     if settings.offload:
         target = offload_device(settings)
         pipe = _load_one(settings, settings.model, "cpu", dtype_name(resolve_dtype(settings.dtype, target)),
-                         settings.prediction_type)
+                         settings.prediction_type, settings.unet)
         pipe.device = target  # where `accelerate` below and the offload hooks take it to run
     else:
-        pipe = _load_one(settings, settings.model, settings.device, settings.dtype, settings.prediction_type)
+        pipe = _load_one(settings, settings.model, settings.device, settings.dtype, settings.prediction_type,
+                         settings.unet)
     if settings.compile or pipe.device.type == "cuda":  # CUDA's default path: fused, channels_last, the CUDA graph
         accelerate(pipe, compile=settings.compile,
                    cuda_graph=False if not settings.cuda_graph or settings.offload else None)

@@ -98,6 +98,9 @@ class StableDiffusion:
         self.lora_originals: dict[tuple[str, str], Tensor] = {}
         self.vae_name: str | None = None  # another VAE than the model's own (`vae=`): the infotext's VAE
         self.seamless = False  # circular padding (`ldm.adapters.seamless.set_seamless`): the infotext's Tiling
+        # the model card's steps, guidance, width and height, where a request gives none and they are not ldm's
+        # defaults (50 steps, guidance 7.5, the native size): the manifest's few-step models (SD-Turbo: 1, 0.0)
+        self.defaults: dict = {}
 
     @property
     def default_strength(self) -> float:
@@ -110,18 +113,20 @@ class StableDiffusion:
     def from_pretrained(cls, model: str | Path, device: str = "auto", dtype: str = "auto",
                         variant: str | None = None, revision: str | None = None,
                         local_files_only: bool = False, prediction_type: str | None = None,
-                        safety_checker: bool = True, vae: str | Path | None = None) -> "StableDiffusion":
+                        safety_checker: bool = True, vae: str | Path | None = None,
+                        unet: str | Path | None = None) -> "StableDiffusion":
         """Load an official diffusers folder (or its Hub id), or an original single-file checkpoint
         (`ldm.loading.components.load_components`); SDXL models come back as `StableDiffusionXL`. `vae`: another
         VAE (a folder or a file) in place of its own."""
         return cls.from_components(load_components(model, device, dtype, variant, revision, local_files_only,
-                                                   prediction_type, safety_checker, vae))
+                                                   prediction_type, safety_checker, vae, unet))
 
     @classmethod
     def from_single_file(cls, path: str | Path, device: str = "auto", dtype: str = "auto",
-                         prediction_type: str | None = None, vae: str | Path | None = None) -> "StableDiffusion":
+                         prediction_type: str | None = None, vae: str | Path | None = None,
+                         unet: str | Path | None = None) -> "StableDiffusion":
         """Load an original single-file checkpoint (`ldm.loading.components.load_single_file_components`)."""
-        return cls.from_components(load_single_file_components(path, device, dtype, prediction_type, vae))
+        return cls.from_components(load_single_file_components(path, device, dtype, prediction_type, vae, unet))
 
     @staticmethod
     def from_components(parts: Components) -> "StableDiffusion":
@@ -134,6 +139,7 @@ class StableDiffusion:
         else:
             pipe = StableDiffusionXL(*common, parts.encoders["text_encoder_2"], parts.tokenizers["text_encoder_2"])
         pipe.safety_checker, pipe.vae_name, pipe.model_file = parts.safety, parts.vae_name, parts.model_file
+        pipe.defaults = dict(parts.card)
         found, pipe.notes = folder_embeddings(pipe.tower_widths())
         pipe.embeddings = {e.name: e for e in found}
         return pipe
@@ -340,7 +346,7 @@ class StableDiffusion:
     def plan(self, request: GenerationRequest, generator: Generators | None = None) -> Plan:
         """Check the request against this model, fill in its defaults, and lay out the schedule and the random
         generators (`ldm.pipelines.plan.make_plan`: the family's spec, the scheduler config, the VAE's scale)."""
-        return make_plan(self.spec, request, self.scheduler, self.vae_scale, self.name, generator)
+        return make_plan(self.spec, request, self.scheduler, self.vae_scale, self.name, generator, self.defaults)
 
     def encode(self, plan: "Plan", notes: list[str], used: set[str]) -> tuple[dict, dict | None]:
         """The UNet's conditioning for the prompts and, with guidance (a scale above 1, diffusers' rule), the

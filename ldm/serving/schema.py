@@ -53,10 +53,11 @@ class RequestError(InputError):
 
 @dataclass(frozen=True)
 class Parameters:
-    """`parameters`, with the cards' defaults (50 steps, guidance 7.5) and ldm's extras."""
+    """`parameters`, with the cards' defaults (None: 50 steps, guidance 7.5, or the served model card's where its
+    manifest entry names others: SD-Turbo's 1 step without guidance) and ldm's extras."""
 
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     negative_prompt: str | None = None
     seed: int | None = None
     height: int | None = None
@@ -147,7 +148,7 @@ def _parameter_values(raw) -> dict:
 
 def _check_limits(p: Parameters, limits: Limits) -> None:
     """The server's limits (steps, images, pixels), a known scheduler and the guidance range."""
-    if not 1 <= p.num_inference_steps <= limits.max_steps:
+    if p.num_inference_steps is not None and not 1 <= p.num_inference_steps <= limits.max_steps:
         raise RequestError("parameters.num_inference_steps", f"must be from 1 to {limits.max_steps} on this server, "
                                                              f"got {p.num_inference_steps}")
     if p.hires_steps is not None and not 1 <= p.hires_steps <= limits.max_steps:
@@ -163,7 +164,7 @@ def _check_limits(p: Parameters, limits: Limits) -> None:
     if p.scheduler is not None and scheduler_name(p.scheduler) is None:
         raise RequestError("parameters.scheduler", f"unknown scheduler {p.scheduler!r} (one of: {', '.join(SAMPLERS)}, "
                                                    "or a diffusers scheduler class name)")
-    if not 0 <= p.guidance_scale <= 100:
+    if p.guidance_scale is not None and not 0 <= p.guidance_scale <= 100:
         raise RequestError("parameters.guidance_scale", f"must be between 0 and 100, got {p.guidance_scale}")
 
 
