@@ -439,3 +439,25 @@ def test_scoring_refuses_bad_few_step_parameters_naming_the_field(sd1_folder, pa
     with pytest.raises(RequestError) as error:
         parse({"input_data": {"data": [PROMPT], "parameters": parameters}})
     assert error.value.field == field, error.value
+
+
+@pytest.mark.parametrize("folder_fixture, sampler", [("sd2_inpaint_folder", "lcm"), ("sd1_folder", "lcm"),
+                                                     ("sd1_folder", "tcd")])
+def test_inpainting_with_the_few_step_samplers(request, tmp_path, folder_fixture, sampler):
+    """LCM/TCD with a mask, on a 9-channel inpainting UNet and on a 4-channel one (the known region pasted back,
+    re-noised to the next step), against StableDiffusionInpaintPipeline with that scheduler."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    folder = request.getfixturevalue(folder_fixture)
+    image = Image.fromarray((np.random.default_rng(4).random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    image.save(tmp_path / "image.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    actual = generate(tmp_path, folder, "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
+                      "--sampler", sampler, "--steps", "4", "--seed", "5", "--guidance", "1.5")
+    eta = {"eta": 0.3} if sampler == "tcd" else {}
+    expected = reference(load(StableDiffusionInpaintPipeline, folder, sampler), 5, image=image,
+                         mask_image=Image.fromarray(mask), height=64, width=64, num_inference_steps=4,
+                         guidance_scale=1.5, **eta)
+    assert_close(f"{folder_fixture} {sampler} inpainting", actual, expected)
