@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import MODULE_TOL, max_rel_err
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from lora_files import (
     ATTENTION,
     CONVS,
@@ -27,7 +29,7 @@ from lora_files import (
     save_peft,
 )
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ldm.adapters.lora import find_lora, load_lora, lora_hash, loras_dir, unload_loras
 from ldm.errors import InputError, LoadError
@@ -109,19 +111,24 @@ class Reference:
         return pipe
 
     def merged(self, family: str, *loras) -> tuple:
-        """The reference pipeline with each (path, weight) fused in turn (fuse_lora, then the adapter unloaded),
-        and its UNet and text-tower tensors under ldm's names (transformers 5 drops the `text_model.` prefix)."""
+        """The reference pipeline with each (path or state dict, weight) fused in turn (fuse_lora, then the adapter
+        unloaded), and its UNet and text-tower tensors under ldm's names (`tensors`)."""
         pipe = self.pipe(family)
-        for path, weight in loras:
-            pipe.load_lora_weights(str(path))
+        for lora, weight in loras:
+            pipe.load_lora_weights(lora if isinstance(lora, dict) else str(lora))
             pipe.fuse_lora(lora_scale=weight)
             pipe.unload_lora_weights()
-        out = {}
+        return pipe, self.tensors(family)
+
+    def tensors(self, family: str) -> dict[str, dict[str, torch.Tensor]]:
+        """The reference pipeline's UNet and text-tower tensors as they are now, under ldm's names (transformers 5
+        drops the `text_model.` prefix)."""
+        pipe, out = self.pipes[family][0], {}
         for name in ["unet", *TOWERS[family]]:
             state = getattr(pipe, name).state_dict()
             out[name] = {(k if name == "unet" or k.startswith(("text_model.", "text_projection")) else
                           "text_model." + k): v for k, v in state.items()}
-        return pipe, out
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +144,7 @@ def assert_merged_like(pipe, expected: dict, before: dict, changed: dict[str, se
         for key, value in ours.items():
             if key.endswith("position_ids"):
                 continue
-            assert close(value, theirs[key]), f"{component} {key}"
+            assert close(value, theirs[key]), f"{component} {key}: {max_rel_err(value, theirs[key]):.3g} relative"
         moved = {k for k, v in ours.items() if not torch.equal(v, before[component][k])}
         moved_ref = {k for k, v in before[component].items() if k in theirs and not torch.equal(theirs[k], v)}
         assert moved == moved_ref == changed[component], component
@@ -234,20 +241,92 @@ def test_sdxl_image_with_a_kohya_sdxl_lora_equals_diffusers(sdxl_folder, referen
     assert_image_like_diffusers("sdxl kohya LDM-named", image(pipe), reference_image(ref, "sdxl"), plain)
 
 
-def test_ldm_names_equal_diffusers_names_on_sd1(sd1_folder, tmp_path):
-    """SD 1.x files with LDM UNet names (A1111 reads them; diffusers' SD 1.x loader does not map them) merge
-    exactly like the same factors under diffusers names, which the test above holds to diffusers."""
+def full_checkpoint_ldm_names(pipe, unet) -> dict[str, str]:
+    """diffusers module name → LDM module name as diffusers' full-checkpoint converter reads an original file
+    (`convert_ldm_unet_checkpoint`): each key of the file gets a distinct marker, and the converter's output says
+    which diffusers tensor it becomes. ldm's tables supply only the set of file keys, not where they go."""
+    keys = sorted({rule.theirs for rule in unet_rules(pipe.unet.config, prefix="")})
+    file = {"model.diffusion_model." + key: torch.tensor(float(i)) for i, key in enumerate(keys)}
+    converted = convert_ldm_unet_checkpoint(file, unet.config)
+    assert set(converted) == set(unet.state_dict())  # every tensor of the UNet read from the file
+    return {name.removesuffix(".weight"): keys[int(marker)].removesuffix(".weight")
+            for name, marker in converted.items() if name.endswith(".weight")}
+
+
+def diffusers_lora_names(stems, unet_config) -> dict[str, str]:
+    """kohya LDM-named UNet stem → the UNet module diffusers' LoRA converter assigns it: lora_state_dict given the
+    UNet config (its SGM block mapping runs only then; SD 1.x's load_lora_weights never passes it, SDXL's does),
+    then diffusers' PEFT renaming. One module at a time: over a whole SD 1.x file the block mapping takes
+    `input_blocks_10_…` and `_11_…` for block 1's (a substring match) and fails with a KeyError."""
+    out = {}
+    for stem in stems:
+        factors = {f"{stem}.lora_down.weight": torch.zeros(1), f"{stem}.lora_up.weight": torch.zeros(1),
+                   f"{stem}.alpha": torch.zeros(())}
+        converted, _ = StableDiffusionPipeline.lora_state_dict(factors, unet_config=unet_config)
+        peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+        (out[stem],) = {k.removesuffix(".lora_A.weight") for k in peft if k.endswith(".lora_A.weight")}
+    return out
+
+
+def reference_merge(weight: torch.Tensor, tensors: dict[str, torch.Tensor], stem: str, scale: float) -> None:
+    """kohya's merge rule for the file's module `stem`, written out: W += scale · alpha / rank · (up @ down), the
+    kernel in down's columns, rank = down's rows."""
+    up, down = tensors[f"{stem}.lora_up.weight"].float(), tensors[f"{stem}.lora_down.weight"].float()
+    delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    weight += scale * tensors[f"{stem}.alpha"].float().item() / down.shape[0] * delta.reshape(weight.shape)
+
+
+# What people's SD 1.x files hold under LDM names: attention, proj_in/out, a resnet's convs, shortcut and time
+# projection, the down- and upsamplers (up block 0 of SD 1.x has no attention: its upsampler is output_blocks.2.1,
+# the others' .5.2 and .8.2), blocks 10 and 11 (whose names contain block 1's), and the text tower.
+SD1_LDM_STEMS = ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q", "lora_unet_input_blocks_1_1_proj_in",
+                 "lora_unet_input_blocks_1_1_proj_out", "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k",
+                 "lora_unet_middle_block_2_in_layers_2", "lora_unet_input_blocks_7_0_skip_connection",
+                 "lora_unet_input_blocks_3_0_op", "lora_unet_output_blocks_2_1_conv",
+                 "lora_unet_output_blocks_5_2_conv", "lora_unet_output_blocks_8_2_conv",
+                 "lora_unet_input_blocks_11_0_emb_layers_1", "lora_unet_output_blocks_9_0_out_layers_3",
+                 "lora_unet_output_blocks_10_1_transformer_blocks_0_ff_net_2",
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+
+
+def test_sd1_lora_with_ldm_names_merges_like_diffusers(sd1_folder, reference, tmp_path):
+    """SD 1.x kohya files with LDM UNet names (`lora_unet_input_blocks_1_1_proj_in`, `…_output_blocks_2_1_conv`,
+    `…_in_layers_2`, …; A1111 reads them), against diffusers: tensor by tensor and the image. The file's LDM names
+    come from diffusers' full-checkpoint converter (the truth for where an original key goes). diffusers' LoRA
+    loader cannot read such a file whole (diffusers_lora_names), so each module is renamed by its converter one at
+    a time and the renamed file merged by load_lora_weights + fuse_lora. Where that converter disagrees with the
+    full-checkpoint one, the module is merged into diffusers' UNet by kohya's rule (reference_merge) instead: up
+    block 0's upsampler, `output_blocks_2_1_conv`, which it sends to `up_blocks.0.attentions.2.conv` (it takes
+    output_blocks.N.1 for an attention, but SD 1.x's first up block has none: the full-checkpoint converter maps
+    it to `up_blocks.0.upsamplers.0.conv`, as ldm does)."""
     pipe = StableDiffusion.from_pretrained(sd1_folder)
-    spec = spec_for(pipe, "sd1", convs=True, seed=3)
-    load_lora(pipe, write("kohya", tmp_path / "a.safetensors", pipe, "sd1", spec), WEIGHT)
-    expected = states(pipe)
-    unload_loras(pipe)
-    ldm_named = write("kohya-ldm", tmp_path / "b.safetensors", pipe, "sd1", spec)
-    with safe_open(str(ldm_named), "pt") as f:
-        assert any(k.startswith("lora_unet_input_blocks_1_1_") for k in f.keys())  # noqa: SIM118
-        assert any(k.startswith("lora_unet_output_blocks_2_1_conv.") for k in f.keys())  # noqa: SIM118 (upsampler)
-    load_lora(pipe, ldm_named, WEIGHT)
-    assert_same_bits(states(pipe), expected)
+    before, plain = states(pipe), image(pipe)
+    ref = reference.pipe("sd1")
+    ldm_names = full_checkpoint_ldm_names(pipe, ref.unet)
+    spec = spec_for(pipe, "sd1", convs=True, seed=21)
+    path = save_kohya(tmp_path / "sd1-ldm-named.safetensors", spec, xl=False, ldm_names=ldm_names)
+    tensors = load_file(str(path))
+    stems = {key.partition(".")[0] for key in tensors}
+    assert set(SD1_LDM_STEMS) <= stems and not any("down_blocks" in s or "up_blocks" in s for s in stems)
+
+    assert load_lora(pipe, path, WEIGHT).keys == len(spec)
+
+    modules = {"lora_unet_" + ldm_names[name].replace(".", "_"): name for c, name in spec if c == "unet"}
+    theirs = diffusers_lora_names(modules, ref.unet.config)
+    by_rule = {stem: name for stem, name in modules.items() if theirs[stem] != name}
+    print(f"diffusers' LoRA converter maps {', '.join(f'{s} to {theirs[s]}' for s in by_rule)}")
+    assert set(by_rule) <= {"lora_unet_output_blocks_2_1_conv"}  # diffusers' merge is the reference for the rest
+    for_diffusers = {}  # the other modules under the diffusers names diffusers' converter gives them
+    for key, tensor in tensors.items():
+        stem, _, part = key.partition(".")
+        if stem not in by_rule:
+            for_diffusers[f"lora_unet_{theirs[stem].replace('.', '_')}.{part}" if stem in theirs else key] = tensor
+    ref, _ = reference.merged("sd1", (for_diffusers, WEIGHT))
+    with torch.no_grad():
+        for stem, name in by_rule.items():
+            reference_merge(ref.unet.get_submodule(name).weight, tensors, stem, WEIGHT)
+    assert_merged_like(pipe, reference.tensors("sd1"), before, changed_weights(spec))
+    assert_image_like_diffusers("sd1 kohya LDM-named", image(pipe), reference_image(ref, "sd1"), plain)
 
 
 def test_two_loras_stack_like_diffusers_and_unload_exactly(sd1_folder, reference, tmp_path):

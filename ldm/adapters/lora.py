@@ -8,8 +8,10 @@ Formats (a file may mix LoRA, LoCon, LoHa and LoKr modules; every key is used, o
 - kohya / AUTOMATIC1111: `lora_unet_<module>`, `lora_te_<module>` (SD 1.x/2.x text tower), `lora_te1_` /
   `lora_te2_` (SDXL's CLIP-L / OpenCLIP-bigG), where <module> is the diffusers (UNet) or transformers (text
   towers) module path with dots as underscores, or, for the UNet, the LDM/SGM path that kohya's SDXL trainer
-  uses (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `middle_block_1_…`, `output_blocks_…`,
-  `…_0_in_layers_2` for a resnet's conv1), mapped by the tables `ldm.loading.single_file.unet_rules` generates.
+  and older SD 1.x files use (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `middle_block_1_…`,
+  `output_blocks_…`, `…_0_in_layers_2` for a resnet's conv1), mapped by the tables
+  `ldm.loading.single_file.unet_rules` generates (the full-checkpoint map: SD 1.x's `output_blocks_2_1_conv` is
+  up block 0's upsampler).
   Factors `.lora_down.weight` [r, in(, kh, kw)], `.lora_up.weight` [out, r(, 1, 1)], optional `.lora_mid.weight`
   (LoCon's CP decomposition) and `.alpha`. LoCon is the same on convolutions (resnets, projections, resamplers).
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (older: `.lora.down.weight` /
@@ -31,7 +33,9 @@ extensions-builtin/Lora/network.py (calc_scale, finalize_updown), network_lora.p
 (commit c302b3ab), network_lokr.py (commit fe89b098), lyco_helpers.py (make_weight_cp, rebuild_conventional,
 rebuild_cp_decomposition); kohya-ss/sd-scripts networks/lora.py (key names, alpha); huggingface/diffusers
 0.42 src/diffusers/loaders/lora_conversion_utils.py and utils/peft_utils.py (kohya → PEFT names, alphas),
-which tests/test_lora.py runs as the reference.
+which tests/test_lora.py runs as the reference (SD 1.x LDM names: module by module, since diffusers' SGM block
+map confuses blocks 1 and 10/11 over a whole file, and up block 0's upsampler, which it sends to an attention
+SD 1.x lacks, by kohya's rule).
 
 Merging: deltas are computed in fp32 and added to the weights in place, merged = (orig.float() + delta) cast
 back to the weight's dtype, so a LoRA costs nothing per denoising step. Each touched tensor's original is kept
