@@ -1,5 +1,5 @@
-"""Large images and seamless textures (ldm.speed.tiling, --vae): tiled VAE against diffusers' enable_tiling(), the
-seam check, circular padding that makes images wrap, and swapping the VAE."""
+"""Large images and seamless textures (ldm.speed.tiling): tiled VAE against diffusers' enable_tiling(), the seam check,
+and circular padding that makes images wrap. Swapping the VAE (--vae): test_vae_swap.py."""
 
 from functools import partial
 
@@ -8,12 +8,9 @@ import pytest
 import torch
 from conftest import max_rel_err
 from PIL import Image
-from safetensors.torch import save_file
 
 from ldm.adapters.seamless import set_seamless
-from ldm.errors import InputError, LoadError
-from ldm.loading.single_file import to_single_file, vae_rules
-from ldm.pipelines.setup import load
+from ldm.errors import InputError
 from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm.speed.tiling import Tiles, disable_vae_tiling, enable_vae_tiling
 from ldm_cli.main import main
@@ -162,28 +159,6 @@ def cli_image(sd1_folder, out, *flags) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB"))
 
 
-def test_same_vae_swapped_in_gives_the_same_image(sd1_folder, pipe, tmp_path):
-    """--vae with the model's own VAE, as its folder and as a single file in the original LDM names."""
-    single = tmp_path / "vae-sd1.safetensors"
-    save_file(to_single_file(vae_rules(pipe.vae.config, prefix=""), pipe.vae.state_dict()), single)
-    plain = cli_image(sd1_folder, tmp_path / "plain.png")
-    assert np.array_equal(cli_image(sd1_folder, tmp_path / "folder.png", "--vae", str(sd1_folder / "vae")), plain)
-    assert np.array_equal(cli_image(sd1_folder, tmp_path / "file.png", "--vae", str(single)), plain)
-    assert "VAE: vae-sd1" in Image.open(tmp_path / "file.png").text["parameters"]
-
-
-def test_a_vae_of_another_family_is_refused(sd1_folder, sdxl_folder, tmp_path):
-    from ldm.networks.vae import VAE, VAEConfig
-
-    with pytest.raises(LoadError, match=r"SDXL \(scaling factor 0.13025.*SD 1.x model.*SD 1.x/2.x \(scaling"):
-        load(sd1_folder, device="cpu", safety_checker=False, vae=sdxl_folder / "vae")
-    wide = VAE(VAEConfig(latent_channels=8, block_out_channels=(32, 32, 64, 64), layers_per_block=2))
-    single = tmp_path / "vae-8ch.safetensors"
-    save_file(to_single_file(vae_rules(wide.config, prefix=""), wide.state_dict()), single)
-    with pytest.raises(LoadError, match="8 latent channels.*4 latent channels"):
-        load(sd1_folder, device="cpu", safety_checker=False, vae=single)
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--vae-tile-size", "30"], "--vae-tile-size must be a multiple of 8"),
     (["--tiling", "--vae-tiling"], "--tiling does not combine with --vae-tiling"),
@@ -207,26 +182,3 @@ def test_cli_tiling_and_vae_tiling(sd1_folder, tmp_path):
     whole = cli_image(sd1_folder, tmp_path / "whole.png", "--width", "96")
     tiled = cli_image(sd1_folder, tmp_path / "tiled.png", "--width", "96", "--vae-tiling", "--vae-tile-size", "32")
     assert whole.shape == tiled.shape and not np.array_equal(whole, tiled)
-
-
-def test_batch_and_serve_take_the_vae_and_tiling_options(sd1_folder, tmp_path, capsys):
-    """--tiling and --vae are model options: `ldm batch` gives the PNG `ldm generate` gives (pixels and
-    parameters), and its resume fingerprint holds them; `ldm serve` refuses a bad combination in one line."""
-    flags = ["--tiling", "--vae", str(sd1_folder / "vae")]
-    cli_image(sd1_folder, tmp_path / "cli.png", *flags)
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text('"a tile"\n')
-    batch = ["batch", "--model", str(sd1_folder), "--device", "cpu", "--no-safety-checker", "--input", str(rows),
-             "--output", str(tmp_path / "out"), "--seed", "3",
-             "--parameters", '{"num_inference_steps": 2, "scheduler": "euler", "prompt_syntax": "a1111"}']
-    assert main([*batch, *flags]) == 0, capsys.readouterr().err
-    cli, batched = Image.open(tmp_path / "cli.png"), Image.open(tmp_path / "out" / "00000.png")
-    assert np.array_equal(np.asarray(batched), np.asarray(cli))
-    assert batched.text["parameters"] == cli.text["parameters"]
-    assert "VAE: vae" in cli.text["parameters"] and "Tiling: True" in cli.text["parameters"]
-    capsys.readouterr()
-    assert main(batch) == 2  # the same folder without --tiling: another job
-    assert "tiling" in capsys.readouterr().err
-    assert main(["serve", "--model", str(sd1_folder), "--tiling", "--vae-tiling"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--tiling does not combine with --vae-tiling" in err[0], err
