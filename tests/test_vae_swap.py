@@ -383,14 +383,10 @@ def test_sdxl_decodes_in_the_dtype_force_upcast_decides(sdxl_folder, xl_with_fp1
 
 @pytest.mark.parametrize("force_upcast", [True, False])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_refiner_runs_its_vae_in_the_dtype_force_upcast_decides(request, sdxl_refiner_folder, other_xl_vae, tmp_path,
+def test_refiner_runs_its_vae_in_the_dtype_force_upcast_decides(sdxl_refiner_folder, other_xl_vae, tmp_path,
                                                                dtype, force_upcast):
     """The refiner's `--vae` in half precision: the decode as the base (`diffusers_rule`), and the image's encode as
     StableDiffusionXLImg2ImgPipeline.prepare_latents does it: fp32 whenever force_upcast, in any dtype."""
-    if dtype == "bf16" and force_upcast:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "diffusers' img2img encodes in fp32 whenever force_upcast (bf16 too) but decodes in bf16; ldm runs its "
-            "one VAE in one dtype (bf16), and the encode's cast is in ldm/pipelines/stable_diffusion.py")))
     init = picture(64, 72, seed=5)
     swapped = with_force_upcast(other_xl_vae, tmp_path, force_upcast)
     expected = {"encode": {torch.float32 if force_upcast else HALF[dtype]},

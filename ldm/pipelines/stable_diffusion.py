@@ -450,10 +450,19 @@ class StableDiffusion:
 
     def encode_image(self, image: Tensor, generator: torch.Generator) -> Tensor:
         """Scaled float32 latents of an image in [-1, 1]: a sample of the VAE posterior, noise from
-        `generator`."""
+        `generator`. An SDXL VAE whose config says force_upcast encodes in fp32 whatever the dtype (bf16 too), as
+        StableDiffusionXLImg2ImgPipeline.prepare_latents does (its decode upcasts for fp16 only)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        mean, logvar = self.vae.encode(image.to(self.device, vae_dtype))
-        return (self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor).float()
+        upcast = self.spec.upcast_vae and vae_dtype != torch.float32 and getattr(self.vae.config, "force_upcast", False)
+        if upcast:
+            self.vae.to(torch.float32)  # (and back: bf16 and fp16 weights are exact in fp32)
+        try:
+            mean, logvar = self.vae.encode(image.to(self.device, torch.float32 if upcast else vae_dtype))
+            latents = self.vae.sample(mean, logvar, generator) * self.vae.config.scaling_factor
+        finally:
+            if upcast:
+                self.vae.to(vae_dtype)
+        return latents.float()
 
     def start(self, plan: "Plan"):
         """The UNet to call (with the inpainting channels where the UNet takes them), the initial σ-space latents
