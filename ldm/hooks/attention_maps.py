@@ -76,7 +76,7 @@ class AttentionMaps:
         card = pipe.defaults
         width, height = width or card.get("width", pipe.native_size), height or card.get("height", pipe.native_size)
         guidance = card.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
-        guided = guidance > 1 and not pipe.unet.config.time_cond_proj_dim
+        guided = guidance > 1 and not pipe.embeds_guidance
         return cls(height // pipe.vae_scale, width // pipe.vae_scale, guided=guided, keep=keep)
 
     def __enter__(self) -> "AttentionMaps":

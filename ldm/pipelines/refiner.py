@@ -84,9 +84,9 @@ class BaseWithRefiner:
         return self.base.defaults
 
     @property
-    def unet(self):
-        """The base's UNet: the one the first part of every text-to-image run goes through."""
-        return self.base.unet
+    def embeds_guidance(self) -> bool:
+        """Whether the base's UNet takes the guidance as an input (`StableDiffusion.embeds_guidance`)."""
+        return self.base.embeds_guidance
 
     @property
     def notes(self) -> list[str]:

@@ -444,6 +444,11 @@ class StableDiffusion:
         return self.spec.sample_size * self.vae_scale
 
     @property
+    def embeds_guidance(self) -> bool:
+        """An LCM UNet (`time_cond_proj_dim`): the guidance scale is its input, and no unconditional pass runs."""
+        return self.unet.config.time_cond_proj_dim is not None
+
+    @property
     def inpainting(self) -> bool:
         """A UNet that takes mask and masked-image latents besides the noisy latents (9 channels)."""
         return self.spec.inpainting
