@@ -461,3 +461,32 @@ def test_inpainting_with_the_few_step_samplers(request, tmp_path, folder_fixture
                          mask_image=Image.fromarray(mask), height=64, width=64, num_inference_steps=4,
                          guidance_scale=1.5, **eta)
     assert_close(f"{folder_fixture} {sampler} inpainting", actual, expected)
+
+
+# ---------------------------------------------------------------------------------------------- LCM-LoRA
+
+
+def test_lcm_lora_on_sd1_equals_diffusers(sd1_folder, tmp_path):
+    """latent-consistency/lcm-lora-sdv1-5's layout: kohya keys on the UNet only (`lora_unet_<diffusers module>` with
+    `.lora_down`, `.lora_up`, `.alpha`), attention and projections, the resnets' conv1/conv2/conv_shortcut and
+    time_emb_proj, and the resamplers; merged and sampled with lcm, 4 steps, guidance 1 (its card), against
+    StableDiffusionPipeline with load_lora_weights and LCMScheduler."""
+    from lora_files import ATTENTION, CONVS, draw, modules, save_kohya
+
+    from ldm.pipelines.stable_diffusion import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(sd1_folder)
+    targets = modules(pipe.unet, f"({ATTENTION})|({CONVS})")
+    assert any(name.endswith("time_emb_proj") for name in targets) and any("samplers" in n for n in targets)
+    path = save_kohya(tmp_path / "pytorch_lora_weights.safetensors", draw({"unet": targets}, seed=21), xl=False)
+    options = ["--sampler", "lcm", "--steps", "4", "--guidance", "1", "--seed", "2"]
+    actual = generate(tmp_path, sd1_folder, "--lora", str(path), *options)
+    plain = generate(tmp_path, sd1_folder, *options)
+    reference_pipe = load(StableDiffusionPipeline, sd1_folder, "lcm")
+    reference_pipe.load_lora_weights(str(path))
+    try:
+        expected = reference(reference_pipe, 2, num_inference_steps=4, guidance_scale=1.0, height=64, width=64)
+    finally:
+        reference_pipe.unload_lora_weights()
+    assert_close("LCM-LoRA", actual, expected)
+    assert np.abs(actual - plain).mean() > 5  # the LoRA visibly changes the image
