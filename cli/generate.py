@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ldm.choices import HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS, TIMESTEP_SPACINGS
 from ldm.errors import LdmError
+from ldm_cli.controls import add_control_options, control_units
 from ldm_cli.options import add_model_options, run_settings
 
 
@@ -26,6 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_sdxl_options(gen)
     add_output_options(gen)
     add_hires_options(gen)
+    add_control_options(gen)
     add_model_options(gen)
     return gen
 
@@ -235,6 +237,8 @@ def build_request(args: argparse.Namespace):
         print(f"note: the mask ({mask.width}x{mask.height}) is resized to the image's {image.width}x{image.height}",
               file=sys.stderr)
     request = derived(request, image=image, mask=mask)  # (one image, one mask: what the placeholders stood for)
+    if args.controlnet or args.control_image:
+        request = request.replace(controls=control_units(args)).check()
     if args.refiner_start is not None:
         request = derived(request, refiner_start=None)  # given to the pipeline (the base with its refiner) instead
     return request

@@ -32,6 +32,12 @@ HIRES_MAX_SCALE = 4.0  # A1111's slider
 # "None" (brackets read literally; long prompts are still chunked)
 EMPHASES = {"original": "Original", "no-norm": "No norm", "none": "None"}
 
+# ControlNet units' control modes → A1111's (sd-webui-controlnet) names: "prompt" and "control" weight the
+# residuals softly (0.825^(12 − i)), "control" also keeps the unconditional half of guidance free of control
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "control": "ControlNet is more important"}
+CONTROL_MAX_WEIGHT = 2.0  # sd-webui-controlnet's slider
+
 # the scoring adapter's response forms: one object per image (the SD 2.1 / SDXL / inpainting cards), or the
 # SD 1.5 / 1.4 cards' single object of lists
 FORMS = ("rows", "sd15", "sd14")

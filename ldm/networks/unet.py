@@ -8,6 +8,7 @@ micro-conditioning) and the SDXL refiner. Module names are those of diffusers'
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -400,6 +401,26 @@ class UpBlock(nn.Module):
 # ------------------------------------------------------------------------------------------ UNet
 
 
+def embed_time(net: nn.Module, x: Tensor, t, text_embeds: Tensor | None = None, time_ids: Tensor | None = None,
+               timestep_cond: Tensor | None = None) -> Tensor:
+    """The block-wide time embedding of a UNet (or of a ControlNet, its encoder half: `net.config` is a
+    `UNetConfig`): the timestep's sinusoid through `time_embedding` (with an LCM UNet's embedded guidance), plus
+    SDXL's `text_time` embedding of the pooled text and the micro-conditioning ids through `add_embedding`."""
+    cfg = net.config
+    t = t.reshape(-1).expand(x.shape[0]) if torch.is_tensor(t) else torch.full((x.shape[0],), t)
+    t_emb = timestep_embedding(t.to(x.device), cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    if (timestep_cond is None) != (cfg.time_cond_proj_dim is None):
+        raise ValueError("timestep_cond goes with a UNet whose config has time_cond_proj_dim, and it needs one")
+    temb = net.time_embedding(t_emb.to(x.dtype), None if timestep_cond is None else timestep_cond.to(x.dtype))
+    if cfg.addition_embed_type == "text_time":
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type='text_time') needs text_embeds and time_ids")
+        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                 cfg.freq_shift).reshape(text_embeds.shape[0], -1)
+        temb = temb + net.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(temb.dtype))
+    return temb
+
+
 class UNet(nn.Module):
     """ε/v-prediction UNet: `unet(x, t, context[, added_cond])` → same shape as `x` (out channels)."""
 
@@ -432,32 +453,30 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, text_embeds: Tensor | None = None,
-                time_ids: Tensor | None = None, timestep_cond: Tensor | None = None) -> Tensor:
+                time_ids: Tensor | None = None, timestep_cond: Tensor | None = None,
+                down_residuals: Sequence[Tensor] | None = None, mid_residual: Tensor | None = None) -> Tensor:
         """x: (B, in_channels, h, w) latents; t: scalar or (B,) timesteps; context: (B, tokens, dim).
 
         SDXL (`text_time`) also takes the pooled text embedding `text_embeds` (B, D) and the
         micro-conditioning `time_ids` (B, 6 or 5); an LCM UNet (`time_cond_proj_dim`) the embedded guidance
-        weight `timestep_cond` (B, time_cond_proj_dim), as diffusers' UNet2DConditionModel takes them.
+        weight `timestep_cond` (B, time_cond_proj_dim), as diffusers' UNet2DConditionModel takes them. A
+        ControlNet's residuals are added to the skip connections (`down_residuals`, one per skip, in order) and to
+        the mid block's output (`mid_residual`), as diffusers' `down_block_additional_residuals` /
+        `mid_block_additional_residual`.
         """
-        cfg = self.config
-        t = t.reshape(-1).expand(x.shape[0]) if torch.is_tensor(t) else torch.full((x.shape[0],), t)
-        t_emb = timestep_embedding(t.to(x.device), cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        if (timestep_cond is None) != (cfg.time_cond_proj_dim is None):
-            raise ValueError("timestep_cond goes with a UNet whose config has time_cond_proj_dim, and it needs one")
-        temb = self.time_embedding(t_emb.to(x.dtype), None if timestep_cond is None else timestep_cond.to(x.dtype))
-        if cfg.addition_embed_type == "text_time":
-            if text_embeds is None or time_ids is None:
-                raise ValueError("this UNet (addition_embed_type='text_time') needs text_embeds and time_ids")
-            ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
-                                     cfg.freq_shift).reshape(text_embeds.shape[0], -1)
-            temb = temb + self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(temb.dtype))
-
+        temb = embed_time(self, x, t, text_embeds, time_ids, timestep_cond)
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
             skips += block_skips
         x = self.mid_block(x, temb, context)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} ControlNet residuals for {len(skips)} skip connections")
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals, strict=True)]
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             n = len(block.resnets)
             level_skips, skips = skips[-n:], skips[:-n]

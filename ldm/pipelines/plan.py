@@ -37,6 +37,15 @@ class Plan:
     shape: tuple[int, int, int, int]
 
     @property
+    def unet_calls(self) -> int:
+        """The UNet calls this run makes, each one of diffusers' loop iterations: one per timestep of the schedule
+        (PNDM's list holds its second one twice); Heun two per step but one into σ = 0."""
+        n = len(self.schedule.timesteps)
+        if self.spec.two_calls_per_step:
+            return 2 * n - (1 if self.schedule.sigmas[-1] == 0 else 0)
+        return n
+
+    @property
     def seed(self) -> int:
         """The run's seed (the first, with one per prompt or image)."""
         seed = self.request.seed

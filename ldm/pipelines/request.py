@@ -19,7 +19,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ldm.choices import EMPHASES, HIRES_MAX_SCALE, HIRES_UPSCALERS, SYNTAXES, TIMESTEP_SPACINGS
+from ldm.choices import (
+    CONTROL_MAX_WEIGHT,
+    CONTROL_MODES,
+    EMPHASES,
+    HIRES_MAX_SCALE,
+    HIRES_UPSCALERS,
+    SYNTAXES,
+    TIMESTEP_SPACINGS,
+)
 from ldm.errors import InputError
 from ldm.sampling.samplers import SAMPLERS
 
@@ -27,6 +35,34 @@ MAX_SEED = 2**64 - 1
 MAX_CLIP_SKIP = 12  # A1111's range; a model with fewer text layers refuses what it cannot skip
 # stands for an image or mask not read yet (a file, a request's rows) while a request is checked
 IMAGE_PLACEHOLDER = Image.new("RGB", (8, 8))
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet unit: a ControlNet (a diffusers ControlNet folder, or its name in weights/controlnet/) and its
+    control image (already an edge map, a depth map, a pose…), resized to the output's size. `weight` scales its
+    residuals (diffusers' `controlnet_conditioning_scale`); it acts from `start` to `end`, fractions of the steps
+    (diffusers' `control_guidance_start/end`); `mode` is A1111's control mode (`ldm.choices.CONTROL_MODES`);
+    `guess_mode` is diffusers' (residuals × logspace(−1, 0), the conditional half of guidance only)."""
+
+    model: "str | object"  # a path or name, or a loaded `ldm.networks.controlnet.ControlNet`
+    image: Image.Image
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    guess_mode: bool = False
+
+    def check(self, bad, where: str) -> None:
+        if not isinstance(self.image, Image.Image):
+            bad("control_image", f"{where}: the control image must be an image")
+        if not _number(self.weight) or not 0 <= self.weight <= CONTROL_MAX_WEIGHT:
+            bad("control_weight", f"{where}: the weight must be from 0 to {CONTROL_MAX_WEIGHT:g}, got {self.weight!r}")
+        if not (_number(self.start) and _number(self.end) and 0 <= self.start < self.end <= 1):
+            bad("control_start", f"{where}: start and end must be fractions of the steps with 0 ≤ start < end ≤ 1, "
+                                 f"got {self.start!r} and {self.end!r}")
+        if self.mode not in CONTROL_MODES:
+            bad("control_mode", f"{where}: unknown control mode {self.mode!r} (use {', '.join(CONTROL_MODES)})")
 
 
 @dataclass
@@ -80,6 +116,7 @@ class GenerationRequest:
     hires_denoise: float | None = None
     hires_upscaler: str | None = None  # `ldm.choices.HIRES_UPSCALERS` (default: latent, A1111's)
     output_type: str = "pil"  # "latent": the result's `latents` (VAE-scaled), undecoded, as in diffusers
+    controls: list[Control] = field(default_factory=list)  # ControlNet units, their residuals summed
     # set by `checked`/`derived` only: the training timesteps this request passed `check` against (None: not yet);
     # `replace` starts it afresh
     checked_steps: int | None = field(default=None, init=False, repr=False, compare=False)
@@ -123,6 +160,10 @@ class GenerationRequest:
         if self.output_type not in ("pil", "latent"):
             bad("output_type", f"output type must be pil or latent, got {self.output_type!r}")
         self._check_hires(bad, max_steps)
+        for n, control in enumerate(self.controls):
+            if not isinstance(control, Control):
+                bad("controls", "each control must be a Control(model, image, …)")
+            control.check(bad, f"ControlNet unit {n}")
         return self
 
     def _check_prompts(self, bad) -> None:

@@ -34,13 +34,16 @@ from ldm.adapters.lora import unload_loras as unmerge_loras
 from ldm.choices import EMPHASES
 from ldm.errors import InputError, LdmError
 from ldm.loading.components import Components, load_components, load_single_file_components
+from ldm.loading.controlnets import find_controlnet, load_controlnet
 from ldm.loading.families import ModelSpec
 from ldm.loading.hashes import sha256
 from ldm.networks.clip import CLIPTextModel
+from ldm.networks.controlnet import ControlNet
 from ldm.networks.safety import Safety
 from ldm.networks.tokenizer import CLIPTokenizer
 from ldm.networks.unet import UNet, guidance_embedding
 from ldm.networks.vae import VAE
+from ldm.pipelines.control import Unit, control_image, control_infotext, with_controls
 from ldm.pipelines.images import image_to_tensor, mask_to_tensor, to_pil
 from ldm.pipelines.infotext import infotext
 from ldm.pipelines.plan import Generators, Plan, make_plan
@@ -101,6 +104,7 @@ class StableDiffusion:
         # the model card's steps, guidance, width and height, where a request gives none and they are not ldm's
         # defaults (50 steps, guidance 7.5, the native size): the manifest's few-step models (SD-Turbo: 1, 0.0)
         self.defaults: dict = {}
+        self.controlnets: dict[Path, ControlNet] = {}  # loaded by `controlnet`, kept between calls
 
     @property
     def default_strength(self) -> float:
@@ -372,6 +376,9 @@ class StableDiffusion:
                callbacks: Sequence[StepCallback]) -> tuple[Tensor, int]:
         """Run the sampler over the schedule: (the σ-space result, the UNet evaluations it took)."""
         r, schedule = plan.request, plan.schedule
+        if r.controls:
+            units = [Unit(c, self.controlnet(c.model), control_image(c.image, r.width, r.height)) for c in r.controls]
+            unet = with_controls(unet, units, plan.unet_calls, guided=uncond is not None)
         denoiser = PredictionDenoiser(guided(unet, cond, uncond, r.guidance, r.guidance_rescale), schedule,
                                       self.scheduler.prediction_type, self.dtype)
         evaluations = 0
@@ -417,6 +424,8 @@ class StableDiffusion:
                   "TI hashes": ", ".join(f"{n}: {self.embeddings[n].hash}" for n in sorted(used)) or None,
                   "Emphasis": EMPHASES[r.emphasis] if r.emphasis != "original" else None,
                   "Prompt syntax": r.prompt_syntax if r.prompt_syntax != "a1111" else None}
+        for n, control in enumerate(r.controls):  # as sd-webui-controlnet writes its units
+            params[f"ControlNet {n}"] = control_infotext(control)
         return params | self.identity()  # (the keys above hold A1111's order)
 
     def finish(self, plan: "Plan", x: Tensor) -> tuple[list[Image.Image], list[bool | None]]:
@@ -442,6 +451,17 @@ class StableDiffusion:
     def native_size(self) -> int:
         """The side in pixels the model draws at by default: its UNet's sample size × the VAE's scale."""
         return self.spec.sample_size * self.vae_scale
+
+    def controlnet(self, model) -> ControlNet:
+        """A ControlNet for this model by path or by name in weights/controlnet/ (`ldm.loading.controlnets`), loaded
+        once on the model's device and dtype and kept; a loaded `ControlNet` as it is."""
+        if isinstance(model, ControlNet):
+            return model
+        path = find_controlnet(model).resolve()
+        if path not in self.controlnets:
+            unet = self.networks()["unet"].config
+            self.controlnets[path] = load_controlnet(path, unet, self.spec, self.device, self.dtype)
+        return self.controlnets[path]
 
     @property
     def embeds_guidance(self) -> bool:
@@ -552,6 +572,8 @@ class StableDiffusion:
             network.to(device)
         if self.unet is not networks["unet"]:  # a speed wrapper moves too: it drops the CUDA graphs it captured
             self.unet.to(device)
+        for controlnet in self.controlnets.values():
+            controlnet.to(device)
         self.device = torch.device(device)
         return self
 

@@ -1,0 +1,94 @@
+"""ControlNet units in a run: the control images prepared, and the UNet called with the units' summed residuals.
+
+Reproduces diffusers' StableDiffusion(XL)ControlNetPipeline (src/diffusers/pipelines/controlnet/pipeline_controlnet.py,
+v0.42) and MultiControlNetModel: the control image resized to the output's size (Lanczos) in [0, 1]; at UNet call i
+of N, a unit acts unless i/N < start or (i + 1)/N > end; each unit's residuals × its weight, summed over units; with
+guess mode and guidance, only the conditional half goes through the ControlNet (zeros for the other). A1111's
+control modes are sd-webui-controlnet's (scripts/hook.py): "prompt" and "control" weight residual i by
+0.825^(12 − i) (soft injection), "control" also zeroes the unconditional half's (CFG injection). A unit that does
+not act is not run at all, which changes nothing: the UNet without residuals is bit-identical to one given zeros.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ldm.choices import CONTROL_MODES
+from ldm.networks.controlnet import ControlNet, scaled
+from ldm.pipelines.request import Control
+
+
+@dataclass
+class Unit:
+    """A control ready to run: its network and its control image as a (1, 3, H, W) tensor in [0, 1]."""
+
+    control: Control
+    net: ControlNet
+    hint: Tensor
+
+    def acts_at(self, call: int, calls: int) -> bool:
+        """diffusers' `controlnet_keep` rule at UNet call `call` of `calls`."""
+        return not (call / calls < self.control.start or (call + 1) / calls > self.control.end)
+
+
+def control_image(image: Image.Image, width: int, height: int) -> Tensor:
+    """The control image as the ControlNet reads it: RGB, resized to the output's size with Lanczos where it differs
+    (diffusers' control `VaeImageProcessor`, `do_normalize=False`), in [0, 1], (1, 3, H, W) float32."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def control_infotext(control: Control) -> str:
+    """A unit's infotext value, as sd-webui-controlnet writes it (`infotext` quotes it: it holds commas): `Module:
+    none, Model: NAME, Weight: 1.0, …` (ldm's control images come preprocessed: the module is none)."""
+    name = control.model if isinstance(control.model, str) else getattr(control.model, "name", "controlnet")
+    fields = {"Module": "none", "Model": Path(str(name)).name, "Weight": control.weight,
+              "Resize Mode": "Just Resize", "Guidance Start": control.start, "Guidance End": control.end,
+              "Control Mode": CONTROL_MODES[control.mode]}
+    return ", ".join(f"{key}: {value}" for key, value in fields.items())
+
+
+def residuals(unit: Unit, x: Tensor, t, kwargs: dict, guided: bool) -> tuple[list[Tensor], Tensor]:
+    """One unit's weighted residuals for the UNet's batch `x` (with guidance: [unconditional; conditional])."""
+    c = unit.control
+    cond_only = guided and (c.guess_mode or c.mode == "control")
+    if cond_only:  # the ControlNet sees the conditional half; the unconditional half gets zeros
+        half = x.shape[0] // 2
+        x, kwargs = x[half:], {k: v[half:] for k, v in kwargs.items()}
+    hint = unit.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+    down, mid = unit.net(x, t, kwargs["context"], hint, kwargs.get("text_embeds"), kwargs.get("time_ids"),
+                         kwargs.get("timestep_cond"))
+    down, mid = scaled(down, mid, c.weight, c.guess_mode, soft=c.mode != "balanced",
+                       global_pool=unit.net.controlnet_config.global_pool_conditions)
+    if cond_only:
+        down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
+    return down, mid
+
+
+def with_controls(unet: Callable[..., Tensor], units: list[Unit], calls: int, guided: bool) -> Callable[..., Tensor]:
+    """`unet(x, t, **conditioning)` with the units' residuals summed in; `calls`: the UNet calls the run makes (each
+    call is one of diffusers' loop iterations), `guided`: the batch is classifier-free guidance's."""
+    done = 0
+
+    def controlled(x: Tensor, t, **kwargs) -> Tensor:
+        nonlocal done
+        call, done = done, done + 1
+        down_sum, mid_sum = None, None
+        for unit in units:
+            if not unit.acts_at(call, calls) or unit.control.weight == 0:
+                continue
+            down, mid = residuals(unit, x, t, kwargs, guided)
+            down_sum = down if down_sum is None else [a + b for a, b in zip(down_sum, down, strict=True)]
+            mid_sum = mid if mid_sum is None else mid_sum + mid
+        if down_sum is None:
+            return unet(x, t, **kwargs)
+        return unet(x, t, **kwargs, down_residuals=down_sum, mid_residual=mid_sum)
+
+    return controlled
