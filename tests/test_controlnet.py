@@ -31,9 +31,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py) ldm and diff
 
 
 def make_controlnet(folder, out, seed: int):
-    """A random ControlNet in the official layout for the UNet of `folder`, saved as diffusers saves it."""
+    """A random ControlNet in the official layout for the UNet of `folder`, saved as diffusers saves it; for an
+    inpainting UNet, one that reads the 4 latent channels (as the ControlNets used with inpainting models do)."""
     torch.manual_seed(seed)
     net = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(folder / "unet"))
+    if net.config.in_channels != 4:
+        net = ControlNetModel(**{k: v for k, v in net.config.items() if not k.startswith("_")} | {"in_channels": 4})
     with torch.no_grad():
         for name, p in net.named_parameters():
             p.add_(torch.randn_like(p) * (0.3 if "controlnet_" in name else 0.02))
@@ -65,7 +68,7 @@ REFERENCES = {}
 
 
 def reference_pipe(folder, paths, cls=StableDiffusionControlNetPipeline, sampler="euler"):
-    key = (folder, tuple(paths))
+    key = (folder, tuple(paths), cls)
     if key not in REFERENCES:
         nets = [ControlNetModel.from_pretrained(p) for p in paths]
         kwargs = {} if cls is StableDiffusionXLControlNetPipeline else {
@@ -242,3 +245,31 @@ def test_bad_units_are_one_line(sd1_folder, controlnets, sdxl_controlnet, tmp_pa
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line]
     assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint-4ch", "inpaint-9ch"])
+def test_image_to_image_and_inpainting_with_a_unit(request, sd1_folder, controlnets, tmp_path, task):
+    """A unit in image-to-image and inpainting, against StableDiffusionControlNetImg2ImgPipeline and
+    StableDiffusionControlNetInpaintPipeline (a 9-channel UNet's ControlNet reads the noisy latents alone)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetInpaintPipeline
+
+    folder = request.getfixturevalue("sd2_inpaint_folder") if task == "inpaint-9ch" else sd1_folder
+    net = controlnets[0] if task != "inpaint-9ch" else make_controlnet(folder, tmp_path / "control-sd2", seed=5)
+    init = Image.fromarray((np.random.default_rng(7).random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 16:56] = 255
+    mask = Image.fromarray(mask)
+    image = hint(5)
+    extra = {} if task == "img2img" else {"mask": mask}
+    model = StableDiffusion.from_pretrained(folder)
+    strength = 0.75 if task == "img2img" else 1.0
+    actual = ours(model, [Control(str(net), image, weight=0.9)], image=init, strength=strength, **extra)
+    cls = StableDiffusionControlNetImg2ImgPipeline if task == "img2img" else StableDiffusionControlNetInpaintPipeline
+    ref = reference_pipe(folder, [net], cls)
+    reference_inputs = {"image": init, "control_image": image, "strength": strength}
+    if task != "img2img":
+        reference_inputs["mask_image"] = mask
+    out = ref(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="np",
+              controlnet_conditioning_scale=0.9, height=64, width=64, **reference_inputs).images
+    plain = ours(model, [], image=init, strength=strength, **extra)
+    assert_close(f"{task} with a unit", actual, as_pixels(out), plain=plain, moved=MAX_PIXEL_DIFF)

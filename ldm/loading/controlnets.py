@@ -45,8 +45,9 @@ def find_controlnet(name: str | Path, allow_paths: bool = True) -> Path:
                     + (f" (there: {', '.join(known)})" if known else ""))
 
 
-def describe(cfg: UNetConfig) -> str:
-    return (f"widths {list(cfg.block_out_channels)}, cross-attention {cfg.cross_attention_dim}"
+def describe(cfg: UNetConfig, latent_channels: int) -> str:
+    return (f"{latent_channels} latent channels, widths {list(cfg.block_out_channels)}, cross-attention "
+            f"{cfg.cross_attention_dim}"
             + (f", size embedding {cfg.projection_class_embeddings_input_dim}" if cfg.addition_embed_type else ""))
 
 
@@ -61,7 +62,8 @@ def load_controlnet(source: str | Path, unet: UNetConfig, spec: ModelSpec, devic
                         "diffusion_pytorch_model.safetensors)")
     cfg = read_config(path / "config.json", ControlNetConfig.from_diffusers)
     if cfg.unet.in_channels != spec.latent_channels or any(getattr(cfg.unet, f) != getattr(unet, f) for f in FITS):
-        raise LoadError(f"ControlNet {source}: it was made for another model ({describe(cfg.unet)}) than this "
-                        f"{spec.label} one ({describe(unet)})")
+        theirs, ours = describe(cfg.unet, cfg.unet.in_channels), describe(unet, spec.latent_channels)
+        raise LoadError(f"ControlNet {source}: it was made for another model ({theirs}) than this {spec.label} one "
+                        f"({ours})")
     weights = weights_file(path, "diffusion_pytorch_model")
     return load_module(lambda: ControlNet(cfg), read_safetensors(weights, dtype), weights, "ControlNet", device)
