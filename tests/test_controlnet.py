@@ -273,3 +273,60 @@ def test_image_to_image_and_inpainting_with_a_unit(request, sd1_folder, controln
               controlnet_conditioning_scale=0.9, height=64, width=64, **reference_inputs).images
     plain = ours(model, [], image=init, strength=strength, **extra)
     assert_close(f"{task} with a unit", actual, as_pixels(out), plain=plain, moved=MAX_PIXEL_DIFF)
+
+
+# ------------------------------------------------------------------------------------ over HTTP and in batch
+
+
+@pytest.fixture()
+def served_controlnets(controlnets, tmp_path, monkeypatch):
+    """A weights/ store whose controlnet/ folder holds the tiny ControlNet as `canny-tiny`."""
+    import shutil
+
+    store = tmp_path / "weights"
+    shutil.copytree(controlnets[0], store / "controlnet" / "canny-tiny")
+    monkeypatch.setenv("LDM_WEIGHTS", str(store))
+    return store / "controlnet" / "canny-tiny"
+
+
+def b64png(image: Image.Image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_scoring_takes_controlnet_units(pipe, served_controlnets):
+    """`parameters.controlnet` names a model of the server's weights/controlnet/; a row's `control_image` is its
+    control image (base64, as `image`); weight, start, end and mode apply to every unit. A row without its control
+    image gets an error naming the cell, and the other rows are answered."""
+    import base64
+    import io
+
+    from ldm.serving.runner import score
+
+    image = hint(6)
+    body = {"input_data": {"columns": ["prompt", "control_image"], "data": [[PROMPT, b64png(image)], [PROMPT, None]],
+                           "parameters": {"controlnet": "canny-tiny", "control_weight": 0.7, "control_end": 0.75,
+                                          "num_inference_steps": 4, "scheduler": "euler", "seed": 3}}}
+    first, second = score(pipe, body)
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(first["generated_image"])))).astype(np.int16)
+    expected = ours(pipe, [Control(str(served_controlnets), image, weight=0.7, end=0.75)])
+    assert np.array_equal(got, expected)
+    assert second["error"]["field"] == "data[1].control_image"
+
+
+@pytest.mark.parametrize("parameters, field, message", [
+    ({"controlnet": "/etc/passwd"}, "parameters.controlnet", "not a path"),
+    ({"controlnet": "no-such-model"}, "parameters.controlnet", "no such file or folder"),
+    ({"controlnet": "canny-tiny", "control_weight": 3}, "parameters.control_weight", "from 0 to 2"),
+    ({"controlnet": "canny-tiny", "control_mode": "loud"}, "parameters.control_mode", "unknown control mode"),
+])
+def test_scoring_refuses_bad_units_naming_the_field(served_controlnets, parameters, field, message):
+    from ldm.serving.schema import RequestError, parse
+
+    with pytest.raises(RequestError) as error:
+        parse({"input_data": {"columns": ["prompt"], "data": [PROMPT], "parameters": parameters}})
+    assert error.value.field == field and message in error.value.message, error.value

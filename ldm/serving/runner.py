@@ -49,6 +49,11 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
         return [error_object(row, error) for row in rows]
     if first.image is None and (error := hires_too_large(p, width, height, request.limits, pipe.vae_scale)):
         return [error_object(row, error) for row in rows]
+    if len(first.control_images) != len(p.controlnet):
+        return [error_object(row, RequestError(f"data[{row.position}].control_image",
+                                               f"{len(row.control_images)} control images for "
+                                               f"{len(p.controlnet)} ControlNet units (parameters.controlnet)"))
+                for row in rows]
 
     def cancel_check(step) -> None:
         if cancelled is not None and cancelled():
@@ -56,8 +61,8 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
 
     try:
         result = pipe(generation_request(p, [row.prompt for row in rows], negative, first.image, first.mask,
-                                         seeds if len(rows) > 1 else seeds[0], request.prompt_syntax),
-                      callbacks=[cancel_check])
+                                         seeds if len(rows) > 1 else seeds[0], request.prompt_syntax,
+                                         first.control_images), callbacks=[cancel_check])
     except LdmError as e:  # a bad value for this model, or a LoRA of the folder that does not fit it
         return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
     n = p.num_images_per_prompt
@@ -101,7 +106,7 @@ def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, bat
 
     group_kind = None
     for row in request.rows:
-        if row.error is None and row.image is None and rows_per_pass > 1:
+        if row.error is None and row.image is None and not row.control_images and rows_per_pass > 1:
             row_kind = kind(row)
             if group and row_kind != group_kind:
                 objects += run_rows(pipe, request, group, cancelled)

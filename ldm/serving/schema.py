@@ -29,14 +29,15 @@ from PIL import Image
 
 from ldm.adapters.lora import find_lora
 from ldm.choices import FORMS
-from ldm.errors import InputError
+from ldm.errors import InputError, LdmError
+from ldm.loading.controlnets import find_controlnet
 from ldm.pipelines.images import decode_image, fit_size, image_from_bytes, is_url
-from ldm.pipelines.request import IMAGE_PLACEHOLDER, MAX_SEED, GenerationRequest, hires_size, random_seed
+from ldm.pipelines.request import IMAGE_PLACEHOLDER, MAX_SEED, Control, GenerationRequest, hires_size, random_seed
 from ldm.sampling.samplers import SAMPLERS
 from ldm.serving.limits import Limits
 
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
-           "mask": "mask", "mask_image": "mask"}
+           "mask": "mask", "mask_image": "mask", "control_image": "control_image"}
 NO_URLS = "image URLs are not fetched by this server (start it with --allow-image-urls to allow them)"
 
 
@@ -76,12 +77,20 @@ class Parameters:
     hires_steps: int | None = None
     hires_denoise: float | None = None
     hires_upscaler: str | None = None
+    # ControlNet units: models of the server's weights/controlnet/ by name (resolved to their paths), one control
+    # image each in a row's `control_image` cell; weight, start, end and mode apply to every unit
+    controlnet: tuple[str, ...] = ()
+    control_weight: float | None = None
+    control_start: float | None = None
+    control_end: float | None = None
+    control_mode: str | None = None
 
 
 PARAMETER_NAMES = tuple(f.name for f in fields(Parameters))
-TEXT_PARAMETERS = ("negative_prompt", "scheduler", "timestep_spacing", "prompt_syntax", "hires_upscaler")
+TEXT_PARAMETERS = ("negative_prompt", "scheduler", "timestep_spacing", "prompt_syntax", "hires_upscaler",
+                   "control_mode")
 REAL_PARAMETERS = ("guidance_scale", "eta", "strength", "refiner_start", "hires_scale",  # the rest: integers
-                   "hires_denoise")
+                   "hires_denoise", "control_weight", "control_start", "control_end")
 # a GenerationRequest field → the parameter of a scoring request that sets it (for the field an error names)
 PARAMETER_OF = {"steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
                 "num_images": "num_images_per_prompt"}
@@ -95,6 +104,7 @@ class Row:
     negative_prompt: str | None = None  # its own; None: the request's `negative_prompt` parameter
     image: Image.Image | None = None
     mask: Image.Image | None = None
+    control_images: list[Image.Image] = field(default_factory=list)  # one per ControlNet unit
     error: RequestError | None = None
 
 
@@ -137,6 +147,8 @@ def _parameter_values(raw) -> dict:
             continue
         if name == "loras":
             values[name] = parse_loras(value)
+        elif name == "controlnet":
+            values[name] = parse_controlnets(value)
         elif name in TEXT_PARAMETERS:
             if not isinstance(value, str):
                 raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
@@ -176,7 +188,7 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
     _check_limits(p, limits)
     try:  # the rest as every entry point checks a request (the same message as the command line's)
         generation_request(p, [""], None, IMAGE_PLACEHOLDER if p.strength is not None else None, None,
-                           p.seed, p.prompt_syntax or "plain").check()
+                           p.seed, p.prompt_syntax or "plain", [IMAGE_PLACEHOLDER] * len(p.controlnet)).check()
     except InputError as e:
         name = PARAMETER_OF.get(e.field, e.field)
         raise RequestError(f"parameters.{name}" if name in PARAMETER_NAMES else "parameters", str(e)) from None
@@ -230,6 +242,18 @@ def parse_loras(value) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+def parse_controlnets(value) -> tuple[str, ...]:
+    """`controlnet`: "NAME" or ["NAME", …], each a model of the server's weights/controlnet/ (never a path), as the
+    paths they name there."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise RequestError("parameters.controlnet", 'expected "NAME" or ["NAME", …]')
+    try:
+        return tuple(str(find_controlnet(name, allow_paths=False)) for name in names)
+    except LdmError as e:
+        raise RequestError("parameters.controlnet", str(e)) from None
+
+
 def scheduler_name(name: str) -> str | None:
     """An ldm sampler name, or the diffusers scheduler class it reproduces (the first sampler of that class)."""
     if name in SAMPLERS:
@@ -237,9 +261,16 @@ def scheduler_name(name: str) -> str | None:
     return next((n for n, spec in SAMPLERS.items() if spec.diffusers_class == name), None)
 
 
+def controls(p: Parameters, images: list) -> list[Control]:
+    """The ControlNet units of the parameters, with a row's control images (as many)."""
+    settings = {"weight": p.control_weight, "start": p.control_start, "end": p.control_end, "mode": p.control_mode}
+    given = {k: v for k, v in settings.items() if v is not None}
+    return [Control(path, image, **given) for path, image in zip(p.controlnet, images, strict=True)]
+
+
 def generation_request(p: Parameters, prompts: list[str], negative: str | None, image, mask, seed,
-                       prompt_syntax: str) -> GenerationRequest:
-    """The request one pass of rows makes of the pipeline."""
+                       prompt_syntax: str, control_images: list | None = None) -> GenerationRequest:
+    """The request one pass of rows makes of the pipeline (`control_images`: the pass's row's, one per unit)."""
     return GenerationRequest(prompts, negative, steps=p.num_inference_steps, guidance=p.guidance_scale, seed=seed,
                              width=p.width, height=p.height,
                              sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
@@ -247,7 +278,8 @@ def generation_request(p: Parameters, prompts: list[str], negative: str | None, 
                              num_images=p.num_images_per_prompt, image=image, mask=mask, strength=p.strength,
                              prompt_syntax=prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
                              refiner_start=p.refiner_start, hires_scale=p.hires_scale, hires_steps=p.hires_steps,
-                             hires_denoise=p.hires_denoise, hires_upscaler=p.hires_upscaler)
+                             hires_denoise=p.hires_denoise, hires_upscaler=p.hires_upscaler,
+                             controls=controls(p, control_images or []))
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -319,6 +351,9 @@ def _row(position: int, label, value, columns: list[str], limits: Limits,
             raise RequestError(f"{where}.negative_prompt", "not a string")
         row.image = _image_cell("image", cells.get("image"), where, limits, fetch)
         row.mask = _image_cell("mask", cells.get("mask"), where, limits, fetch)
+        control = cells.get("control_image")
+        row.control_images = [_image_cell("control_image", cell, where, limits, fetch)
+                              for cell in (control if isinstance(control, list) else [control] if control else [])]
         _check_images(row, where, limits)
     except RequestError as e:
         row.error = e
