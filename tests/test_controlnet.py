@@ -330,3 +330,33 @@ def test_scoring_refuses_bad_units_naming_the_field(served_controlnets, paramete
     with pytest.raises(RequestError) as error:
         parse({"input_data": {"columns": ["prompt"], "data": [PROMPT], "parameters": parameters}})
     assert error.value.field == field and message in error.value.message, error.value
+
+
+def test_hires_fix_keeps_the_unit_with_a1111s_soft_weights(pipe, sd1_folder, controlnets):
+    """The hires fix's second pass runs the unit again on the upscaled image, its control image resized to the new
+    size and its residuals weighted softly as sd-webui-controlnet weights them there: against diffusers' ControlNet
+    text-to-image, a Lanczos upscale, then ControlNet image-to-image with A1111's rule (`a1111_forward`)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    image, weight = hint(7), 0.9
+    actual = pipe(PROMPT, steps=4, seed=3, sampler="euler", hires_scale=1.5, hires_upscaler="lanczos",
+                  controls=[Control(str(controlnets[0]), image, weight=weight)]).images[0]
+    first = reference_pipe(sd1_folder, controlnets[:1])(
+        PROMPT, image=image, num_inference_steps=4, generator=torch.Generator().manual_seed(3), height=64, width=64,
+        controlnet_conditioning_scale=weight).images[0]
+    upscaled = first.resize((96, 96), Image.Resampling.LANCZOS)
+    second = reference_pipe(sd1_folder, controlnets[:1], StableDiffusionControlNetImg2ImgPipeline)
+
+    def second_pass(**kwargs):
+        return as_pixels(second(PROMPT, image=upscaled, control_image=image, strength=0.7, num_inference_steps=4,
+                                generator=torch.Generator().manual_seed(3), output_type="np", height=96, width=96,
+                                **kwargs).images)
+
+    balanced = second_pass(controlnet_conditioning_scale=weight)  # the control: diffusers' own weighting
+    second.controlnet.forward = a1111_forward(second.controlnet, weight, "prompt")
+    try:
+        expected = second_pass()
+    finally:
+        del second.controlnet.forward
+    assert_close("hires with a unit", np.asarray(actual).astype(np.int16), expected, plain=balanced,
+                 moved=MAX_PIXEL_DIFF)

@@ -16,6 +16,7 @@ The infotext is the first pass's (its Steps, Size and Seed) with A1111's `Denois
 redoes the same two passes.
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ def hires_fix(pipe, request: GenerationRequest, callbacks: Sequence = (), genera
     if r.seed is None:
         r = derived(r, seed=random_seed())  # one seed for both passes
     native = pipe.native_size
-    width, height = r.width or native, r.height or native
+    width, height = r.width or pipe.defaults.get("width", native), r.height or pipe.defaults.get("height", native)
     big_w, big_h = hires_size(width, height, r.hires_scale, pipe.vae_scale)
     upscaler = r.hires_upscaler or DEFAULT_UPSCALER
     denoise = DEFAULT_DENOISE if r.hires_denoise is None else r.hires_denoise
@@ -68,8 +69,11 @@ def hires_fix(pipe, request: GenerationRequest, callbacks: Sequence = (), genera
         image = images[0] if len(images) == 1 else images
     first.latents = None  # (not kept while the second pass runs)
 
+    # ControlNet units act in the second pass too, weighted softly as sd-webui-controlnet does there
+    # ("is_in_high_res_fix": residual i × 0.825^(12 − i), which it finds "can significantly reduce artifacts")
+    controls = [dataclasses.replace(c, mode="prompt") if c.mode == "balanced" else c for c in r.controls]
     second = derived(r, image=image, width=big_w, height=big_h, steps=r.hires_steps or r.steps, strength=denoise,
-                     **plain)
+                     controls=controls, **plain)
     described = {"Denoising strength": denoise, "Hires upscale": r.hires_scale, "Hires steps": r.hires_steps,
                  "Hires upscaler": HIRES_UPSCALERS[upscaler]} | (describe or {})
     # the infotext keeps the first pass's Steps and Size (its Seed is the second's too)
