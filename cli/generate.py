@@ -187,8 +187,23 @@ def apply_png(args: argparse.Namespace) -> None:
         setattr(args, name, getattr(back.request, name))
     if "tiling" not in args.given:
         args.tiling = back.seamless
+    apply_png_controls(args, back.controls)
     for note in back.notes(None if "model" in args.given else args.model, "refiner" in args.given):
         print(f"note: {note}", file=sys.stderr)
+
+
+def apply_png_controls(args: argparse.Namespace, units: tuple[dict, ...]) -> None:
+    """The PNG's ControlNet units, unless --controlnet is given: their models (by name, in weights/controlnet/) and
+    settings; their control images must be given (--control-image, one per unit), as the PNG holds none."""
+    if not units or "controlnet" in args.given:
+        return
+    if len(args.control_image) != len(units):
+        raise LdmError(f"the PNG was made with {len(units)} ControlNet unit(s) ({', '.join(u['model'] for u in units)})"
+                       f": give their control images (--control-image, {len(units)} times), or --controlnet")
+    args.controlnet = [unit["model"] for unit in units]
+    for name in ("weight", "start", "end", "mode"):
+        if f"control_{name}" not in args.given:
+            setattr(args, f"control_{name}", [unit[name] for unit in units])
 
 
 def lora_option(value: str):

@@ -360,3 +360,27 @@ def test_hires_fix_keeps_the_unit_with_a1111s_soft_weights(pipe, sd1_folder, con
         del second.controlnet.forward
     assert_close("hires with a unit", np.asarray(actual).astype(np.int16), expected, plain=balanced,
                  moved=MAX_PIXEL_DIFF)
+
+
+def test_from_png_restores_the_units(sd1_folder, controlnets, tmp_path, capsys, monkeypatch):
+    """--from-png reads the units back (model by name in weights/controlnet/, weight, start, end, mode); the control
+    images are given again, as the PNG holds none: the same image. Without them, one line says what to give."""
+    import shutil
+
+    store = tmp_path / "weights"
+    shutil.copytree(controlnets[0], store / "controlnet" / "tiny-a")
+    monkeypatch.setenv("LDM_WEIGHTS", str(store))
+    hint(8).save(tmp_path / "a.png")
+    first = tmp_path / "first.png"
+    assert main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "3", "--seed", "5", "--sampler", "euler",
+                 "--controlnet", "tiny-a", "--control-image", str(tmp_path / "a.png"), "--control-weight", "0.7",
+                 "--control-end", "0.7", "--control-mode", "prompt", "-o", str(first)]) == 0
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(first), "--model", str(sd1_folder), "--control-image",
+                 str(tmp_path / "a.png"), "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert Image.open(first).text["parameters"] == Image.open(again).text["parameters"]
+    capsys.readouterr()
+    code = main(["generate", "--from-png", str(first), "--model", str(sd1_folder), "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "made with 1 ControlNet unit(s) (tiny-a): give their control images" in err, err

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.choices import EMPHASES, HIRES_UPSCALERS, SAMPLER_LABELS
+from ldm.choices import CONTROL_MODES, EMPHASES, HIRES_UPSCALERS, SAMPLER_LABELS
 from ldm.errors import InputError
 from ldm.pipelines.images import load_image
 from ldm.pipelines.request import GenerationRequest
@@ -89,6 +89,12 @@ class ReadBack:
     model: str | None = None
     refiner: str | None = None
     refiner_start: str | None = None  # as written ("0.8"), or None
+    # the ControlNet units it names, in order: model (its name), weight, start, end, mode (their control images are
+    # not in the text: the caller gives them)
+    controls: tuple[dict, ...] = ()
+    # where its image sits in the batch the request makes: the `Batch pos` of an image-to-image batch, whose images
+    # come from one random stream, so that the image is made again only with its whole batch (None: made alone)
+    batch_pos: int | None = None
 
     def notes(self, model: str | None, refiner_chosen: bool) -> list[str]:
         """What to say of the models of a run that reuses these parameters: `model` is the one it runs when the
@@ -113,6 +119,7 @@ def read_infotext(text: str, source: str = "the infotext", with_image: bool = Fa
     strength of an image-to-image run — which needs the caller's own image (`with_image`; without it, an
     InputError). A value ldm cannot read or does not have is an InputError that begins with `source`."""
     prompt, negative, params = parse_infotext(text)
+    batch_pos = None
     found = {"prompt": prompt, "negative_prompt": negative or None} | _numbers(params, source)
     if "Size" in params:
         size = params["Size"].split("x")
@@ -134,8 +141,10 @@ def read_infotext(text: str, source: str = "the infotext", with_image: bool = Fa
             raise InputError(f"{source}: the image was made by image-to-image (Denoising strength "
                              f"{params['Denoising strength']}): give its --image", field="image")
         found["strength"] = _value(params, "Denoising strength", float, source)
+        batch_pos = _batch(params, found, source)
     return ReadBack(GenerationRequest(**found), frozenset(found), params.get("Tiling") == "True",
-                    params.get("Model") or None, params.get("Refiner") or None, params.get("Refiner switch at"))
+                    params.get("Model") or None, params.get("Refiner") or None, params.get("Refiner switch at"),
+                    _controls(params, source), batch_pos=batch_pos)
 
 
 def _value(params: dict[str, str], key: str, kind: type, source: str):
@@ -145,12 +154,27 @@ def _value(params: dict[str, str], key: str, kind: type, source: str):
         raise InputError(f"{source}: {key}: {params[key]!r} is not a valid value") from None
 
 
+# (`Eta DDIM` is A1111's key for DDIM's η; `Eta` its key for the ancestral samplers' η, and ldm's for DDIM and TCD)
 NUMBERS = (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
-           ("Clip skip", "clip_skip", int), ("Eta", "eta", float), ("CFG rescale", "guidance_rescale", float))
+           ("Clip skip", "clip_skip", int), ("Eta", "eta", float), ("Eta DDIM", "eta", float),
+           ("CFG rescale", "guidance_rescale", float))
 
 
 def _numbers(params: dict[str, str], source: str) -> dict:
     return {field: _value(params, key, kind, source) for key, field, kind in NUMBERS if key in params}
+
+
+def _batch(params: dict[str, str], found: dict, source: str) -> int | None:
+    """An image-to-image batch (`Batch size` N > 1): its images come from one random stream, so the request makes
+    all N again (`found["num_images"]`); returns the image's `Batch pos` in it (None: not a batch)."""
+    size = _value(params, "Batch size", int, source) if "Batch size" in params else 1
+    if size < 2:
+        return None
+    pos = _value(params, "Batch pos", int, source) if "Batch pos" in params else 0
+    if not 0 <= pos < size:
+        raise InputError(f"{source}: Batch pos {pos} is not in a batch of {size}", field="num_images")
+    found["num_images"] = size
+    return pos
 
 
 def _sampler(params: dict[str, str], source: str) -> dict:
@@ -165,6 +189,26 @@ def _sampler(params: dict[str, str], source: str) -> dict:
         raise InputError(f"{source}: sampler {sampler!r} is not one ldm has ({', '.join(by_label)}): pass "
                          "--sampler", field="sampler")
     return {"sampler": by_label[label], "karras": karras or params.get("Schedule type") == "Karras"}
+
+
+def _controls(params: dict[str, str], source: str) -> tuple[dict, ...]:
+    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N."""
+    modes = {label: name for name, label in CONTROL_MODES.items()}
+    units = []
+    for n in range(len(params)):
+        text = params.get(f"ControlNet {n}")
+        if text is None:
+            break
+        fields = dict(part.split(": ", 1) for part in text.split(", ") if ": " in part)
+        try:
+            units.append({"model": fields["Model"].split(" [")[0], "weight": float(fields.get("Weight", 1.0)),
+                          "start": float(fields.get("Guidance Start", 0.0)),
+                          "end": float(fields.get("Guidance End", 1.0)),
+                          "mode": modes[fields.get("Control Mode", "Balanced")],
+                          "module": fields.get("Module", "none")})
+        except (KeyError, ValueError):
+            raise InputError(f"{source}: ControlNet {n}: {text!r} is not a unit ldm can read") from None
+    return tuple(units)
 
 
 def _hires(params: dict[str, str], source: str) -> dict:
