@@ -56,9 +56,11 @@ def report(line: str) -> None:
 
 @dataclass
 class Job:
-    request: Request
+    request: Request | None  # a scoring request; None for other work
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # `work(pipe, cancelled)` in place of the scoring run (the A1111 routes); it stops when `cancelled()` says so
+    work: Callable[[object, Callable[[], bool]], object] | None = None
 
 
 class Worker(threading.Thread):
@@ -113,7 +115,8 @@ class Worker(threading.Thread):
                 continue  # cancelled while it waited: its place was given back then
             self._release()
             try:
-                job.future.set_result(run(self.pipe, job.request, job.cancelled.is_set, self.batch_size))
+                job.future.set_result(job.work(self.pipe, job.cancelled.is_set) if job.work is not None else
+                                      run(self.pipe, job.request, job.cancelled.is_set, self.batch_size))
             except Exception as e:  # delivered to the handler, which answers for it
                 job.future.set_exception(e)
             self.served += 1
@@ -216,7 +219,8 @@ async def receive_request(http, config: ServeConfig) -> Request:
         raise Refused(400, e.as_dict()) from None
 
 
-async def queue_and_wait(http, worker: Worker, request: Request, config: ServeConfig, start: float) -> asyncio.Future:
+async def queue_and_wait(http, worker: Worker, request: Request | None, config: ServeConfig, start: float,
+                         work: Callable | None = None) -> asyncio.Future:
     """Queue the request's job and wait until it is done, watching the connection: a client that goes away (499) or
     a request not done within the timeout from `start` (504) cancels the job. Refused with these, or with 503 while
     the model is not loaded or the queue is full. Returns the done job's future: the response body, or what the
@@ -225,7 +229,7 @@ async def queue_and_wait(http, worker: Worker, request: Request, config: ServeCo
         if worker.error is not None:
             raise Refused(503, error_body("model", f"the model failed to load: {worker.error}"))
         raise Refused(503, error_body("model", "the model is still loading"), retry=True)
-    job = Job(request)
+    job = Job(request, work=work)
     if not worker.submit(job):
         raise Refused(503, error_body("queue", f"the queue is full ({config.queue_size} requests waiting); "
                                                "retry later"), retry=True)
@@ -287,6 +291,24 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str):
             log.exception("scoring failed")
             return answer(500, error_body("server", f"internal error ({type(e).__name__}); see the server log"))
 
+    async def submit(http: HttpRequest, work):
+        """Queue `work(pipe, cancelled)` for an A1111 route, as /score queues its rows: its result, or the refusal's
+        answer (a client that goes away cancels it, as it cancels its rows)."""
+        from fastapi import HTTPException
+
+        try:
+            done = await queue_and_wait(http, worker, None, config, time.monotonic(), work)
+        except Refused as e:
+            raise HTTPException(e.status, e.body["error"]["message"],
+                                headers={"Retry-After": str(config.retry_after_s)} if e.retry else None) from None
+        try:
+            return done.result()
+        except LdmError as e:  # a value this model cannot run: A1111 answers such with a 422
+            raise HTTPException(422, str(e)) from None
+
+    from ldm.serving.a1111 import Progress, add_routes  # (pydantic and the pipeline: with the app, not at import)
+
+    add_routes(app, submit, lambda: worker.pipe, model_name, Progress())
     return app
 
 

@@ -1,0 +1,372 @@
+"""AUTOMATIC1111's web API (`/sdapi/v1`) on `ldm serve`, for the clients people already have (Open WebUI, SillyTavern,
+the `webuiapi` package, scripts written for A1111): on the same worker, queue, limits and `GenerationRequest` as
+`/score`.
+
+Reproduces the routes and fields of A1111 1.10 (modules/api/api.py, modules/api/models.py; the defaults of
+modules/processing.py's StableDiffusionProcessing): txt2img and img2img, options, sd-models, samplers, schedulers,
+upscalers, latent-upscale-modes, sd-vae, loras, embeddings, cmd-flags, memory, png-info, progress, interrupt and
+skip. A request's fields are read by pydantic models as A1111's are (a field of the wrong type is a 422 naming it);
+fields ldm has no use for are accepted and listed in the response's `info` (`ignored`). An unknown sampler is a 404,
+as in A1111.
+"""
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict
+
+from ldm.choices import HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS
+from ldm.errors import InputError
+from ldm.pipelines.images import decode_image, encode_png
+from ldm.pipelines.infotext import parse_infotext
+from ldm.pipelines.request import MAX_SEED, GenerationRequest, random_seed
+from ldm.pipelines.stable_diffusion import Generation
+from ldm.serving.runner import Cancelled
+
+VERSION = "ldm (A1111 1.10 API)"
+SAMPLER_OF = {label: name for name, label in SAMPLER_LABELS.items()}
+UPSCALER_OF = {label: name for name, label in HIRES_UPSCALERS.items()}
+SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}  # A1111's names → labels, of the ones ldm has
+# fields of A1111's request that ldm reads; any other field given a value other than its default is `ignored`
+USED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
+        "steps", "cfg_scale", "width", "height", "eta", "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler",
+        "hr_second_pass_steps", "override_settings", "send_images", "save_images", "init_images", "mask",
+        "include_init_images", "restore_faces", "tiling", "alwayson_scripts", "styles", "subseed", "subseed_strength",
+        "seed_resize_from_h", "seed_resize_from_w", "do_not_save_samples", "do_not_save_grid", "s_churn", "s_tmax",
+        "s_tmin", "s_noise", "override_settings_restore_afterwards", "script_args", "script_name", "firstphase_width",
+        "firstphase_height", "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler_name",
+        "hr_scheduler", "hr_checkpoint_name", "resize_mode", "inpainting_fill", "mask_blur", "inpaint_full_res",
+        "inpaint_full_res_padding", "inpainting_mask_invert", "initial_noise_multiplier", "image_cfg_scale"}
+
+
+class Txt2Img(BaseModel):
+    """`StableDiffusionTxt2ImgProcessingAPI`: A1111's fields and defaults (the rest accepted as they come)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = []
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    eta: float | None = None
+    denoising_strength: float | None = None
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    override_settings: dict = {}
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict = {}
+
+
+class Img2Img(Txt2Img):
+    """`StableDiffusionImg2ImgProcessingAPI`: the init images (base64), the mask, the strength."""
+
+    init_images: list[str] = []
+    mask: str | None = None
+    denoising_strength: float = 0.75
+    include_init_images: bool = False
+    inpainting_fill: int = 0
+
+
+class ApiError(Exception):
+    """An answer other than 200: A1111's status and its `detail` text."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def sampler_of(body: Txt2Img) -> tuple[str, bool]:
+    """(ldm's sampler, Karras σ) of A1111's `sampler_name` (or `sampler_index`) and `scheduler`; A1111 before 1.9
+    wrote the schedule into the name ("DPM++ 2M Karras")."""
+    label = body.sampler_name or body.sampler_index
+    karras = label.endswith(" Karras")
+    name = SAMPLER_OF.get(label.removesuffix(" Karras"))
+    if name is None:
+        raise ApiError(404, f"Sampler not found: {label}")
+    schedule = (body.scheduler or "automatic").lower()
+    if schedule not in SCHEDULERS:
+        raise ApiError(404, f"Scheduler not found: {body.scheduler} (ldm has {', '.join(SCHEDULERS.values())})")
+    karras = karras or schedule == "karras"
+    if karras and name not in KARRAS_SAMPLERS:
+        raise ApiError(422, f"scheduler: Karras is not available for {label}")
+    return name, karras
+
+
+def ignored(body: Txt2Img) -> list[str]:
+    """The fields of the body that ldm did not use: the extra ones, and override settings other than clip skip."""
+    extra = sorted(k for k, v in (body.model_extra or {}).items() if k not in USED and v not in (None, "", 0, [], {}))
+    overrides = sorted(k for k in body.override_settings if k not in ("CLIP_stop_at_last_layers",
+                                                                      "sd_model_checkpoint", "sd_vae"))
+    return extra + [f"override_settings.{k}" for k in overrides]
+
+
+def requests_of(body: Txt2Img, image=None, mask=None) -> list[GenerationRequest]:
+    """One request per iteration (`n_iter`), each of `batch_size` images with seeds seed + i, as A1111 numbers them."""
+    if not 1 <= body.batch_size <= 64 or not 1 <= body.n_iter <= 64:
+        raise ApiError(422, "batch_size and n_iter must be from 1 to 64")
+    sampler, karras = sampler_of(body)
+    seed = random_seed() if body.seed == -1 else body.seed
+    if not 0 <= seed <= MAX_SEED:
+        raise ApiError(422, f"seed: must be -1 or from 0 to {MAX_SEED}")
+    clip_skip = int(body.override_settings.get("CLIP_stop_at_last_layers", 1) or 1)
+    common = dict(negative_prompt=body.negative_prompt or None, steps=body.steps, guidance=body.cfg_scale,
+                  width=body.width, height=body.height, sampler=sampler, karras=karras, clip_skip=clip_skip,
+                  eta=body.eta if sampler in ("ddim", "tcd") else None, num_images=body.batch_size)
+    if image is not None:
+        common |= {"image": image, "mask": mask, "strength": body.denoising_strength}
+    elif body.enable_hr:
+        common |= hires_of(body)
+
+    def seeds(k: int):  # image i of iteration k: seed + k·batch + i (inpainting: one stream from the first)
+        first = seed + k * body.batch_size
+        return first if mask is not None else [first + i for i in range(body.batch_size)]
+
+    return [GenerationRequest(body.prompt, seed=seeds(k), **common) for k in range(body.n_iter)]
+
+
+def hires_of(body: Txt2Img) -> dict:
+    """The hires fix of `enable_hr`: its scale, second-pass steps (0: the first pass's), strength (A1111's
+    `denoising_strength`, 0.7 when none) and upscaler (A1111's label; one ldm lacks falls back to Latent)."""
+    upscaler = UPSCALER_OF.get(body.hr_upscaler or "Latent", "latent")
+    return {"hires_scale": body.hr_scale, "hires_steps": body.hr_second_pass_steps or None,
+            "hires_denoise": 0.7 if body.denoising_strength is None else body.denoising_strength,
+            "hires_upscaler": upscaler}
+
+
+def decode_field(name: str, value: str):
+    try:
+        return decode_image(value, name)
+    except InputError as e:
+        raise ApiError(422, f"{name}: {e}") from None
+
+
+@dataclass
+class Progress:
+    """What `/progress` reports: the running job's step of its steps, and the jobs queued or running."""
+
+    jobs: int = 0
+    step: int = 0
+    steps: int = 0
+    started: float = 0.0
+    interrupted: threading.Event = field(default_factory=threading.Event)
+    skipped: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def report(self) -> dict:
+        """A1111's ProgressResponse: progress and eta_relative of the running job, its state."""
+        with self.lock:
+            done = self.step / self.steps if self.steps else 0.0
+            elapsed = time.monotonic() - self.started if self.started else 0.0
+            eta = elapsed / done - elapsed if done > 0 else 0.0
+            state = {"skipped": self.skipped.is_set(), "interrupted": self.interrupted.is_set(), "job": "",
+                     "job_count": self.jobs, "job_timestamp": "0", "job_no": 0, "sampling_step": self.step,
+                     "sampling_steps": self.steps}
+        return {"progress": done if self.jobs else 0.0, "eta_relative": eta, "state": state, "current_image": None,
+                "textinfo": None}
+
+
+class Stopped(Exception):
+    """Interrupt or skip: the run stops at this step; its images are the current estimate, decoded."""
+
+    def __init__(self, denoised):
+        super().__init__("stopped")
+        self.denoised = denoised
+
+
+def run_body(pipe, body: Txt2Img, progress: Progress, image=None, mask=None,
+             cancelled: Callable[[], bool] = lambda: False) -> dict:
+    """Every iteration of the body through `pipe`: A1111's response (images, parameters, info). `cancelled()`: the
+    client went away (the run stops at its next step)."""
+    images, texts, seeds = [], [], []
+    for request in requests_of(body, image, mask):
+        if progress.interrupted.is_set():
+            break
+        progress.skipped.clear()
+        result = run_one(pipe, request, progress, cancelled)
+        images += result.images
+        texts += result.infotexts or [""] * len(result.images)
+        seeds += request.seed if isinstance(request.seed, list) else [request.seed] * len(result.images)
+    return {"images": [encode_png(i, t) for i, t in zip(images, texts, strict=True)] if body.send_images else [],
+            "parameters": body.model_dump(exclude={"init_images", "mask"}),
+            "info": json.dumps(info_of(pipe, body, seeds, texts))}
+
+
+def run_one(pipe, request: GenerationRequest, progress: Progress, cancelled: Callable[[], bool]):
+    """One iteration, its steps reported to `progress`; interrupted or skipped, its current estimate decoded."""
+
+    def step(event) -> None:
+        if cancelled():
+            raise Cancelled()
+        with progress.lock:
+            progress.step, progress.steps = event.i + 1, event.total
+        if progress.interrupted.is_set() or progress.skipped.is_set():
+            raise Stopped(event.denoised)
+
+    with progress.lock:
+        progress.step, progress.steps, progress.started = 0, request.steps, time.monotonic()
+    try:
+        return pipe(request, callbacks=[step])
+    except Stopped as stop:
+        return Generation(pipe.decode(stop.denoised), 0, [])
+
+
+def info_of(pipe, body: Txt2Img, seeds: list[int], texts: list[str]) -> dict:
+    """A1111's `info` (processing.py `Processed.js`): the keys its clients read."""
+    prompt = body.prompt
+    params = parse_infotext(texts[0])[2] if texts and texts[0] else {}
+    return {"prompt": prompt, "all_prompts": [prompt] * len(seeds), "negative_prompt": body.negative_prompt,
+            "all_negative_prompts": [body.negative_prompt] * len(seeds), "seed": seeds[0] if seeds else body.seed,
+            "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+            "width": body.width, "height": body.height, "sampler_name": body.sampler_name or body.sampler_index,
+            "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size, "restore_faces": False,
+            "face_restoration_model": None, "sd_model_name": pipe.name, "sd_model_hash": params.get("Model hash"),
+            "sd_vae_name": params.get("VAE"), "sd_vae_hash": None, "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1, "denoising_strength": body.denoising_strength, "extra_generation_params": {},
+            "index_of_first_image": 0, "infotexts": texts, "styles": body.styles, "job_timestamp": "0",
+            "clip_skip": int(body.override_settings.get("CLIP_stop_at_last_layers", 1) or 1),
+            "is_using_inpainting_conditioning": pipe.inpainting, "version": VERSION, "ignored": ignored(body)}
+
+
+# ------------------------------------------------------------------------------------------------- routes
+
+
+def listing(pipe, model_name: str) -> dict:
+    """What the GET routes list: the model (A1111's `title` is "name [hash10]"), samplers, upscalers, LoRAs."""
+    from ldm.adapters.lora import loras_dir
+
+    name = model_name
+    loras = sorted(p.stem for p in loras_dir().glob("*.safetensors")) if loras_dir().is_dir() else []
+    return {
+        "sd-models": [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name,
+                       "config": None}],
+        "samplers": [{"name": label, "aliases": [n], "options": {}} for n, label in SAMPLER_LABELS.items()],
+        "schedulers": [{"name": n, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                       for n, label in SCHEDULERS.items()],
+        "upscalers": [{"name": label, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                      for n, label in HIRES_UPSCALERS.items() if not n.startswith("latent")],
+        "latent-upscale-modes": [{"name": label} for n, label in HIRES_UPSCALERS.items() if n.startswith("latent")],
+        "sd-vae": [], "loras": [{"name": n, "alias": n, "path": n, "metadata": {}} for n in loras],
+        "embeddings": {"loaded": {n: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+                                  for n in getattr(pipe, "embeddings", {})}, "skipped": {}},
+        "cmd-flags": {"api": True, "nowebui": True, "listen": False},
+        "memory": {"ram": {}, "cuda": {"error": "not reported by ldm"}},
+    }
+
+
+def add_routes(app, submit, pipe_of, model_name: str, progress: Progress) -> None:
+    """The /sdapi/v1 routes on `app` (FastAPI). `submit(http, work)` queues `work(pipe)` on the server's worker and
+    returns its result (or the server's refusal, as a response); `pipe_of()` is the loaded pipeline or None."""
+    from fastapi import HTTPException
+    from fastapi import Request as HttpRequest
+
+    options: dict = {"sd_model_checkpoint": model_name, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+
+    async def generate(http, body: Txt2Img, image=None, mask=None):
+        if body.override_settings.get("sd_model_checkpoint", model_name) not in (model_name, None):
+            raise HTTPException(404, f"model not loaded here: {body.override_settings['sd_model_checkpoint']}")
+        try:
+            sampler_of(body)  # a 404 before the job is queued
+        except ApiError as e:
+            raise HTTPException(e.status, e.detail) from None
+        progress.interrupted.clear()
+
+        def work(pipe, cancelled):
+            try:
+                return run_body(pipe, body, progress, image, mask, cancelled)
+            except ApiError as e:
+                return e
+
+        with progress.lock:
+            progress.jobs += 1
+        try:
+            result = await submit(http, work)
+        finally:
+            with progress.lock:
+                progress.jobs -= 1
+        if isinstance(result, ApiError):
+            raise HTTPException(result.status, result.detail)
+        return result
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2Img, http: HttpRequest):
+        return await generate(http, body)
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2Img, http: HttpRequest):
+        if not body.init_images:
+            raise HTTPException(422, "init_images: give at least one image")
+        try:
+            image = decode_field("init_images", body.init_images[0])
+            mask = decode_field("mask", body.mask) if body.mask else None
+        except ApiError as e:
+            raise HTTPException(e.status, e.detail) from None
+        result = await generate(http, body, image, mask)
+        if body.include_init_images and not isinstance(result, ApiError):
+            result["images"] = result["images"] + list(body.init_images)
+        return result
+
+    def listed(key: str):
+        return listing(pipe_of(), model_name)[key]
+
+    for key in ("sd-models", "samplers", "schedulers", "upscalers", "latent-upscale-modes", "sd-vae", "loras",
+                "embeddings", "cmd-flags", "memory"):
+        app.get(f"/sdapi/v1/{key}")(lambda key=key: listed(key))
+
+    @app.get("/sdapi/v1/options")
+    def get_options():
+        return options
+
+    @app.post("/sdapi/v1/options")
+    def set_options(body: dict):
+        checkpoint = body.get("sd_model_checkpoint")
+        if checkpoint is not None and checkpoint != model_name:
+            raise HTTPException(404, f"model not loaded here: {checkpoint} (this server runs {model_name})")
+        options.update(body)
+        return None
+
+    @app.get("/sdapi/v1/progress")
+    def get_progress():
+        return progress.report()
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt():
+        if progress.jobs:
+            progress.interrupted.set()
+        return None
+
+    @app.post("/sdapi/v1/skip")
+    def skip():
+        progress.skipped.set()
+        return None
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(body: dict):
+        image = body.get("image")
+        if not isinstance(image, str):
+            raise HTTPException(422, "image: a base64 image is required")
+        try:
+            picture = decode_field("image", image) if image else None
+        except ApiError as e:
+            raise HTTPException(e.status, e.detail) from None
+        text = picture.info.get("parameters", "") if picture is not None else ""
+        if not text:
+            return {"info": "", "items": {}, "parameters": {}}
+        prompt, negative, params = parse_infotext(text)
+        return {"info": text, "items": {"parameters": text},
+                "parameters": {"Prompt": prompt, "Negative prompt": negative} | params}
