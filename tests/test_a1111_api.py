@@ -157,3 +157,15 @@ def test_override_settings_clip_skip_and_ignored_fields(api, pipe):
     assert result.info["clip_skip"] == 2
     assert "override_settings.eta_noise_seed_delta" in result.info["ignored"]
     json.dumps(result.info)  # (plain JSON)
+
+
+def test_the_readme_example_runs(server, tmp_path, monkeypatch):
+    """The README's webuiapi block, as written but for the port (the test server's) and the steps (2 for 20)."""
+    from test_readme import A1111_BLOCK, python_blocks
+
+    (block,) = [b for b in python_blocks() if A1111_BLOCK in b]
+    assert "port=8000" in block
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.replace("port=8000", f"port={server.port}").replace("steps=20", "steps=2"), "README", "exec"),
+         {})
+    assert Image.open(tmp_path / "lighthouse.png").size == (512, 512)
