@@ -384,3 +384,16 @@ def test_from_png_restores_the_units(sd1_folder, controlnets, tmp_path, capsys, 
     code = main(["generate", "--from-png", str(first), "--model", str(sd1_folder), "-o", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert code == 2 and "made with 1 ControlNet unit(s) (tiny-a): give their control images" in err, err
+
+
+def test_a_refiner_hand_off_controls_the_base_only(sdxl_folder, sdxl_refiner_folder, sdxl_controlnet):
+    """With a refiner, the units steer the base's part (the refiner's UNet has other widths: no SDXL ControlNet
+    fits it), and the refiner finishes from the controlled latents."""
+    from ldm.pipelines.refiner import BaseWithRefiner
+
+    base, refiner = StableDiffusion.from_pretrained(sdxl_folder), StableDiffusion.from_pretrained(sdxl_refiner_folder)
+    both = BaseWithRefiner(base, refiner, 0.5)
+    controlled = both(PROMPT, steps=4, seed=3, sampler="euler", controls=[Control(str(sdxl_controlnet), hint(4))])
+    plain = both(PROMPT, steps=4, seed=3, sampler="euler")
+    assert np.abs(np.asarray(controlled.images[0]).astype(int) - np.asarray(plain.images[0])).max() > 10
+    assert not refiner.controlnets and len(base.controlnets) == 1

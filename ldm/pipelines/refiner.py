@@ -162,8 +162,8 @@ class BaseWithRefiner:
                                   negative_aesthetic_score=None), callbacks=callbacks, generator=generator)
         self._on_device(self.refiner)
         refiner_part = derived(request, latents=first.latents, denoising_start=start, refiner_start=None,
-                               target_size=None, loras=[],
-                               prompt_loras=False)  # the base's LoRAs are for the base
+                               target_size=None, loras=[], controls=[],
+                               prompt_loras=False)  # the base's LoRAs and ControlNets are for the base
         # the PNG names the base as Model (with its hash and LoRAs) and the refiner as Refiner, as A1111 does
         described = {"Refiner": self.refiner.name, "Refiner switch at": start} | (describe or {})
         return first.then(lambda params: self.refiner(refiner_part, callbacks=callbacks, generator=generator,

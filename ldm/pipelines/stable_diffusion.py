@@ -360,7 +360,7 @@ class StableDiffusion:
         r = plan.request
         micro = {k: getattr(r, k) for k in ("original_size", "crop_coords", "target_size", "aesthetic_score",
                                             "negative_aesthetic_score") if getattr(r, k) is not None}
-        embedded = self.unet.config.time_cond_proj_dim  # an LCM UNet: the guidance is its input, not a second batch
+        embedded = self.embeds_guidance  # an LCM UNet: the guidance is its input, not a second batch
         if embedded and r.negative_prompt is not None:
             notes.append(f"the negative prompt is not used: {self.name}'s UNet takes the guidance scale as an input "
                          "(an LCM UNet) and runs no unconditional pass")
@@ -369,7 +369,8 @@ class StableDiffusion:
                                          emphasis=r.emphasis, clip_skip=r.clip_skip, notes=notes, used=used)
         if embedded:
             w = torch.full((r.batch,), r.guidance - 1.0)
-            cond["timestep_cond"] = guidance_embedding(w, embedded).to(self.device, self.dtype)
+            width = self.unet.config.time_cond_proj_dim
+            cond["timestep_cond"] = guidance_embedding(w, width).to(self.device, self.dtype)
         return cond, uncond
 
     def sample(self, plan: "Plan", unet, x: Tensor, cond: dict, uncond: dict | None, paste,
