@@ -104,6 +104,17 @@ def _meta_keys(build) -> list[str]:
 
 def unet_rules(cfg: UNetConfig, prefix: str = UNET) -> list[Rule]:
     """diffusers UNet2DConditionModel names ↔ LDM/SGM `input_blocks`/`middle_block`/`output_blocks` names."""
+    return module_rules(lambda: UNet(cfg), unet_modules(cfg), prefix)
+
+
+def module_rules(build, modules: dict[str, tuple[str, dict]], prefix: str) -> list[Rule]:
+    """One rule per parameter of the network `build()` makes (built on the meta device), from a module table."""
+    return _rules(_meta_keys(build), modules, prefix)
+
+
+def unet_modules(cfg: UNetConfig) -> dict[str, tuple[str, dict]]:
+    """`unet_rules`' module table (diffusers module path → (LDM module path, leaf renames)), which a ControlNet's
+    table (`ldm.loading.controlnets`) extends: its encoder is the UNet's."""
     n = cfg.layers_per_block
     modules = {"conv_in": ("input_blocks.0.0", {}), "time_embedding.linear_1": ("time_embed.0", {}),
                "time_embedding.linear_2": ("time_embed.2", {}), "add_embedding.linear_1": ("label_emb.0.0", {}),
@@ -124,7 +135,7 @@ def unet_rules(cfg: UNetConfig, prefix: str = UNET) -> list[Rule]:
             modules[f"up_blocks.{level}.attentions.{j}"] = (f"output_blocks.{first_out + j}.1", {})
         upsampler = 2 if kind.startswith("CrossAttn") else 1  # after the attention, if the level has one
         modules[f"up_blocks.{level}.upsamplers.0.conv"] = (f"output_blocks.{first_out + n}.{upsampler}.conv", {})
-    return _rules(_meta_keys(lambda: UNet(cfg)), modules, prefix)
+    return modules
 
 
 def vae_rules(cfg: VAEConfig, prefix: str = VAE_PREFIX) -> list[Rule]:
