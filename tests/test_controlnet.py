@@ -34,7 +34,9 @@ def make_controlnet(folder, out, seed: int):
     """A random ControlNet in the official layout for the UNet of `folder`, saved as diffusers saves it; for an
     inpainting UNet, one that reads the 4 latent channels (as the ControlNets used with inpainting models do)."""
     torch.manual_seed(seed)
-    net = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(folder / "unet"))
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    # (an LCM UNet's time embedding has a cond_proj that a ControlNet's lacks: its weights are not copied then)
+    net = ControlNetModel.from_unet(unet, load_weights_from_unet=unet.config.time_cond_proj_dim is None)
     if net.config.in_channels != 4:
         net = ControlNetModel(**{k: v for k, v in net.config.items() if not k.startswith("_")} | {"in_channels": 4})
     with torch.no_grad():
@@ -397,3 +399,19 @@ def test_a_refiner_hand_off_controls_the_base_only(sdxl_folder, sdxl_refiner_fol
     plain = both(PROMPT, steps=4, seed=3, sampler="euler")
     assert np.abs(np.asarray(controlled.images[0]).astype(int) - np.asarray(plain.images[0])).max() > 10
     assert not refiner.controlnets and len(base.controlnets) == 1
+
+
+def test_an_lcm_model_with_a_unit_equals_diffusers(tmp_path):
+    """An LCM UNet (its guidance embedded) with a ControlNet, which takes no guidance embedding: as
+    StableDiffusionControlNetPipeline runs them, with LCMScheduler."""
+    from official import write_folder
+
+    folder = write_folder(tmp_path / "tiny-lcm", "lcm-sd1", seed=31)
+    net = make_controlnet(folder, tmp_path / "control-lcm", seed=9)
+    model = StableDiffusion.from_pretrained(folder)
+    image = hint(9)
+    actual = np.asarray(model(PROMPT, steps=4, seed=3, guidance=4.0, controls=[Control(str(net), image)])
+                        .images[0]).astype(np.int16)
+    expected = theirs(reference_pipe(folder, [net], sampler="lcm"), image, guidance_scale=4.0)
+    plain = np.asarray(model(PROMPT, steps=4, seed=3, guidance=4.0).images[0]).astype(np.int16)
+    assert_close("lcm with a unit", actual, expected, plain=plain)

@@ -63,8 +63,11 @@ def residuals(unit: Unit, x: Tensor, t, kwargs: dict, guided: bool) -> tuple[lis
         half = x.shape[0] // 2
         x, kwargs = x[half:], {k: v[half:] for k, v in kwargs.items()}
     hint = unit.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+    # (an LCM UNet's embedded guidance is the UNet's own: a ControlNet takes it only where its config says so, and
+    # diffusers' pipelines give it none)
+    timestep_cond = kwargs.get("timestep_cond") if unit.net.config.time_cond_proj_dim else None
     down, mid = unit.net(x, t, kwargs["context"], hint, kwargs.get("text_embeds"), kwargs.get("time_ids"),
-                         kwargs.get("timestep_cond"))
+                         timestep_cond)
     down, mid = scaled(down, mid, c.weight, c.guess_mode, soft=c.mode != "balanced",
                        global_pool=unit.net.controlnet_config.global_pool_conditions)
     if cond_only:
