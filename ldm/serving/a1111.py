@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 
 from pydantic import BaseModel, ConfigDict
 
@@ -370,3 +371,12 @@ def add_routes(app, submit, pipe_of, model_name: str, progress: Progress) -> Non
         prompt, negative, params = parse_infotext(text)
         return {"info": text, "items": {"parameters": text},
                 "parameters": {"Prompt": prompt, "Negative prompt": negative} | params}
+
+    from fastapi.responses import HTMLResponse
+
+    page = resources.files("ldm.serving").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index():
+        """The page (ldm/serving/page.html): one static file, a client of the routes above and of nothing else."""
+        return HTMLResponse(page)
