@@ -137,8 +137,7 @@ def given_options(parser: argparse.ArgumentParser, gen: argparse.ArgumentParser,
 
 def run(args: argparse.Namespace) -> None:
     out = check_options(args)
-    if args.from_png:
-        apply_png(args)
+    batch_pos = apply_png(args) if args.from_png else None
     if args.attention_maps and args.hires_scale is not None:
         raise LdmError("--attention-maps records one pass at one size: leave out --hires-scale")
     if args.prompt is None:
@@ -157,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
     image = request.image
     warn_size(pipe, args.width or (image.width if image else None), args.height or (image.height if image else None))
     result, steps = run_pipeline(args, pipe, request, out)
-    report(args, pipe, result, steps, out)
+    report(args, pipe, result, steps, out, batch_pos)
 
 
 def check_options(args: argparse.Namespace) -> Path:
@@ -178,8 +177,10 @@ def check_options(args: argparse.Namespace) -> Path:
     return out
 
 
-def apply_png(args: argparse.Namespace) -> None:
-    """Fill the options not given on the command line from the A1111 parameters of `--from-png`."""
+def apply_png(args: argparse.Namespace) -> int | None:
+    """Fill the options not given on the command line from the A1111 parameters of `--from-png`. Returns the
+    PNG's position in the batch that is made again to give its image (an image-to-image batch draws every image
+    from one random stream), or None: the image is made alone."""
     from ldm.pipelines.infotext import read_png
 
     back = read_png(args.from_png, with_image=args.image is not None)
@@ -190,6 +191,12 @@ def apply_png(args: argparse.Namespace) -> None:
     apply_png_controls(args, back.controls)
     for note in back.notes(None if "model" in args.given else args.model, "refiner" in args.given):
         print(f"note: {note}", file=sys.stderr)
+    if back.batch_pos is None or "num_images" in args.given:
+        return None
+    print(f"note: {args.from_png} is image {back.batch_pos + 1} of an image-to-image batch of {args.num_images}, "
+          f"drawn from one random stream: the batch is made again and that image written to {args.output}",
+          file=sys.stderr)
+    return back.batch_pos
 
 
 def apply_png_controls(args: argparse.Namespace, units: tuple[dict, ...]) -> None:
@@ -314,9 +321,10 @@ def save_maps(maps, pipe, request, result, folder: Path) -> None:
     print(f"{folder}: attention maps of {len(tokens)} tokens", file=sys.stderr)
 
 
-def report(args: argparse.Namespace, pipe, result, steps: int, out: Path) -> None:
+def report(args: argparse.Namespace, pipe, result, steps: int, out: Path, batch_pos: int | None = None) -> None:
     """Write the PNGs and say what the run did: UNet evaluations other than the steps, notes, the seed drawn,
-    the images the safety checker blacked out, and each PNG's path (on stdout)."""
+    the images the safety checker blacked out, and each PNG's path (on stdout). `batch_pos`: write only that image
+    of the batch, to `out` (a PNG's image made again with its batch)."""
     from ldm.pipelines.images import numbered_paths, save_png
 
     if result.evaluations != steps and not (args.refiner or args.hires_scale):  # Heun: two a step; PNDM: its
@@ -326,8 +334,12 @@ def report(args: argparse.Namespace, pipe, result, steps: int, out: Path) -> Non
         print(f"note: {note}", file=sys.stderr)
     if args.seed is None:
         print(f"seed: {result.seed}", file=sys.stderr)
-    for picture, text, path, nsfw in zip(result.images, result.infotexts, numbered_paths(out, len(result.images)),
-                                         result.nsfw, strict=True):
+    written = list(zip(result.images, result.infotexts, numbered_paths(out, len(result.images)), result.nsfw,
+                       strict=True))
+    if batch_pos is not None:
+        picture, text, _, nsfw = written[batch_pos]
+        written = [(picture, text, out, nsfw)]
+    for picture, text, path, nsfw in written:
         save_png(picture, path, text)
         if nsfw:
             print(f"note: {path} was flagged by the safety checker and is black (--no-safety-checker skips the "

@@ -18,7 +18,7 @@ from diffusers import (
 from PIL import Image
 from test_image_tasks import picture
 
-from ldm.pipelines.infotext import parse_infotext
+from ldm.pipelines.infotext import parse_infotext, read_infotext
 from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm.serving.limits import Limits
 from ldm.serving.runner import score
@@ -61,51 +61,103 @@ def reference_pipes(txt_cls, img_cls, folder):
     return first, second
 
 
-def diffusers_hires(first, second, upscaler: str, seed: int, steps: int, size: int, scale: int,
+# A1111's hires upscalers, written here as the rule ldm is held to: the latent ones are A1111's
+# `shared.latent_upscale_modes` (torch.nn.functional.interpolate's mode and antialias), the image ones
+# modules/upscaler.py's UpscalerLanczos and UpscalerNearest (a PIL resize of the decoded first image; one resize to
+# int(size × scale), which is the target size when that is a multiple of 8, as at the sizes here)
+LATENT_RULES = {"latent": ("Latent", "bilinear", False),
+                "latent-antialiased": ("Latent (antialiased)", "bilinear", True),
+                "latent-bicubic": ("Latent (bicubic)", "bicubic", False),
+                "latent-bicubic-antialiased": ("Latent (bicubic antialiased)", "bicubic", True),
+                "latent-nearest": ("Latent (nearest)", "nearest", False),
+                "latent-nearest-exact": ("Latent (nearest-exact)", "nearest-exact", False)}
+IMAGE_RULES = {"lanczos": ("Lanczos", Image.Resampling.LANCZOS), "nearest": ("Nearest", Image.Resampling.NEAREST)}
+# ×1.5 for the newer six: there nearest and nearest-exact pick other latent pixels (at ×2 they coincide)
+UPSCALERS = [("latent", 2), ("lanczos", 2)] + [(name, 1.5) for name in (*list(LATENT_RULES)[1:], "nearest")]
+
+
+def upscale_by_rule(upscaler: str, first, big: int):
+    """The first pass's latents (a latent upscaler) or decoded image (an image one) upscaled to big × big pixels."""
+    if upscaler in LATENT_RULES:
+        _, mode, antialias = LATENT_RULES[upscaler]
+        return F.interpolate(first, size=(big // 8, big // 8), mode=mode, antialias=antialias)
+    return first.resize((big, big), IMAGE_RULES[upscaler][1])
+
+
+def diffusers_hires(first, second, upscaler: str, seed: int, steps: int, size: int, scale: float,
                     denoise: float) -> np.ndarray:
     """A1111's hires fix spelled out with diffusers: text-to-image, upscale, image-to-image at the larger size."""
-    big = size * scale
+    big = int(size * scale) // 8 * 8
     generator = torch.Generator("cpu").manual_seed(seed)
-    if upscaler == "latent":
-        latents = first(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator,
-                        output_type="latent").images
-        image = F.interpolate(latents, size=(big // 8, big // 8), mode="bilinear", antialias=False)
-    else:
-        small = first(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator).images[0]
-        image = small.resize((big, big), Image.Resampling.LANCZOS)
+    latent = upscaler in LATENT_RULES
+    small = first(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator,
+                  output_type="latent" if latent else "pil").images
+    image = upscale_by_rule(upscaler, small if latent else small[0], big)
     out = second(PROMPT, image=image, strength=denoise, num_inference_steps=steps, width=big, height=big,
                  generator=torch.Generator("cpu").manual_seed(seed)).images
     assert np.asarray(out[0]).std() > 10  # a real image, not a flat one that any output would match
     return diffusers_pixels(out)
 
 
-@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
-def test_hires_fix_is_an_explicit_image_to_image_and_matches_diffusers(pipe, sd1_folder, upscaler):
+def recorded_passes(pipe, monkeypatch) -> list:
+    """Records the request of each `pipe.generate` call: what the hires fix hands each pass."""
+    requests, generate = [], pipe.generate
+
+    def recording(request, *args, **kwargs):
+        requests.append(request)
+        return generate(request, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "generate", recording)
+    return requests
+
+
+def upscale_difference(actual, expected) -> float:
+    """max |actual − expected| of two upscaled latents (or images, in pixel levels); 0 only if they are the same
+    shape."""
+    if isinstance(expected, torch.Tensor):
+        return (actual - expected).abs().max().item() if actual.shape == expected.shape else float("inf")
+    return float(np.abs(pixels(actual) - pixels(expected)).max()) if actual.size == expected.size else float("inf")
+
+
+@pytest.mark.parametrize("upscaler, scale", UPSCALERS)
+def test_hires_fix_is_an_explicit_image_to_image_and_matches_diffusers(pipe, sd1_folder, monkeypatch, upscaler,
+                                                                       scale):
+    """Each upscaler: the second pass is handed exactly the documented rule's upscale of the first pass (bit for
+    bit: the only check that tells `Latent` from `Latent (antialiased)`, whose upsamplings differ by 3e-6), is
+    exactly image-to-image of it, and the image is diffusers' text-to-image → the rule → image-to-image within
+    2/255; the PNG names the upscaler as A1111 does and reads back to it."""
     seed, steps, denoise = 7, 4, 0.6
-    result = pipe(PROMPT, seed=seed, steps=steps, hires_scale=2, hires_denoise=denoise, hires_upscaler=upscaler)
-    assert result.images[0].size == (128, 128)
+    big = int(64 * scale) // 8 * 8
+    with monkeypatch.context() as patch:
+        passes = recorded_passes(pipe, patch)
+        result = pipe(PROMPT, seed=seed, steps=steps, hires_scale=scale, hires_denoise=denoise,
+                      hires_upscaler=upscaler)
+    assert result.images[0].size == (big, big) and len(passes) == 2
 
     # the second pass is exactly image-to-image of the upscaled first result, at the larger size
-    if upscaler == "latent":
+    if upscaler in LATENT_RULES:
         first = pipe(PROMPT, seed=seed, steps=steps, output_type="latent")
         assert first.latents.shape == (1, 4, 8, 8) and not first.images
-        upscaled = F.interpolate(first.latents, size=(16, 16), mode="bilinear")
+        upscaled = upscale_by_rule(upscaler, first.latents, big)
     else:
         first = pipe(PROMPT, seed=seed, steps=steps)
-        upscaled = first.images[0].resize((128, 128), Image.Resampling.LANCZOS)
-    explicit = pipe(PROMPT, seed=seed, steps=steps, image=upscaled, strength=denoise, width=128, height=128)
+        upscaled = upscale_by_rule(upscaler, first.images[0], big)
+    assert upscale_difference(passes[1].image, upscaled) == 0  # the upscale step: the rule's, bit for bit
+    explicit = pipe(PROMPT, seed=seed, steps=steps, image=upscaled, strength=denoise, width=big, height=big)
     assert np.array_equal(pixels(result.images[0]), pixels(explicit.images[0]))
     assert result.evaluations == first.evaluations + explicit.evaluations
 
     first, second = reference_pipes(StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, sd1_folder)
-    expected = diffusers_hires(first, second, upscaler, seed, steps, 64, 2, denoise)
-    assert_close(f"hires {upscaler}", pixels(result.images[0]), expected)
+    expected = diffusers_hires(first, second, upscaler, seed, steps, 64, scale, denoise)
+    assert_close(f"hires {upscaler} x{scale}", pixels(result.images[0]), expected)
 
     _, _, params = parse_infotext(result.infotexts[0])
-    label = {"latent": "Latent", "lanczos": "Lanczos"}[upscaler]
+    label = (LATENT_RULES | IMAGE_RULES)[upscaler][0]
     assert (params["Size"], params["Steps"], params["Seed"]) == ("64x64", "4", "7")  # the first pass's, as A1111
-    assert (params["Denoising strength"], params["Hires upscale"], params["Hires upscaler"]) == ("0.6", "2", label)
+    assert (params["Denoising strength"], params["Hires upscale"], params["Hires upscaler"]) == \
+        ("0.6", str(scale), label)
     assert "Hires steps" not in params  # A1111 writes it only when it is not the first pass's count
+    assert read_infotext(result.infotexts[0]).request.hires_upscaler == upscaler
 
 
 def test_hires_fix_sdxl_matches_diffusers(sdxl_folder):

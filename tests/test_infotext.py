@@ -111,3 +111,70 @@ def test_base_to_refiner_png_names_the_base_as_model(sdxl_folder, sdxl_refiner_f
     assert main(["generate", "--from-png", str(out), "--model", str(sdxl_folder), "--steps", "1",
                  "-o", str(tmp_path / "again.png")]) == 0
     assert f"the PNG was finished by the refiner {sdxl_refiner_folder.name} from 0.8" in capsys.readouterr().err
+
+
+# AUTOMATIC1111's names of the samplers ldm has (modules/sd_samplers_kdiffusion.py: samplers_k_diffusion;
+# modules/sd_samplers_timesteps.py: samplers_timesteps), written here rather than read from ldm's table
+A1111_SAMPLER_NAMES = {"euler_a": "Euler a", "euler": "Euler", "lms": "LMS", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
+                       "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM", "pndm": "PLMS", "unipc": "UniPC"}
+
+
+@pytest.mark.parametrize("sampler", list(A1111_SAMPLER_NAMES))
+def test_sampler_is_written_with_a1111s_name_and_read_back(sd1_folder, tmp_path, sampler):
+    """Each sampler's PNG names it as A1111 does (`Sampler: PLMS`, `UniPC`, …); `--from-png` reads that name back
+    to the same sampler, and the image made again is the same PNG byte for byte."""
+    from ldm.pipelines.infotext import read_png
+
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    base = ["--model", str(sd1_folder), "--no-safety-checker"]
+    assert main(["generate", "a red door", "--sampler", sampler, "--steps", "3", "--seed", "2", "-o", str(first),
+                 *base]) == 0
+    assert parse_infotext(parameters(first))[2]["Sampler"] == A1111_SAMPLER_NAMES[sampler]
+    assert read_png(first).request.sampler == sampler
+    assert main(["generate", "--from-png", str(first), "-o", str(again), *base]) == 0
+    assert again.read_bytes() == first.read_bytes()
+
+
+@pytest.mark.parametrize("written, sampler", [("LMS Karras", "lms"), ("DPM++ 2M Karras", "dpmpp_2m"),
+                                              ("DPM++ 2M SDE Karras", "dpmpp_2m_sde")])
+def test_a1111_karras_sampler_names_before_1_9_are_read(written, sampler):
+    """A1111 before 1.9 named Karras σ in the sampler (`DPM++ 2M Karras`); those names read as the sampler with
+    Karras σ."""
+    from ldm.pipelines.infotext import read_infotext
+
+    request = read_infotext(f"a door\nSteps: 4, Sampler: {written}, CFG scale: 7, Seed: 1, Size: 64x64").request
+    assert (request.sampler, request.karras) == (sampler, True)
+
+
+def test_eta_round_trips_through_from_png(sd1_folder, tmp_path):
+    """`--sampler ddim --eta 0.7`: the PNG records η and `--from-png` makes the same PNG again byte for byte; the
+    same run at η = 0 is another image (the control: η changes the image, so the round trip carries it)."""
+    from ldm.pipelines.infotext import read_png
+
+    first, again, zero = tmp_path / "first.png", tmp_path / "again.png", tmp_path / "zero.png"
+    base = ["--model", str(sd1_folder), "--no-safety-checker"]
+    run = ["a red door", "--sampler", "ddim", "--steps", "4", "--seed", "2", *base]
+    assert main(["generate", *run, "--eta", "0.7", "-o", str(first)]) == 0
+    assert read_png(first).request.eta == 0.7
+    assert main(["generate", "--from-png", str(first), "-o", str(again), *base]) == 0
+    assert again.read_bytes() == first.read_bytes()
+    assert main(["generate", *run, "-o", str(zero)]) == 0
+    assert Image.open(zero).tobytes() != Image.open(first).tobytes()
+
+
+def test_ddim_eta_is_written_as_a1111_writes_it(sd1_folder, tmp_path):
+    """A1111's DDIM records a non-zero η as `Eta DDIM: 0.7` (modules/sd_samplers_timesteps.py, CompVisSampler:
+    `eta_infotext_field = 'Eta DDIM'`, written by Sampler.initialize when η is not its default 0)."""
+    out = tmp_path / "eta.png"
+    assert main(["generate", "a red door", "--sampler", "ddim", "--eta", "0.7", "--steps", "2", "--seed", "2",
+                 "--model", str(sd1_folder), "--no-safety-checker", "-o", str(out)]) == 0
+    params = parse_infotext(parameters(out))[2]
+    assert params.get("Eta DDIM") == "0.7" and "Eta" not in params
+
+
+def test_a1111_eta_ddim_is_read_as_ddims_eta():
+    """An infotext A1111 wrote for DDIM with η = 0.7 (`Eta DDIM: 0.7`) reads as ldm's DDIM at η = 0.7."""
+    from ldm.pipelines.infotext import read_infotext
+
+    back = read_infotext("a door\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 512x512, Eta DDIM: 0.7")
+    assert (back.request.sampler, back.request.eta) == ("ddim", 0.7) and "eta" in back.fields

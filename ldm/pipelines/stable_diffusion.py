@@ -414,11 +414,12 @@ class StableDiffusion:
     def annotate(self, plan: "Plan", used: set[str]) -> dict:
         """The infotext's parameters: A1111's keys, in A1111's order (each image adds its own seed and position)."""
         r = plan.request
+        eta_key = "Eta DDIM" if r.sampler == "ddim" else "Eta"  # A1111's keys: `Eta` is its ancestral samplers' η
         params = {"Steps": r.steps, "Sampler": plan.spec.label, "Schedule type": "Karras" if plan.karras else None,
                   "CFG scale": r.guidance, "Seed": plan.seed, "Size": f"{r.width}x{r.height}", "Model hash": None,
                   "Model": None, "VAE": None, "Denoising strength": r.strength if r.image is not None else None,
                   "Clip skip": r.clip_skip if r.clip_skip > 1 else None, "Tiling": None,
-                  "Eta": r.eta if "eta" in plan.spec.options and r.eta not in (None, plan.spec.eta) else None,
+                  eta_key: r.eta if "eta" in plan.spec.options and r.eta not in (None, plan.spec.eta) else None,
                   "Timestep spacing": r.timestep_spacing,
                   "CFG rescale": r.guidance_rescale or None,
                   "Lora hashes": None,
