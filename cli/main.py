@@ -6,13 +6,13 @@ import argparse
 import sys
 
 from ldm.errors import LdmError
-from ldm_cli import batch, bench, generate, models, parity, serve
+from ldm_cli import batch, bench, generate, models, parity, preprocess, serve
 from ldm_cli.options import Parser, version
 
 # Nothing here imports torch at module level: `ldm --help` and argument errors answer at once.
 
 COMMANDS = {"generate": generate.run, "download": models.download, "info": models.info, "serve": serve.run,
-            "batch": batch.run, "bench": bench.run, "parity": parity.run}
+            "batch": batch.run, "bench": bench.run, "parity": parity.run, "preprocess": preprocess.run}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     batch.add_parser(sub)
     parity.add_parser(sub)
     bench.add_parser(sub)
+    preprocess.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "generate":  # which options were given (they override a PNG's parameters)
         args.given = generate.given_options(parser, gen, argv)

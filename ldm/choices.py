@@ -37,6 +37,27 @@ EMPHASES = {"original": "Original", "no-norm": "No norm", "none": "None"}
 CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
                  "control": "ControlNet is more important"}
 CONTROL_MAX_WEIGHT = 2.0  # sd-webui-controlnet's slider
+# how a unit's control image is fitted to the output's size → sd-webui-controlnet's names (the infotext's `Resize
+# Mode`): stretched (diffusers' resize: Lanczos), scaled to cover it and centre-cropped, scaled to fit inside it and
+# padded with its border's median colour (these two resampled as sd-webui-controlnet resamples)
+CONTROL_RESIZE_MODES = {"just-resize": "Just Resize", "crop-and-resize": "Crop and Resize",
+                        "resize-and-fill": "Resize and Fill"}
+# the preprocessors that need no model (a control image made from an ordinary one) → sd-webui-controlnet's module
+# names (the infotext's `Module`); `ldm.pipelines.preprocess` has their parameters
+CONTROL_PREPROCESSORS = {"canny": "canny", "invert": "invert", "threshold": "threshold", "tile": "tile_resample",
+                         "blur": "blur_gaussian", "shuffle": "shuffle"}
+# their parameters, in order sd-webui-controlnet's threshold A and threshold B (its sliders): `ldm preprocess`'s
+# option, what it is, default, minimum, maximum, whole numbers only
+CONTROL_PREPROCESSOR_PARAMS = {"canny": (("low", "low threshold", 100, 1, 255, True),
+                                         ("high", "high threshold", 200, 1, 255, True)),
+                               "threshold": (("value", "binarization threshold", 127, 0, 255, False),),
+                               "tile": (("rate", "down-sampling rate", 1.0, 1.0, 8.0, False),),
+                               "blur": (("sigma", "sigma", 9.0, 0.01, 64.0, False),)}
+# the processor resolution (the short side the image is scaled to first): default, minimum, maximum
+# (sd-webui-controlnet's slider), and the preprocessors that work at it (shuffle always works at 512, invert and
+# tile at the image's size)
+CONTROL_PROCESSOR_RES = (512, 64, 2048)
+CONTROL_RESOLUTION_PREPROCESSORS = ("canny", "threshold", "blur")
 
 # the scoring adapter's response forms: one object per image (the SD 2.1 / SDXL / inpainting cards), or the
 # SD 1.5 / 1.4 cards' single object of lists

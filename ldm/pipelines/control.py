@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ldm.choices import CONTROL_MODES
+from ldm.choices import CONTROL_MODES, CONTROL_PREPROCESSORS, CONTROL_RESIZE_MODES
 from ldm.networks.controlnet import ControlNet, scaled
+from ldm.pipelines.preprocess import PREPROCESSORS, RESOLUTION, fitted, preprocess
 from ldm.pipelines.request import Control
 
 
@@ -36,22 +37,40 @@ class Unit:
         return not (call / calls < self.control.start or (call + 1) / calls > self.control.end)
 
 
-def control_image(image: Image.Image, width: int, height: int) -> Tensor:
-    """The control image as the ControlNet reads it: RGB, resized to the output's size with Lanczos where it differs
-    (diffusers' control `VaeImageProcessor`, `do_normalize=False`), in [0, 1], (1, 3, H, W) float32."""
-    image = image.convert("RGB")
-    if image.size != (width, height):
+def control_image(control: "Control | Image.Image", width: int, height: int, seed: int | None = None) -> Tensor:
+    """The unit's control image as the ControlNet reads it, (1, 3, H, W) float32 in [0, 1]: its image (RGB), made
+    over by its preprocessor if it names one (`ldm.pipelines.preprocess`; shuffle draws from `seed`, the run's), then
+    fitted to the output's size by its resize mode: just-resize stretches it with Lanczos where the size differs
+    (diffusers' control `VaeImageProcessor`, `do_normalize=False`), crop-and-resize and resize-and-fill are
+    sd-webui-controlnet's. An image alone: a unit without preprocessor, just resized."""
+    unit = control if isinstance(control, Control) else Control(None, control)
+    image = unit.image.convert("RGB")
+    if unit.preprocess is not None:
+        image = Image.fromarray(preprocess(np.asarray(image), unit.preprocess, unit.threshold_a, unit.threshold_b,
+                                           unit.processor_res, seed))
+    if unit.resize != "just-resize":
+        image = Image.fromarray(fitted(np.asarray(image), unit.resize, width, height))
+    elif image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 def control_infotext(control: Control) -> str:
     """A unit's infotext value, as sd-webui-controlnet writes it (`infotext` quotes it: it holds commas): `Module:
-    none, Model: NAME, Weight: 1.0, …` (ldm's control images come preprocessed: the module is none)."""
+    none, Model: NAME, Weight: 1.0, Resize Mode: Just Resize, …`; a preprocessor's parameters (`Processor Res`,
+    `Threshold A`, `Threshold B`: those it has, with the values it ran with) after the resize mode, in its order."""
     name = control.model if isinstance(control.model, str) else getattr(control.model, "name", "controlnet")
-    fields = {"Module": "none", "Model": Path(str(name)).name, "Weight": control.weight,
-              "Resize Mode": "Just Resize", "Guidance Start": control.start, "Guidance End": control.end,
-              "Control Mode": CONTROL_MODES[control.mode]}
+    module = CONTROL_PREPROCESSORS[control.preprocess] if control.preprocess is not None else "none"
+    fields = {"Module": module, "Model": Path(str(name)).name, "Weight": control.weight,
+              "Resize Mode": CONTROL_RESIZE_MODES[control.resize]}
+    if control.preprocess is not None:
+        p = PREPROCESSORS[control.preprocess]
+        given = {"Processor Res": (control.processor_res, RESOLUTION if p.resolution else None),
+                 "Threshold A": (control.threshold_a, p.param(0)), "Threshold B": (control.threshold_b, p.param(1))}
+        fields |= {key: value if value is not None else param.default for key, (value, param) in given.items()
+                   if param is not None}
+    fields |= {"Guidance Start": control.start, "Guidance End": control.end,
+               "Control Mode": CONTROL_MODES[control.mode]}
     return ", ".join(f"{key}: {value}" for key, value in fields.items())
 
 

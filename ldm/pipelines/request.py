@@ -22,6 +22,7 @@ from torch import Tensor
 from ldm.choices import (
     CONTROL_MAX_WEIGHT,
     CONTROL_MODES,
+    CONTROL_RESIZE_MODES,
     EMPHASES,
     HIRES_MAX_SCALE,
     HIRES_UPSCALERS,
@@ -29,6 +30,7 @@ from ldm.choices import (
     TIMESTEP_SPACINGS,
 )
 from ldm.errors import InputError
+from ldm.pipelines.preprocess import PREPROCESSORS, RESOLUTION, opencv_missing
 from ldm.sampling.samplers import SAMPLERS
 
 MAX_SEED = 2**64 - 1
@@ -40,10 +42,16 @@ IMAGE_PLACEHOLDER = Image.new("RGB", (8, 8))
 @dataclass(frozen=True)
 class Control:
     """One ControlNet unit: a ControlNet (a diffusers ControlNet folder, or its name in weights/controlnet/) and its
-    control image (already an edge map, a depth map, a pose…), resized to the output's size. `weight` scales its
-    residuals (diffusers' `controlnet_conditioning_scale`); it acts from `start` to `end`, fractions of the steps
-    (diffusers' `control_guidance_start/end`); `mode` is A1111's control mode (`ldm.choices.CONTROL_MODES`);
-    `guess_mode` is diffusers' (residuals × logspace(−1, 0), the conditional half of guidance only)."""
+    control image (an edge map, a depth map, a pose…, or a picture its `preprocess` makes one of), fitted to the
+    output's size by `resize`. `weight` scales its residuals (diffusers' `controlnet_conditioning_scale`); it acts
+    from `start` to `end`, fractions of the steps (diffusers' `control_guidance_start/end`); `mode` is A1111's
+    control mode (`ldm.choices.CONTROL_MODES`); `guess_mode` is diffusers' (residuals × logspace(−1, 0), the
+    conditional half of guidance only). `resize` is sd-webui-controlnet's resize mode (`CONTROL_RESIZE_MODES`:
+    just-resize stretches it, as diffusers does); `preprocess` one of its preprocessors that need no model
+    (`CONTROL_PREPROCESSORS`; None: the image is the control image), with its parameters `threshold_a` and
+    `threshold_b` (A1111's; `CONTROL_PREPROCESSOR_PARAMS`: canny's low and high thresholds, …; None: their
+    defaults, and ignored by a preprocessor without them) and `processor_res` (the short side canny, threshold and
+    blur work at; None: 512). See `ldm.pipelines.preprocess`."""
 
     model: "str | object"  # a path or name, or a loaded `ldm.networks.controlnet.ControlNet`
     image: Image.Image
@@ -52,6 +60,11 @@ class Control:
     end: float = 1.0
     mode: str = "balanced"
     guess_mode: bool = False
+    resize: str = "just-resize"
+    preprocess: str | None = None
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    processor_res: int | None = None
 
     def check(self, bad, where: str) -> None:
         if not isinstance(self.image, Image.Image):
@@ -63,6 +76,30 @@ class Control:
                                  f"got {self.start!r} and {self.end!r}")
         if self.mode not in CONTROL_MODES:
             bad("control_mode", f"{where}: unknown control mode {self.mode!r} (use {', '.join(CONTROL_MODES)})")
+        if self.resize not in CONTROL_RESIZE_MODES:
+            bad("control_resize", f"{where}: unknown resize mode {self.resize!r} (use "
+                                  f"{', '.join(CONTROL_RESIZE_MODES)})")
+        if self.preprocess is not None:
+            self._check_preprocess(bad, where)
+        if self.resize != "just-resize" and (missing := opencv_missing(f"the resize mode {self.resize}")):
+            bad("control_resize", f"{where}: {missing}")
+
+    def _check_preprocess(self, bad, where: str) -> None:
+        """The preprocessor, the parameters it has (those it has not are not read) and OpenCV, which it needs."""
+        if self.preprocess not in PREPROCESSORS:
+            bad("control_preprocess", f"{where}: unknown preprocessor {self.preprocess!r} (use "
+                                      f"{', '.join(PREPROCESSORS)}, or none)")
+        p = PREPROCESSORS[self.preprocess]
+        for field_name, which, value, param in (("threshold_a", "threshold A", self.threshold_a, p.param(0)),
+                                                ("threshold_b", "threshold B", self.threshold_b, p.param(1)),
+                                                ("processor_res", "processor resolution", self.processor_res,
+                                                 RESOLUTION if p.resolution else None)):
+            if value is not None and param is not None and not param.accepts(value):
+                what = f" ({param.what})" if param is not RESOLUTION else ""
+                bad(f"control_{field_name}", f"{where}: {self.preprocess}'s {which}{what} must be {param.rule}, "
+                                             f"got {value!r}")
+        if missing := opencv_missing(self.preprocess):
+            bad("control_preprocess", f"{where}: {missing}")
 
 
 @dataclass

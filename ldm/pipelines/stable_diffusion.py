@@ -378,7 +378,8 @@ class StableDiffusion:
         """Run the sampler over the schedule: (the σ-space result, the UNet evaluations it took)."""
         r, schedule = plan.request, plan.schedule
         if r.controls:
-            units = [Unit(c, self.controlnet(c.model), control_image(c.image, r.width, r.height)) for c in r.controls]
+            units = [Unit(c, self.controlnet(c.model), control_image(c, r.width, r.height, seed=plan.seed))
+                     for c in r.controls]
             unet = with_controls(unet, units, plan.unet_calls, guided=uncond is not None)
         denoiser = PredictionDenoiser(guided(unet, cond, uncond, r.guidance, r.guidance_rescale), schedule,
                                       self.scheduler.prediction_type, self.dtype)
