@@ -169,3 +169,48 @@ def test_the_readme_example_runs(server, tmp_path, monkeypatch):
     exec(compile(block.replace("port=8000", f"port={server.port}").replace("steps=20", "steps=2"), "README", "exec"),
          {})
     assert Image.open(tmp_path / "lighthouse.png").size == (512, 512)
+
+
+@pytest.fixture
+def served_controlnet(sd1_folder, tmp_path, monkeypatch):
+    """A tiny ControlNet in the server's weights/controlnet/ as `control_v11p_sd15_canny`."""
+    from test_controlnet import make_controlnet
+
+    store = tmp_path / "weights"
+    path = make_controlnet(sd1_folder, store / "controlnet" / "control_v11p_sd15_canny", seed=1)
+    monkeypatch.setenv("LDM_WEIGHTS", str(store))
+    return path
+
+
+def test_controlnet_units_in_alwayson_scripts(api, pipe, served_controlnet):
+    """webuiapi's ControlNetUnit, as sd-webui-controlnet's API takes it: the model by A1111's "name [hash]", the
+    weight, the guidance range, the control mode, the resize mode; the image is the pipeline's with that unit."""
+    from test_controlnet import hint
+
+    from ldm.pipelines.request import Control
+
+    unit = webuiapi.ControlNetUnit(image=hint(2), model="control_v11p_sd15_canny [d14c016b]", weight=0.8,
+                                   guidance_end=0.75, control_mode=1, resize_mode="Just Resize")
+    result = api.txt2img(prompt=PROMPT, seed=3, steps=4, width=64, height=64, sampler_name="Euler",
+                         controlnet_units=[unit])
+    expected = pipe(PROMPT, seed=3, steps=4, guidance=7.0, width=64, height=64, sampler="euler", controls=[
+        Control(str(served_controlnet), hint(2), weight=0.8, end=0.75, mode="prompt")]).images[0]
+    plain = pipe(PROMPT, seed=3, steps=4, guidance=7.0, width=64, height=64, sampler="euler").images[0]
+    assert np.abs(pixels(result.images[0]) - pixels(expected)).max() <= MAX_PIXEL_DIFF
+    assert np.abs(pixels(result.images[0]) - pixels(plain)).max() > 4
+    assert 'ControlNet 0: "Module: none, Model: control_v11p_sd15_canny' in result.images[0].info["parameters"]
+
+
+@pytest.mark.parametrize("unit, message", [
+    ({"model": "/etc/passwd", "image": "x"}, "not a path"),
+    ({"model": "control_v11p_sd15_canny", "module": "depth_midas", "image": "x"}, "not a preprocessor ldm has"),
+    ({"model": "control_v11p_sd15_canny"}, "a base64 control image is required"),
+    ({"model": "control_v11p_sd15_canny", "image": "PNG", "control_mode": "Loud"}, "control_mode"),
+])
+def test_bad_controlnet_units_are_422(server, served_controlnet, unit, message):
+    from test_controlnet import b64png, hint
+
+    unit = unit | ({"image": b64png(hint(1))} if unit.get("image") == "PNG" else {})
+    code, _, body = server.request("POST", "/sdapi/v1/txt2img", {
+        "prompt": "x", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert code == 422 and message in body["detail"], body

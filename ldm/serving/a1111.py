@@ -19,11 +19,19 @@ from importlib import resources
 
 from pydantic import BaseModel, ConfigDict
 
-from ldm.choices import HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS
-from ldm.errors import InputError
+from ldm.choices import (
+    CONTROL_MODES,
+    CONTROL_PREPROCESSORS,
+    CONTROL_RESIZE_MODES,
+    HIRES_UPSCALERS,
+    KARRAS_SAMPLERS,
+    SAMPLER_LABELS,
+)
+from ldm.errors import InputError, LdmError
+from ldm.loading.controlnets import find_controlnet
 from ldm.pipelines.images import decode_image, encode_png
 from ldm.pipelines.infotext import parse_infotext
-from ldm.pipelines.request import MAX_SEED, GenerationRequest, random_seed
+from ldm.pipelines.request import MAX_SEED, Control, GenerationRequest, random_seed
 from ldm.pipelines.stable_diffusion import Generation
 from ldm.serving.runner import Cancelled
 
@@ -129,6 +137,7 @@ def requests_of(body: Txt2Img, image=None, mask=None) -> list[GenerationRequest]
     common = dict(negative_prompt=body.negative_prompt or None, steps=body.steps, guidance=body.cfg_scale,
                   width=body.width, height=body.height, sampler=sampler, karras=karras, clip_skip=clip_skip,
                   eta=body.eta if sampler in ("ddim", "tcd") else None, num_images=body.batch_size)
+    common["controls"] = controls_of(body)
     if image is not None:
         common |= {"image": image, "mask": mask, "strength": body.denoising_strength}
     elif body.enable_hr:
@@ -139,6 +148,65 @@ def requests_of(body: Txt2Img, image=None, mask=None) -> list[GenerationRequest]
         return first if mask is not None else [first + i for i in range(body.batch_size)]
 
     return [GenerationRequest(body.prompt, seed=seeds(k), **common) for k in range(body.n_iter)]
+
+
+MODULE_OF = {label: name for name, label in CONTROL_PREPROCESSORS.items()}
+RESIZE_OF = {label: name for name, label in CONTROL_RESIZE_MODES.items()}
+MODE_OF = {label: name for name, label in CONTROL_MODES.items()}
+
+
+def controls_of(body: Txt2Img) -> list[Control]:
+    """The ControlNet units of `alwayson_scripts.controlnet.args` as sd-webui-controlnet takes them (its API's unit
+    fields; the key in any case: webuiapi writes "ControlNet"): enabled units with a model, of the server's
+    weights/controlnet/ by name (A1111's "name [hash]" too), their image base64; control modes and resize modes by
+    label or index; a module ldm lacks is a 422 naming it."""
+    scripts = {key.lower(): value for key, value in body.alwayson_scripts.items()}
+    args = (scripts.get("controlnet") or {}).get("args", []) if isinstance(scripts.get("controlnet"), dict) else []
+    units = []
+    for n, unit in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args[{n}]"
+        if not isinstance(unit, dict):
+            raise ApiError(422, f"{where}: expected an object")
+        if not unit.get("enabled", True) or str(unit.get("model", "None")) in ("None", ""):
+            continue
+        units.append(control_unit(unit, where))
+    return units
+
+
+def control_unit(unit: dict, where: str) -> Control:
+    """One sd-webui-controlnet API unit as a `Control`."""
+    def label(value, labels: dict, names: list, what: str):
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+            return names[value]
+        if value not in labels:
+            raise ApiError(422, f"{where}.{what}: {value!r} is not one of {', '.join(labels)}")
+        return labels[value]
+
+    module = str(unit.get("module", "none"))
+    if module != "none" and module not in MODULE_OF:
+        raise ApiError(422, f"{where}.module: {module!r} is not a preprocessor ldm has ({', '.join(MODULE_OF)}); "
+                            "send a preprocessed image with module none")
+    try:
+        path = find_controlnet(str(unit["model"]).split(" [")[0], allow_paths=False)
+    except LdmError as e:
+        raise ApiError(422, f"{where}.model: {e}") from None
+    image = unit.get("image") or unit.get("input_image")
+    if isinstance(image, dict):  # (older clients: {"image": …, "mask": …})
+        image = image.get("image")
+    if not isinstance(image, str) or not image:
+        raise ApiError(422, f"{where}.image: a base64 control image is required")
+    preprocess = MODULE_OF.get(module)
+    # a preprocessor's parameters (A1111's −1: its default)
+    params = {} if preprocess is None else {key: None if unit.get(key) in (None, -1) else unit[key]
+                                            for key in ("threshold_a", "threshold_b", "processor_res")}
+    try:
+        return Control(str(path), decode_field(f"{where}.image", image), weight=float(unit.get("weight", 1.0)),
+                       start=float(unit.get("guidance_start", 0.0)), end=float(unit.get("guidance_end", 1.0)),
+                       mode=label(unit.get("control_mode", "Balanced"), MODE_OF, list(CONTROL_MODES), "control_mode"),
+                       resize=label(unit.get("resize_mode", "Crop and Resize"), RESIZE_OF, list(CONTROL_RESIZE_MODES),
+                                    "resize_mode"), preprocess=preprocess, **params)
+    except (TypeError, ValueError):
+        raise ApiError(422, f"{where}: weight, guidance_start and guidance_end must be numbers") from None
 
 
 def hires_of(body: Txt2Img) -> dict:
@@ -153,8 +221,8 @@ def hires_of(body: Txt2Img) -> dict:
 def decode_field(name: str, value: str):
     try:
         return decode_image(value, name)
-    except InputError as e:
-        raise ApiError(422, f"{name}: {e}") from None
+    except InputError as e:  # (its message names the field)
+        raise ApiError(422, str(e) if str(e).startswith(name) else f"{name}: {e}") from None
 
 
 @dataclass
