@@ -208,7 +208,8 @@ def apply_png_controls(args: argparse.Namespace, units: tuple[dict, ...]) -> Non
         raise LdmError(f"the PNG was made with {len(units)} ControlNet unit(s) ({', '.join(u['model'] for u in units)})"
                        f": give their control images (--control-image, {len(units)} times), or --controlnet")
     args.controlnet = [unit["model"] for unit in units]
-    for name in ("weight", "start", "end", "mode"):
+    for name in ("weight", "start", "end", "mode", "resize", "preprocess", "threshold_a", "threshold_b",
+                 "processor_res"):
         if f"control_{name}" not in args.given:
             setattr(args, f"control_{name}", [unit[name] for unit in units])
 

@@ -376,7 +376,8 @@ def test_from_png_restores_the_units(sd1_folder, controlnets, tmp_path, capsys, 
     first = tmp_path / "first.png"
     assert main(["generate", PROMPT, "--model", str(sd1_folder), "--steps", "3", "--seed", "5", "--sampler", "euler",
                  "--controlnet", "tiny-a", "--control-image", str(tmp_path / "a.png"), "--control-weight", "0.7",
-                 "--control-end", "0.7", "--control-mode", "prompt", "-o", str(first)]) == 0
+                 "--control-end", "0.7", "--control-mode", "prompt", "--control-preprocess", "canny",
+                 "--control-threshold-a", "50", "--control-resize", "crop-and-resize", "-o", str(first)]) == 0
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(first), "--model", str(sd1_folder), "--control-image",
                  str(tmp_path / "a.png"), "-o", str(again)]) == 0

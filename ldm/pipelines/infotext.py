@@ -15,7 +15,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.choices import CONTROL_MODES, EMPHASES, HIRES_UPSCALERS, SAMPLER_LABELS
+from ldm.choices import (
+    CONTROL_MODES,
+    CONTROL_PREPROCESSORS,
+    CONTROL_RESIZE_MODES,
+    EMPHASES,
+    HIRES_UPSCALERS,
+    SAMPLER_LABELS,
+)
 from ldm.errors import InputError
 from ldm.pipelines.images import load_image
 from ldm.pipelines.request import GenerationRequest
@@ -192,8 +199,11 @@ def _sampler(params: dict[str, str], source: str) -> dict:
 
 
 def _controls(params: dict[str, str], source: str) -> tuple[dict, ...]:
-    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N."""
+    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N: model,
+    weight, start, end, mode, resize, preprocess (ldm's names) and the preprocessor's parameters where written."""
     modes = {label: name for name, label in CONTROL_MODES.items()}
+    resizes = {label: name for name, label in CONTROL_RESIZE_MODES.items()}
+    modules = {label: name for name, label in CONTROL_PREPROCESSORS.items()} | {"none": "none"}
     units = []
     for n in range(len(params)):
         text = params.get(f"ControlNet {n}")
@@ -205,10 +215,21 @@ def _controls(params: dict[str, str], source: str) -> tuple[dict, ...]:
                           "start": float(fields.get("Guidance Start", 0.0)),
                           "end": float(fields.get("Guidance End", 1.0)),
                           "mode": modes[fields.get("Control Mode", "Balanced")],
-                          "module": fields.get("Module", "none")})
+                          "resize": resizes[fields.get("Resize Mode", "Just Resize")],
+                          "preprocess": modules[fields.get("Module", "none")],
+                          "threshold_a": _number(fields.get("Threshold A")),
+                          "threshold_b": _number(fields.get("Threshold B")),
+                          "processor_res": _number(fields.get("Processor Res"))})
         except (KeyError, ValueError):
             raise InputError(f"{source}: ControlNet {n}: {text!r} is not a unit ldm can read") from None
     return tuple(units)
+
+
+def _number(text: str | None) -> int | float | None:
+    """A number as written (a whole number stays an int, so that it is written back as it was)."""
+    if text is None:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 def _hires(params: dict[str, str], source: str) -> dict:
