@@ -26,10 +26,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           "(default: 4 on CUDA, where batching raises throughput; 1 on the CPU, where it does not)")
     srv.add_argument("--max-body-mb", type=float, default=32, help="largest request body (default: %(default)s)")
     srv.add_argument("--allow-image-urls", action="store_true",
-                     help="fetch image and mask cells given as http(s) URLs (each at most --max-body-mb, within 10 s); "
-                          "without it such a row is refused. The server can then reach any address a client names")
+                     help="fetch image and mask cells given as http(s) URLs (each at most --max-body-mb, within "
+                          "--image-url-timeout, from public addresses only); without it such a row is refused")
+    srv.add_argument("--image-url-timeout", type=float, default=10,
+                     help="seconds to fetch an image URL, redirects included (default: %(default)s)")
+    srv.add_argument("--allow-private-urls", action="store_true",
+                     help="with --allow-image-urls: fetch from loopback, private and link-local addresses too (the "
+                          "server's own network: only where every client may reach it)")
     srv.add_argument("--timeout", type=float, default=600,
                      help="seconds a request may wait and run before it is cancelled with 504 (default: %(default)s)")
+    guard = srv.add_argument_group("where others can reach it", "README: 'Running it where others can reach it'")
+    guard.add_argument("--allowed-hosts", nargs="+", default=(), metavar="NAME",
+                       help="Host names the server answers besides its IP addresses and localhost (the name a proxy "
+                            "or your network gives it; * for any); others are refused, as DNS rebinding uses them")
+    guard.add_argument("--cors-allow-origins", nargs="+", default=(), metavar="ORIGIN",
+                       help="origins (https://app.example) of web pages that may call the server (* for any); "
+                            "requests from the pages of others are refused")
+    guard.add_argument("--max-connections", type=int, default=32,
+                       help="connections served at once; requests beyond them get 503 (default: %(default)s)")
+    guard.add_argument("--header-timeout", type=float, default=10,
+                       help="seconds a client has to send a request's line and headers (default: %(default)s)")
+    guard.add_argument("--read-timeout", type=float, default=60,
+                       help="seconds a client has to send a request's body; 408 beyond (default: %(default)s)")
+    guard.add_argument("--graceful-timeout", type=float, default=30,
+                       help="on SIGTERM or Ctrl-C, seconds to finish running and queued requests; the rest are "
+                            "cancelled and answered 503 (default: %(default)s)")
     return srv
 
 
@@ -65,6 +86,14 @@ def serve_config(args: argparse.Namespace):
         batch_size = 4 if args.device != "cpu" and torch.cuda.is_available() else 1
     if batch_size < 1 or args.timeout <= 0 or args.max_body_mb <= 0:
         raise LdmError("--batch-size must be at least 1, --timeout and --max-body-mb above 0")
+    if args.max_connections < 1 or min(args.header_timeout, args.read_timeout, args.image_url_timeout) <= 0 or \
+            args.graceful_timeout < 0:
+        raise LdmError("--max-connections must be at least 1, --header-timeout, --read-timeout and "
+                       "--image-url-timeout above 0, --graceful-timeout 0 or more")
     return ServeConfig(Limits(args.max_rows, args.max_steps, args.max_pixels, args.max_images), args.queue_size,
                        int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
-                       batch_size=batch_size, allow_image_urls=args.allow_image_urls)
+                       batch_size=batch_size, allow_image_urls=args.allow_image_urls,
+                       image_url_timeout_s=args.image_url_timeout, allow_private_urls=args.allow_private_urls,
+                       max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+                       read_timeout_s=args.read_timeout, graceful_timeout_s=args.graceful_timeout,
+                       allowed_hosts=tuple(args.allowed_hosts), cors_allow_origins=tuple(args.cors_allow_origins))

@@ -320,7 +320,7 @@ def test_image_urls_are_fetched_only_when_allowed(pipe, capsys):
                                        ["c", f"{base}/big.png"], ["d", f"{base}/redirect"]],
                               "parameters": FAST | {"seed": 1, "strength": 0.5}}}
     inline = {"input_data": request["input_data"] | {"data": [["a red house", base64.b64encode(png).decode()]]}}
-    s = Server(lambda: pipe, ServeConfig(max_body_bytes=10_000, allow_image_urls=True))
+    s = Server(lambda: pipe, ServeConfig(max_body_bytes=10_000, allow_image_urls=True, allow_private_urls=True))
     try:
         status, _, out = s.request("POST", "/score", request)
     finally:

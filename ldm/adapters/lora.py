@@ -94,6 +94,9 @@ UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "diff": "L
                "scale": "a stored scale", "bias": "a bias delta"}
 LDM_UNET_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
 FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}  # ldm.speed.accelerate's fused projections
+FLOAT32_MAX = torch.finfo(torch.float32).max  # a scale beyond it cannot be applied (addmm_'s alpha is a float32)
+MAX_WEIGHT = 100.0  # ComfyUI's LoraLoader range; far beyond it the merged model's activations overflow, in fp32 too
+MAX_NAME_BYTES = 255  # of a file name, on the file systems ldm runs on
 
 
 @dataclass
@@ -113,24 +116,42 @@ def loras_dir() -> Path:
     return weights_dir() / "loras"
 
 
-def find_lora(name: str, allow_paths: bool = True) -> Path:
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, one it cannot encode
+        return False
+
+
+def find_lora(name: str, allow_paths: bool = True, show_folder: bool = True) -> Path:
     """The file `name` refers to: an existing path (only with `allow_paths`), else `loras_dir()/name` or
-    `loras_dir()/name.safetensors`. With `allow_paths=False` (requests from the network) only a plain file name
-    is accepted: a path separator, `..` or an absolute path is an InputError."""
+    `loras_dir()/name.safetensors`. With `allow_paths=False` (prompts, requests from the network) only a plain file
+    name is accepted: a path separator, `..` or an absolute path is an InputError. A name not found is an InputError
+    that names the folder and what it holds, unless `show_folder` is False (a server's answers: a client has no
+    business knowing where the server keeps its files). A name no file system could hold is an InputError too."""
+    shown = repr(name if len(name) <= 60 else f"{name[:60]}…")  # (repr: a lone surrogate written out)
     if allow_paths:
         path = Path(name).expanduser()
-        if path.is_file():
+        if _is_file(path):
             return path
     elif not name or "/" in name or "\\" in name or ".." in name or Path(name).is_absolute() or "\0" in name:
-        raise InputError(f"LoRA {name!r}: give the name of a file in the LoRA folder, not a path")
+        raise InputError(f"LoRA {shown}: give the name of a file in the LoRA folder, not a path")
+    try:
+        too_long = len(name.encode(sys.getfilesystemencoding(), "surrogateescape")) > MAX_NAME_BYTES
+    except UnicodeEncodeError:
+        raise InputError(f"LoRA {shown}: not a file name (it is not valid Unicode)") from None
+    if too_long and not allow_paths:
+        raise InputError(f"LoRA {shown}: a name of {len(name)} characters is longer than a file name can be")
     folder = loras_dir()
     for candidate in (folder / name, folder / f"{name}.safetensors"):
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
+    if not show_folder:
+        raise InputError(f"LoRA {shown}: not in the LoRA folder")
     there = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
     listing = f"it holds {', '.join(there)}" if there else "it holds no .safetensors files"
     where = "no such file, and not " if allow_paths else "not "
-    raise InputError(f"LoRA {name!r}: {where}in {folder} ({listing})")
+    raise InputError(f"LoRA {shown}: {where}in {folder} ({listing})")
 
 
 def _header(path: Path) -> tuple[int, dict]:
@@ -596,14 +617,18 @@ def load_lora(pipe, path: str | Path, weight: float = 1.0) -> LoadedLora:
     """Read a LoRA/LyCORIS file, check every key and shape against `pipe`'s UNet and text towers, merge it into
     their weights (× `weight`) and record it in `pipe.loras` (each weight it touches first keeps its original in
     `pipe.lora_originals`). A LoadError (naming the file and the keys) leaves the model untouched. Weight 0 checks
-    the file and changes nothing."""
+    the file and changes nothing; a weight beyond ±`MAX_WEIGHT` is an InputError."""
     path = Path(path)
     if not isinstance(weight, int | float) or not math.isfinite(weight):
         raise InputError(f"LoRA {path.name}: the weight must be a finite number, got {weight!r}")
+    if abs(weight) > MAX_WEIGHT:
+        raise InputError(f"LoRA {path.name}: the weight must be from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}, got {weight:g}")
     tensors = read_safetensors(path)  # refuses pickles and truncated files, by name
     _, metadata = _header(path)
     components = _components(pipe)
     modules = _parse(path, tensors, metadata, components, _unet(pipe).config)
+    if any(not abs(factors.scale * weight) <= FLOAT32_MAX for _, _, factors in modules):  # (an absurd alpha)
+        raise InputError(f"LoRA {path.name} at weight {weight:g}: its scale overflows 32-bit floats")
     if weight != 0:
         originals = pipe.lora_originals
         changed, scratch = [], {}

@@ -6,12 +6,14 @@ import base64
 import binascii
 import http.client
 import io
+import ipaddress
 import re
+import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +24,42 @@ from torch import Tensor
 from ldm.errors import InputError
 
 MAX_INPUT_PIXELS = 8192 * 8192  # larger inputs are refused before they are decoded
+# the formats an image sent as bytes (base64, a URL) may have: what people send (GIF and TIFF: the first frame). Pillow
+# reads dozens more (ICO, PCX, TGA, PSD…), each a decoder of its own that a request could reach; files given by path
+# on the command line are the user's own and open in any of them
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+FORMAT_NAMES = "PNG, JPEG, WebP, BMP, GIF or TIFF"
+ADDRESS = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # Pillow's messages name the stream by its heap address
+
+SizeCheck = Callable[[int, int], str | None]
 
 
-def _decoded(source, what: str, max_pixels: int) -> Image.Image:
+def _decoded(source, what: str, max_pixels: int, formats: tuple[str, ...] | None = None,
+             refuse: SizeCheck | None = None) -> Image.Image:
+    """The image at `source` (of one of `formats`; None: any Pillow reads), refused by its header's size before it is
+    decoded: for the reason `refuse(width, height)` gives (None: none), or over `max_pixels`."""
     with warnings.catch_warnings():  # PIL's size warning: the check below says it better
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(source)  # lazy: only the header is read here
+        image = Image.open(source, formats=formats)  # lazy: only the header is read here
     with image:
+        if refuse is not None and (reason := refuse(image.width, image.height)):
+            raise InputError(f"{what}: {reason}")
         if image.width * image.height > max_pixels:
             raise InputError(f"{what}: {image.width}x{image.height} is larger than the {max_pixels} pixels ldm "
                              "decodes; resize it first")
-        image.load()
+        image.load()  # (of a GIF or a TIFF: its first frame)
         return image.copy()
+
+
+def _format_of(raw: bytes) -> str | None:
+    """The format Pillow takes `raw` for (its header read, nothing decoded), or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(raw)) as image:
+                return image.format
+    except Exception:  # (whatever the plugin raised: not an image it reads either)
+        return None
 
 
 def load_image(path: str | Path, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
@@ -52,8 +78,10 @@ DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 WHITESPACE = re.compile(r"\s+")
 
 
-def decode_image(value: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """A base64 PNG/JPEG (with or without a `data:image/...;base64,` prefix), fully decoded, or an InputError.
+def decode_image(value: str, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS,
+                 refuse: SizeCheck | None = None) -> Image.Image:
+    """A base64 image of one of `FORMATS` (with or without a `data:image/...;base64,` prefix), fully decoded, or an
+    InputError; its size is checked before it is decoded (`image_from_bytes`).
     Whitespace inside the base64 is skipped, as MIME decoders do (`base64.encodebytes` breaks lines every 76
     characters); any other character outside the alphabet is refused."""
     if not isinstance(value, str):
@@ -62,16 +90,22 @@ def decode_image(value: str, what: str = "image", max_pixels: int = MAX_INPUT_PI
         raw = base64.b64decode(WHITESPACE.sub("", DATA_URL.sub("", value.strip())), validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{what}: not valid base64") from None
-    return image_from_bytes(raw, what, max_pixels, "the base64 data")
+    return image_from_bytes(raw, what, max_pixels, "the base64 data", refuse)
 
 
 def image_from_bytes(raw: bytes, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS,
-                     source: str = "the data") -> Image.Image:
-    """Encoded image bytes (PNG, JPEG, …), fully decoded, or an InputError."""
+                     source: str = "the data", refuse: SizeCheck | None = None) -> Image.Image:
+    """Encoded image bytes of one of `FORMATS`, fully decoded, or an InputError. The size is checked from the
+    header before anything is decoded: `refuse(width, height)` (a reason to refuse, or None), and `max_pixels`."""
     try:
-        return _decoded(io.BytesIO(raw), what, max_pixels)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{what}: {source} is not a readable image ({e})") from None
+        return _decoded(io.BytesIO(raw), what, max_pixels, FORMATS, refuse)
+    except UnidentifiedImageError:
+        known = _format_of(raw)
+        kind = f"not a readable image (ldm reads {FORMAT_NAMES})" if known is None else \
+            f"in the {known} format; ldm reads {FORMAT_NAMES}"
+        raise InputError(f"{what}: {source} is {kind}") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{what}: {source} is not a readable image ({ADDRESS.sub('the data', str(e))})") from None
 
 
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -83,46 +117,100 @@ def is_url(value) -> bool:
     return isinstance(value, str) and URL.match(value.lstrip()) is not None
 
 
-class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects to ftp:// too; an image URL may only lead to http(s)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme.lower() not in URL_SCHEMES:
-            raise InputError(f"redirected to {newurl[:200]}: only http and https URLs are fetched")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
-def fetch_url(url: str, max_bytes: int, timeout_s: float = 10.0) -> bytes:
-    """The body at an http(s) URL: at most `max_bytes`, all of it within `timeout_s`, or an InputError that
-    says why not (for the request's row that named it)."""
-    url = url.strip()
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in URL_SCHEMES:
-        raise InputError(f"{url[:200]}: only http and https URLs are fetched, not {scheme}://")
-    deadline = time.monotonic() + timeout_s
-    opener = urllib.request.build_opener(_HttpRedirectsOnly)
-    request = urllib.request.Request(url, headers={"User-Agent": "ldm", "Accept": "image/*"})
+def _address(host: str, port: int, allow_private: bool) -> str:
+    """The address to connect to for `host`: resolved, and a public one unless `allow_private` — a loopback, private,
+    link-local or otherwise non-global address is refused (an InputError that says so before anything is sent to it,
+    so that answers do not tell a closed port from an open one). The connection goes to the address checked here,
+    not to a second resolution a DNS server could answer otherwise."""
     try:
-        with opener.open(request, timeout=timeout_s) as response:
-            declared = response.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise InputError(f"{url[:200]}: {declared} bytes, more than this server's {max_bytes} bytes")
-            body = bytearray()
-            while chunk := response.read(64 * 1024):
-                body += chunk
-                if len(body) > max_bytes:
-                    raise InputError(f"{url[:200]}: more than this server's {max_bytes} bytes")
-                if time.monotonic() > deadline:
+        found = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    except (OSError, UnicodeError) as e:
+        raise InputError(f"{host[:100]}: no such host ({e})") from None
+    for address in found:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+        ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+        if allow_private or (ip.is_global and not ip.is_multicast):
+            return address
+    raise InputError(f"{host[:100]} is not a public address (loopback, private, link-local…): this server fetches "
+                     "from public addresses only (ldm serve --allow-private-urls allows the others)")
+
+
+def _connection(scheme: str, host: str, port: int, address: str, timeout_s: float) -> http.client.HTTPConnection:
+    """An HTTP(S) connection to `host` that connects to `address` (TLS still checks `host`'s certificate)."""
+
+    class Pinned(http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.create_connection((address, self.port), self.timeout)
+            if scheme == "https":
+                self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+
+    return Pinned(host, port, timeout=timeout_s)
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """End a connection's exchange from another thread: what blocks on its socket returns at once."""
+    try:
+        if conn.sock is not None:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def fetch_url(url: str, max_bytes: int, timeout_s: float = 10.0, allow_private: bool = False) -> bytes:
+    """The body at an http(s) URL: at most `max_bytes`, all of it — DNS aside, each redirect (at most 5, to http(s)
+    only) and a server that sends a byte at a time included — within `timeout_s`, or an InputError that says why
+    not (for the request's row that named it). Loopback, private and link-local addresses are refused, after
+    resolution and at every redirect, unless `allow_private`."""
+    start, given = time.monotonic(), url.strip()[:200]
+    url = url.strip()
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in URL_SCHEMES:
+            where = f"redirected to {url[:200]}" if url.strip()[:200] != given else given
+            raise InputError(f"{where}: only http and https URLs are fetched, not {scheme}://")
+        try:
+            host, port = parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+            address = _address(host, port, allow_private)
+            left = timeout_s - (time.monotonic() - start)
+            conn = _connection(scheme, host, port, address, max(left, 0.01))
+            # a watchdog for the whole exchange: socket timeouts bound each read, not a server that drips
+            watchdog = threading.Timer(max(left, 0.0), _cut, (conn,))
+            watchdog.start()
+            try:
+                conn.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                             headers={"User-Agent": "ldm", "Accept": "image/*"})
+                response = conn.getresponse()
+                if response.status in REDIRECTS and response.getheader("Location"):
+                    url = urllib.parse.urljoin(url, response.getheader("Location"))
+                    continue
+                if response.status != 200:
+                    raise InputError(f"{given}: the server answered {response.status} {response.reason[:100]}")
+                declared = response.getheader("Content-Length")
+                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                    raise InputError(f"{given}: {declared} bytes, more than this server's {max_bytes} bytes")
+                body = bytearray()
+                while chunk := response.read1(64 * 1024):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise InputError(f"{given}: more than this server's {max_bytes} bytes")
+                if time.monotonic() - start > timeout_s:
                     raise TimeoutError()
-            return bytes(body)
-    except urllib.error.HTTPError as e:
-        raise InputError(f"{url[:200]}: the server answered {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise InputError(f"{url[:200]}: could not be fetched ({e.reason})") from None
-    except TimeoutError:
-        raise InputError(f"{url[:200]}: not fetched within {timeout_s:g} s") from None
-    except (OSError, ValueError, http.client.HTTPException) as e:  # a reset, a malformed URL or response
-        raise InputError(f"{url[:200]}: could not be fetched ({type(e).__name__}: {e})") from None
+                return bytes(body)
+            finally:
+                watchdog.cancel()
+                conn.close()
+        except InputError:
+            raise
+        except (OSError, ValueError, http.client.HTTPException) as e:  # a reset, a malformed URL or response
+            if time.monotonic() - start >= timeout_s:
+                raise InputError(f"{given}: not fetched within {timeout_s:g} s") from None
+            raise InputError(f"{given}: could not be fetched ({type(e).__name__}: {str(e)[:200]})") from None
+    raise InputError(f"{given}: more than {MAX_REDIRECTS} redirects")
 
 
 def encode_png(image: Image.Image, parameters: str | None = None) -> str:

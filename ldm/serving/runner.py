@@ -3,9 +3,10 @@ text-to-image rows together in one pass where they can share it, each row's imag
 `ldm serve` and `ldm batch` both run requests here.
 """
 
+import logging
 from collections.abc import Callable
 
-from ldm.errors import InputError, LdmError
+from ldm.errors import LdmError
 from ldm.pipelines.images import encode_png, fit_size
 from ldm.pipelines.prompts import extract_extra_networks
 from ldm.serving.limits import Limits
@@ -13,6 +14,7 @@ from ldm.serving.schema import (
     Request,
     RequestError,
     Row,
+    echo,
     error_object,
     generation_request,
     hires_too_large,
@@ -22,6 +24,8 @@ from ldm.serving.schema import (
     row_seed,
     too_many_pixels,
 )
+
+log = logging.getLogger("ldm.serving.runner")
 
 
 class Cancelled(Exception):
@@ -65,13 +69,20 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
                                          first.control_images), callbacks=[cancel_check])
     except LdmError as e:  # a bad value for this model, or a LoRA of the folder that does not fit it
         return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
+    except Cancelled:
+        raise
+    except Exception as e:  # a bug, or an input nothing above foresaw: these rows fail (logged), the others run
+        log.exception("rows %s failed", [row.position for row in rows])
+        return [error_object(row, RequestError(f"data[{row.position}]", f"internal error ({type(e).__name__}: "
+                                                                        f"{e}); the row could not run"))
+                for row in rows]
     n = p.num_images_per_prompt
 
     def notes(row: Row) -> dict:
         """What the client should know of its row (a plain prompt cut at 77 tokens): the notes that name its
-        prompt or the negative prompt."""
+        prompt or the negative prompt, each cut to 500 characters (the cut one repeats what was dropped)."""
         texts = [repr(t[:30]) for t in (row.prompt, negative) if t]
-        mine = [note for note in result.notes if any(t in note for t in texts)]
+        mine = [echo(note, 500) for note in result.notes if any(t in note for t in texts)]
         return {"notes": mine} if mine else {}
 
     return [{"prompt": rows[i // n].prompt, "generated_image": encode_png(image, text), "nsfw_content_detected": nsfw,
@@ -101,7 +112,7 @@ def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, bat
         tags, negative = extract_extra_networks(row.prompt)[1], negative_prompt(request, row)
         try:
             return pipe.chunk_count(row.prompt, request.prompt_syntax), tags, negative
-        except InputError:
+        except Exception:  # (an InputError, or worse)
             return -1, tags, negative  # runs alone, and reports its error
 
     group_kind = None

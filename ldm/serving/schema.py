@@ -21,17 +21,20 @@ cannot be read at all raises a `RequestError`, whose `as_dict()` is the error bo
 cards' older forms (one object holding lists) are `form="sd15"` / `form="sd14"`.
 """
 
+import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from PIL import Image
 
-from ldm.adapters.lora import find_lora
+from ldm.adapters.lora import MAX_WEIGHT, find_lora
 from ldm.choices import FORMS
 from ldm.errors import InputError, LdmError
 from ldm.loading.controlnets import find_controlnet
 from ldm.pipelines.images import decode_image, fit_size, image_from_bytes, is_url
+from ldm.pipelines.prompts import CHUNK_TOKENS, MAX_CHUNKS, extract_extra_networks
 from ldm.pipelines.request import IMAGE_PLACEHOLDER, MAX_SEED, Control, GenerationRequest, hires_size, random_seed
 from ldm.sampling.samplers import SAMPLERS
 from ldm.serving.limits import Limits
@@ -39,12 +42,28 @@ from ldm.serving.limits import Limits
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
            "mask": "mask", "mask_image": "mask", "control_image": "control_image"}
 NO_URLS = "image URLs are not fetched by this server (start it with --allow-image-urls to allow them)"
+SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: JSON lets "\ud800" through, UTF-8 has no such thing
+MAX_LABEL = 1000  # characters of an index label's JSON (it is echoed in its row's answer)
+# A prompt is refused above this many characters before it is tokenized (it was tokenized whole however long, and
+# repeated in the answer and in every PNG). ldm encodes at most MAX_CHUNKS chunks of 75 tokens (2,400 tokens); CLIP's
+# BPE reads English at 4-5 characters a token (so 32 full chunks are some 11,000 characters), and A1111's brackets and
+# weights, which are not tokens, add less than as much again: 10 a token leaves room for both. A prompt over it would
+# be over the 32 chunks (a1111) or cut at 77 tokens (plain) anyway.
+MAX_PROMPT_CHARS = 10 * MAX_CHUNKS * CHUNK_TOKENS
+
+
+def echo(text: str, limit: int = 200) -> str:
+    """User text as an answer may repeat it: a lone surrogate written out (`\ud800`, which UTF-8 cannot encode), and
+    at most `limit` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 class RequestError(InputError):
-    """A request ldm cannot run, naming the field at fault."""
+    """A request ldm cannot run, naming the field at fault (both as an answer may repeat them: `echo`)."""
 
     def __init__(self, field: str, message: str):
+        field, message = echo(field), echo(message, 2000)
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
 
@@ -121,11 +140,30 @@ class Request:
 # ------------------------------------------------------------------------------------- parameters
 
 
+def text(value: str, field: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """A text of the request, or the RequestError that names `field` for one that is not valid Unicode or is longer
+    than `max_chars` (a prompt's bound, `MAX_PROMPT_CHARS`)."""
+    if len(value) > max_chars:
+        why = f" (ldm encodes {MAX_CHUNKS} chunks of {CHUNK_TOKENS} tokens)" if max_chars == MAX_PROMPT_CHARS else ""
+        raise RequestError(field, f"{len(value)} characters; this server takes at most {max_chars}{why}")
+    if (bad := SURROGATE.search(value)) is not None:
+        raise RequestError(field, f"not valid Unicode: a lone surrogate ({echo(bad.group())}) at character "
+                                  f"{bad.start()}")
+    return value
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return False
+
+
 def _number(name: str, value, kind: type):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
-        isinstance(value, int) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value) if kind is float \
+        else isinstance(value, int) and not isinstance(value, bool)
     if not ok:
-        raise RequestError(f"parameters.{name}", f"expected {'a number' if kind is float else 'an integer'}, "
+        raise RequestError(f"parameters.{name}", f"expected {'a finite number' if kind is float else 'an integer'}, "
                                                  f"got {value!r}")
     return float(value) if kind is float else value
 
@@ -152,7 +190,7 @@ def _parameter_values(raw) -> dict:
         elif name in TEXT_PARAMETERS:
             if not isinstance(value, str):
                 raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
-            values[name] = value
+            values[name] = text(value, f"parameters.{name}", MAX_PROMPT_CHARS if name == "negative_prompt" else 200)
         else:
             values[name] = _number(name, value, float if name in REAL_PARAMETERS else int)
     return values
@@ -230,12 +268,13 @@ def parse_loras(value) -> tuple[tuple[str, float], ...]:
     for name, weight in pairs:
         try:
             weight = float(weight) if not isinstance(weight, bool) else math.nan
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             weight = math.nan
-        if not math.isfinite(weight):
-            raise RequestError("parameters.loras", f"{name}: the weight must be a finite number")
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            raise RequestError("parameters.loras", f"{name}: the weight must be a finite number from "
+                                                   f"{-MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
         try:
-            find_lora(str(name), allow_paths=False)
+            find_lora(str(name), allow_paths=False, show_folder=False)
         except InputError as e:
             raise RequestError("parameters.loras", str(e)) from None
         out.append((str(name), weight))
@@ -305,17 +344,25 @@ def _cells(value, columns: list[str], where: str) -> dict:
 
 def _image_cell(name: str, value, where: str, limits: Limits, fetch: Callable[[str], bytes] | None):
     """An image or mask cell as an image (None when absent): base64, a URL (with `fetch`), or already an image
-    (`ldm batch` hands over images read from files). It may decode to 4× the pixels a generation may have."""
+    (`ldm batch` hands over images read from files). Its size is read from its header and refused before it is
+    decoded: an image or mask over the server's pixels per image at the size it runs at (as `_check_images` counts
+    them), a control image (resized to the generation's size) over 4× as many."""
     if value is None or isinstance(value, Image.Image):
         return value
     if is_url(value) and fetch is None:
         raise RequestError(f"{where}.{name}", NO_URLS)
+
+    def refuse(width: int, height: int) -> str | None:
+        if name == "control_image" or (width - width % 8) * (height - height % 8) <= limits.max_pixels:
+            return None
+        return f"{width}x{height} is larger than this server's {limits.max_pixels} pixels per image; resize it first"
+
     try:
         if isinstance(value, InputError):
             raise value
         if is_url(value):
-            return image_from_bytes(fetch(value), name, 4 * limits.max_pixels, f"{value.strip()[:200]}")
-        return decode_image(value, name, max_pixels=4 * limits.max_pixels)
+            return image_from_bytes(fetch(value), name, 4 * limits.max_pixels, f"{value.strip()[:200]}", refuse)
+        return decode_image(value, name, 4 * limits.max_pixels, refuse)
     except InputError as e:
         raise RequestError(f"{where}.{name}", str(e).removeprefix(f"{name}: ")) from None
 
@@ -336,6 +383,24 @@ def _check_images(row: Row, where: str, limits: Limits) -> None:
             raise error
 
 
+def _check_lora_tags(prompt: str, field: str) -> None:
+    """The <lora:NAME:WEIGHT> tags of a prompt: each a LoRA of the server's folder, at a finite weight (checked here,
+    before the row is queued, as `parse_loras` checks the parameter)."""
+    for name, args in extract_extra_networks(prompt)[1]:
+        tag = f"<lora:{':'.join([name, *args])}>"
+        try:
+            weight = float(args[0]) if args else 1.0
+        except ValueError:
+            raise RequestError(field, f"{echo(tag, 100)}: the weight must be a number") from None
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+            raise RequestError(field, f"{echo(tag, 100)}: the weight must be a finite number from {-MAX_WEIGHT:g} to "
+                                      f"{MAX_WEIGHT:g}")
+        try:
+            find_lora(name, allow_paths=False, show_folder=False)
+        except InputError as e:
+            raise RequestError(field, str(e)) from None
+
+
 def _row(position: int, label, value, columns: list[str], limits: Limits,
          fetch: Callable[[str], bytes] | None = None) -> Row:
     """One row of `data` read and checked; what is wrong with it is its `error`."""
@@ -346,9 +411,13 @@ def _row(position: int, label, value, columns: list[str], limits: Limits,
         row.prompt = cells.get("prompt")
         if not isinstance(row.prompt, str):
             raise RequestError(f"{where}.prompt", "missing, or not a string")
+        text(row.prompt, f"{where}.prompt")
+        _check_lora_tags(row.prompt, f"{where}.prompt")
         row.negative_prompt = cells.get("negative_prompt")
         if row.negative_prompt is not None and not isinstance(row.negative_prompt, str):
             raise RequestError(f"{where}.negative_prompt", "not a string")
+        if row.negative_prompt is not None:
+            text(row.negative_prompt, f"{where}.negative_prompt")
         row.image = _image_cell("image", cells.get("image"), where, limits, fetch)
         row.mask = _image_cell("mask", cells.get("mask"), where, limits, fetch)
         control = cells.get("control_image")
@@ -407,11 +476,45 @@ def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: st
     index = data_in.get("index") or []
     if not isinstance(index, list):
         raise RequestError("input_data.index", "expected a list of row labels")
+    for i, label in enumerate(index[:len(data)]):  # each is repeated in its row's answer: it must be one's JSON
+        try:
+            echoed = json.dumps(label, allow_nan=False, ensure_ascii=False).encode()
+        except ValueError as e:  # NaN or infinity (not JSON numbers), a lone surrogate
+            what = "a lone surrogate" if isinstance(e, UnicodeError) else "NaN or infinity, which JSON has not"
+            raise RequestError(f"input_data.index[{i}]", f"not a label an answer can hold ({what})") from None
+        if len(echoed) > MAX_LABEL:
+            raise RequestError(f"input_data.index[{i}]", f"{len(echoed)} bytes; a label has at most {MAX_LABEL}")
     # parameters sit inside input_data in the cards; accept them beside it too
     parameters = parse_parameters(data_in.get("parameters", body.get("parameters")), limits)
     rows = [_row(i, index[i] if i < len(index) else i, value, columns, limits, fetch) for i, value in enumerate(data)]
+    for row in rows if parameters.strength is not None else []:
+        if row.error is None and row.image is None:
+            row.error = RequestError(f"data[{row.position}].image", "missing: with parameters.strength "
+                                                                    "(image-to-image, inpainting) each row needs one")
     seed = parameters.seed if parameters.seed is not None else random_seed()
     return Request(rows, parameters, seed, limits, form, parameters.prompt_syntax or prompt_syntax)
+
+
+def image_urls(body, limits: Limits) -> list[str]:
+    """The URL cells of a request body's images, masks and control images, for a server to fetch before it parses
+    the body (`parse`'s `fetch` hands them over): at most four a row of `limits.max_rows` (the others are not fetched,
+    their rows' errors), none where the body is not a request (`parse` then says why)."""
+    try:
+        columns, data = _columns(body["input_data"]), body["input_data"]["data"]
+    except (RequestError, KeyError, TypeError):
+        return []
+    if not isinstance(data, list) or len(data) > limits.max_rows:
+        return []
+    urls = []
+    for position, value in enumerate(data):
+        try:
+            cells = _cells(value, columns, f"data[{position}]")
+        except RequestError:
+            continue
+        for name in ("image", "mask", "control_image"):
+            cell = cells.get(name)
+            urls += [c for c in (cell if isinstance(cell, list) else [cell]) if is_url(c) and c not in urls]
+    return urls[:4 * limits.max_rows]
 
 
 def row_seed(request: Request, row: Row) -> int:
@@ -427,7 +530,8 @@ def negative_prompt(request: Request, row: Row) -> str | None:
 
 
 def error_object(row: Row, error: RequestError) -> dict:
-    return {"prompt": row.prompt, "index": row.label, "error": {"field": error.field, "message": error.message}}
+    prompt = echo(row.prompt, 1000) if isinstance(row.prompt, str) else None  # (not a string: not repeated)
+    return {"prompt": prompt, "index": row.label, "error": {"field": error.field, "message": error.message}}
 
 
 def respond(objects: list[dict], form: str = "rows"):
