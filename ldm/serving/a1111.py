@@ -339,12 +339,18 @@ def listing(pipe, model_name: str) -> dict:
 
 
 def add_routes(app, submit, pipe_of, model_name: str, progress: Progress) -> None:
-    """The /sdapi/v1 routes on `app` (FastAPI). `submit(http, work)` queues `work(pipe)` on the server's worker and
-    returns its result (or the server's refusal, as a response); `pipe_of()` is the loaded pipeline or None."""
+    """The /sdapi/v1 routes on `app` (FastAPI), and the page at `/`. `submit(http, work)` queues `work(pipe,
+    cancelled)` on the server's worker and returns its result (or the server's refusal, as a response);
+    `pipe_of()` is the loaded pipeline or None."""
+    add_generation_routes(app, submit, model_name, progress)
+    add_state_routes(app, pipe_of, model_name, progress)
+    add_page(app)
+
+
+def add_generation_routes(app, submit, model_name: str, progress: Progress) -> None:
+    """`txt2img` and `img2img`: a body queued as one job on the server's worker."""
     from fastapi import HTTPException
     from fastapi import Request as HttpRequest
-
-    options: dict = {"sd_model_checkpoint": model_name, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
 
     async def generate(http, body: Txt2Img, image=None, mask=None):
         if body.override_settings.get("sd_model_checkpoint", model_name) not in (model_name, None):
@@ -389,6 +395,13 @@ def add_routes(app, submit, pipe_of, model_name: str, progress: Progress) -> Non
         if body.include_init_images and not isinstance(result, ApiError):
             result["images"] = result["images"] + list(body.init_images)
         return result
+
+
+def add_state_routes(app, pipe_of, model_name: str, progress: Progress) -> None:
+    """What the server holds and does: the lists, options, progress, interrupt and skip, png-info."""
+    from fastapi import HTTPException
+
+    options: dict = {"sd_model_checkpoint": model_name, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
 
     def listed(key: str):
         return listing(pipe_of(), model_name)[key]
@@ -440,6 +453,9 @@ def add_routes(app, submit, pipe_of, model_name: str, progress: Progress) -> Non
         return {"info": text, "items": {"parameters": text},
                 "parameters": {"Prompt": prompt, "Negative prompt": negative} | params}
 
+
+def add_page(app) -> None:
+    """The page at `/`."""
     from fastapi.responses import HTMLResponse
 
     page = resources.files("ldm.serving").joinpath("page.html").read_text(encoding="utf-8")
