@@ -116,6 +116,12 @@ def loras_dir() -> Path:
     return weights_dir() / "loras"
 
 
+def lora_names() -> list[str]:
+    """The LoRAs the LoRA folder holds, by name (their files' stems), sorted."""
+    folder = loras_dir()
+    return sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
@@ -148,7 +154,7 @@ def find_lora(name: str, allow_paths: bool = True, show_folder: bool = True) -> 
             return candidate
     if not show_folder:
         raise InputError(f"LoRA {shown}: not in the LoRA folder")
-    there = sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    there = lora_names()
     listing = f"it holds {', '.join(there)}" if there else "it holds no .safetensors files"
     where = "no such file, and not " if allow_paths else "not "
     raise InputError(f"LoRA {shown}: {where}in {folder} ({listing})")

@@ -317,10 +317,10 @@ def info_of(pipe, body: Txt2Img, seeds: list[int], texts: list[str]) -> dict:
 
 def listing(pipe, model_name: str) -> dict:
     """What the GET routes list: the model (A1111's `title` is "name [hash10]"), samplers, upscalers, LoRAs."""
-    from ldm.adapters.lora import loras_dir
+    from ldm.adapters.lora import lora_names
 
     name = model_name
-    loras = sorted(p.stem for p in loras_dir().glob("*.safetensors")) if loras_dir().is_dir() else []
+    loras = lora_names()
     return {
         "sd-models": [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name,
                        "config": None}],
