@@ -27,7 +27,11 @@ The configurations, each run as `python bench_few_step.py --run IMPL MODEL` in a
 - ldm-fast: the fastest path without compile, `ldm.speed.accelerate.accelerate(pipe, compile=False)` on top
   (fused attention projections, channels_last UNet and VAE, Winograd 3×3 convolutions of 256–640 channels,
   filters precomputed); the command line has no flag for it on the CPU (only `--compile`);
-- diffusers: `AutoPipelineForText2Image.from_pretrained(folder, vae=AutoencoderTiny.from_pretrained(taesd))`.
+- diffusers: `AutoPipelineForText2Image.from_pretrained(folder, vae=AutoencoderTiny.from_pretrained(taesd))`;
+- ldm-bf16 / diffusers-bf16: the same two in bfloat16 (`RunSettings(dtype="bf16")`, what `--dtype bf16` builds;
+  diffusers' `torch_dtype=torch.bfloat16`), for CPUs with native bf16 arithmetic (AVX-512 BF16, AMX): bf16 against
+  bf16 is the same-precision ratio, ldm-bf16 against diffusers' fp32 default what a user gains by the flag. Their
+  images are compared with diffusers-bf16's.
 
 Each process sets `torch.set_num_threads(2)`, generates once (process start → first image: from the kernel's start
 time of the process, /proc/self/stat, so the interpreter's start and every import count), then `--repeats` more
@@ -63,7 +67,7 @@ except OSError:
 HERE = Path(__file__).resolve().parent
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 512
-IMPLS = ("ldm", "ldm-fast", "diffusers")
+IMPLS = ("ldm", "ldm-fast", "diffusers", "ldm-bf16", "diffusers-bf16")
 # the model card's settings: (steps, guidance)
 RUNS = {"turbo": (1, 0.0), "lcm": (4, 8.5)}
 
@@ -236,10 +240,10 @@ class Parts:
         self.times, self.calls = {}, {}
 
 
-def load_ldm(folder: Path, taesd: Path, fast: bool):
+def load_ldm(folder: Path, taesd: Path, fast: bool, dtype: str = "fp32"):
     from ldm.pipelines.setup import RunSettings, prepare_pipeline
 
-    pipe = prepare_pipeline(RunSettings(str(folder), device="cpu", vae=str(taesd), safety_checker=False))
+    pipe = prepare_pipeline(RunSettings(str(folder), device="cpu", dtype=dtype, vae=str(taesd), safety_checker=False))
     if fast:
         from ldm.speed.accelerate import accelerate
 
@@ -255,7 +259,7 @@ def run_one(impl: str, model: str, root: Path, repeats: int) -> dict:
     folder, taesd = root / model, root / "taesd"
     parts = Parts()
     if impl.startswith("ldm"):
-        pipe = load_ldm(folder, taesd, impl == "ldm-fast")
+        pipe = load_ldm(folder, taesd, impl == "ldm-fast", "bf16" if impl.endswith("bf16") else "fp32")
         loaded = since_process_start()
         pipe.encode = parts.wrap("text_encode", pipe.encode)
         pipe.vae.decode = parts.wrap("decode", pipe.vae.decode)
@@ -267,8 +271,9 @@ def run_one(impl: str, model: str, root: Path, repeats: int) -> dict:
     else:
         from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
-        vae = AutoencoderTiny.from_pretrained(taesd)
-        pipe = AutoPipelineForText2Image.from_pretrained(folder, vae=vae)
+        dtype = torch.bfloat16 if impl.endswith("bf16") else torch.float32
+        vae = AutoencoderTiny.from_pretrained(taesd, torch_dtype=dtype)
+        pipe = AutoPipelineForText2Image.from_pretrained(folder, vae=vae, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         loaded = since_process_start()
         pipe.encode_prompt = parts.wrap("text_encode", pipe.encode_prompt)
@@ -390,13 +395,15 @@ METRICS = [("load_s", "start → pipeline loaded (s)"), ("first_image_s", "start
 def table(rows: list[dict]) -> str:
     by = {r["impl"]: r for r in rows}
     impls = [i for i in IMPLS if i in by]
-    ratios = [i for i in impls if i != "diffusers"] if "diffusers" in by else []
-    header = impls + [f"{i} / diffusers" for i in ratios]
+    pairs = [(i, "diffusers") for i in impls if i != "diffusers" and "diffusers" in by]
+    if {"ldm-bf16", "diffusers-bf16"} <= by.keys():
+        pairs.append(("ldm-bf16", "diffusers-bf16"))
+    header = impls + [f"{a} / {b}" for a, b in pairs]
     lines = ["| metric | " + " | ".join(header) + " |", "|---" * (1 + len(header)) + "|"]
     for key, label in METRICS:
         cells = [f"{by[i][key]:.3f}" if by[i].get(key) is not None else "-" for i in impls]
-        for i in ratios:
-            a, b = by[i].get(key), by["diffusers"].get(key)
+        for i, reference in pairs:
+            a, b = by[i].get(key), by[reference].get(key)
             cells.append(f"{a / b:.2f}" if a is not None and b and not key.startswith(("others", "rest")) else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -411,7 +418,8 @@ def pixel_difference(root: Path, model: str, impl: str) -> int | None:
     import numpy as np
     from PIL import Image
 
-    a, b = root / f"{model}-{impl}.png", root / f"{model}-diffusers.png"
+    reference = "diffusers-bf16" if impl.endswith("bf16") else "diffusers"
+    a, b = root / f"{model}-{impl}.png", root / f"{model}-{reference}.png"
     if not (a.is_file() and b.is_file()):
         return None
     return int(np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16)).max())
@@ -484,8 +492,8 @@ def main() -> None:
               + "; ".join(f"{r['impl']} {r['sampler']}" for r in rows)
               + ("" if args.rounds == 1 else "; rounds shown: " + ", ".join(f"{r['impl']} {r['round']}" for r in rows)))
         print(table(rows))
-        diffs = {i: pixel_difference(args.cache, model, i) for i in IMPLS if i != "diffusers"}
-        print("first image vs diffusers', max pixel difference: "
+        diffs = {i: pixel_difference(args.cache, model, i) for i in IMPLS if not i.startswith("diffusers")}
+        print("first image vs diffusers' (bf16 vs bf16), max pixel difference: "
               + ", ".join(f"{i} {d}" for i, d in diffs.items() if d is not None))
         print("before each: cores busy (5 s), load average (1 min) before/after: "
               + ", ".join(f"{r['impl']} {r['busy_before']:.2f}, {r['load_avg_before']:.2f}/{r['load_avg_after']:.2f}"

@@ -63,6 +63,21 @@ def test_decode_and_encode_equal_autoencoder_tiny(taesd, layout):
         assert ours.sample(latents, None, g) is latents  # deterministic: no draw
 
 
+def test_taesd_runs_channels_last_on_the_cpu(taesd):
+    """The layout chosen for the CPU (`ldm.loading.tiny_vae`): every convolution's weight NHWC, the decode's output
+    NHWC, the numbers those of diffusers' NCHW module."""
+    reference, root = taesd
+    ours = load_tiny_vae(root / "taesd", SPECS["sd1"], torch.device("cpu"), torch.float32)
+    convolutions = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions
+                                if m.kernel_size != (1, 1))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        decoded = ours.decode(z)
+        assert decoded.is_contiguous(memory_format=torch.channels_last)
+        assert max_rel_err(decoded, reference.decode(z).sample) < 1e-6
+
+
 def test_a_lone_decoder_file_cannot_encode(taesd, tmp_path):
     _, root = taesd
     lone = tmp_path / "taesd_decoder.safetensors"
