@@ -35,6 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: fp16 on CUDA, fp32 on the CPU")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats of each part (default: %(default)s)")
     bench.add_argument("--no-diffusers", action="store_true", help="time ldm only")
+    bench.add_argument("--check-gpu", action="store_true",
+                       help="the GPU path's self-check (ldm.tools.check_gpu): graph vs eager, fused vs unfused under "
+                            "each SDPA backend at full model shapes, step time by layout, samplers, graph memory, a "
+                            "forced out-of-memory capture, the refiner hand-off; each part under its own timeout, each "
+                            "result printed as it exists. With --device cpu: a dry run at small shapes")
     return bench
 
 
@@ -46,6 +51,8 @@ def run(args: argparse.Namespace) -> None:
     from ldm.tools.bench import bench, table
 
     device = resolve_device(args.device)
+    if args.check_gpu:
+        return check_gpu(device)
     dtype = dtype_name(resolve_dtype(args.dtype, device))
     size = args.size or (512 if device.type == "cuda" else 256)
     with_diffusers = not args.no_diffusers and importlib.util.find_spec("diffusers") is not None
@@ -63,6 +70,23 @@ def run(args: argparse.Namespace) -> None:
     print(f"{args.model or args.arch + ' (random weights)'}{weights(rows)}, {size}x{size}, {args.steps} steps "
           f"{args.sampler}, {dtype}, {machine(device, with_diffusers)}")
     print(table(rows))
+
+
+def check_gpu(device) -> int:
+    """`--check-gpu`: every part's results as JSON lines on stdout as they come, then one line: how many failed."""
+    import torch
+
+    from ldm.tools.check_gpu import check_gpu as run_checks
+
+    if device.type != "cuda":  # the dry run's toy shapes: one thread is plenty, and never waits for a busy core
+        torch.set_num_threads(1)
+    print(f"# ldm bench --check-gpu on {machine(device, False)}" + (" (dry run)" if device.type != "cuda" else ""),
+          flush=True)
+    results = run_checks(device.type if device.type != "cuda" else str(device), log=lambda m: print(m, flush=True))
+    failed = [r for r in results if "error" in r or r.get("ok") is False]
+    print(f"# {len(results)} results, {len(failed)} failed" + (": " + ", ".join(sorted({r['part'] for r in failed}))
+                                                              if failed else ""), flush=True)
+    return 1 if failed else 0
 
 
 def weights(rows: list[dict]) -> str:

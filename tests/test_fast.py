@@ -243,3 +243,24 @@ def test_bench_runs_sdxl_in_half_precision(sdxl_folder):
     for impl in ("ldm", "diffusers"):
         row = run_one(impl, str(sdxl_folder), 64, 2, "euler", "eager", "cpu", "fp16", 1)
         assert row["vae_decode_s"] > 0 and row["unet_step_gpu_s"] is None, row
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_channels_last_stays_through_the_spatial_transformer(linear):
+    """A channels_last input comes out channels_last (issue 33: the `.contiguous()` after the blocks copied it
+    back to NCHW, and the next convolution copied it forward again), with the NCHW path's values."""
+    from ldm.networks.unet import SpatialTransformer
+
+    torch.manual_seed(0)
+    block = SpatialTransformer(64, 2, 1, 16, linear, upcast=False).eval()
+    x, context = torch.randn(2, 64, 6, 5), torch.randn(2, 7, 16)
+    fed = []
+    block.proj_out.register_forward_pre_hook(lambda _module, args: fed.append(args[0]))
+    with torch.no_grad():
+        expected = block(x, context)
+        block.to(memory_format=torch.channels_last)
+        actual = block(x.contiguous(memory_format=torch.channels_last), context)
+    assert actual.is_contiguous(memory_format=torch.channels_last) and not actual.is_contiguous()
+    if not linear:  # the 1×1 convolution after the blocks reads channels_last
+        assert fed[-1].is_contiguous(memory_format=torch.channels_last)
+    assert max_rel_err(actual, expected) < 1e-5

@@ -2,13 +2,16 @@
 captures, outputs) driven on the CPU with a stand-in for the graph, the pass-through off CUDA, and on CUDA
 (`gpu`) the real graphs against the eager network."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from ldm.networks import attention
 from ldm.pipelines.stable_diffusion import StableDiffusion
-from ldm.speed.accelerate import CUDAGraphs, TensorTimestep, accelerate, layout
+from ldm.speed import accelerate as speed
+from ldm.speed.accelerate import CaptureError, CUDAGraphs, TensorTimestep, accelerate, layout, static_inputs
 
 PROMPT = "a small house by a lake"
 
@@ -39,8 +42,9 @@ class FakeCapture:
     def __init__(self):
         self.count = 0
 
-    def __call__(self, run):
+    def __call__(self, run, pool=None):
         self.count += 1
+        self.pools = getattr(self, "pools", []) + [pool]
         output = run()
 
         def replay():
@@ -123,8 +127,8 @@ def test_non_tensor_arguments_are_baked_in_and_keyed():
 
 
 def test_a_failed_capture_warns_and_runs_eagerly_from_then_on():
-    def refuse(run):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def refuse(run, pool=None):
+        raise CaptureError("operation not permitted when stream is capturing")
 
     run = CUDAGraphs(unet_like, capture=refuse, device_type="cpu")
     x, context = inputs()
@@ -235,3 +239,145 @@ def test_cuda_graph_of_the_compiled_unet_matches_eager(sd1_folder):
     for kwargs in ({}, {"sampler": "dpmpp_2m", "seed": 2}):
         assert np.abs(image(compiled, **kwargs) - image(eager, **kwargs)).max() <= 2, kwargs
     assert compiled.unet.graphs.captures == 1
+
+
+# ------------------------------------------------- a capture that fails (issue 33, item 4), with stand-ins
+
+
+def test_an_out_of_memory_capture_runs_that_call_eagerly_and_captures_again(monkeypatch):
+    """A large (hires) layout that does not fit: the graphs dropped, the cache emptied, this call eager, the
+    runner not marked failed, and the next call captures again."""
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    fake = FakeCapture()
+
+    def capture(run, pool=None):
+        if fake.count == 1:  # the second layout runs out of memory
+            fake.count += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fake(run, pool)
+
+    run = CUDAGraphs(unet_like, capture=capture, device_type="cpu")
+    small, large = inputs(size=4), inputs(size=16)
+    run(small[0], 1.0, context=small[1])
+    out = run(large[0], 2.0, context=large[1])
+    assert torch.equal(out, unet_like(large[0], torch.tensor([2.0]), large[1]))
+    assert emptied and run.failed is None and not run.graphs
+    run(large[0], 2.0, context=large[1])
+    assert fake.count == 3 and len(run.graphs) == 1  # captured again, and kept
+
+
+def test_an_error_of_the_network_propagates_and_does_not_disable_graphs():
+    def broken(x, t, context):
+        raise ValueError("context has the wrong width")
+
+    run = graphs(broken)
+    x, context = inputs()
+    with pytest.raises(ValueError, match="wrong width"):
+        run(x, 1.0, context=context)
+    assert run.failed is None
+
+
+def test_cpu_resident_t_and_time_ids_become_device_buffers():
+    """A diffusers-style caller's CPU t and time_ids, with the latents elsewhere (meta stands in for CUDA): the
+    static buffers are on the latents' device, so the capture makes no host↔device copy."""
+    x = torch.empty(2, 4, 8, 8, device="meta").to(memory_format=torch.channels_last)
+    static = static_inputs(x, torch.tensor([500.0]), {"time_ids": torch.zeros(2, 6), "context": torch.ones(2, 7, 8)})
+    assert {v.device.type for v in static.values()} == {"meta"}
+    assert static["x"].is_contiguous(memory_format=torch.channels_last)  # the same strides
+
+
+def test_the_graphs_share_one_pool_until_reset(monkeypatch):
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", next(handles)))
+    fake = FakeCapture()
+    run = CUDAGraphs(unet_like, capture=fake, device_type="cuda")  # called directly with CPU tensors
+    for size in (4, 6, 8):
+        x, context = inputs(size=size)
+        run(x, 1.0, context=context)
+    assert fake.pools == [("pool", 0)] * 3
+    run.reset()
+    run(x, 1.0, context=context)
+    assert fake.pools[-1] == ("pool", 1)
+
+
+class FakeCuda:
+    """The parts of `torch.cuda` that `capture_cuda_graph` calls, recording the current stream and the capture's
+    arguments; `fail` says what the capture (not the warm-up) raises, and from where."""
+
+    def __init__(self, monkeypatch, fail: str, error: Exception):
+        self.current, self.begun, self.fail, self.error, self.warmups = "caller", {}, fail, error, 0
+        cuda = self
+
+        class Stream(str):
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def capture_begin(self, **kwargs):
+                cuda.begun = kwargs
+
+            def capture_end(self):
+                if cuda.fail == "capture_end":
+                    raise cuda.error
+
+            def replay(self):
+                pass
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, cuda.current = cuda.current, s
+            yield
+            cuda.current = before
+
+        for name, value in {"Stream": lambda: Stream("side"), "current_stream": lambda: Stream(self.current),
+                            "set_stream": lambda s: setattr(self, "current", s), "stream": stream,
+                            "synchronize": lambda: None, "CUDAGraph": Graph}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def run(self):
+        if self.current == "side" and self.begun:
+            if self.fail == "run":
+                raise self.error
+        else:
+            self.warmups += 1
+        return torch.zeros(1)
+
+
+@pytest.mark.parametrize("fail, error, raised", [
+    ("capture_end", RuntimeError("CUDA error: operation not permitted when stream is capturing"), CaptureError),
+    ("run", RuntimeError("CUDA error: operation failed due to a previous error during capture"), CaptureError),
+    ("run", torch.OutOfMemoryError("CUDA out of memory"), torch.OutOfMemoryError),
+])
+def test_a_failing_capture_restores_the_callers_stream(monkeypatch, fail, error, raised):
+    cuda = FakeCuda(monkeypatch, fail, error)
+    with pytest.raises(raised):
+        speed.capture_cuda_graph(cuda.run, pool="shared")
+    assert cuda.current == "caller" and cuda.warmups == speed.WARMUP_CALLS
+    assert cuda.begun == {"pool": "shared", "capture_error_mode": "thread_local"}  # other threads may use CUDA
+
+
+def test_a_capture_that_succeeds_returns_its_replay_and_output(monkeypatch):
+    cuda = FakeCuda(monkeypatch, "", RuntimeError())
+    replay, output = speed.capture_cuda_graph(cuda.run)
+    assert cuda.current == "caller" and torch.equal(output, torch.zeros(1)) and callable(replay)
+
+
+def test_layout_keys_on_the_kernel_settings_and_autocast(monkeypatch):
+    """TF32, cuDNN's flags, the SDPA backends and autocast choose the kernels a graph holds: a change captures anew."""
+    x, context = inputs()
+    base = layout(x, 1.0, {"context": context})
+    matmul = torch.backends.cuda.matmul  # a module of properties: set and put back by hand
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = not before
+        tf32 = layout(x, 1.0, {"context": context})
+    finally:
+        matmul.allow_tf32 = before
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not torch.backends.cudnn.benchmark)
+    benchmark = layout(x, 1.0, {"context": context})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = layout(x, 1.0, {"context": context})
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        math_only = layout(x, 1.0, {"context": context})
+    assert len({base, tf32, benchmark, autocast, math_only}) == 5

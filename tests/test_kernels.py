@@ -27,6 +27,17 @@ SCRIPT = textwrap.dedent("""
             assert err < 1e-5, (shape, layout, err.item())
             assert y.is_contiguous(memory_format=layout)
             checked += 1
+    # channels_last takes the tiled path (partial statistics over pixel blocks, then tiles of contiguous rows)
+    import ldm_kernels.group_norm_silu as module
+    calls, tiled = [], module._nhwc
+    module._nhwc = lambda *args: calls.append(args[0].shape) or tiled(*args)
+    x = torch.randn(2, 96, 40, 30).contiguous(memory_format=torch.channels_last) * 2 - 3  # many pixel blocks
+    w, b = torch.randn(96), torch.randn(96)
+    y = group_norm_silu(x, w, b, 32, 1e-6)
+    module._nhwc = tiled
+    expected = reference(x.contiguous(), w, b, 32, 1e-6)
+    assert calls == [x.shape] and ((y - expected).abs().max() / expected.abs().max()) < 1e-5
+    assert y.is_contiguous(memory_format=torch.channels_last)
     half = torch.randn(2, 64, 8, 8).half()
     ones, zeros = torch.ones(64, dtype=torch.half), torch.zeros(64, dtype=torch.half)
     y = group_norm_silu(half, ones, zeros, 32, 1e-5)

@@ -16,7 +16,8 @@ are not traced into `torch.compile`d graphs: observe an uncompiled model. How to
   77·k; no mask;
 - UNet self-attention (`attn1`), VAE mid-block attention (heads=1), the safety checker's vision tower:
   q and k equally long; no mask;
-- CLIP text towers: self-attention with a causal mask.
+- CLIP text towers: self-attention with a causal mask (`causal=True`: with the reference backend and no observer,
+  SDPA's own causal kernel, which lets flash attention run; else the additive mask it stands for, built here).
 
 `ldm.hooks.attention_maps.AttentionMaps` is the observer that records the cross-attention maps.
 """
@@ -55,18 +56,30 @@ def remove_attention_observer(fn: Observer) -> None:
     _observers.remove(fn)
 
 
+def causal_mask(q: Tensor, k: Tensor) -> Tensor:
+    """The additive mask of causal attention: −inf above the diagonal (query i sees keys 0…i)."""
+    return torch.full((q.shape[-2], k.shape[-2]), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None,
-              upcast: bool = False) -> Tensor:
+              upcast: bool = False, causal: bool = False) -> Tensor:
     """Multi-head attention over (batch, tokens, heads*head_dim) projections.
 
     `upcast` computes the attention in float32 when the inputs are half precision (SD 2.x sets
     `upcast_attention`: its scores overflow fp16). `mask` is additive, broadcast to (batch, heads, q, k).
+    `causal` (no `mask` then): SDPA's `is_causal` on the reference path; backends and observers get the additive
+    mask it stands for (`causal_mask`), so what they receive is unchanged.
     """
     dtype = q.dtype
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
         mask = None if mask is None else mask.float()
+    if causal and not _observers and _backend is sdpa:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).flatten(2).to(dtype)
+    if causal:
+        mask = causal_mask(q, k)
     if _observers:
         for observe in _observers:
             observe(q, k, v, mask)

@@ -315,7 +315,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.linear:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        # contiguous in the input's memory format: channels_last stays so (no copy), as `accelerate` lays it out
+        nhwc = residual.is_contiguous(memory_format=torch.channels_last)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(
+            memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         if not self.linear:
             x = self.proj_out(x)
         return x + residual

@@ -6,11 +6,14 @@
 
 The base stops at `start` (a request's `refiner_start` overrides it) and hands its σ-space latents to the
 refiner, which finishes the same schedule with the same generators: diffusers' `denoising_end` /
-`denoising_start` rule, image for image. Only one of the two models sits on the accelerator at a time: the one
-that waits is parked on the CPU. The infotext names the base as Model and the refiner as Refiner, as A1111
-does. Besides the call, it has the part of a pipeline's surface that its users read (the command line, the
-server, attention maps, offload): its name, device and dtype, both models' networks, and what the base decides
-(native size, VAE scale, prompt chunks and text towers, embeddings, notes, LoRAs).
+`denoising_start` rule, image for image. On an accelerator both models stay resident when its free memory holds
+the refiner with room for a run (`RESIDENT_HEADROOM`; an H100/H200 holds both), and the refiner is accelerated
+like the base (fused projections, channels_last, its own CUDA graph); only under memory pressure does the model
+that waits go to the CPU, each hand-off then moving both across the bus (and the moved base capturing its graphs
+again). A note says which was chosen (`placement`). The infotext names the base as Model and the refiner as
+Refiner, as A1111 does. Besides the call, it has the part of a pipeline's surface that its users read (the
+command line, the server, attention maps, offload): its name, device and dtype, both models' networks, and what
+the base decides (native size, VAE scale, prompt chunks and text towers, embeddings, notes, LoRAs).
 """
 
 from collections.abc import Sequence
@@ -22,9 +25,35 @@ from ldm.errors import InputError
 from ldm.pipelines.request import GenerationRequest, checked, derived, random_seed
 from ldm.pipelines.stable_diffusion import Generation, Generators, StableDiffusion
 from ldm.sampling.samplers import StepCallback
+from ldm.speed.accelerate import accelerate, speed_wrapper
+from ldm.speed.offload import tensors
+from ldm.speed.tiling import free_bytes
 
 DEFAULT_START = 0.8  # the SDXL model card's and diffusers' example
 BASE_IDENTITY = ("Model hash", "Model", "VAE", "Tiling", "Lora hashes")  # the base's, in the infotext (`identity`)
+# Free memory kept beyond the refiner's weights for both to stay resident: a 1024² SDXL run's UNet activations
+# (batch 2, fp16: about 2 GiB) and its fp32 VAE decode (`ldm.speed.tiling`'s estimate: 4 GiB), with room to spare.
+RESIDENT_HEADROOM = 8 * 2**30
+
+
+def weight_bytes(pipe: StableDiffusion) -> int:
+    """The bytes of a pipeline's weights (every network's parameters and buffers)."""
+    return sum(t.numel() * t.element_size() for network in pipe.networks().values() for t in tensors(network))
+
+
+def weights_device(pipe: StableDiffusion) -> torch.device:
+    """Where a pipeline's UNet weights are (the CPU, before an offload moves them in for each run)."""
+    return next(pipe.networks()["unet"].parameters()).device
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """`cuda` (the current device, as `--device auto` gives it) and `cuda:0` are the same device here."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def keeps_both(refiner_bytes: int, free: int, headroom: int = RESIDENT_HEADROOM) -> bool:
+    """Whether the refiner joins the base on the accelerator: its weights and `headroom` fit in `free`."""
+    return free >= refiner_bytes + headroom
 
 
 def check_hand_off(base: StableDiffusion, refiner: StableDiffusion, start: float) -> None:
@@ -45,9 +74,9 @@ class BaseWithRefiner:
     def __init__(self, base: StableDiffusion, refiner: StableDiffusion, start: float = DEFAULT_START):
         check_hand_off(base, refiner, start)
         self.base, self.refiner, self.start = base, refiner, start
-        self._device = base.device  # where the running model sits; the waiting one is parked on the CPU
-        if refiner.device != torch.device("cpu") and self._device.type != "cpu":
-            refiner.to("cpu")
+        self._device = base.device  # where the running model sits (both, when `resident`)
+        self.resident, self.placement = False, None  # placement: the note that says which was chosen
+        self._place()
 
     # ------------------------------------------------------------------------------ the surface
 
@@ -57,7 +86,8 @@ class BaseWithRefiner:
 
     @property
     def device(self) -> torch.device:
-        """Where the running model computes (the waiting one is parked on the CPU, unless offloaded)."""
+        """Where the running model computes (both, when `resident`; else the waiting one is parked on the CPU,
+        unless offloaded)."""
         return self._device
 
     @device.setter
@@ -126,22 +156,55 @@ class BaseWithRefiner:
         return running.decode(latents)
 
     def to(self, device: torch.device | str) -> "BaseWithRefiner":
-        """Move to `device`: on the CPU both models; elsewhere the base (the refiner waits on the CPU)."""
+        """Move to `device`: on the CPU both models; elsewhere the base, and the refiner too where both fit
+        (`_place`)."""
         self._device = torch.device(device)
         if self._device.type == "cpu":
             self.base.to("cpu")
             self.refiner.to("cpu")
         else:
-            self._on_device(self.base)
+            self.base.to(self._device)
+        self._place()
         return self
 
+    def _place(self) -> None:
+        """On an accelerator the base's weights are on (not a CPU run, not an offload to come): both models
+        resident when the free memory holds the refiner and `RESIDENT_HEADROOM`, else the refiner parked on the
+        CPU until its turn. The choice is a note (`placement`, in every result's notes)."""
+        self.base.notes[:] = [n for n in self.base.notes if n != self.placement]
+        self.resident, self.placement = False, None
+        if self._device.type == "cpu" or not same_device(weights_device(self.base), self._device):
+            return
+        need = 0 if same_device(weights_device(self.refiner), self._device) else weight_bytes(self.refiner)
+        free = free_bytes(self._device)
+        self.resident = keeps_both(need, free)
+        gib = f"{free / 2**30:.1f} GiB free on {self._device}, the refiner's weights {need / 2**30:.1f} GiB"
+        if self.resident:
+            self._to_device(self.refiner)
+            note = f"refiner: both models resident ({gib} + {RESIDENT_HEADROOM / 2**30:.0f} GiB for the run)"
+        else:
+            self.refiner.to("cpu")
+            note = (f"refiner: parked on the CPU between turns, each hand-off moving both models ({gib}: less than "
+                    f"{RESIDENT_HEADROOM / 2**30:.0f} GiB would be left for the run)")
+        self.base.notes.append(note)
+        self.placement = note
+
+    def _to_device(self, pipe: StableDiffusion) -> None:
+        """`pipe` to the accelerator; the refiner accelerated there as the base was, the first time (fused
+        projections, channels_last, the CUDA graph when the base has one; not compiled)."""
+        pipe.to(self._device)
+        base_speed = speed_wrapper(self.base.networks()["unet"])
+        if pipe is self.refiner and base_speed is not None and speed_wrapper(pipe.networks()["unet"]) is None:
+            accelerate(pipe, compile=False, cuda_graph=base_speed.graphs is not None)
+
     def _on_device(self, pipe: StableDiffusion) -> None:
-        """Park the other model on the CPU and bring `pipe` to the accelerator (nothing moves on a CPU run)."""
+        """Bring `pipe` to the accelerator, parking the other model on the CPU unless both are resident (nothing
+        moves on a CPU run)."""
         if self.device.type == "cpu" or pipe.device == self.device:
             return
-        other = self.refiner if pipe is self.base else self.base
-        other.to("cpu")
-        pipe.to(self.device)
+        if not self.resident:
+            (self.refiner if pipe is self.base else self.base).to("cpu")
+        self._to_device(pipe)
 
     # -------------------------------------------------------------------------------- the run
 
@@ -162,8 +225,8 @@ class BaseWithRefiner:
                                   negative_aesthetic_score=None), callbacks=callbacks, generator=generator)
         self._on_device(self.refiner)
         refiner_part = derived(request, latents=first.latents, denoising_start=start, refiner_start=None,
-                               target_size=None, loras=[], controls=[],
-                               prompt_loras=False)  # the base's LoRAs and ControlNets are for the base
+                               target_size=None, loras=[], controls=[], image_prompts=[],
+                               prompt_loras=False)  # the base's LoRAs, ControlNets and image prompts: the base's
         # the PNG names the base as Model (with its hash and LoRAs) and the refiner as Refiner, as A1111 does
         described = {"Refiner": self.refiner.name, "Refiner switch at": start} | (describe or {})
         return first.then(lambda params: self.refiner(refiner_part, callbacks=callbacks, generator=generator,

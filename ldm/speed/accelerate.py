@@ -31,6 +31,7 @@ module's: on the CPU it only pays where the cores have native bf16/fp16 arithmet
 """
 
 import contextlib
+import gc
 import os
 import threading
 import warnings
@@ -164,14 +165,46 @@ def use_winograd(*modules: nn.Module, min_channels: int = 256, max_filters: int 
     return n
 
 
+@dataclass(frozen=True)
+class Layouts:
+    """What `accelerate` did to a UNet's layers, kept for the networks made of its blocks that come later."""
+
+    fuse: bool
+    kernels: bool
+    winograd: bool
+    channels_last: bool
+
+
+_layouts: "weakref.WeakKeyDictionary[nn.Module, Layouts]" = weakref.WeakKeyDictionary()  # plain UNet → its layouts
+
+
+def accelerate_like(unet: nn.Module, module: nn.Module) -> nn.Module:
+    """Give `module`, a network built of the UNet's blocks (a ControlNet: its encoder and mid block, loaded after
+    `accelerate`), the layouts `accelerate` gave the plain `unet`: fused projections, the kernels' resnets, Winograd
+    convolutions (filters precomputed: it runs eagerly, outside any compile) and channels_last. Nothing where `unet`
+    was not accelerated; done again, nothing changes. Returns `module`."""
+    done = _layouts.get(unet)
+    if done is None:
+        return module
+    if done.fuse:
+        fuse_projections(module)
+    if done.kernels:
+        use_kernels(module)
+    if done.winograd:
+        use_winograd(module)
+    if done.channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
 # ------------------------------------------------------------------------------------------ CUDA graphs
 
 
 def layout(x: Tensor, t, kwargs: dict) -> tuple:
     """What a captured graph is specific to: the shape, dtype and device of x, of t (or that t is a number)
     and of each conditioning tensor by name, the values of non-tensor arguments (they are baked into the
-    graph), and the attention backend (`ldm.networks.attention.set_attention_backend`), whose kernels the graph
-    holds."""
+    graph), the attention backend (`ldm.networks.attention.set_attention_backend`), whose kernels the graph
+    holds, and the numerics settings that choose kernels at capture (`kernel_settings`)."""
 
     def describe(v):
         if torch.is_tensor(v):
@@ -179,15 +212,30 @@ def layout(x: Tensor, t, kwargs: dict) -> tuple:
         return v if v is None or isinstance(v, bool | int | float | str) else repr(v)
 
     return (describe(x), "number" if not torch.is_tensor(t) else describe(t),
-            tuple((k, describe(v)) for k, v in sorted(kwargs.items())), _attention._backend)
+            tuple((k, describe(v)) for k, v in sorted(kwargs.items())), _attention._backend,
+            kernel_settings(x.device.type))
+
+
+def kernel_settings(device_type: str) -> tuple:
+    """The process-wide switches a captured graph's kernels were chosen under: TF32 for matmuls and
+    convolutions, cuDNN on/benchmark/deterministic, the float32 matmul precision, the SDPA backends enabled
+    (`torch.nn.attention.sdpa_kernel` sets them), and autocast (on and its dtype) on `device_type`. A graph
+    captured under other settings would replay the old kernels."""
+    cuda, cudnn = torch.backends.cuda, torch.backends.cudnn
+    return (cuda.matmul.allow_tf32, cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic,
+            torch.get_float32_matmul_precision(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+            cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled(), torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type))
 
 
 def static_inputs(x: Tensor, t, kwargs: dict) -> dict[str, Tensor]:
-    """The buffers a graph reads its inputs from: copies of the tensors of the first call (the same strides),
-    and t as a float32 (1,) tensor where it came as a number (what the UNet makes of a number)."""
+    """The buffers a graph reads its inputs from: copies of the tensors of the first call on x's device (the same
+    strides; a CPU-resident t or time_ids from a diffusers-style caller moved here, since the UNet's own move would
+    be a host→device copy inside the capture, which fails it), and t as a float32 (1,) tensor where it came as a
+    number (what the UNet makes of a number)."""
     t = t if torch.is_tensor(t) else torch.full((1,), float(t), dtype=torch.float32, device=x.device)
     tensors = {"x": x, "t": t} | {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
-    return {name: v.clone() for name, v in tensors.items()}
+    return {name: torch.empty_like(v, device=x.device).copy_(v) for name, v in tensors.items()}
 
 
 def copy_inputs(static: dict[str, Tensor], x: Tensor, t, kwargs: dict) -> None:
@@ -206,19 +254,47 @@ def copy_inputs(static: dict[str, Tensor], x: Tensor, t, kwargs: dict) -> None:
 WARMUP_CALLS = 2  # before capture: lazy initialisation, cuDNN/cuBLAS plans, a compile's first run
 
 
-def capture_cuda_graph(run: Callable[[], Tensor]) -> tuple[Callable[[], None], Tensor]:
-    """Capture `run()` (which reads and writes only tensors that stay alive) as a `torch.cuda.CUDAGraph`, after
-    warm-up calls on a side stream as PyTorch's CUDA-graph notes require; returns the graph's replay and the
-    output tensor each replay writes."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+class CaptureError(RuntimeError):
+    """`run` could not be captured (an operation this device or driver cannot capture); it ran eagerly in the
+    warm-up, so the network itself is fine."""
+
+
+def capture_cuda_graph(run: Callable[[], Tensor], pool=None) -> tuple[Callable[[], None], Tensor]:
+    """Capture `run()` (which reads and writes only tensors that stay alive) as a `torch.cuda.CUDAGraph` in the
+    memory pool `pool` (None: a pool of its own), after warm-up calls on a side stream as PyTorch's CUDA-graph
+    notes require; returns the graph's replay and the output tensor each replay writes.
+
+    What `torch.cuda.graph` does (torch/cuda/graphs.py), written out so that a failure leaves the process as it
+    was: the capture is `thread_local` (other threads, the server's, may use CUDA meanwhile), the caller's stream
+    is current again however the capture ends (`torch.cuda.graph` leaves the side stream current when
+    `capture_end` raises), and an error of the capture (not an out-of-memory) is a `CaptureError`. An error of
+    the warm-up is the network's own and propagates as it is."""
+    stream, caller = torch.cuda.Stream(), torch.cuda.current_stream()
+    stream.wait_stream(caller)
     with torch.cuda.stream(stream):
         for _ in range(WARMUP_CALLS):
             run()
-    torch.cuda.current_stream().wait_stream(stream)
+    caller.wait_stream(stream)
+    torch.cuda.synchronize()
+    gc.collect()  # as `torch.cuda.graph` does: the cache emptied, so the graph's pool can take the memory it needs
+    torch.cuda.empty_cache()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = run()
+    torch.cuda.set_stream(stream)
+    try:
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            output = run()
+        except BaseException:
+            with contextlib.suppress(RuntimeError):  # the capture is broken: the run's error is the one to report
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        raise CaptureError(str(e)) from e
+    finally:
+        torch.cuda.set_stream(caller)
     return graph.replay, output
 
 
@@ -235,9 +311,10 @@ class CUDAGraphs:
     The first call of a layout copies its inputs into static buffers, captures `fn` on them (`capture`,
     `capture_cuda_graph` by default) and replays it; a later call of the same layout copies its inputs into
     the buffers and replays. A new layout (another size, batch, dtype, conditioning) captures again; the
-    `max_graphs` most recently used graphs are kept, each with its own memory pool. Every call returns a fresh
-    copy of the output: a replay overwrites the graph's output tensor, and a sampler keeps earlier outputs
-    alive across steps (DPM++ 2M's previous x0, a callback's `denoised`), so handing out the graph's own
+    `max_graphs` most recently used graphs are kept, in one memory pool (calls are serialised and each graph's
+    inputs and output stay alive, so a replay never overwrites memory another graph's result is in). Every call
+    returns a fresh copy of the output: a replay overwrites the graph's output tensor, and a sampler keeps earlier
+    outputs alive across steps (DPM++ 2M's previous x0, a callback's `denoised`), so handing out the graph's own
     tensor would let the next step change them. The copy is one small kernel per step.
 
     What a graph cannot see: parameters replaced by new tensors (`.to()` and `.half()` on the wrapper drop
@@ -245,7 +322,9 @@ class CUDAGraphs:
     (module hooks on inner modules run at capture only). Values changed in place (a LoRA merged with
     `copy_`/`addmm_`) are read by every replay. Calls are serialised by a lock and run with the inputs'
     device current (a torchrun rank's `cuda:N`). Should a capture fail (an operation this device or driver
-    cannot capture), a warning says why and the network runs eagerly from then on.
+    cannot capture: a `CaptureError`), a warning says why and the network runs eagerly from then on; should it
+    run out of memory (a large hires layout), the graphs are dropped, the allocator's cache emptied and that one
+    call runs eagerly, the next capturing again. Any other error is the network's own and propagates.
     """
 
     def __init__(self, fn: Callable[..., Tensor], capture=capture_cuda_graph, device_type: str = "cuda",
@@ -253,6 +332,7 @@ class CUDAGraphs:
         self.fn, self.capture, self.device_type, self.max_graphs = fn, capture, device_type, max_graphs
         self.graphs: OrderedDict[tuple, Captured] = OrderedDict()
         self.captures, self.failed = 0, None  # failed: why a capture failed (then every call runs eagerly)
+        self.pool = None  # the memory pool the runner's graphs share (calls are serialised: one runs at a time)
         self.lock = threading.Lock()
 
     def applies(self, x: Tensor) -> bool:
@@ -269,14 +349,16 @@ class CUDAGraphs:
             if graph is None:
                 try:
                     graph = self._capture(key, x, t, kwargs)
-                except Exception as e:  # a network this device or driver cannot capture
-                    self.failed = f"{type(e).__name__}: {e}"
+                except torch.OutOfMemoryError:  # a large (hires) layout: this call runs eagerly, later ones capture
+                    self._drop()
+                    torch.cuda.empty_cache()
+                    return self._eager(x, t, kwargs)
+                except CaptureError as e:  # a network this device or driver cannot capture
+                    self.failed = f"{type(e.__cause__ or e).__name__}: {e}"
                     warnings.warn(f"CUDA graph capture failed; the UNet runs eagerly from now on ({self.failed})",
                                   stacklevel=2)
-                    self.graphs.clear()
-                    if not torch.is_tensor(t):
-                        t = torch.full((1,), float(t), dtype=torch.float32, device=x.device)
-                    return self.fn(x, t, **kwargs)
+                    self._drop()
+                    return self._eager(x, t, kwargs)
             else:
                 self.graphs.move_to_end(key)
                 copy_inputs(graph.inputs, x, t, kwargs)
@@ -292,15 +374,26 @@ class CUDAGraphs:
         def run() -> Tensor:
             return self.fn(inputs["x"], inputs["t"], **fixed, **{k: inputs[k] for k in kwargs if k in inputs})
 
-        replay, output = self.capture(run)
+        if self.pool is None and self.device_type == "cuda":
+            self.pool = torch.cuda.graph_pool_handle()
+        replay, output = self.capture(run, pool=self.pool)
         self.captures += 1
         self.graphs[key] = Captured(replay, inputs, output)
         return self.graphs[key]
 
+    def _eager(self, x: Tensor, t, kwargs: dict) -> Tensor:
+        if not torch.is_tensor(t):
+            t = torch.full((1,), float(t), dtype=torch.float32, device=x.device)
+        return self.fn(x, t, **kwargs)
+
     def reset(self) -> None:
         """Drop every captured graph (and its memory); the next call captures again."""
         with self.lock:
-            self.graphs.clear()
+            self._drop()
+
+    def _drop(self) -> None:
+        self.graphs.clear()
+        self.pool = None  # the shared pool goes with the last graph in it; the next capture starts a new one
 
 
 class TensorTimestep(nn.Module):
@@ -445,6 +538,7 @@ def accelerate(pipe, compile: bool | str = True, channels_last: bool = True, fus
         eager = [m for m in vae.children() if m is not vae.decoder] if freezing else [unet, vae]
         for module in eager:
             module.to(memory_format=torch.channels_last)
+    _layouts[unet] = Layouts(fuse, kernels, winograd, channels_last)  # (for its ControlNets: `accelerate_like`)
     run = _compiled(unet, vae, mode, backend, freezing) if compile else unet
     if compile or cuda_graph or cuda:
         pipe.unet = TensorTimestep(unet, run, CUDAGraphs(run) if cuda_graph else None)

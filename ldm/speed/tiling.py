@@ -127,9 +127,12 @@ def decode_bytes(vae: VAE, batch: int, height: int, width: int) -> int:
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory free for activations: the CUDA device's free memory, or the host's MemAvailable."""
+    """Memory free for activations: the CUDA device's free memory plus what PyTorch's caching allocator holds
+    reserved but unused (free to this process's tensors, counted as used by the driver), or the host's
+    MemAvailable."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -29,7 +29,8 @@ its inductor flags, UNet and VAE decode compiled) for max, `enable_model_cpu_off
   end to end (a whole later generation);
 - on CUDA, UNet step GPU: the device's time for one step by CUDA events, the stream held by a spin kernel
   until the host has queued the whole step, so that launch gaps are not counted: wall well above it means
-  the step is bound by the host (Python, kernel launches); and the peak GPU memory allocated;
+  the step is bound by the host (Python, kernel launches); and the peak GPU memory allocated, and reserved by
+  PyTorch's caching allocator (the process's footprint on the device);
 - peak RSS of the process, and the weight bytes for scale.
 
 The table prints each number and the ratio ldm / diffusers for each ldm mode against diffusers' counterpart.
@@ -397,7 +398,9 @@ def run_one(impl: str, model: str, size: int, steps: int, sampler: str, mode: st
                   "vae_decode_s": median_time(lambda: calls.vae_decode(inputs["z"]), repeats),
                   "end_to_end_s": median_time(calls.generate, 1),
                   "peak_rss_gib": _peak_rss_bytes() / 2**30,
-                  "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                  "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                  # what the caching allocator held at its peak: the process's real footprint on the device
+                  "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None}
         result["compile_s"] = first_run - result["end_to_end_s"]
     return result
 
@@ -449,7 +452,8 @@ METRICS = [("load_s", "load (s)"), ("to_first_step_s", "to first step (s)"), ("f
            ("text_encode_s", "text encode (s)"), ("unet_step_s", "UNet step (s)"),
            ("unet_step_gpu_s", "UNet step GPU (s)"), ("vae_decode_s", "VAE decode (s)"),
            ("end_to_end_s", "end to end (s)"), ("peak_rss_gib", "peak RSS (GiB)"),
-           ("peak_gpu_gib", "peak GPU memory (GiB)")]
+           ("peak_gpu_gib", "peak GPU memory allocated (GiB)"),
+           ("peak_gpu_reserved_gib", "peak GPU memory reserved (GiB)")]
 
 
 def table(rows: list[dict]) -> str:
