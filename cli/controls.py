@@ -52,9 +52,22 @@ def add_control_options(gen: argparse.ArgumentParser) -> None:
                          help=f"the short side {', '.join(CONTROL_RESOLUTION_PREPROCESSORS)} work at "
                               f"({CONTROL_PROCESSOR_RES[1]} to {CONTROL_PROCESSOR_RES[2]}; default: "
                               f"{CONTROL_PROCESSOR_RES[0]}, A1111's)")
+    control.add_argument("--control-pixel-perfect", action="append", nargs="?", const=True, type=yes_no, default=[],
+                         metavar="yes|no",
+                         help="sd-webui-controlnet's Pixel Perfect: the processor resolution computed from the "
+                              "image's size, the output's and the resize mode (instead of --control-processor-res); "
+                              "alone: yes")
     control.add_argument("--guess-mode", action="store_true",
                          help="diffusers' guess mode for every unit: residuals × logspace(−1, 0), the conditional half "
                               "of guidance only")
+
+
+def yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "on", "1"):
+        return True
+    if text.lower() in ("no", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: give yes or no")
 
 
 def params_help(which: int) -> str:
@@ -88,11 +101,11 @@ def control_units(args: argparse.Namespace) -> list:
     options = {name: per_unit(getattr(args, f"control_{name}"), units, f"--control-{name.replace('_', '-')}", default)
                for name, default in (("weight", 1.0), ("start", 0.0), ("end", 1.0), ("mode", "balanced"),
                                      ("resize", "just-resize"), ("preprocess", "none"), ("threshold_a", None),
-                                     ("threshold_b", None), ("processor_res", None))}
+                                     ("threshold_b", None), ("processor_res", None), ("pixel_perfect", False))}
     return [Control(model, load_image(image, "control image"), weight=options["weight"][i],
                     start=options["start"][i], end=options["end"][i], mode=options["mode"][i],
                     guess_mode=args.guess_mode, resize=options["resize"][i],
                     preprocess=None if options["preprocess"][i] == "none" else options["preprocess"][i],
                     threshold_a=options["threshold_a"][i], threshold_b=options["threshold_b"][i],
-                    processor_res=options["processor_res"][i])
+                    processor_res=options["processor_res"][i], pixel_perfect=options["pixel_perfect"][i])
             for i, (model, image) in enumerate(zip(args.controlnet, args.control_image, strict=True))]

@@ -16,8 +16,9 @@ A single file's config is inferred from its shapes (`infer_controlnet`), as ldm 
 UNet it steers (the UNet's encoder is what a ControlNet copies, as diffusers' `ControlNetModel.from_unet` copies
 them), and, from the A1111/ComfyUI convention, global pooling for a file named `…shuffle…`. Every key of a file is
 read or the error names it. By name, a folder or file in `weights/controlnet/` (`$LDM_WEIGHTS/controlnet`), as LoRAs
-in `weights/loras/`. It must fit the model: the latents it reads, the text it attends to, SDXL's size embedding and
-the UNet's widths, or the error names both. `.pth`/`.ckpt`/`.bin` files are refused, never unpickled; so are the
+in `weights/loras/`; by Hub id, the repo's config.json and safetensors in the Hugging Face cache (`hub_controlnet`).
+It must fit the model: the latents it reads, the text it attends to, SDXL's size embedding and the UNet's widths, or
+the error names both. `.pth`/`.ckpt`/`.bin` files are refused, never unpickled; so are the
 files of other architectures that share the name (kohya's ControlNet-LLLite, Stability's Control-LoRA, "difference"
 ControlNets).
 """
@@ -31,7 +32,16 @@ from torch import Tensor
 
 from ldm.errors import ConfigError, LoadError
 from ldm.loading.families import ModelSpec, weights_dir
-from ldm.loading.files import PICKLE_SUFFIXES, load_module, read_config, read_safetensors, refuse_pickle, weights_file
+from ldm.loading.files import (
+    PICKLE_SUFFIXES,
+    hub_errors,
+    is_hub_id,
+    load_module,
+    read_config,
+    read_safetensors,
+    refuse_pickle,
+    weights_file,
+)
 from ldm.loading.single_file import IGNORED, UNET, VAE_PREFIX, Rule, _indices, _shape, module_rules, take, unet_modules
 from ldm.networks.controlnet import ControlNet, ControlNetConfig
 from ldm.networks.unet import UNetConfig
@@ -54,21 +64,59 @@ def controlnet_dir() -> Path:
 
 
 def find_controlnet(name: str | Path, allow_paths: bool = True) -> Path:
-    """A ControlNet by path, or by name in `weights/controlnet/` (a folder, or NAME.safetensors). With
-    `allow_paths=False` (a request over HTTP) only names there are accepted."""
+    """A ControlNet by path, by name in `weights/controlnet/` (a folder, or NAME.safetensors; an `owner/name` folder
+    there too), or by Hub id (`hub_controlnet`). With `allow_paths=False` (a request over HTTP) only names there are
+    accepted: no path, no Hub id."""
     path = Path(name).expanduser()
     if allow_paths and path.exists():
         return path
-    if not allow_paths and (path.name != str(name) or str(name).startswith(".")):
+    local = is_hub_id(str(name)) and (controlnet_dir() / str(name)).is_dir()  # (a Hub id's folder, copied there)
+    if not allow_paths and not local and (path.name != str(name) or str(name).startswith(".")):
         raise LoadError(f"ControlNet {name!r}: give the name of a model in the server's weights/controlnet/, "
-                        "not a path")
+                        "not a path" + (" or a Hub id (the server downloads nothing)" if is_hub_id(str(name)) else ""))
     for candidate in (controlnet_dir() / str(name), controlnet_dir() / f"{name}.safetensors"):
         if candidate.exists():
             return candidate
+    if allow_paths and is_hub_id(str(name)):
+        return hub_controlnet(str(name))
     known = sorted(p.stem if p.is_file() else p.name for p in controlnet_dir().glob("*")) \
         if controlnet_dir().is_dir() else []
     raise LoadError(f"ControlNet {name!r}: no such file or folder, here or in {controlnet_dir()}"
                     + (f" (there: {', '.join(known)})" if known else ""))
+
+
+HUB_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")  # in that order
+_hub_folders: dict[str, Path] = {}  # Hub id → its snapshot, resolved once a process (no Hub request per run)
+
+
+def hub_controlnet(repo: str) -> Path:
+    """A diffusers ControlNet repo on the Hub (`lllyasviel/control_v11p_sd15_canny`,
+    `diffusers/controlnet-canny-sdxl-1.0-small`, `thibaud/controlnet-sd21-canny-diffusers`) in the Hugging Face
+    cache, as ldm fetches a model's repo (`ldm.loading.files.resolve`: HF_HOME, HF_HUB_OFFLINE): its config.json and
+    diffusion_pytorch_model.safetensors, or the .fp16 one where the repo has only that (`weights_file`'s rule);
+    never its pickled .bin files."""
+    if repo in _hub_folders:
+        return _hub_folders[repo]
+    from huggingface_hub import snapshot_download
+
+    for weights in HUB_WEIGHTS:
+        with hub_errors(repo, repo, None, downloading=True):
+            folder = Path(snapshot_download(repo, allow_patterns=["config.json", weights]))
+        if (folder / weights).is_file():
+            break
+    else:
+        raise LoadError(f"ControlNet {repo}: the Hub repo has no {' or '.join(HUB_WEIGHTS)}"
+                        + ("" if (folder / "config.json").is_file() else " nor config.json: it is not a diffusers "
+                           "ControlNet") + " (pickled .bin weights are never loaded)")
+    if not (folder / "config.json").is_file():
+        raise LoadError(f"ControlNet {repo}: the Hub repo has no config.json: it is not a diffusers ControlNet")
+    _hub_folders[repo] = folder
+    return folder
+
+
+def fetched_from_hub(name: str) -> bool:
+    """Whether `name` was resolved as a Hub id (`hub_controlnet`) in this process."""
+    return name in _hub_folders
 
 
 def describe(cfg: UNetConfig, latent_channels: int) -> str:

@@ -19,9 +19,12 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.choices import CONTROL_MODES, CONTROL_PREPROCESSORS, CONTROL_RESIZE_MODES
+from ldm.loading.controlnets import fetched_from_hub
 from ldm.networks.controlnet import ControlNet, scaled
-from ldm.pipelines.preprocess import PREPROCESSORS, RESOLUTION, fitted, preprocess
+from ldm.pipelines.preprocess import PREPROCESSORS, RESOLUTION, fitted, pixel_perfect_resolution, preprocess
 from ldm.pipelines.request import Control
+from ldm.speed.accelerate import accelerate_like
+from ldm.speed.offload import offload_with
 
 
 @dataclass
@@ -37,17 +40,31 @@ class Unit:
         return not (call / calls < self.control.start or (call + 1) / calls > self.control.end)
 
 
+def like_unet(net: ControlNet, unet: torch.nn.Module) -> ControlNet:
+    """The ControlNet given what was done to its plain UNet from outside since loading: `accelerate`'s layouts
+    (`ldm.speed.accelerate.accelerate_like`: the ControlNet is built of the UNet's blocks) and its offload (moved on
+    and off the device with it: `ldm.speed.offload.offload_with`), in that order (offload hooks the layers the
+    layouts make). Called for every run that uses it; done again, nothing changes."""
+    accelerate_like(unet, net)
+    offload_with(unet, net)
+    return net
+
+
 def control_image(control: "Control | Image.Image", width: int, height: int, seed: int | None = None) -> Tensor:
     """The unit's control image as the ControlNet reads it, (1, 3, H, W) float32 in [0, 1]: its image (RGB), made
-    over by its preprocessor if it names one (`ldm.pipelines.preprocess`; shuffle draws from `seed`, the run's), then
-    fitted to the output's size by its resize mode: just-resize stretches it with Lanczos where the size differs
-    (diffusers' control `VaeImageProcessor`, `do_normalize=False`), crop-and-resize and resize-and-fill are
-    sd-webui-controlnet's. An image alone: a unit without preprocessor, just resized."""
+    over by its preprocessor if it names one (`ldm.pipelines.preprocess`, at the pixel-perfect resolution for
+    width × height where the unit asks; shuffle draws from `seed`, the run's), then fitted to the output's size by
+    its resize mode: just-resize stretches it with Lanczos where the size differs (diffusers' control
+    `VaeImageProcessor`, `do_normalize=False`), crop-and-resize and resize-and-fill are sd-webui-controlnet's.
+    An image alone: a unit without preprocessor, just resized."""
     unit = control if isinstance(control, Control) else Control(None, control)
     image = unit.image.convert("RGB")
     if unit.preprocess is not None:
+        resolution = unit.processor_res
+        if unit.pixel_perfect:  # (sd-webui-controlnet's: from the image as given, before its preprocessor)
+            resolution = pixel_perfect_resolution(image.height, image.width, height, width, unit.resize)
         image = Image.fromarray(preprocess(np.asarray(image), unit.preprocess, unit.threshold_a, unit.threshold_b,
-                                           unit.processor_res, seed))
+                                           resolution, seed))
     if unit.resize != "just-resize":
         image = Image.fromarray(fitted(np.asarray(image), unit.resize, width, height))
     elif image.size != (width, height):
@@ -57,11 +74,15 @@ def control_image(control: "Control | Image.Image", width: int, height: int, see
 
 def control_infotext(control: Control) -> str:
     """A unit's infotext value, as sd-webui-controlnet writes it (`infotext` quotes it: it holds commas): `Module:
-    none, Model: NAME, Weight: 1.0, Resize Mode: Just Resize, …`; a preprocessor's parameters (`Processor Res`,
-    `Threshold A`, `Threshold B`: those it has, with the values it ran with) after the resize mode, in its order."""
+    none, Model: NAME, Weight: 1.0, Resize Mode: Just Resize, …` (NAME: a file's or folder's name; a Hub id
+    it was fetched by, whole); a preprocessor's parameters (`Processor Res`,
+    `Threshold A`, `Threshold B`: those it has, with the values it ran with) after the resize mode, in its order;
+    `Pixel Perfect: True` after the guidance end for a pixel-perfect unit (`Processor Res` then the one given, which
+    the pixel-perfect one replaces, as it does when read back)."""
     name = control.model if isinstance(control.model, str) else getattr(control.model, "name", "controlnet")
     module = CONTROL_PREPROCESSORS[control.preprocess] if control.preprocess is not None else "none"
-    fields = {"Module": module, "Model": Path(str(name)).name, "Weight": control.weight,
+    hub_id = fetched_from_hub(str(name))  # (written whole: `--from-png` fetches it again)
+    fields = {"Module": module, "Model": str(name) if hub_id else Path(str(name)).name, "Weight": control.weight,
               "Resize Mode": CONTROL_RESIZE_MODES[control.resize]}
     if control.preprocess is not None:
         p = PREPROCESSORS[control.preprocess]
@@ -69,8 +90,10 @@ def control_infotext(control: Control) -> str:
                  "Threshold A": (control.threshold_a, p.param(0)), "Threshold B": (control.threshold_b, p.param(1))}
         fields |= {key: value if value is not None else param.default for key, (value, param) in given.items()
                    if param is not None}
-    fields |= {"Guidance Start": control.start, "Guidance End": control.end,
-               "Control Mode": CONTROL_MODES[control.mode]}
+    fields |= {"Guidance Start": control.start, "Guidance End": control.end}
+    if control.pixel_perfect:  # (its `serialize_unit` writes the unit's fields in their order: this one here)
+        fields["Pixel Perfect"] = True
+    fields["Control Mode"] = CONTROL_MODES[control.mode]
     return ", ".join(f"{key}: {value}" for key, value in fields.items())
 
 

@@ -171,6 +171,17 @@ def preprocess(image: np.ndarray, name: str, a=None, b=None, resolution: int | N
     return p.run(image, a, b, resolution or RESOLUTION.default, seed)
 
 
+def pixel_perfect_resolution(height: int, width: int, target_height: int, target_width: int, mode: str) -> int:
+    """sd-webui-controlnet's "Pixel Perfect" (`pixel_perfect_resolution`, internal_controlnet/external_code.py and
+    scripts/utils.py at v1.1.455; scripts/controlnet.py sets a unit's `processor_res` to it, for the first pass's
+    size): the processor resolution at which an image of height × width comes out at the output's scale. The
+    short side × the larger of the two scale factors (target / image, per side), the smaller for "resize-and-fill"
+    (the whole image fits inside), rounded half to even (`np.round`)."""
+    ky, kx = float(target_height) / float(height), float(target_width) / float(width)
+    k = min(ky, kx) if mode == "resize-and-fill" else max(ky, kx)
+    return int(np.round(k * float(min(height, width))))
+
+
 # the resize modes sd-webui-controlnet adds to diffusers' stretch ("Just Resize")
 
 NMS_LINES = [np.array(k, np.uint8) for k in ([[0, 0, 0], [1, 1, 1], [0, 0, 0]], [[0, 1, 0], [0, 1, 0], [0, 1, 0]],

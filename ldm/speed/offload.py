@@ -36,7 +36,9 @@ the weights). What is offloaded is `pipe.networks()`, the plain networks by name
 wrapper, whose compiled form and CUDA graphs `ldm.speed.accelerate.speed_wrapper` finds), and `pipe.device` is set
 to the execution device: an SDXL base with its refiner (`ldm.pipelines.refiner.BaseWithRefiner`) is offloaded as
 one through the same two, its two models' networks sharing one execution device and, in model mode, one resident
-network at a time.
+network at a time. A ControlNet, loaded when a run first names it (after the offload), is offloaded with the UNet
+it runs beside (`offload_with`, which `ldm.pipelines.control.like_unet` calls): in model mode the two come in for
+the denoising loop and go out after it together; in sequential mode its layers are hooked as the UNet's.
 
 Sequential offload here copies from pageable memory, as diffusers does by default; pinned host memory would
 make its copies faster and asynchronous, at the cost of pinning every weight.
@@ -107,6 +109,7 @@ class Offload:
         self.networks, self.mode, self.device = networks, mode, device
         self.offload_device = torch.device(offload_device)
         self.resident: str | None = None  # model mode: the network on the execution device
+        self.companions: dict[str, list[nn.Module]] = {}  # networks that run beside one of `networks` (`adopt`)
         self.present: set[int] = set()  # sequential mode: the ids of the tensors on the execution device
         self.log: list[tuple[str, str]] | None = [] if log else None
         self.handles: list = []
@@ -178,14 +181,20 @@ class Offload:
     def _move_inputs(self, module, args, kwargs):
         return self._inputs(args), self._inputs(kwargs)
 
+    def _group(self, name: str) -> list[Tensor]:
+        """The tensors that model mode moves as network `name`: its own and its companions'."""
+        return [*tensors(self.networks[name]), *(t for c in self.companions.get(name, ()) for t in tensors(c))]
+
     def _hook_network(self, name: str, network: nn.Module, entries: set[nn.Module]) -> None:
+        """Model mode: a call into any module of `network` (network `name` or one of its companions) brings the
+        network `name` with its companions, and sends the resident one back."""
         def bring_network(module, args, kwargs):
             if self.resident != name:
                 if self.resident is not None:
-                    for t in tensors(self.networks[self.resident]):
+                    for t in self._group(self.resident):
                         t.data = self.park(t)
                     self._record("out", self.resident)
-                for t in tensors(network):
+                for t in self._group(name):
                     t.data = self.bring(t)
                 self.resident = name
                 self._record("in", name)
@@ -193,6 +202,23 @@ class Offload:
 
         for module in network.modules():
             self.handles.append(module.register_forward_pre_hook(bring_network, with_kwargs=True))
+
+    def adopt(self, name: str, companion: nn.Module, label: str) -> None:
+        """Offload `companion`, a network that runs beside network `name` (a ControlNet beside the UNet), with it:
+        in model mode it comes in and goes out with that network (parked unless that one is resident now); in
+        sequential mode its layers are hooked as any network's (their log names start with `label`)."""
+        resident = self.mode == "model" and self.resident == name
+        for t in tensors(companion) if not resident else []:
+            t.data = self.park(t)
+        self.companions.setdefault(name, []).append(companion)
+        _offloaded[companion] = self
+        entries = {companion, *companion.children()}
+        if self.mode == "model":
+            self._hook_network(name, companion, entries)
+        else:
+            for module in entries:
+                self.handles.append(module.register_forward_pre_hook(self._move_inputs, with_kwargs=True))
+            self._hook_units(label, companion)
 
     def _hook_units(self, name: str, network: nn.Module) -> None:
         for qualified, module in network.named_modules(prefix=name):
@@ -235,11 +261,12 @@ class Offload:
             handle.remove()
         self.handles.clear()
         for name, network in self.networks.items():
-            for t in tensors(network) if name != self.resident else []:
+            for t in self._group(name) if name != self.resident else []:
                 if id(t) not in self.present:
                     t.data = self.bring(t)
-            _offloaded.pop(network, None)
-        self.resident, self.present = None, set()
+            for companion in [network, *self.companions.get(name, ())]:
+                _offloaded.pop(companion, None)
+        self.resident, self.present, self.companions = None, set(), {}
 
 
 def enable_offload(pipe, mode: str = "model", device: torch.device | str | None = None,
@@ -248,6 +275,19 @@ def enable_offload(pipe, mode: str = "model", device: torch.device | str | None 
     the moves when `log`). The pipeline's `device` becomes the execution device: pass `device` for another
     than its own (a pipeline loaded on the CPU to run on "cuda"). On the CPU itself this moves nothing."""
     return Offload.enable(pipe, mode, device, log)
+
+
+def offload_with(network: nn.Module, companion: nn.Module, label: str = "controlnet") -> None:
+    """Offload `companion`, a network loaded after `enable_offload` that runs beside `network` (a ControlNet beside
+    the plain UNet), as `network` is offloaded (`Offload.adopt`): model mode moves the two together. Nothing where
+    `network` is not offloaded, or `companion` is already."""
+    offload = _offloaded.get(network)
+    if offload is None or companion in _offloaded:
+        return
+    name = next((n for n, known in offload.networks.items() if known is network), None)
+    if name is None:  # (`network` is itself a companion)
+        return
+    offload.adopt(name, companion, f"{label}{sum(map(len, offload.companions.values()))}")
 
 
 def disable_offload(pipe) -> None:
