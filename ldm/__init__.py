@@ -19,6 +19,7 @@ _PUBLIC = {
     "StableDiffusionXL": "ldm.pipelines.stable_diffusion",
     "Generation": "ldm.pipelines.stable_diffusion",
     "GenerationRequest": "ldm.pipelines.request",
+    "ImagePrompt": "ldm.pipelines.request",
     "BaseWithRefiner": "ldm.pipelines.refiner",
     "Step": "ldm.sampling.samplers",
     "SAMPLERS": "ldm.sampling.samplers",

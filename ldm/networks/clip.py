@@ -1,5 +1,6 @@
 """CLIP towers: the text towers CLIP ViT-L/14 (SD 1.x, SDXL), OpenCLIP ViT-H/14 (SD 2.x) and ViT-bigG/14
-(SDXL), and the CLIP ViT-L/14 vision tower the SD 1.x safety checker looks through.
+(SDXL), and the CLIP vision towers: ViT-L/14, which the SD 1.x safety checker looks through, and the ViT-H/14
+and ViT-bigG/14 image encoders with their projection that IP-Adapter reads.
 
 Module names are transformers' `CLIPTextModel` / `CLIPTextModelWithProjection` / `CLIPVisionModel` ones
 (`text_model.encoder.layers.0.self_attn.q_proj`, …), so the official `text_encoder*/model.safetensors`
@@ -59,8 +60,8 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask))
+    def forward(self, x: Tensor, causal: bool) -> Tensor:
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=causal))
 
 
 class MLP(nn.Module):
@@ -83,8 +84,9 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(d, cfg.intermediate_size, cfg.hidden_act)
         self.layer_norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+    def forward(self, x: Tensor, causal: bool) -> Tensor:
+        """`causal`: each token attends to itself and those before it (the text towers); the vision towers: all."""
+        x = x + self.self_attn(self.layer_norm1(x), causal)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -150,15 +152,13 @@ class CLIPTextModel(nn.Module):
                 token_embeds: Tensor | None = None) -> TextEncoding:
         tm = self.text_model
         x = tm.embeddings(ids, token_embeds)
-        n = ids.shape[1]
-        mask = torch.full((n, n), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
         layers = tm.encoder.layers
         chosen = len(layers) + layer if layer < 0 else layer
         if not 0 <= chosen < len(layers):
             raise ValueError(f"layer {layer} out of range for a {len(layers)}-layer text encoder")
         hidden = None
         for i, block in enumerate(layers):
-            x = block(x, mask)
+            x = block(x, causal=True)
             if i == chosen:
                 hidden = x
         last = tm.final_layer_norm(x)
@@ -186,6 +186,7 @@ class CLIPVisionConfig:
     patch_size: int = 32
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    projection_dim: int = 512  # `visual_projection`'s width (CLIPVisionModelWithProjection only)
 
     @classmethod
     def from_transformers(cls, cfg: dict) -> "CLIPVisionConfig":
@@ -218,10 +219,14 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         """(B, 3, image_size, image_size) normalised pixels → (B, width) pooled: the class token after the
         final LayerNorm."""
-        x = self.pre_layrnorm(self.embeddings(pixels))
+        return self.post_layernorm(self.hidden_states(pixels)[-1][:, 0])
+
+    def hidden_states(self, pixels: Tensor) -> list[Tensor]:
+        """transformers' `hidden_states`: the embeddings after `pre_layrnorm`, then each layer's output."""
+        states = [self.pre_layrnorm(self.embeddings(pixels))]
         for layer in self.encoder.layers:
-            x = layer(x, None)
-        return self.post_layernorm(x[:, 0])
+            states.append(layer(states[-1], causal=False))
+        return states
 
 
 class CLIPVisionModel(nn.Module):
@@ -234,3 +239,24 @@ class CLIPVisionModel(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.vision_model(pixels)
+
+
+@dataclass
+class ImageEncoding:
+    image_embeds: Tensor  # (B, projection_dim): the pooled class token projected (IP-Adapter's plain input)
+    hidden_states: list[Tensor]  # transformers' order; [-2], the penultimate layer's, is IP-Adapter Plus's input
+
+
+class CLIPVisionModelWithProjection(CLIPVisionModel):
+    """transformers' `CLIPVisionModelWithProjection` (`vision_model.…`, `visual_projection.weight`): the image
+    encoders IP-Adapter reads (h94/IP-Adapter `models/image_encoder`, ViT-H/14; `sdxl_models/image_encoder`,
+    ViT-bigG/14). `model(pixels)` → `ImageEncoding`."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__(cfg)
+        self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, pixels: Tensor) -> ImageEncoding:
+        states = self.vision_model.hidden_states(pixels)
+        pooled = self.vision_model.post_layernorm(states[-1][:, 0])
+        return ImageEncoding(self.visual_projection(pooled), states)

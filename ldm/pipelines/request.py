@@ -51,7 +51,9 @@ class Control:
     (`CONTROL_PREPROCESSORS`; None: the image is the control image), with its parameters `threshold_a` and
     `threshold_b` (A1111's; `CONTROL_PREPROCESSOR_PARAMS`: canny's low and high thresholds, …; None: their
     defaults, and ignored by a preprocessor without them) and `processor_res` (the short side canny, threshold and
-    blur work at; None: 512). See `ldm.pipelines.preprocess`."""
+    blur work at; None: 512), or instead sd-webui-controlnet's `pixel_perfect`: that resolution computed from the
+    image's size, the output's and the resize mode (`ldm.pipelines.preprocess.pixel_perfect_resolution`). See
+    `ldm.pipelines.preprocess`."""
 
     model: "str | object"  # a path or name, or a loaded `ldm.networks.controlnet.ControlNet`
     image: Image.Image
@@ -65,10 +67,13 @@ class Control:
     threshold_a: float | None = None
     threshold_b: float | None = None
     processor_res: int | None = None
+    pixel_perfect: bool = False
 
     def check(self, bad, where: str) -> None:
         if not isinstance(self.image, Image.Image):
             bad("control_image", f"{where}: the control image must be an image")
+        if not isinstance(self.pixel_perfect, bool):
+            bad("control_pixel_perfect", f"{where}: pixel perfect is true or false, got {self.pixel_perfect!r}")
         if not _number(self.weight) or not 0 <= self.weight <= CONTROL_MAX_WEIGHT:
             bad("control_weight", f"{where}: the weight must be from 0 to {CONTROL_MAX_WEIGHT:g}, got {self.weight!r}")
         if not (_number(self.start) and _number(self.end) and 0 <= self.start < self.end <= 1):
@@ -100,6 +105,37 @@ class Control:
                                              f"got {value!r}")
         if missing := opencv_missing(self.preprocess):
             bad("control_preprocess", f"{where}: {missing}")
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """An image prompt (IP-Adapter): an adapter file (a path, or its name in weights/ipadapter/) and its reference
+    images (one, or several: their encodings averaged). `weight` scales its image attention (diffusers'
+    `set_ip_adapter_scale`; 0 to 2, sd-webui-controlnet's slider); it acts from `start` to `end`, fractions of the
+    steps (ControlNet's rule); `encoder` is the CLIP image encoder (a CLIPVisionModelWithProjection folder, or its
+    name in weights/clip_vision/; None: the first there whose width the adapter reads). See
+    `ldm.pipelines.image_prompts`."""
+
+    adapter: "str | object"  # a path or name, or a loaded `ldm.networks.ip_adapter.IPAdapter`
+    images: "Image.Image | list[Image.Image]"
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    encoder: "str | object | None" = None
+
+    @property
+    def references(self) -> list[Image.Image]:
+        return list(self.images) if isinstance(self.images, (list, tuple)) else [self.images]
+
+    def check(self, bad, where: str) -> None:
+        references = self.references
+        if not references or not all(isinstance(image, Image.Image) for image in references):
+            bad("ip_image", f"{where}: the reference images must be images (one, or a list)")
+        if not _number(self.weight) or not 0 <= self.weight <= CONTROL_MAX_WEIGHT:
+            bad("ip_weight", f"{where}: the weight must be from 0 to {CONTROL_MAX_WEIGHT:g}, got {self.weight!r}")
+        if not (_number(self.start) and _number(self.end) and 0 <= self.start < self.end <= 1):
+            bad("ip_start", f"{where}: start and end must be fractions of the steps with 0 ≤ start < end ≤ 1, "
+                            f"got {self.start!r} and {self.end!r}")
 
 
 @dataclass
@@ -154,6 +190,7 @@ class GenerationRequest:
     hires_upscaler: str | None = None  # `ldm.choices.HIRES_UPSCALERS` (default: latent, A1111's)
     output_type: str = "pil"  # "latent": the result's `latents` (VAE-scaled), undecoded, as in diffusers
     controls: list[Control] = field(default_factory=list)  # ControlNet units, their residuals summed
+    image_prompts: list[ImagePrompt] = field(default_factory=list)  # IP-Adapter image prompts, their attention added
     # set by `checked`/`derived` only: the training timesteps this request passed `check` against (None: not yet);
     # `replace` starts it afresh
     checked_steps: int | None = field(default=None, init=False, repr=False, compare=False)
@@ -201,6 +238,10 @@ class GenerationRequest:
             if not isinstance(control, Control):
                 bad("controls", "each control must be a Control(model, image, …)")
             control.check(bad, f"ControlNet unit {n}")
+        for n, prompt in enumerate(self.image_prompts):
+            if not isinstance(prompt, ImagePrompt):
+                bad("image_prompts", "each image prompt must be an ImagePrompt(adapter, images, …)")
+            prompt.check(bad, f"image prompt {n}")
         return self
 
     def _check_prompts(self, bad) -> None:

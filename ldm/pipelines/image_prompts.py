@@ -1,0 +1,130 @@
+"""Image prompts (IP-Adapter) in a run: the reference images encoded once per call into each adapter's tokens, and
+the UNet's cross-attentions given them for the call (`ldm.adapters.ip_adapter`).
+
+Reproduces diffusers' StableDiffusion(XL)Pipeline after `load_ip_adapter` + `set_ip_adapter_scale`
+(src/diffusers/loaders/ip_adapter.py; the pipelines' `encode_image` and `prepare_ip_adapter_image_embeds`, v0.42):
+each reference image preprocessed as `CLIPImageProcessor(size=image_size, crop_size=image_size)` (the short side
+resized to the encoder's image_size, bicubic, centre crop, CLIP's mean and std: `ldm.networks.safety.preprocess`,
+which computes what transformers 5's CLIPImageProcessor does) and encoded; a plain adapter reads the image
+embedding and takes zeros as the negative one, full and plus adapters read the penultimate hidden states and take
+the encoder's hidden states of an all-zero pixel tensor as the negative ones. The tokens are the adapter's
+projection of these, repeated over the batch ([negative; positive] with guidance, as the UNet's batch).
+
+Several reference images of one prompt: their encodings are averaged before the projection (ComfyUI_IPAdapter_plus's
+"average" way of combining them; diffusers instead concatenates the images' tokens). Start and end are fractions of
+the UNet calls, the rule ControlNet units follow (diffusers has no start/end for IP-Adapter; sd-webui-controlnet's
+IP-Adapter units take ControlNet's guidance start/end). Adapters and encoders are loaded once per pipeline and kept
+(`StableDiffusion.ip_adapters`, `.image_encoders`).
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ldm.adapters.ip_adapter import ImageTokens, attention_widths, decoupled_attention
+from ldm.loading.ip_adapters import (
+    check_encoder,
+    find_image_encoder,
+    find_ip_adapter,
+    load_image_encoder,
+    load_ip_adapter,
+)
+from ldm.networks.clip import CLIPVisionModelWithProjection
+from ldm.networks.ip_adapter import IPAdapter
+from ldm.networks.safety import FeatureExtractorConfig, preprocess
+from ldm.pipelines.request import ImagePrompt
+
+
+def ip_adapter(pipe, model) -> IPAdapter:
+    """The adapter by path or by name in weights/ipadapter/, loaded once for this pipeline's UNet and kept; a loaded
+    `IPAdapter` as it is."""
+    if isinstance(model, IPAdapter):
+        return model
+    path = find_ip_adapter(model).resolve()
+    if path not in pipe.ip_adapters:
+        unet = pipe.networks()["unet"]
+        pipe.ip_adapters[path] = load_ip_adapter(path, attention_widths(unet), unet.config.cross_attention_dim,
+                                                 pipe.name, pipe.device, pipe.dtype)
+    return pipe.ip_adapters[path]
+
+
+def image_encoder(pipe, name, adapter: IPAdapter, adapter_name: str) -> CLIPVisionModelWithProjection:
+    """The encoder `name` (a folder, or a name in weights/clip_vision/; None: the first there that fits the adapter),
+    loaded once and kept, checked against the adapter's width."""
+    if isinstance(name, CLIPVisionModelWithProjection):
+        encoder, name = name, "(given)"
+    else:
+        path = find_image_encoder(name, adapter.config).resolve()
+        if path not in pipe.image_encoders:
+            pipe.image_encoders[path] = load_image_encoder(path, pipe.device, pipe.dtype)
+        encoder, name = pipe.image_encoders[path], path.name
+    check_encoder(encoder, name, adapter, adapter_name)
+    return encoder
+
+
+def encoder_pixels(images: list[Image.Image], image_size: int) -> Tensor:
+    """CLIPImageProcessor(size=image_size, crop_size=image_size)'s pixel values, (N, 3, image_size, image_size)."""
+    return preprocess(images, FeatureExtractorConfig(image_size, (image_size, image_size)))
+
+
+@torch.no_grad()
+def encode_references(encoder: CLIPVisionModelWithProjection, adapter: IPAdapter,
+                      images: list[Image.Image]) -> tuple[Tensor, Tensor]:
+    """(positive, negative) features the adapter reads, (1, …) each: the images' averaged, and the negative's."""
+    weight = encoder.visual_projection.weight
+    pixels = encoder_pixels(images, encoder.config.image_size).to(weight.device, weight.dtype)
+    if not adapter.config.reads_hidden_states:
+        embeds = encoder(pixels).image_embeds.mean(0, keepdim=True)
+        return embeds, torch.zeros_like(embeds)
+    positive = encoder(pixels).hidden_states[-2].mean(0, keepdim=True)
+    return positive, encoder(torch.zeros_like(pixels[:1])).hidden_states[-2]
+
+
+def prepare_image_prompt(pipe, prompt: ImagePrompt, batch: int, guided: bool, calls: int) -> ImageTokens:
+    """One image prompt's tokens for a UNet batch of `batch` images (twice that with guidance)."""
+    adapter = ip_adapter(pipe, prompt.adapter)
+    encoder = image_encoder(pipe, prompt.encoder, adapter, adapter_name(prompt))
+    positive, negative = encode_references(encoder, adapter, prompt.references)
+    with torch.no_grad():
+        tokens = adapter(positive).repeat(batch, 1, 1)
+        if guided:
+            tokens = torch.cat([adapter(negative).repeat(batch, 1, 1), tokens])
+    return ImageTokens(adapter, tokens, prompt.weight, prompt.start, prompt.end, calls)
+
+
+@contextmanager
+def image_prompting(pipe, plan, guided: bool) -> Iterator[None]:
+    """The run's image prompts applied to the pipeline's UNet inside the block (none: nothing changes). The eager
+    UNet runs them: a speed wrapper's compiled code and CUDA graphs would not see the per-call image attention."""
+    r = plan.request
+    if not r.image_prompts:
+        yield
+        return
+    unet = pipe.networks()["unet"]
+    prompts = [prepare_image_prompt(pipe, p, r.batch, guided, plan.unet_calls) for p in r.image_prompts]
+    wrapper, pipe.unet = pipe.unet, unet
+    try:
+        with decoupled_attention(unet, prompts):
+            yield
+    finally:
+        pipe.unet = wrapper
+
+
+def adapter_name(prompt: ImagePrompt) -> str:
+    return Path(str(prompt.adapter)).stem if not isinstance(prompt.adapter, IPAdapter) else "IP-Adapter"
+
+
+def image_prompt_infotext(pipe, prompt: ImagePrompt) -> str:
+    """A prompt's infotext value, as sd-webui-controlnet writes an IP-Adapter unit (`Module: ip-adapter_clip_h,
+    Model: NAME, Weight: …`): module ip-adapter_clip_g for a ViT-bigG/14 encoder (width 1664), else clip_h."""
+    adapter = ip_adapter(pipe, prompt.adapter)
+    encoder = image_encoder(pipe, prompt.encoder, adapter, adapter_name(prompt))
+    module = "ip-adapter_clip_g" if encoder.config.hidden_size == 1664 else "ip-adapter_clip_h"
+    fields = {"Module": module, "Model": adapter_name(prompt), "Weight": prompt.weight,
+              "Resize Mode": "Crop and Resize", "Guidance Start": prompt.start, "Guidance End": prompt.end,
+              "Control Mode": "Balanced"}
+    return ", ".join(f"{key}: {value}" for key, value in fields.items())
