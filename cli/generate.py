@@ -9,6 +9,7 @@ from pathlib import Path
 from ldm.choices import HIRES_UPSCALERS, KARRAS_SAMPLERS, SAMPLER_LABELS, TIMESTEP_SPACINGS
 from ldm.errors import LdmError
 from ldm_cli.controls import add_control_options, control_units
+from ldm_cli.image_prompts import add_image_prompt_options, image_prompts
 from ldm_cli.options import add_model_options, run_settings
 
 
@@ -28,6 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_output_options(gen)
     add_hires_options(gen)
     add_control_options(gen)
+    add_image_prompt_options(gen)
     add_model_options(gen)
     return gen
 
@@ -49,9 +51,10 @@ def add_prompt_options(gen: argparse.ArgumentParser) -> None:
     prompts.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                          help="merge a LoRA/LyCORIS file (a path, or a name in weights/loras) at WEIGHT (default 1); "
                               "repeatable. <lora:NAME:WEIGHT> in the prompt does the same for names in weights/loras")
-    prompts.add_argument("--from-png", default=None, metavar="IMAGE.png",
-                         help="take prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, clip skip "
-                              "and strength from a PNG's A1111 parameters; flags given beside it override them")
+    prompts.add_argument("--from-png", "--from-image", dest="from_png", default=None, metavar="IMAGE",
+                         help="take prompt, negative prompt, steps, sampler, schedule, CFG, seed, size, clip skip, "
+                              "batch and strength from an image's A1111 parameters (a PNG's text chunk, a JPEG's or "
+                              "WebP's EXIF UserComment); flags given beside it override them")
 
 
 def add_sampling_options(gen: argparse.ArgumentParser) -> None:
@@ -166,6 +169,11 @@ def check_options(args: argparse.Namespace) -> Path:
         raise LdmError(f"-o {args.output}: the output must be a .png file")
     if not out.parent.is_dir():
         raise LdmError(f"-o {args.output}: folder {out.parent} does not exist")
+    for name in ("width", "height"):  # (the request's check says the same, without the nearest sizes)
+        value = getattr(args, name)
+        if value is not None and value > 8 and value % 8:
+            raise LdmError(f"--{name} {value}: {name} must be a positive multiple of 8; the nearest are "
+                           f"{value // 8 * 8} and {value // 8 * 8 + 8}")
     if args.preview_every is not None and args.preview_every < 1:
         raise LdmError(f"--preview-every must be at least 1, got {args.preview_every}")
     if args.preview_vae and not args.preview_every:
@@ -183,13 +191,15 @@ def apply_png(args: argparse.Namespace) -> int | None:
     from one random stream), or None: the image is made alone."""
     from ldm.pipelines.infotext import read_png
 
-    back = read_png(args.from_png, with_image=args.image is not None)
+    back = read_png(args.from_png, with_image=args.image is not None, given=frozenset(args.given))
     for name in back.fields - args.given:  # the request's fields are named as generate's options
         setattr(args, name, getattr(back.request, name))
     if "tiling" not in args.given:
         args.tiling = back.seamless
     apply_png_controls(args, back.controls)
-    for note in back.notes(None if "model" in args.given else args.model, "refiner" in args.given):
+    model_file = args.model if Path(args.model).is_file() else None  # (its hash is the text's Model hash, or not)
+    for note in back.notes(None if "model" in args.given else args.model, "refiner" in args.given,
+                           frozenset(args.given), model_file):
         print(f"note: {note}", file=sys.stderr)
     if back.batch_pos is None or "num_images" in args.given:
         return None
@@ -209,7 +219,7 @@ def apply_png_controls(args: argparse.Namespace, units: tuple[dict, ...]) -> Non
                        f": give their control images (--control-image, {len(units)} times), or --controlnet")
     args.controlnet = [unit["model"] for unit in units]
     for name in ("weight", "start", "end", "mode", "resize", "preprocess", "threshold_a", "threshold_b",
-                 "processor_res"):
+                 "processor_res", "pixel_perfect"):
         if f"control_{name}" not in args.given:
             setattr(args, f"control_{name}", [unit[name] for unit in units])
 
@@ -262,6 +272,8 @@ def build_request(args: argparse.Namespace):
     request = derived(request, image=image, mask=mask)  # (one image, one mask: what the placeholders stood for)
     if args.controlnet or args.control_image:
         request = request.replace(controls=control_units(args)).check()
+    if args.ip_adapter or args.ip_image:
+        request = request.replace(image_prompts=image_prompts(args)).check()
     if args.refiner_start is not None:
         request = derived(request, refiner_start=None)  # given to the pipeline (the base with its refiner) instead
     return request
@@ -330,7 +342,7 @@ def report(args: argparse.Namespace, pipe, result, steps: int, out: Path, batch_
 
     if result.evaluations != steps and not (args.refiner or args.hires_scale):  # Heun: two a step; PNDM: its
         # second step twice (a refiner or a hires pass: two runs, two bars)
-        print(f"({result.evaluations} UNet evaluations for {steps} steps)", file=sys.stderr)
+        print(f"({result.evaluations} UNet evaluations for {steps} step{'s' * (steps != 1)})", file=sys.stderr)
     for note in dict.fromkeys(pipe.notes + result.notes):
         print(f"note: {note}", file=sys.stderr)
     if args.seed is None:

@@ -9,6 +9,19 @@ that implement these options take their names from here.
 SAMPLER_LABELS = {"pndm": "PLMS", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
                   "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC",
                   "lcm": "LCM", "tcd": "TCD"}  # A1111 has LCM; TCD is Forge's and ComfyUI's name
+# AUTOMATIC1111's samplers ldm does not have → the nearest ones it has (the same kind of solver: single-step
+# second-order → Heun, ancestral → Euler a, SDE → DPM++ 2M SDE); `--from-png` names them instead of guessing
+NEAREST_SAMPLERS = {"DPM++ SDE": ("dpmpp_2m_sde", "dpmpp_2m"), "DPM++ 2M SDE Heun": ("dpmpp_2m_sde", "heun"),
+                    "DPM++ 2S a": ("euler_a", "dpmpp_2m_sde"), "DPM++ 3M SDE": ("dpmpp_2m_sde",),
+                    "DPM2": ("heun", "dpmpp_2m"), "DPM2 a": ("euler_a", "dpmpp_2m_sde"), "DPM fast": ("dpmpp_2m",),
+                    "DPM adaptive": ("dpmpp_2m",), "Restart": ("heun",), "DDIM CFG++": ("ddim",)}
+# A1111 1.10's schedule labels (modules/sd_schedulers.py: `schedulers`, with the alias SGMUniform), which its
+# samplers' labels before 1.9 ended with ("DPM++ 2M Karras"); ldm has Automatic and Karras
+A1111_SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "SGMUniform",
+                   "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
+# what A1111 ≥ 1.9 runs for `Schedule type: Automatic`: the sampler's own schedule (modules/sd_samplers_kdiffusion.py:
+# `samplers_k_diffusion` options' "scheduler", taken by KDiffusionSampler.get_sigmas), of the samplers ldm has
+A1111_AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential"}
 # the samplers whose diffusers scheduler takes Karras σ (`use_karras_sigmas`)
 KARRAS_SAMPLERS = ("euler", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 
