@@ -42,6 +42,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     guard.add_argument("--cors-allow-origins", nargs="+", default=(), metavar="ORIGIN",
                        help="origins (https://app.example) of web pages that may call the server (* for any); "
                             "requests from the pages of others are refused")
+    guard.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                       help="HTTP Basic credentials asked of every route but /health (A1111's --api-auth): the page, "
+                            "/score and /sdapi/v1; needed to listen on an address other machines reach")
+    guard.add_argument("--insecure-no-auth", action="store_true",
+                       help="listen on an address other machines reach (--host 0.0.0.0) without --api-auth: anyone "
+                            "who reaches it can use it")
+    srv.add_argument("--preview-vae", default=None, metavar="TAESD",
+                     help="decode the live preview of /sdapi/v1/progress with this TAESD (an AutoencoderTiny folder, "
+                          "or taesd_decoder.safetensors; taesdxl for SDXL); default: A1111's cheap approximation")
     guard.add_argument("--max-connections", type=int, default=32,
                        help="connections served at once; requests beyond them get 503 (default: %(default)s)")
     guard.add_argument("--header-timeout", type=float, default=10,
@@ -63,16 +72,36 @@ def run(args: argparse.Namespace) -> None:
     from ldm.pipelines.setup import check_models
     from ldm.serving import server
 
-    config = serve_config(args)
+    credentials = api_credentials(args.api_auth)
+    if not server.is_loopback(args.host) and not credentials and not args.insecure_no_auth:
+        raise LdmError(f"--host {args.host} is reachable from other machines: give --api-auth USER:PASS (HTTP Basic "
+                       "on every route), or --insecure-no-auth to serve it to anyone who reaches it")
+    config = serve_config(args, credentials)
+    server.check_port(args.host, args.port)  # a port in use is said now, before the model loads (exit 2)
     settings = run_settings(args)
     check_models(settings)  # a model that cannot be found or read is the user's error, said now (exit 2)
-    print(f"ldm: serving {args.model} on http://{args.host}:{args.port} (POST /score, GET /health, /docs); "
-          "loading the model…", file=sys.stderr)
+    print(f"ldm: serving {args.model} on http://{args.host}:{args.port} (POST /score, /sdapi/v1, the page at /, GET "
+          f"/health, /docs){'' if not credentials else ', HTTP Basic asked'}; loading the model…", file=sys.stderr)
     server.serve(settings, args.model, args.host, args.port, config)
 
 
-def serve_config(args: argparse.Namespace):
-    """The server's limits, queue, batch size, body size and timeout, checked."""
+def api_credentials(value: str | None) -> tuple[tuple[str, str], ...]:
+    """`--api-auth USER:PASS[,USER:PASS]` as (user, password) pairs (a password may hold colons: the user name ends
+    at the first); a malformed value is an LdmError that repeats no password."""
+    if value is None:
+        return ()
+    pairs = []
+    for n, entry in enumerate(value.split(","), 1):
+        user, colon, password = entry.partition(":")
+        if not colon or not user.strip() or not password:
+            raise LdmError(f"--api-auth: credential {n} is not USER:PASSWORD (expected USER:PASS[,USER2:PASS2], "
+                           "each with a user name and a password)")
+        pairs.append((user.strip(), password))
+    return tuple(pairs)
+
+
+def serve_config(args: argparse.Namespace, credentials: tuple[tuple[str, str], ...] = ()):
+    """The server's limits, queue, batch size, body size and timeout, checked (`credentials`: `--api-auth`'s)."""
     from ldm.serving.limits import Limits
     from ldm.serving.server import ServeConfig
 
@@ -90,10 +119,25 @@ def serve_config(args: argparse.Namespace):
             args.graceful_timeout < 0:
         raise LdmError("--max-connections must be at least 1, --header-timeout, --read-timeout and "
                        "--image-url-timeout above 0, --graceful-timeout 0 or more")
+    if args.preview_vae is not None:
+        check_preview_vae(args.preview_vae)
     return ServeConfig(Limits(args.max_rows, args.max_steps, args.max_pixels, args.max_images), args.queue_size,
                        int(args.max_body_mb * 1024 * 1024), args.timeout, form=args.response_format,
                        batch_size=batch_size, allow_image_urls=args.allow_image_urls,
                        image_url_timeout_s=args.image_url_timeout, allow_private_urls=args.allow_private_urls,
                        max_connections=args.max_connections, header_timeout_s=args.header_timeout,
                        read_timeout_s=args.read_timeout, graceful_timeout_s=args.graceful_timeout,
-                       allowed_hosts=tuple(args.allowed_hosts), cors_allow_origins=tuple(args.cors_allow_origins))
+                       allowed_hosts=tuple(args.allowed_hosts), cors_allow_origins=tuple(args.cors_allow_origins),
+                       api_auth=credentials, preview_vae=args.preview_vae)
+
+
+def check_preview_vae(source: str) -> None:
+    """`--preview-vae`: a TAESD that is there (it loads with the first preview asked for, on the worker)."""
+    from pathlib import Path
+
+    from ldm.loading.tiny_vae import is_tiny_vae
+
+    if not Path(source).exists():
+        raise LdmError(f"--preview-vae {source}: no such file or folder")
+    if not is_tiny_vae(Path(source)):
+        raise LdmError(f"--preview-vae {source}: not a TAESD (an AutoencoderTiny folder, or taesd_decoder.safetensors)")

@@ -14,6 +14,7 @@ from PIL import Image
 from test_serve import Server
 
 from ldm.pipelines.stable_diffusion import StableDiffusion
+from ldm.serving.limits import Limits
 from ldm.serving.server import ServeConfig
 
 PROMPT = "a lighthouse at night"
@@ -29,7 +30,7 @@ def pipe(sd1_folder):
 
 @pytest.fixture
 def server(pipe):
-    s = Server(lambda: pipe, ServeConfig(queue_size=4))
+    s = Server(lambda: pipe, ServeConfig(Limits(max_steps=1000), queue_size=4))
     yield s
     s.close()
 
@@ -100,7 +101,47 @@ def test_models_options_and_lists(api, server):
     assert {"automatic", "karras"} <= set(api.util_get_scheduler_names())  # (A1111: names, and labels beside)
     assert {"Latent", "Latent (nearest-exact)"} <= {m["name"] for m in api.get_latent_upscale_modes()}
     status, _, body = server.request("POST", "/sdapi/v1/options", {"sd_model_checkpoint": "/etc/passwd"})
-    assert status == 404 and "not loaded here" in body["detail"]
+    assert status == 404 and body["detail"] == ("sd_model_checkpoint: '/etc/passwd' is not loaded here (this server "
+                                                "runs tiny-sd1)")
+    assert api.util_get_current_model() == "tiny-sd1"
+
+
+def test_sd_model_checkpoint_takes_the_served_model_by_any_of_its_names(api, server, pipe):
+    """webuiapi's `util_set_model` (it lowercases the name, then sends the closest title) and `override_settings`:
+    the served model by title or name is taken; another is a 404 naming the field and the model served."""
+    api.util_set_model("TINY-SD1")
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-sd1"
+    result = api.txt2img(prompt=PROMPT, seed=4, steps=2, width=64, height=64, sampler_name="Euler",
+                         override_settings={"sd_model_checkpoint": "tiny-sd1"})
+    assert "override_settings.sd_model_checkpoint" not in result.info["ignored"] and result.info["all_seeds"] == [4]
+    status, _, body = server.request("POST", "/sdapi/v1/txt2img", {
+        "prompt": "x", "steps": 1, "width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": "sdxl"}})
+    assert status == 404 and body["detail"] == ("override_settings.sd_model_checkpoint: 'sdxl' is not loaded here "
+                                                "(this server runs tiny-sd1)")
+
+
+def test_a_single_files_title_has_its_hash(tmp_path, monkeypatch):
+    """A single-file checkpoint is listed as A1111 lists one: "file [sha256[:10]]", its name (never its folder), and
+    taken by title, name, short or full hash."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from ldm.serving.a1111 import ApiError, checkpoint_of, checkpoint_title
+
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
+    file = tmp_path / "models" / "dream.safetensors"
+    file.parent.mkdir()
+    file.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    served = SimpleNamespace(model_file=file)
+    entry = checkpoint_of(served, str(file))
+    assert entry == {"title": f"dream.safetensors [{digest[:10]}]", "model_name": "dream.safetensors",
+                     "hash": digest[:10], "sha256": digest, "filename": "dream.safetensors", "config": None}
+    for alias in (entry["title"], "dream.safetensors", digest[:10], digest, str(file)):
+        assert checkpoint_title(alias, served, str(file), "sd_model_checkpoint") == entry["title"]
+    with pytest.raises(ApiError) as refused:
+        checkpoint_title("other", served, str(file), "sd_model_checkpoint")
+    assert refused.value.status == 404 and str(tmp_path) not in refused.value.detail
 
 
 def test_progress_during_a_run_and_interrupt(api, server):
@@ -191,8 +232,10 @@ def test_controlnet_units_in_alwayson_scripts(api, pipe, served_controlnet):
 
     unit = webuiapi.ControlNetUnit(image=hint(2), model="control_v11p_sd15_canny [d14c016b]", weight=0.8,
                                    guidance_end=0.75, control_mode=1, resize_mode="Just Resize")
+    # (a dict of its own: webuiapi writes the units into its `alwayson_scripts={}` default, which every later call
+    # in the process would then send)
     result = api.txt2img(prompt=PROMPT, seed=3, steps=4, width=64, height=64, sampler_name="Euler",
-                         controlnet_units=[unit])
+                         controlnet_units=[unit], alwayson_scripts={})
     expected = pipe(PROMPT, seed=3, steps=4, guidance=7.0, width=64, height=64, sampler="euler", controls=[
         Control(str(served_controlnet), hint(2), weight=0.8, end=0.75, mode="prompt")]).images[0]
     plain = pipe(PROMPT, seed=3, steps=4, guidance=7.0, width=64, height=64, sampler="euler").images[0]
@@ -214,3 +257,100 @@ def test_bad_controlnet_units_are_422(server, served_controlnet, unit, message):
     code, _, body = server.request("POST", "/sdapi/v1/txt2img", {
         "prompt": "x", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
     assert code == 422 and message in body["detail"], body
+
+
+# ------------------------------------------------------------------------------------------------ live preview
+
+# A1111 modules/sd_vae_approx.py `cheap_approximation` (SD 1.x/2.x), written out here as the reference
+A1111_CHEAP = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]])
+
+
+class Recording:
+    """The pipeline, each step's x0 estimate (of the first image) kept, in order."""
+
+    def __init__(self, pipe):
+        self.pipe, self.latents = pipe, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, request, callbacks=(), **options):
+        def keep(event):
+            self.latents.append(event.denoised[0].detach().clone())
+            time.sleep(0.01)
+
+        return self.pipe(request, callbacks=[*callbacks, keep], **options)
+
+
+def cheap_reference(latent) -> np.ndarray:
+    """sd_samplers_common.py `single_sample_to_image` with the cheap approximation: RGB·0.5 + 0.5, clamped, ×255
+    truncated."""
+    rgb = np.einsum("lxy,lr->rxy", latent.double().numpy(), A1111_CHEAP) * 0.5 + 0.5
+    return (255.0 * np.moveaxis(np.clip(rgb, 0, 1), 0, 2)).astype(np.uint8).astype(np.int16)
+
+
+def watch_preview(api, server, steps: int = 400) -> tuple[Image.Image, dict]:
+    """A long txt2img run, `progress` polled (webuiapi's `get_progress`: A1111's default sends the preview) until
+    it has a preview; then the same asked with skip_current_image=true, then the run interrupted. (the preview
+    decoded, the answer skipping it)."""
+    import base64
+    import io
+
+    results = {}
+    thread = threading.Thread(target=lambda: results.setdefault("r", api.txt2img(
+        prompt=PROMPT, seed=1, steps=steps, width=64, height=64, sampler_name="Euler")))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while (progress := api.get_progress())["current_image"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    skipped = server.request("GET", "/sdapi/v1/progress?skip_current_image=true")[2]
+    api.interrupt()
+    thread.join(60)
+    assert progress["current_image"] is not None and progress["state"]["job_count"] == 1
+    assert not thread.is_alive() and api.get_progress()["current_image"] is None  # no job runs
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.format == "PNG"
+    return preview, skipped
+
+
+def test_progress_sends_the_cheap_live_preview(pipe):
+    """Without a TAESD: A1111's "Approx cheap" of the running job's latest x0 estimate, at the latent's size (8×8 for
+    64×64), equal to the reference applied to one of the run's steps; null when asked to skip."""
+    recording = Recording(pipe)
+    server = Server(lambda: recording, ServeConfig(Limits(max_steps=1000), queue_size=4))
+    try:
+        preview, skipped = watch_preview(webuiapi.WebUIApi(host="127.0.0.1", port=server.port), server)
+    finally:
+        server.close()
+    assert skipped["current_image"] is None and skipped["state"]["job_count"] == 1
+    assert preview.size == (8, 8)
+    shown = pixels(preview)
+    assert min(np.abs(shown - cheap_reference(latent)).max() for latent in recording.latents) <= 1
+
+
+def test_progress_sends_the_taesd_live_preview(pipe, tmp_path):
+    """With `--preview-vae` (a TAESD): the preview is its decode of one of the run's steps at the image's size, as
+    diffusers' AutoencoderTiny decodes that latent."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    reference = AutoencoderTiny().eval()
+    reference.save_pretrained(tmp_path / "taesd")
+    recording = Recording(pipe)
+    server = Server(lambda: recording, ServeConfig(Limits(max_steps=1000), queue_size=4,
+                                                   preview_vae=str(tmp_path / "taesd")))
+    try:
+        preview, _ = watch_preview(webuiapi.WebUIApi(host="127.0.0.1", port=server.port), server)
+    finally:
+        server.close()
+    assert preview.size == (64, 64)
+    shown = pixels(preview)
+
+    def decoded(latent) -> np.ndarray:
+        with torch.no_grad():
+            x = reference.decode(latent[None] / reference.config.scaling_factor).sample[0]
+        rgb = (x / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+        return np.round(rgb * 255).astype(np.int16)
+
+    assert min(np.abs(shown - decoded(latent)).max() for latent in recording.latents) <= MAX_PIXEL_DIFF

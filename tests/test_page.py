@@ -163,6 +163,11 @@ def test_interrupt_ends_a_long_run(page):
     start = time.monotonic()
     page.click("#generate")
     page.wait_for_function("/Step ([3-9]|\\d\\d+) of 150/.test(document.getElementById('progress-text').textContent)")
+    # the live preview of the run (A1111's cheap approximation: the 64×64 image's 8×8 latent), shown scaled up
+    page.wait_for_selector("#live-preview", state="visible")
+    preview = png_of(page.get_attribute("#live-preview", "src"))
+    assert preview.size == (8, 8)
+    assert page.locator("#live-preview").bounding_box()["width"] > 8 * 10
     with page.expect_request("**/sdapi/v1/interrupt") as interrupt:
         page.click("#interrupt")
     assert interrupt.value.method == "POST"

@@ -8,14 +8,22 @@ upscalers, latent-upscale-modes, sd-vae, loras, embeddings, cmd-flags, memory, p
 skip. A request's fields are read by pydantic models as A1111's are (a field of the wrong type is a 422 naming it);
 fields ldm has no use for are accepted and listed in the response's `info` (`ignored`). An unknown sampler is a 404,
 as in A1111.
+
+A body is held to what `/score` holds its rows to before it is queued (`check_body`): the server's limits (steps,
+pixels, images: batch_size × n_iter), prompts bounded before they are tokenized, strings that are valid Unicode, LoRA
+tags of the server's folder (answers name no folder), images refused by their header's size before they are
+decoded: each a 422 naming the field.
 """
 
+import contextvars
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
@@ -28,12 +36,15 @@ from ldm.choices import (
     SAMPLER_LABELS,
 )
 from ldm.errors import InputError, LdmError
+from ldm.hooks.live_preview import live_preview
 from ldm.loading.controlnets import find_controlnet
-from ldm.pipelines.images import decode_image, encode_png
-from ldm.pipelines.infotext import parse_infotext
-from ldm.pipelines.request import MAX_SEED, Control, GenerationRequest, random_seed
+from ldm.pipelines.images import MAX_INPUT_PIXELS, decode_image, encode_png
+from ldm.pipelines.infotext import image_infotext, parse_infotext
+from ldm.pipelines.request import MAX_SEED, Control, GenerationRequest, hires_size, random_seed
 from ldm.pipelines.stable_diffusion import Generation
+from ldm.serving.limits import Limits
 from ldm.serving.runner import Cancelled
+from ldm.serving.schema import MAX_PROMPT_CHARS, RequestError, _check_lora_tags, echo, text, too_many_pixels
 
 VERSION = "ldm (A1111 1.10 API)"
 SAMPLER_OF = {label: name for name, label in SAMPLER_LABELS.items()}
@@ -49,6 +60,17 @@ USED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "s
         "firstphase_height", "hr_resize_x", "hr_resize_y", "hr_prompt", "hr_negative_prompt", "hr_sampler_name",
         "hr_scheduler", "hr_checkpoint_name", "resize_mode", "inpainting_fill", "mask_blur", "inpaint_full_res",
         "inpaint_full_res_padding", "inpainting_mask_invert", "initial_noise_multiplier", "image_cfg_scale"}
+PROMPTS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")  # bounded as /score bounds its prompts
+# a GenerationRequest field (an InputError's) → the A1111 field that sets it
+FIELD_OF = {"guidance": "cfg_scale", "sampler": "sampler_name", "karras": "scheduler", "num_images": "batch_size",
+            "clip_skip": "override_settings.CLIP_stop_at_last_layers", "strength": "denoising_strength",
+            "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_denoise": "denoising_strength",
+            "hires_upscaler": "hr_upscaler", "image": "init_images", "controls": "alwayson_scripts.controlnet.args"}
+# the pixels of the images decoded while a body is checked (`check_body`; ControlNet units' images: 4 × the server's
+# pixels per image, as /score takes them, since they are resized to the generation's size)
+IMAGE_PIXELS: contextvars.ContextVar[int] = contextvars.ContextVar("IMAGE_PIXELS", default=MAX_INPUT_PIXELS)
+PREVIEW_EVERY_S = 0.2  # a live preview is decoded at most this often, and only while a client asks for it
+WATCHED_S = 3.0  # … that is, within this long of a `progress` request that asked for it
 
 
 class Txt2Img(BaseModel):
@@ -127,8 +149,6 @@ def ignored(body: Txt2Img) -> list[str]:
 
 def requests_of(body: Txt2Img, image=None, mask=None) -> list[GenerationRequest]:
     """One request per iteration (`n_iter`), each of `batch_size` images with seeds seed + i, as A1111 numbers them."""
-    if not 1 <= body.batch_size <= 64 or not 1 <= body.n_iter <= 64:
-        raise ApiError(422, "batch_size and n_iter must be from 1 to 64")
     sampler, karras = sampler_of(body)
     seed = random_seed() if body.seed == -1 else body.seed
     if not 0 <= seed <= MAX_SEED:
@@ -159,7 +179,7 @@ def controls_of(body: Txt2Img) -> list[Control]:
     """The ControlNet units of `alwayson_scripts.controlnet.args` as sd-webui-controlnet takes them (its API's unit
     fields; the key in any case: webuiapi writes "ControlNet"): enabled units with a model, of the server's
     weights/controlnet/ by name (A1111's "name [hash]" too), their image base64; control modes and resize modes by
-    label or index; a module ldm lacks is a 422 naming it."""
+    label or index; `pixel_perfect` as sent; a module ldm lacks is a 422 naming it."""
     scripts = {key.lower(): value for key, value in body.alwayson_scripts.items()}
     args = (scripts.get("controlnet") or {}).get("args", []) if isinstance(scripts.get("controlnet"), dict) else []
     units = []
@@ -199,12 +219,15 @@ def control_unit(unit: dict, where: str) -> Control:
     # a preprocessor's parameters (A1111's −1: its default)
     params = {} if preprocess is None else {key: None if unit.get(key) in (None, -1) else unit[key]
                                             for key in ("threshold_a", "threshold_b", "processor_res")}
+    if not isinstance(unit.get("pixel_perfect", False), bool):
+        raise ApiError(422, f"{where}.pixel_perfect: expected true or false, got {unit['pixel_perfect']!r}")
     try:
         return Control(str(path), decode_field(f"{where}.image", image), weight=float(unit.get("weight", 1.0)),
                        start=float(unit.get("guidance_start", 0.0)), end=float(unit.get("guidance_end", 1.0)),
                        mode=label(unit.get("control_mode", "Balanced"), MODE_OF, list(CONTROL_MODES), "control_mode"),
                        resize=label(unit.get("resize_mode", "Crop and Resize"), RESIZE_OF, list(CONTROL_RESIZE_MODES),
-                                    "resize_mode"), preprocess=preprocess, **params)
+                                    "resize_mode"), preprocess=preprocess,
+                       pixel_perfect=unit.get("pixel_perfect", False), **params)
     except (TypeError, ValueError):
         raise ApiError(422, f"{where}: weight, guidance_start and guidance_end must be numbers") from None
 
@@ -218,16 +241,103 @@ def hires_of(body: Txt2Img) -> dict:
             "hires_upscaler": upscaler}
 
 
-def decode_field(name: str, value: str):
+def decode_field(name: str, value: str, max_pixels: int | None = None):
+    """A base64 image of the body, refused by its header's size before it is decoded: over `max_pixels` (None: the
+    bound of the body being checked, `IMAGE_PIXELS`); a 422 naming `name` otherwise."""
+    max_pixels = IMAGE_PIXELS.get() if max_pixels is None else max_pixels
+
+    def refuse(width: int, height: int) -> str | None:  # (/score's words for an image over the limit)
+        if width * height <= max_pixels:
+            return None
+        return f"{width}x{height} is larger than this server's {max_pixels} pixels per image; resize it first"
+
     try:
-        return decode_image(value, name)
+        return decode_image(value, name, max_pixels, refuse)
     except InputError as e:  # (its message names the field)
         raise ApiError(422, str(e) if str(e).startswith(name) else f"{name}: {e}") from None
 
 
+def check_texts(value, where: str = "") -> None:
+    """Every string of a body, its keys too, valid Unicode (a lone surrogate, which JSON lets through and UTF-8
+    cannot encode, was a 500 when an answer repeated it), the prompts within /score's bound: a 422 naming the
+    field otherwise (`schema.text`)."""
+    try:
+        if isinstance(value, str):
+            text(value, where or "body", MAX_PROMPT_CHARS if where in PROMPTS else sys.maxsize)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                text(str(key), name, sys.maxsize)
+                check_texts(item, name)
+        elif isinstance(value, list):
+            for n, item in enumerate(value):
+                check_texts(item, f"{where}[{n}]")
+    except RequestError as e:
+        raise ApiError(422, str(e)) from None
+
+
+def check_limits(body: Txt2Img, limits: Limits) -> None:
+    """The server's limits (`--max-steps`, `--max-pixels`, `--max-images`: batch_size × n_iter), as /score holds
+    its parameters to them."""
+    if not 1 <= body.steps <= limits.max_steps:
+        raise ApiError(422, f"steps: must be from 1 to {limits.max_steps} on this server, got {body.steps}")
+    if body.enable_hr and not 0 <= body.hr_second_pass_steps <= limits.max_steps:
+        raise ApiError(422, f"hr_second_pass_steps: must be from 0 to {limits.max_steps} on this server, got "
+                            f"{body.hr_second_pass_steps}")
+    for name in ("batch_size", "n_iter"):
+        if getattr(body, name) < 1:
+            raise ApiError(422, f"{name}: must be at least 1, got {getattr(body, name)}")
+    if body.batch_size * body.n_iter > limits.max_images_per_prompt:
+        raise ApiError(422, f"batch_size: {body.batch_size} × n_iter {body.n_iter} is {body.batch_size * body.n_iter}"
+                            f" images; this server makes at most {limits.max_images_per_prompt} a request")
+    larger = "width" if body.width >= body.height else "height"
+    if error := too_many_pixels(larger, body.width, body.height, limits):
+        raise ApiError(422, str(error))
+    if body.enable_hr and body.hr_scale > 0:
+        big_w, big_h = hires_size(body.width, body.height, body.hr_scale)
+        if big_w * big_h > limits.max_pixels:
+            raise ApiError(422, f"hr_scale: {body.width}x{body.height} upscaled {body.hr_scale:g}× is {big_w}x"
+                                f"{big_h}, more than this server's {limits.max_pixels} pixels per image")
+
+
+def check_body(body: Txt2Img, limits: Limits) -> tuple[list[GenerationRequest], object, object]:
+    """A body checked as /score checks a request, before it is queued: its strings and prompts (`check_texts`), the
+    LoRA tags of its prompts (of the server's folder; the answer names no folder), the server's limits, its images
+    (`init_images`, `mask`, ControlNet units') refused by their header's size before they are decoded, then each
+    iteration's request as every entry point checks one. Returns (the requests, the init image, the mask); a
+    mistake is an ApiError naming the field."""
+    check_texts(body.model_dump())
+    for name in ("prompt", "negative_prompt"):
+        try:
+            _check_lora_tags(getattr(body, name), name)
+        except RequestError as e:
+            raise ApiError(422, str(e)) from None
+    check_limits(body, limits)
+    image = mask = None
+    if isinstance(body, Img2Img):
+        if not body.init_images:
+            raise ApiError(422, "init_images: give at least one image")
+        image = decode_field("init_images[0]", body.init_images[0], limits.max_pixels)
+        mask = decode_field("mask", body.mask, limits.max_pixels) if body.mask else None
+    bound = IMAGE_PIXELS.set(4 * limits.max_pixels)
+    try:
+        requests = requests_of(body, image, mask)
+    finally:
+        IMAGE_PIXELS.reset(bound)
+    for request in requests:
+        try:
+            request.check()
+        except InputError as e:
+            name = FIELD_OF.get(e.field, e.field) or "body"
+            raise ApiError(422, f"{name}: {e}") from None
+    return requests, image, mask
+
+
 @dataclass
 class Progress:
-    """What `/progress` reports: the running job's step of its steps, and the jobs queued or running."""
+    """What `/progress` reports: the running job's step of its steps, the jobs queued or running, and the live
+    preview of the running job (`ldm.hooks.live_preview`), decoded on the worker, and only while a client asks
+    for it: by the TAESD of `preview_vae` (loaded on first use) or A1111's cheap approximation."""
 
     jobs: int = 0
     step: int = 0
@@ -236,9 +346,15 @@ class Progress:
     interrupted: threading.Event = field(default_factory=threading.Event)
     skipped: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    preview_vae: str | None = None  # a TAESD file or folder (`ldm serve --preview-vae`)
+    tiny_vae: object = None  # … loaded
+    preview: object = None  # the running job's latest preview (a PIL image), and when it was decoded
+    preview_at: float = 0.0
+    watched_until: float = 0.0  # a client asked for the preview this recently (`WATCHED_S`)
 
-    def report(self) -> dict:
-        """A1111's ProgressResponse: progress and eta_relative of the running job, its state."""
+    def report(self, current_image: bool = False) -> dict:
+        """A1111's ProgressResponse: progress and eta_relative of the running job, its state, and with
+        `current_image` its latest preview (base64 PNG; None until one is decoded, and while no job runs)."""
         with self.lock:
             done = self.step / self.steps if self.steps else 0.0
             elapsed = time.monotonic() - self.started if self.started else 0.0
@@ -246,8 +362,24 @@ class Progress:
             state = {"skipped": self.skipped.is_set(), "interrupted": self.interrupted.is_set(), "job": "",
                      "job_count": self.jobs, "job_timestamp": "0", "job_no": 0, "sampling_step": self.step,
                      "sampling_steps": self.steps}
-        return {"progress": done if self.jobs else 0.0, "eta_relative": eta, "state": state, "current_image": None,
-                "textinfo": None}
+            if current_image:
+                self.watched_until = time.monotonic() + WATCHED_S
+            preview = self.preview if current_image and self.jobs else None
+        return {"progress": done if self.jobs else 0.0, "eta_relative": eta, "state": state,
+                "current_image": None if preview is None else encode_png(preview), "textinfo": None}
+
+    def observe(self, pipe, denoised) -> None:
+        """On the worker, at a step: the preview of its x0 estimate, while a client watches (`PREVIEW_EVERY_S`)."""
+        now = time.monotonic()
+        if now > self.watched_until or now - self.preview_at < PREVIEW_EVERY_S:
+            return
+        if self.preview_vae is not None and self.tiny_vae is None:
+            from ldm.loading.components import load_vae
+
+            self.tiny_vae = load_vae(self.preview_vae, pipe.vae.config, pipe.spec, pipe.device, pipe.dtype)
+        preview = live_preview(pipe, denoised, self.tiny_vae)
+        with self.lock:
+            self.preview, self.preview_at = preview, time.monotonic()
 
 
 class Stopped(Exception):
@@ -258,12 +390,12 @@ class Stopped(Exception):
         self.denoised = denoised
 
 
-def run_body(pipe, body: Txt2Img, progress: Progress, image=None, mask=None,
+def run_body(pipe, body: Txt2Img, progress: Progress, requests: list[GenerationRequest],
              cancelled: Callable[[], bool] = lambda: False) -> dict:
-    """Every iteration of the body through `pipe`: A1111's response (images, parameters, info). `cancelled()`: the
-    client went away (the run stops at its next step)."""
+    """Every iteration of the body (its `requests`, `check_body`'s) through `pipe`: A1111's response (images,
+    parameters, info). `cancelled()`: the client went away (the run stops at its next step)."""
     images, texts, seeds = [], [], []
-    for request in requests_of(body, image, mask):
+    for request in requests:
         if progress.interrupted.is_set():
             break
         progress.skipped.clear()
@@ -286,9 +418,11 @@ def run_one(pipe, request: GenerationRequest, progress: Progress, cancelled: Cal
             progress.step, progress.steps = event.i + 1, event.total
         if progress.interrupted.is_set() or progress.skipped.is_set():
             raise Stopped(event.denoised)
+        progress.observe(pipe, event.denoised)
 
     with progress.lock:
         progress.step, progress.steps, progress.started = 0, request.steps, time.monotonic()
+        progress.preview, progress.preview_at = None, 0.0
     try:
         return pipe(request, callbacks=[step])
     except Stopped as stop:
@@ -315,15 +449,37 @@ def info_of(pipe, body: Txt2Img, seeds: list[int], texts: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------- routes
 
 
+def checkpoint_of(pipe, model_name: str) -> dict:
+    """The served model as A1111's `sd-models` lists one (`title` "name [hash10]", the hash a single file's sha256,
+    as the infotext's Model hash): its name is the one it was started with, or that file's or folder's own name
+    where it was started with a path (an answer names no path)."""
+    from ldm.loading.hashes import sha256
+
+    name = Path(model_name).name if Path(model_name).exists() else model_name
+    digest = sha256(pipe.model_file) if pipe is not None and getattr(pipe, "model_file", None) else None
+    return {"title": f"{name} [{digest[:10]}]" if digest else name, "model_name": name,
+            "hash": digest[:10] if digest else None, "sha256": digest, "filename": name, "config": None}
+
+
+def checkpoint_title(value, pipe, model_name: str, where: str) -> str:
+    """`sd_model_checkpoint` (of `options` or `override_settings`): the served model by any of its titles, names or
+    hashes (webuiapi's `util_set_model` sends the title) as its title; any other is a 404 naming `where` and the
+    model served (ldm serves one model: it is never switched, and never loaded from a path)."""
+    entry = checkpoint_of(pipe, model_name)
+    names = {entry["title"], entry["model_name"], model_name} | ({entry["hash"], entry["sha256"]} - {None})
+    if isinstance(value, str) and (value in names or value.split(" [")[0] in names):
+        return entry["title"]
+    shown = echo(value, 200) if isinstance(value, str) else repr(value)[:200]
+    raise ApiError(404, f"{where}: {shown!r} is not loaded here (this server runs {entry['title']})")
+
+
 def listing(pipe, model_name: str) -> dict:
     """What the GET routes list: the model (A1111's `title` is "name [hash10]"), samplers, upscalers, LoRAs."""
     from ldm.adapters.lora import lora_names
 
-    name = model_name
     loras = lora_names()
     return {
-        "sd-models": [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name,
-                       "config": None}],
+        "sd-models": [checkpoint_of(pipe, model_name)],
         "samplers": [{"name": label, "aliases": [n], "options": {}} for n, label in SAMPLER_LABELS.items()],
         "schedulers": [{"name": n, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
                        for n, label in SCHEDULERS.items()],
@@ -338,32 +494,66 @@ def listing(pipe, model_name: str) -> dict:
     }
 
 
-def add_routes(app, submit, pipe_of, model_name: str, progress: Progress) -> None:
+def add_routes(app, submit, pipe_of, model_name: str, progress: Progress, limits: Limits = Limits()) -> None:
     """The /sdapi/v1 routes on `app` (FastAPI), and the page at `/`. `submit(http, work)` queues `work(pipe,
     cancelled)` on the server's worker and returns its result (or the server's refusal, as a response);
-    `pipe_of()` is the loaded pipeline or None."""
-    add_generation_routes(app, submit, model_name, progress)
-    add_state_routes(app, pipe_of, model_name, progress)
+    `pipe_of()` is the loaded pipeline or None; `limits`: the server's, which bodies are held to."""
+    add_error_answers(app)
+    add_generation_routes(app, submit, pipe_of, model_name, progress, limits)
+    add_state_routes(app, pipe_of, model_name, progress, limits)
     add_page(app)
 
 
-def add_generation_routes(app, submit, model_name: str, progress: Progress) -> None:
-    """`txt2img` and `img2img`: a body queued as one job on the server's worker."""
+def printable(value, limit: int = 200):
+    """An answer's value with every string as an answer may repeat it (`schema.echo`: no lone surrogate, cut)."""
+    if isinstance(value, str):
+        return echo(value, limit)
+    if isinstance(value, dict):
+        return {printable(k): printable(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable(v, limit) for v in value]
+    return value
+
+
+def add_error_answers(app) -> None:
+    """FastAPI's answers to a body of the wrong shape (422, each error's `loc` naming the field) and to an
+    HTTPException, with what they repeat of the request printable: a lone surrogate in a field of the wrong type
+    was a 500, a base64 image of the wrong type was repeated whole."""
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(http, error: RequestValidationError):
+        return JSONResponse({"detail": printable(jsonable_encoder(error.errors()))}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def refused(http, error: HTTPException):
+        return JSONResponse({"detail": printable(error.detail, 2000)}, status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+
+def add_generation_routes(app, submit, pipe_of, model_name: str, progress: Progress, limits: Limits) -> None:
+    """`txt2img` and `img2img`: a body checked (`check_body`, off the event loop), then queued as one job on the
+    server's worker."""
     from fastapi import HTTPException
     from fastapi import Request as HttpRequest
+    from starlette.concurrency import run_in_threadpool
 
-    async def generate(http, body: Txt2Img, image=None, mask=None):
-        if body.override_settings.get("sd_model_checkpoint", model_name) not in (model_name, None):
-            raise HTTPException(404, f"model not loaded here: {body.override_settings['sd_model_checkpoint']}")
+    async def generate(http, body: Txt2Img):
         try:
-            sampler_of(body)  # a 404 before the job is queued
+            if "sd_model_checkpoint" in body.override_settings:
+                checkpoint_title(body.override_settings["sd_model_checkpoint"], pipe_of(), model_name,
+                                 "override_settings.sd_model_checkpoint")
+            requests, _, _ = await run_in_threadpool(check_body, body, limits)
         except ApiError as e:
             raise HTTPException(e.status, e.detail) from None
         progress.interrupted.clear()
 
         def work(pipe, cancelled):
             try:
-                return run_body(pipe, body, progress, image, mask, cancelled)
+                return run_body(pipe, body, progress, requests, cancelled)
             except ApiError as e:
                 return e
 
@@ -384,24 +574,18 @@ def add_generation_routes(app, submit, model_name: str, progress: Progress) -> N
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2Img, http: HttpRequest):
-        if not body.init_images:
-            raise HTTPException(422, "init_images: give at least one image")
-        try:
-            image = decode_field("init_images", body.init_images[0])
-            mask = decode_field("mask", body.mask) if body.mask else None
-        except ApiError as e:
-            raise HTTPException(e.status, e.detail) from None
-        result = await generate(http, body, image, mask)
-        if body.include_init_images and not isinstance(result, ApiError):
+        result = await generate(http, body)
+        if body.include_init_images:
             result["images"] = result["images"] + list(body.init_images)
         return result
 
 
-def add_state_routes(app, pipe_of, model_name: str, progress: Progress) -> None:
+def add_state_routes(app, pipe_of, model_name: str, progress: Progress, limits: Limits) -> None:
     """What the server holds and does: the lists, options, progress, interrupt and skip, png-info."""
     from fastapi import HTTPException
 
-    options: dict = {"sd_model_checkpoint": model_name, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+    options: dict = {"sd_model_checkpoint": checkpoint_of(None, model_name)["title"], "CLIP_stop_at_last_layers": 1,
+                     "sd_vae": "Automatic"}
 
     def listed(key: str):
         return listing(pipe_of(), model_name)[key]
@@ -412,19 +596,24 @@ def add_state_routes(app, pipe_of, model_name: str, progress: Progress) -> None:
 
     @app.get("/sdapi/v1/options")
     def get_options():
-        return options
+        return options | {"sd_model_checkpoint": checkpoint_of(pipe_of(), model_name)["title"]}
 
     @app.post("/sdapi/v1/options")
     def set_options(body: dict):
-        checkpoint = body.get("sd_model_checkpoint")
-        if checkpoint is not None and checkpoint != model_name:
-            raise HTTPException(404, f"model not loaded here: {checkpoint} (this server runs {model_name})")
+        try:
+            check_texts(body)
+            if "sd_model_checkpoint" in body:
+                body = body | {"sd_model_checkpoint": checkpoint_title(body["sd_model_checkpoint"], pipe_of(),
+                                                                       model_name, "sd_model_checkpoint")}
+        except ApiError as e:
+            raise HTTPException(e.status, e.detail) from None
         options.update(body)
         return None
 
     @app.get("/sdapi/v1/progress")
-    def get_progress():
-        return progress.report()
+    def get_progress(skip_current_image: bool = False):
+        """A1111's default sends the live preview (`current_image`); `?skip_current_image=true` leaves it out."""
+        return progress.report(current_image=not skip_current_image)
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt():
@@ -443,10 +632,11 @@ def add_state_routes(app, pipe_of, model_name: str, progress: Progress) -> None:
         if not isinstance(image, str):
             raise HTTPException(422, "image: a base64 image is required")
         try:
-            picture = decode_field("image", image) if image else None
+            check_texts(body)
+            picture = decode_field("image", image, limits.max_pixels) if image else None
         except ApiError as e:
             raise HTTPException(e.status, e.detail) from None
-        text = picture.info.get("parameters", "") if picture is not None else ""
+        text = image_infotext(picture)[0] if picture is not None else ""  # (a PNG text chunk, or EXIF)
         if not text:
             return {"info": "", "items": {}, "parameters": {}}
         prompt, negative, params = parse_infotext(text)

@@ -9,17 +9,21 @@ small pool of its own, off the event loop. While a request waits or runs, the ha
 client that goes away cancels its job (dropped from the queue, or stopped at the next denoising step), as do the
 per-request timeout and, past `--graceful-timeout`, the server's shutdown (503). `GET /health` is the liveness
 and readiness probe (200 once the model is loaded). `/docs` is the OpenAPI page. Every request gets one line on
-stderr.
+stderr. With `api_auth` (`--api-auth`, as A1111's) every route but `/health` asks for HTTP Basic credentials.
 """
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
+import errno
 import functools
+import hmac
 import ipaddress
 import json
 import logging
 import queue
+import socket
 import sys
 import threading
 import time
@@ -62,6 +66,9 @@ class ServeConfig:
     # origins of web pages allowed to call the server (CORS); "*" allows any
     allowed_hosts: tuple[str, ...] = ()
     cors_allow_origins: tuple[str, ...] = ()
+    # HTTP Basic (user, password) pairs asked of every route but /health (A1111's --api-auth); none: no auth
+    api_auth: tuple[tuple[str, str], ...] = ()
+    preview_vae: str | None = None  # a TAESD decoding the A1111 `progress` live preview (None: A1111's cheap one)
 
     def fetch(self) -> Callable[[str], bytes] | None:
         """How image URLs are fetched for `parse`, or None where they are refused."""
@@ -221,12 +228,14 @@ class RequestLog:
 
 
 class Refused(Exception):
-    """A request answered without a result: the status, the error body, and whether the answer says when to retry
-    (`Retry-After`) or closes the connection."""
+    """A request answered without a result: the status, the error body, whether the answer says when to retry
+    (`Retry-After`) or closes the connection, and other headers of the answer."""
 
-    def __init__(self, status: int, body: dict, retry: bool = False, close: bool = False):
+    def __init__(self, status: int, body: dict, retry: bool = False, close: bool = False,
+                 headers: dict | None = None):
         super().__init__(status, body)
         self.status, self.body, self.retry, self.close = status, body, retry, close
+        self.headers = headers or {}
 
 
 # ---------------------------------------------------------------------------------- what every request is held to
@@ -249,11 +258,45 @@ def is_ip_address(name: str) -> bool:
         return False
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only: 127.x, ::1 or localhost (a name that
+    resolves elsewhere, 0.0.0.0 or :: are not)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def authorized(header: str | None, credentials: tuple[tuple[str, str], ...]) -> bool:
+    """Whether an Authorization header gives HTTP Basic credentials among `credentials`: each pair compared in
+    constant time (`hmac.compare_digest`), all of them whatever matched, so that the time says nothing of which."""
+    scheme, _, token = (header or "").strip().partition(" ")
+    try:
+        raw = base64.b64decode(token.strip(), validate=True)
+    except ValueError:
+        return False
+    try:  # UTF-8 (RFC 7617's charset, which the challenge names), else Latin-1 (what `requests` sends)
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        decoded = raw.decode("latin-1")
+    user, colon, password = decoded.partition(":")
+    found = False
+    for known_user, known_password in credentials:
+        found |= hmac.compare_digest(user.encode(), known_user.encode()) & \
+            hmac.compare_digest(password.encode(), known_password.encode())
+    return found and scheme.lower() == "basic" and bool(colon)
+
+
 class Guard:
     """ASGI middleware: what every route is held to before it runs, for any client that can reach the server.
 
     - Host (with `check_host`): an IP address, `localhost`, or a name of `config.allowed_hosts` — a web page that
       has a name of its own resolve to 127.0.0.1 (DNS rebinding) is refused (400).
+    - Credentials (with `config.api_auth`): HTTP Basic on every route but `/health` (the probe) and CORS preflights
+      (which browsers send without them); 401 with `WWW-Authenticate: Basic` without them or with wrong ones.
     - Origin: a browser names the page that makes a request. A request that changes something (not GET or HEAD)
       from a page of another origin than the server's own is refused (403) unless `config.cors_allow_origins` names
       it; those get CORS headers, and their preflight (OPTIONS) is answered. A page can send a POST without a
@@ -290,7 +333,7 @@ class Guard:
             if scope["method"] == "OPTIONS" and origin is not None and "access-control-request-method" in headers:
                 return await self.answer(scope, receive, send, 204, None, self.cors_headers(origin, preflight=True))
         except Refused as e:
-            extra = {"Retry-After": str(self.config.retry_after_s)} if e.retry else {}
+            extra = ({"Retry-After": str(self.config.retry_after_s)} if e.retry else {}) | e.headers
             return await self.answer(scope, receive, send, e.status, e.body,
                                      extra | ({"Connection": "close"} if e.close else {}))
         cors = self.cors_headers(origin) if origin is not None else {}
@@ -319,6 +362,11 @@ class Guard:
             if not (is_ip_address(name) or name == "localhost" or name in self.hosts or "*" in self.hosts):
                 return Refused(400, error_body("Host", f"{host[:100]!r} is not a name of this server: give its "
                                                        "address, or start it with --allowed-hosts NAME"), close=True)
+        if self.config.api_auth and scope["method"] != "OPTIONS" and scope["path"] != "/health" and \
+                not authorized(headers.get("authorization"), self.config.api_auth):
+            return Refused(401, error_body("Authorization", "missing or wrong credentials: this server takes HTTP "
+                                                            "Basic authentication"),
+                           headers={"WWW-Authenticate": 'Basic realm="ldm", charset="UTF-8"'})
         if origin is None or scope["method"] in ("GET", "HEAD") or self.allows(origin):
             return None
         if host is not None and origin.lower().partition("://")[2] == host.strip().lower():
@@ -335,8 +383,8 @@ class Guard:
             return {}
         headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
         if preflight:
-            headers |= {"Access-Control-Allow-Methods": "GET, POST", "Access-Control-Allow-Headers": "Content-Type",
-                        "Access-Control-Max-Age": "600"}
+            headers |= {"Access-Control-Allow-Methods": "GET, POST",
+                        "Access-Control-Allow-Headers": "Content-Type, Authorization", "Access-Control-Max-Age": "600"}
         return headers
 
     async def read_body(self, headers, receive, refusal: Refused | None = None):
@@ -583,15 +631,39 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str, check_host:
 
     from ldm.serving.a1111 import Progress, add_routes  # (pydantic and the pipeline: with the app, not at import)
 
-    add_routes(app, submit, lambda: worker.pipe, model_name, Progress())
+    add_routes(app, submit, lambda: worker.pipe, model_name, Progress(preview_vae=config.preview_vae),
+               config.limits)
     return app
+
+
+def check_port(host: str, port: int) -> None:
+    """Whether the server can listen on `host`:`port`, bound and let go as uvicorn binds it (SO_REUSEADDR, IPv6 for
+    an address with a colon), before the model loads: a port already in use is one line (an LdmError), not
+    uvicorn's errno and an abort while the model is loading."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as e:
+            why = {errno.EADDRINUSE: "is already in use (another server listens on it): stop that one, or give "
+                                     "--port with another port",
+                   errno.EACCES: "is not open to this user (ports below 1024 need privileges): give --port 1024 or "
+                                 "more",
+                   errno.EADDRNOTAVAIL: "is not an address of this machine"}.get(e.errno, f"cannot be listened on "
+                                                                                   f"({e.strerror})")
+            where = f"address {host}" if e.errno == errno.EADDRNOTAVAIL else f"port {port} on {host}"
+            raise LdmError(f"{where} {why}") from None
+        except (OverflowError, UnicodeError) as e:
+            raise LdmError(f"--host {host} --port {port}: cannot be listened on ({e})") from None
 
 
 def serve(settings, model_name: str, host: str, port: int, config: ServeConfig, log_level: str = "info") -> None:
     """Run the endpoint until interrupted: the model of `settings` (a `ldm.pipelines.setup.RunSettings`) loads in
     the background (`prepare_pipeline`; /health says when it is ready), and is called `model_name` in /health
     and /docs. On SIGTERM or Ctrl-C the server stops taking connections and drains what it has for at most
-    `config.graceful_timeout_s`; what is left then is cancelled and answered 503."""
+    `config.graceful_timeout_s`; what is left then is cancelled and answered 503. A port that another server took
+    since `check_port` (uvicorn then logs its errno and exits) is an LdmError."""
     import uvicorn
 
     from ldm.pipelines.setup import prepare_pipeline
@@ -604,5 +676,9 @@ def serve(settings, model_name: str, host: str, port: int, config: ServeConfig, 
                     log_level=log_level, access_log=False, http=header_deadline(config.header_timeout_s),
                     limit_concurrency=config.max_connections, timeout_keep_alive=5,
                     timeout_graceful_shutdown=config.graceful_timeout_s, h11_max_incomplete_event_size=16 * 1024)
+    except SystemExit:  # (uvicorn's startup failed: it could not bind) — the worker let finish loading, since a
+        worker.stop()     # process that exits while torch loads in another thread aborts (SIGABRT)
+        worker.join()
+        raise LdmError(f"port {port} on {host} could not be listened on (taken since ldm serve checked it?)") from None
     finally:
         worker.stop()
