@@ -11,6 +11,19 @@ from ldm.errors import LdmError
 from ldm_cli.options import add_model_options, run_settings
 
 
+def json_object(text: str) -> dict:
+    """--parameters: a JSON object, or argparse's one-line error saying where the text stops being JSON."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        where = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise argparse.ArgumentTypeError(f"not JSON{where}: {getattr(e, 'msg', e)} (keys and strings take double "
+                                         f"quotes: '{{\"steps\": 2}}')") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of scoring parameters, not {type(value).__name__}")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `batch` on the `ldm` command's subparsers."""
     bat = subparsers.add_parser(
@@ -24,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="a scoring request (.json), one row a line (.jsonl: a prompt string or an object with "
                           "prompt/image/mask), or .csv with a prompt column (image/mask: file paths or base64)")
     bat.add_argument("--output", required=True, type=Path, help="folder for the PNGs, results.jsonl and batch.json")
-    bat.add_argument("--parameters", default=None, type=json.loads, metavar="JSON",
+    bat.add_argument("--parameters", default=None, type=json_object, metavar="JSON",
                      help='scoring parameters for every row, e.g. \'{"num_inference_steps": 30, "width": 512}\'')
     bat.add_argument("--seed", type=int, default=None, help="seed of row 0 (default: the input's, else random)")
     bat.add_argument("--base64-in-results", action="store_true",

@@ -1,14 +1,10 @@
-"""Tiny random models written exactly as the official Hub repos lay them out.
+"""Tiny random models written exactly as the official Hub repos lay them out, with diffusers' and transformers'
+own random initialisation.
 
-Field sets and file names follow `runwayml/stable-diffusion-v1-5` / `CompVis/stable-diffusion-v1-4`,
-`stabilityai/stable-diffusion-2-1` and `stabilityai/stable-diffusion-2-inpainting` (see
-shared/reference/models.md): config.json files with the official fields only (absent fields take
-the library defaults, as they do for the real files), `diffusion_pytorch_model.safetensors` /
-`model.safetensors` with the official key names, the text encoder in transformers-4 names with the
-`text_model.` prefix and the `position_ids` buffer, and a tokenizer folder without `tokenizer.json`.
-Weights are random (diffusers' / transformers' own initialisation), only the widths are small. The
-widths keep each family's head convention (SD 1.x UNet: 8 heads; SD 2.x/SDXL UNet and every text tower:
-64-dim heads), which a single-file checkpoint does not store, so the same models also serve as single files.
+The configs and the layout are the library's (`ldm.tools.tiny`, which `ldm tiny` writes with ldm's own networks):
+here only the weights differ, drawn by diffusers' `UNet2DConditionModel` / `AutoencoderKL`, transformers'
+`CLIPTextModel` and diffusers' `StableDiffusionSafetyChecker` (their own init, norms perturbed), so the references
+the tests compare against build and own the weights. The names below are re-exported for the tests.
 """
 
 import json
@@ -17,125 +13,45 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ldm.networks.tokenizer import write_tokenizer_folder
-
-SD1_MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.6.0",
-    "feature_extractor": ["transformers", "CLIPImageProcessor"],
-    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-
-SD1_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-
-# The official SD 1.5 unet/config.json, widths shrunk (320/640/1280/1280 → 32/32/64/64, context 768 → 64).
-SD1_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [32, 32, 64, 64],
-    "center_input_sample": False,
-    "cross_attention_dim": 64,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 8,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-
-SD1_VAE = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "block_out_channels": [32, 32, 64, 64],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 64,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-
-SD1_TEXT_ENCODER = {
-    "_name_or_path": "openai/clip-vit-large-patch14",
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 64,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 37,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 1,
-    "num_hidden_layers": 2,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "torch_dtype": "float32",
-    "transformers_version": "4.22.0.dev0",
-    "vocab_size": 49408,
-}
+from ldm.tools import tiny
+from ldm.tools.tiny import (  # noqa: F401  (re-exported for the tests)
+    CLIP_L,
+    FAMILIES,
+    LCM_MODEL_INDEX,
+    LCM_SCHEDULER,
+    LCM_UNET,
+    OPENCLIP,
+    SD1_FEATURE_EXTRACTOR,
+    SD1_MODEL_INDEX,
+    SD1_SAFETY_CHECKER,
+    SD1_SAFETY_CHECKER_VISION,
+    SD1_SCHEDULER,
+    SD1_TEXT_ENCODER,
+    SD1_UNET,
+    SD1_VAE,
+    SD2_INPAINT_MODEL_INDEX,
+    SD2_INPAINT_SCHEDULER,
+    SD2_INPAINT_UNET,
+    SD21_MODEL_INDEX,
+    SD21_SCHEDULER,
+    SD21_TEXT_ENCODER,
+    SD21_UNET,
+    SD21_VAE,
+    SDXL_MODEL_INDEX,
+    SDXL_REFINER_MODEL_INDEX,
+    SDXL_REFINER_UNET,
+    SDXL_SCHEDULER,
+    SDXL_TEXT_ENCODER,
+    SDXL_TEXT_ENCODER_2,
+    SDXL_UNET,
+    SDXL_VAE,
+    save_component,
+    write_json,
+)
 
 
-# The official safety_checker/config.json (a transformers-4 CLIPConfig: full sub-configs plus the overrides in
-# *_config_dict) with the ViT-L/14 vision tower shrunk (1024 wide, 24 layers, 16 heads → 32, 2, 2; projection
-# 768 → 16). Patch 14 and 224 px are kept, so the preprocessing is the real one.
-SD1_SAFETY_CHECKER_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2,
-                             "num_hidden_layers": 2, "patch_size": 14}
-SD1_SAFETY_CHECKER = {
-    "_commit_hash": "4bb648a606ef040e7685bde262611766a5fdd67b",
-    "_name_or_path": "CompVis/stable-diffusion-safety-checker",
-    "architectures": ["StableDiffusionSafetyChecker"],
-    "initializer_factor": 1.0,
-    "logit_scale_init_value": 2.6592,
-    "model_type": "clip",
-    "projection_dim": 16,
-    "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2,
-                    "model_type": "clip_text_model"},
-    "text_config_dict": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2, "num_hidden_layers": 2},
-    "torch_dtype": "float32",
-    "transformers_version": None,
-    "vision_config": SD1_SAFETY_CHECKER_VISION | {"image_size": 224, "hidden_act": "quick_gelu",
-                                                  "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
-                                                  "num_channels": 3},
-    "vision_config_dict": SD1_SAFETY_CHECKER_VISION,
-}
-SD1_FEATURE_EXTRACTOR = {
-    "crop_size": 224, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
-}
+def write_safety_checker(root: Path, model, fp16_variant: bool = False) -> None:
+    tiny.write_safety_checker(root, official_safety_checker_state(model), fp16_variant)
 
 
 def make_safety_checker(seed: int = 0, concept_thresholds=None, special_thresholds=None):
@@ -165,12 +81,6 @@ def official_safety_checker_state(model) -> dict[str, torch.Tensor]:
     """transformers-4 names, as in the official safety_checker/model.safetensors: `vision_model.vision_model.…`."""
     return {("vision_model." + k if k.startswith("vision_model.") else k): v.contiguous()
             for k, v in model.state_dict().items()}
-
-
-def write_safety_checker(root: Path, model, fp16_variant: bool = False) -> None:
-    save_component(root / "safety_checker", SD1_SAFETY_CHECKER, official_safety_checker_state(model), "model",
-                   fp16_variant)
-    write_json(root / "feature_extractor" / "preprocessor_config.json", SD1_FEATURE_EXTRACTOR)
 
 
 def diffusers_config(cfg: dict) -> dict:
@@ -223,207 +133,19 @@ def official_text_encoder_state(model, position_ids: bool = True) -> dict[str, t
     return state
 
 
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
 
 
-def save_component(folder: Path, config: dict, state: dict, stem: str, fp16_variant: bool) -> None:
-    write_json(folder / "config.json", config)
-    state = {k: v.contiguous() for k, v in state.items()}
-    save_file(state, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
-    if fp16_variant:
-        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        save_file(half, str(folder / f"{stem}.fp16.safetensors"), metadata={"format": "pt"})
-
-
-# stabilityai/stable-diffusion-2-1: OpenCLIP-H text tower (gelu, 23 layers kept), linear projections,
-# per-level heads of 64 dims (here 1/1/2/2 of widths 64/64/128/128), upcast attention, DDIM with v-prediction, 768 px.
-SD21_MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.10.0.dev0",
-    "feature_extractor": ["transformers", "CLIPImageProcessor"],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-SD21_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "_diffusers_version": "0.8.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-SD21_UNET = SD1_UNET | {
-    "_diffusers_version": "0.10.0.dev0",
-    "attention_head_dim": [1, 1, 2, 2],
-    "block_out_channels": [64, 64, 128, 128],
-    "cross_attention_dim": 128,
-    "dual_cross_attention": False,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "sample_size": 8,
-    "upcast_attention": True,
-    "use_linear_projection": True,
-}
-SD21_VAE = SD1_VAE | {"_diffusers_version": "0.10.0.dev0"}
-SD21_TEXT_ENCODER = SD1_TEXT_ENCODER | {
-    "_name_or_path": "hf-models/stable-diffusion-v2-768x768/text_encoder",
-    "hidden_act": "gelu",
-    "hidden_size": 128,
-    "intermediate_size": 80,
-    "num_attention_heads": 2,
-    "num_hidden_layers": 3,
-    "projection_dim": 512,
-    "transformers_version": "4.25.0.dev0",
-}
-
-# stabilityai/stable-diffusion-2-inpainting: SD 2 with a 9-channel UNet input, PNDM, epsilon, 512 px.
-SD2_INPAINT_MODEL_INDEX = SD21_MODEL_INDEX | {
-    "_class_name": "StableDiffusionInpaintPipeline",
-    "_diffusers_version": "0.8.0.dev0",
-    "scheduler": ["diffusers", "PNDMScheduler"],
-}
-SD2_INPAINT_SCHEDULER = SD1_SCHEDULER | {"_diffusers_version": "0.8.0"}
-SD2_INPAINT_UNET = SD21_UNET | {"_diffusers_version": "0.8.0.dev0", "in_channels": 9, "upcast_attention": False}
-
-# stabilityai/stable-diffusion-xl-base-1.0: CLIP-L + OpenCLIP-bigG (with projection), three UNet levels with
-# per-level transformer depth and `text_time` micro-conditioning, a 0.13025-scaled force_upcast VAE, Euler.
-SDXL_MODEL_INDEX = {
-    "_class_name": "StableDiffusionXLPipeline",
-    "_diffusers_version": "0.19.0.dev0",
-    "force_zeros_for_empty_prompt": True,
-    "add_watermarker": None,
-    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-SDXL_TEXT_ENCODER = SD1_TEXT_ENCODER | {"_name_or_path": "openai/clip-vit-large-patch14",
-                                        "transformers_version": "4.32.0.dev0"}
-SDXL_TEXT_ENCODER_2 = SD1_TEXT_ENCODER | {
-    "_name_or_path": "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
-    "architectures": ["CLIPTextModelWithProjection"],
-    "hidden_act": "gelu",
-    "hidden_size": 128,
-    "intermediate_size": 96,
-    "num_attention_heads": 2,
-    "num_hidden_layers": 3,
-    "projection_dim": 128,
-    "transformers_version": "4.32.0.dev0",
-}
-SDXL_UNET = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
-    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 8,
-    "attention_head_dim": [1, 2, 2], "block_out_channels": [64, 128, 128], "center_input_sample": False,
-    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "cross_attention_dim": 64 + 128, "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
-    "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
-    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
-    "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
-    "out_channels": 4, "projection_class_embeddings_input_dim": 6 * 8 + 128, "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 8,
-    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
-    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 3],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
-    "use_linear_projection": True,
-}
-SDXL_VAE = SD1_VAE | {"_diffusers_version": "0.20.0.dev0", "force_upcast": True, "sample_size": 1024,
-                      "scaling_factor": 0.13025}
-
-# stabilityai/stable-diffusion-xl-refiner-1.0: bigG only, aesthetic-score conditioning, four UNet levels.
-SDXL_REFINER_MODEL_INDEX = SDXL_MODEL_INDEX | {
-    "_class_name": "StableDiffusionXLImg2ImgPipeline",
-    "force_zeros_for_empty_prompt": False,
-    "requires_aesthetics_score": True,
-    "text_encoder": [None, None],
-    "tokenizer": [None, None],
-}
-SDXL_REFINER_UNET = SDXL_UNET | {
-    "attention_head_dim": [1, 2, 2, 3], "block_out_channels": [64, 128, 128, 192], "cross_attention_dim": 128,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "projection_class_embeddings_input_dim": 5 * 8 + 128, "transformer_layers_per_block": 2,
-}
-
-# SimianLuo/LCM_Dreamshaper_v7: an SD 1.5 folder named for the LCM pipeline, with LCMScheduler and a UNet that takes
-# the guidance scale's embedding (time_cond_proj_dim 256 there)
-LCM_MODEL_INDEX = SD1_MODEL_INDEX | {"_class_name": "LatentConsistencyModelPipeline",
-                                     "_diffusers_version": "0.22.0.dev0", "requires_safety_checker": True,
-                                     "scheduler": ["diffusers", "LCMScheduler"]}
-LCM_SCHEDULER = {
-    "_class_name": "LCMScheduler", "_diffusers_version": "0.22.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
-    "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000, "original_inference_steps": 50,
-    "prediction_type": "epsilon", "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "set_alpha_to_one": True,
-    "steps_offset": 1, "thresholding": False, "timestep_scaling": 10.0, "timestep_spacing": "leading",
-    "trained_betas": None,
-}
-LCM_UNET = SD1_UNET | {"time_cond_proj_dim": 24}
-
-CLIP_L, OPENCLIP = "<|endoftext|>", "!"  # the pad tokens of the two tokenizer folders
-FAMILIES = {
-    "sd1": (SD1_MODEL_INDEX, SD1_SCHEDULER, SD1_UNET, SD1_VAE, {"text_encoder": (SD1_TEXT_ENCODER, CLIP_L)}),
-    "sd21": (SD21_MODEL_INDEX, SD21_SCHEDULER, SD21_UNET, SD21_VAE, {"text_encoder": (SD21_TEXT_ENCODER, OPENCLIP)}),
-    "sd2-inpaint": (SD2_INPAINT_MODEL_INDEX, SD2_INPAINT_SCHEDULER, SD2_INPAINT_UNET, SD21_VAE,
-                    {"text_encoder": (SD21_TEXT_ENCODER, OPENCLIP)}),
-    "sdxl": (SDXL_MODEL_INDEX, SDXL_SCHEDULER, SDXL_UNET, SDXL_VAE,
-             {"text_encoder": (SDXL_TEXT_ENCODER, CLIP_L), "text_encoder_2": (SDXL_TEXT_ENCODER_2, OPENCLIP)}),
-    "sdxl-refiner": (SDXL_REFINER_MODEL_INDEX, SDXL_SCHEDULER, SDXL_REFINER_UNET, SDXL_VAE,
-                     {"text_encoder_2": (SDXL_TEXT_ENCODER_2, OPENCLIP)}),
-    "lcm-sd1": (LCM_MODEL_INDEX, LCM_SCHEDULER, LCM_UNET, SD1_VAE, {"text_encoder": (SD1_TEXT_ENCODER, CLIP_L)}),
-}
+# diffusers' and transformers' initialisation of each network, in the official files' key names
+DIFFUSERS_WEIGHTS = tiny.RandomWeights(
+    unet=lambda cfg, seed: make_unet(cfg, seed).state_dict(),
+    vae=lambda cfg, seed: make_vae(cfg, seed).state_dict(),
+    text_encoder=lambda cfg, seed: official_text_encoder_state(make_text_encoder(cfg, seed)),
+    safety_checker=lambda cfg, seed: official_safety_checker_state(make_safety_checker(seed)))
 
 
 def write_folder(root: Path, family: str = "sd1", seed: int = 0, fp16_variant: bool = False) -> Path:
-    """A tiny folder in the official layout of `family` (64×64 native size). Returns `root`."""
-    model_index, scheduler, unet, vae, towers = FAMILIES[family]
-    root = Path(root)
-    write_json(root / "model_index.json", model_index)
-    write_json(root / "scheduler" / "scheduler_config.json", scheduler)
-    save_component(root / "unet", unet, make_unet(unet, seed).state_dict(), "diffusion_pytorch_model", fp16_variant)
-    save_component(root / "vae", vae, make_vae(vae, seed + 1).state_dict(), "diffusion_pytorch_model", fp16_variant)
-    for i, (tower, (config, pad)) in enumerate(towers.items()):
-        write_tokenizer_folder(root / tower.replace("text_encoder", "tokenizer"), pad_token=pad)
-        encoder = make_text_encoder(config, seed + 2 + i)
-        save_component(root / tower, config, official_text_encoder_state(encoder), "model", fp16_variant)
-    if model_index.get("safety_checker", [None])[0] is not None:
-        write_safety_checker(root, make_safety_checker(seed + 5), fp16_variant)
-    return root
+    """A tiny folder in the official layout of `family` (64×64 native size), diffusers' weights. Returns `root`."""
+    return tiny.write_folder(root, family, seed, fp16_variant, weights=DIFFUSERS_WEIGHTS)
 
 
 # What a diffusers user picks for each of ldm's samplers, written from the README's documented mapping ("The command",
@@ -485,11 +207,11 @@ def write_single_file(folder: Path, path: Path, family: str, extras: bool = True
     """An original-layout single file of a tiny folder, written with ldm's converter (tables run backwards),
     plus what the official files also carry when `extras`: schedule buffers, EMA bookkeeping, CLIP's
     position_ids and logit_scale, and for SD 2.x the 24th OpenCLIP block and text_projection it does not use."""
-    from ldm.loading.families import FAMILIES
+    from ldm.loading.families import FAMILIES as LDM_FAMILIES
     from ldm.loading.single_file import write_single_file_state
 
     configs, states = folder_components(folder)
-    tensors = write_single_file_state(FAMILIES[LDM_FAMILY[family]], configs, states)
+    tensors = write_single_file_state(LDM_FAMILIES[LDM_FAMILY[family]], configs, states)
     if legacy_clip:  # older SD 1.x files: cond_stage_model.transformer.embeddings… (no text_model.)
         tensors = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
                    for k, v in tensors.items()}

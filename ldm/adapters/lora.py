@@ -157,6 +157,11 @@ def find_lora(name: str, allow_paths: bool = True, show_folder: bool = True) -> 
     there = lora_names()
     listing = f"it holds {', '.join(there)}" if there else "it holds no .safetensors files"
     where = "no such file, and not " if allow_paths else "not "
+    head, colon, weight = name.rpartition(":")
+    if allow_paths and colon and (_is_file(Path(head).expanduser()) or _is_file(folder / head)
+                                  or _is_file(folder / f"{head}.safetensors")):  # FILE:WEIGHT with a bad weight
+        raise InputError(f"LoRA {shown}: the weight after the colon, {weight!r}, is not a number (FILE:WEIGHT, "
+                         "e.g. detail.safetensors:0.8)")
     raise InputError(f"LoRA {shown}: {where}in {folder} ({listing})")
 
 

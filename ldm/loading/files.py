@@ -197,8 +197,10 @@ def _damaged(path: Path):
     try:
         yield
     except Exception as e:  # safetensors raises its own error type, or OSError, for damaged files
+        again = ("`ldm download MODEL --force` fetches it again" if "models--" in path.as_posix()  # the Hub cache
+                 else "replace it with a whole copy")
         raise LoadError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
-                        "download it again (a Hub model: `ldm download MODEL --force`)") from None
+                        f"{again}") from None
 
 
 def load_module(build, state: dict[str, torch.Tensor], source: Path, family: str,
@@ -246,7 +248,7 @@ def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
         allow_patterns = [p for p in allow_patterns if "/" not in p or p.split("/")[0] in entry.components]
     from huggingface_hub import constants, snapshot_download
 
-    with hub_errors(repo, model, revision, downloading):
+    with hub_errors(repo, model, revision, downloading, cached_only=local_files_only):
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns,
                                         local_files_only=local_files_only, force_download=force_download))
     if not (folder / "model_index.json").is_file():
@@ -260,17 +262,23 @@ def resolve(model: str, allow_patterns: list[str], revision: str | None = None,
 
 def hub_file(repo: str, filename: str, revision: str | None = None, local_files_only: bool = False,
              force: bool = False) -> Path:
-    """One file of a Hub repo (an original single-file checkpoint), through the Hugging Face cache."""
-    from huggingface_hub import hf_hub_download
+    """One file of a Hub repo (an original single-file checkpoint), through the Hugging Face cache. Fetched as a
+    folder is (`snapshot_download`, of that one file), so that a Hub out of reach is the same one line, at once:
+    `hf_hub_download` retries its HEAD request five times with backoff, printing each retry and the URL."""
+    from huggingface_hub import snapshot_download
 
     with hub_errors(repo, repo, revision, downloading=True):
-        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local_files_only,
-                                    force_download=force))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=[filename],
+                                        local_files_only=local_files_only, force_download=force))
+    if not (folder / filename).is_file():
+        raise LoadError(f"{repo} has no file {filename}")
+    return folder / filename
 
 
 @contextlib.contextmanager
-def hub_errors(repo: str, model: str, revision: str | None, downloading: bool = False):
-    """huggingface-hub's exceptions as LoadErrors that say what to do."""
+def hub_errors(repo: str, model: str, revision: str | None, downloading: bool = False, cached_only: bool = False):
+    """huggingface-hub's exceptions as LoadErrors that say what to do; `cached_only`: the cache alone was asked
+    (`ldm info`, `local_files_only`), so whether the Hub is reachable is not the matter."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -288,7 +296,15 @@ def hub_errors(repo: str, model: str, revision: str | None, downloading: bool = 
         raise LoadError(f"{repo}: no such repository on the Hub (or it is private)") from None
     except RevisionNotFoundError:
         raise LoadError(f"{repo}: revision {revision!r} not found") from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
+        if type(e).__name__ == "IncompleteSnapshotError":  # (newer huggingface-hub: its cached listing says so)
+            raise LoadError(f"{repo}: the cached copy in {getattr(e, 'snapshot_path', 'the cache')} is not a whole "
+                            f"diffusers folder (files are missing): run `ldm download {model}` where the Hub is "
+                            "reachable") from None
+        if cached_only:
+            raise LoadError(f"{repo} is not in the local Hugging Face cache ($HF_HOME/hub), and only the cache is "
+                            f"read here (`ldm info` never downloads): run `ldm download {model}` first, or pass a "
+                            "local folder or file") from None
         if downloading:  # the advice below would send `ldm download` users to themselves
             raise LoadError(f"{repo}: the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1 is set): connect, "
                             "unset HF_HUB_OFFLINE, and run the download again") from None

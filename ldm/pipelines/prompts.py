@@ -29,6 +29,7 @@ from ldm.errors import InputError
 from ldm.speed.offload import execution_device
 
 CHUNK_TOKENS = 75
+DROPPED_SHOWN = 200  # characters of a plain prompt's dropped text that its note repeats
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 MAX_CHUNKS = 32  # 2,400 tokens: a prompt longer than this is refused rather than encoded for minutes
 
@@ -232,6 +233,21 @@ class _Chunker:
         return self.chunks
 
 
+def dropped_text(tokenizer, text: str, kept: int) -> str:
+    """What a cut after `kept` tokens drops, as the user wrote it (CLIP's decode would split digits, `word 2 8` for
+    `word28`), from the word the cut falls in, shortened to DROPPED_SHOWN characters. CLIP tokenizes each
+    whitespace-separated word on its own, so the words' token counts add up."""
+    count = 0
+    for word in re.finditer(r"\S+", text):
+        count += len(tokenizer.tokenize(word.group()))
+        if count > kept:
+            rest = text[word.start():].strip()
+            if len(rest) <= DROPPED_SHOWN:
+                return rest
+            return f"{rest[:DROPPED_SHOWN].rstrip()}… ({len(rest):,} characters in all)"
+    return ""
+
+
 def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "original",
                   embeddings: EmbeddingLookup | None = None) -> tuple[list[Chunk], str]:
     """The chunks of one prompt for one text tower, and the text the plain syntax dropped ("" if none).
@@ -261,8 +277,7 @@ def prompt_chunks(tokenizer, text: str, syntax: str = "a1111", emphasis: str = "
     chunks = chunker.finish()
     dropped = ""
     if syntax == "plain" and len(chunks) > 1:  # diffusers' truncation: the first 75 tokens only
-        dropped = tokenizer.decode([i for c in chunks[1:] for i in c.ids[1:-1]
-                                    if i not in (tokenizer.eos_id, tokenizer.pad_id)])
+        dropped = dropped_text(tokenizer, text, CHUNK_TOKENS)
         chunks = chunks[:1]
     if len(chunks) > MAX_CHUNKS:
         raise InputError(f"a prompt of {len(chunks)} chunks of {CHUNK_TOKENS} tokens is longer than the "

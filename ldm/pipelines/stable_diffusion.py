@@ -37,15 +37,18 @@ from ldm.loading.components import Components, load_components, load_single_file
 from ldm.loading.controlnets import find_controlnet, load_controlnet
 from ldm.loading.families import ModelSpec
 from ldm.loading.hashes import sha256
-from ldm.networks.clip import CLIPTextModel
+from ldm.networks.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from ldm.networks.controlnet import ControlNet
+from ldm.networks.ip_adapter import IPAdapter
 from ldm.networks.safety import Safety
 from ldm.networks.tokenizer import CLIPTokenizer
 from ldm.networks.unet import UNet, guidance_embedding
 from ldm.networks.vae import VAE
-from ldm.pipelines.control import Unit, control_image, control_infotext, with_controls
+from ldm.pipelines.control import Unit, control_image, control_infotext, like_unet, with_controls
+from ldm.pipelines.image_prompts import image_prompt_infotext, image_prompting
 from ldm.pipelines.images import image_to_tensor, mask_to_tensor, to_pil
 from ldm.pipelines.infotext import infotext
+from ldm.pipelines.memory import check_fits, memory_errors
 from ldm.pipelines.plan import Generators, Plan, make_plan
 from ldm.pipelines.prompts import EmbeddingLookup, empty_chunk, encode_chunks, extract_extra_networks, prompt_chunks
 from ldm.pipelines.request import MAX_CLIP_SKIP, MAX_SEED, GenerationRequest  # noqa: F401 (MAX_*: their old home)
@@ -54,6 +57,7 @@ from ldm.sampling.samplers import Step, StepCallback, asked_steps, randn, sample
 from ldm.sampling.schedules import SchedulerConfig
 from ldm.speed.accelerate import TensorTimestep
 from ldm.speed.offload import execution_device
+from ldm.speed.pacing import StepPacing
 
 
 @dataclass
@@ -105,6 +109,8 @@ class StableDiffusion:
         # defaults (50 steps, guidance 7.5, the native size): the manifest's few-step models (SD-Turbo: 1, 0.0)
         self.defaults: dict = {}
         self.controlnets: dict[Path, ControlNet] = {}  # loaded by `controlnet`, kept between calls
+        self.ip_adapters: dict[Path, IPAdapter] = {}  # image prompts' adapters and encoders, kept between calls
+        self.image_encoders: dict[Path, CLIPVisionModelWithProjection] = {}
 
     @property
     def default_strength(self) -> float:
@@ -328,6 +334,7 @@ class StableDiffusion:
                 merge_lora(self, path, weight)
 
     @torch.no_grad()
+    @memory_errors
     def generate(self, request: GenerationRequest, callbacks: Sequence[StepCallback] = (),
                  generator: Generators | None = None, describe: dict | None = None) -> Generation:
         """The algorithm: plan, encode the text, start from noise (or an image), sample, annotate, decode.
@@ -335,8 +342,9 @@ class StableDiffusion:
         plan = self.plan(request, generator)
         notes, used = [], set()
         cond, uncond = self.encode(plan, notes, used)
-        unet, x, paste = self.start(plan)
-        x, evaluations = self.sample(plan, unet, x, cond, uncond, paste, callbacks)
+        with image_prompting(self, plan, guided=uncond is not None):  # (IP-Adapter: its attention for the call)
+            unet, x, paste = self.start(plan)
+            x, evaluations = self.sample(plan, unet, x, cond, uncond, paste, callbacks)
         params = self.annotate(plan, used) | (describe or {})
         if plan.request.denoising_end is not None:  # the base's part of a hand-off: latents, no images
             return Generation([], plan.seed, [], latents=x, notes=notes, params=params, evaluations=evaluations)
@@ -350,7 +358,8 @@ class StableDiffusion:
     def plan(self, request: GenerationRequest, generator: Generators | None = None) -> Plan:
         """Check the request against this model, fill in its defaults, and lay out the schedule and the random
         generators (`ldm.pipelines.plan.make_plan`: the family's spec, the scheduler config, the VAE's scale)."""
-        return make_plan(self.spec, request, self.scheduler, self.vae_scale, self.name, generator, self.defaults)
+        return check_fits(self, make_plan(self.spec, request, self.scheduler, self.vae_scale, self.name, generator,
+                                          self.defaults))
 
     def encode(self, plan: "Plan", notes: list[str], used: set[str]) -> tuple[dict, dict | None]:
         """The UNet's conditioning for the prompts and, with guidance (a scale above 1, diffusers' rule), the
@@ -394,9 +403,14 @@ class StableDiffusion:
             if hasattr(callback, "begin"):
                 callback.begin(asked_steps(schedule.sigmas))
 
+        pacing = StepPacing(self.device)
+
         def step_end(step: Step) -> Tensor | None:
-            """The paste after every sampler step; the callbacks once per step asked for (`Step.repeat`)."""
+            """The paste after every sampler step; the callbacks once per step asked for (`Step.repeat`), the host
+            kept two steps ahead of the device for them (`StepPacing`)."""
             replaced = None if paste is None else paste(step)
+            if callbacks:
+                pacing.step()
             if step.repeat:
                 return replaced
             step = dataclasses.replace(step, i=step.asked, total=step.asked_total,
@@ -429,6 +443,8 @@ class StableDiffusion:
                   "Prompt syntax": r.prompt_syntax if r.prompt_syntax != "a1111" else None}
         for n, control in enumerate(r.controls):  # as sd-webui-controlnet writes its units
             params[f"ControlNet {n}"] = control_infotext(control)
+        for n, prompt in enumerate(r.image_prompts):  # the fields sd-webui-controlnet writes for an IP-Adapter unit
+            params[f"IP-Adapter {n}"] = image_prompt_infotext(self, prompt)
         return params | self.identity()  # (the keys above hold A1111's order)
 
     def finish(self, plan: "Plan", x: Tensor) -> tuple[list[Image.Image], list[bool | None]]:
@@ -457,14 +473,15 @@ class StableDiffusion:
 
     def controlnet(self, model) -> ControlNet:
         """A ControlNet for this model by path or by name in weights/controlnet/ (`ldm.loading.controlnets`), loaded
-        once on the model's device and dtype and kept; a loaded `ControlNet` as it is."""
+        once on the model's device and dtype and kept; a loaded `ControlNet` as it is; either given what accelerate
+        and offload did to the UNet (`like_unet`)."""
         if isinstance(model, ControlNet):
-            return model
+            return like_unet(model, self.networks()["unet"])
         path = find_controlnet(model).resolve()
         if path not in self.controlnets:
             unet = self.networks()["unet"].config
             self.controlnets[path] = load_controlnet(path, unet, self.spec, self.device, self.dtype)
-        return self.controlnets[path]
+        return like_unet(self.controlnets[path], self.networks()["unet"])
 
     @property
     def embeds_guidance(self) -> bool:
@@ -575,8 +592,8 @@ class StableDiffusion:
             network.to(device)
         if self.unet is not networks["unet"]:  # a speed wrapper moves too: it drops the CUDA graphs it captured
             self.unet.to(device)
-        for controlnet in self.controlnets.values():
-            controlnet.to(device)
+        for extra in [*self.controlnets.values(), *self.ip_adapters.values(), *self.image_encoders.values()]:
+            extra.to(device)
         self.device = torch.device(device)
         return self
 
