@@ -23,7 +23,8 @@ Neither folder has a safety checker (model_index lists none): neither side runs 
 The configurations, each run as `python bench_few_step.py --run IMPL MODEL` in a fresh process:
 
 - ldm: the default path, what `ldm generate --model M --vae TAESD --no-safety-checker` builds on the CPU
-  (`ldm.pipelines.setup.prepare_pipeline(RunSettings(...))`: the reference networks as loaded, memory-mapped);
+  (`ldm.pipelines.setup.prepare_pipeline(RunSettings(...))`: the reference networks as loaded, memory-mapped), in
+  a process whose allocator keeps freed memory, as the `ldm` command's does (`ldm_cli.allocator`);
 - ldm-fast: the fastest path without compile, `ldm.speed.accelerate.accelerate(pipe, compile=False)` on top
   (fused attention projections, channels_last UNet and VAE, Winograd 3×3 convolutions of 256–640 channels,
   filters precomputed); the command line has no flag for it on the CPU (only `--compile`);
@@ -259,6 +260,9 @@ def run_one(impl: str, model: str, root: Path, repeats: int) -> dict:
     folder, taesd = root / model, root / "taesd"
     parts = Parts()
     if impl.startswith("ldm"):
+        from ldm_cli.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as the `ldm` command's process does (`ldm_cli.allocator`)
         pipe = load_ldm(folder, taesd, impl == "ldm-fast", "bf16" if impl.endswith("bf16") else "fp32")
         loaded = since_process_start()
         pipe.encode = parts.wrap("text_encode", pipe.encode)
