@@ -381,3 +381,29 @@ def test_layout_keys_on_the_kernel_settings_and_autocast(monkeypatch):
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         math_only = layout(x, 1.0, {"context": context})
     assert len({base, tf32, benchmark, autocast, math_only}) == 5
+
+
+def residual_unet_like(x, t, context, down_residuals=None, mid_residual=None):
+    """A stand-in taking a ControlNet's residuals as the UNet does: a list of tensors and a tensor."""
+    out = unet_like(x, t, context)
+    if down_residuals is not None:
+        out = out + sum(r.mean() for r in down_residuals) + mid_residual.mean()
+    return out
+
+
+def test_a_controlnets_residual_list_is_an_input_not_a_new_layout():
+    """`down_residuals` (a list) is copied into the graph's buffers at every step, like a tensor: one capture for
+    the whole run, and each replay reads that step's residuals (before: the list's repr made each step a new
+    layout, and the first step's residuals were baked in)."""
+    capture = FakeCapture()
+    run = CUDAGraphs(residual_unet_like, capture=capture, device_type="cpu")
+    x, context = inputs()
+    t = torch.tensor([500.0])
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        residuals = [torch.randn(2, 3, 4, 4, generator=g) for _ in range(2)]
+        mid = torch.randn(2, 3, 2, 2, generator=g)
+        out = run(x, t, context=context, down_residuals=residuals, mid_residual=mid)
+        assert torch.equal(out, residual_unet_like(x, t, context, residuals, mid))
+    assert capture.count == 1
+    assert layout(x, t, {"down_residuals": residuals}) != layout(x, t, {"down_residuals": residuals[:1]})

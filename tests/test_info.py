@@ -70,3 +70,26 @@ def test_unknown_model_names_the_options(tmp_path, capsys):
     assert main(["download", "no-such-model"]) == 2
     assert main(["download", "sd14", "--single-file"]) == 2
     assert "no safetensors single file is known" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse avx512f", False), ("fpu avx512f avx512_bf16 amx_bf16", True)])
+def test_info_says_the_threads_and_whether_bf16_pays(sd1_folder, capsys, monkeypatch, tmp_path, flags, native):
+    """The machine's lines (issue 27: threads on a busy machine; native bf16 where --dtype bf16 pays): the threads
+    torch will use as set, and the bf16 hint only on a CPU whose flags name native bf16."""
+    import builtins
+
+    import torch
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["info", str(sd1_folder)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert ", 1 thread (OMP_NUM_THREADS sets them" in out
+    assert ("--dtype bf16 runs about 3× faster" in out) is native

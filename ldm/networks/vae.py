@@ -176,8 +176,10 @@ class VAE(nn.Module):
 
     @staticmethod
     def sample(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A draw from the posterior, noise from `generator` on the CPU as diffusers' `randn_tensor` does."""
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        """A draw from the posterior, noise from `generator` on the CPU as diffusers' `randn_tensor` does, copied to
+        a GPU through pinned memory without waiting for the encoder's work queued there."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        noise = noise.pin_memory().to(mean.device, non_blocking=True) if mean.is_cuda else noise.to(mean.device)
         return mean + torch.exp(0.5 * logvar) * noise
 
     def decode(self, z: Tensor) -> Tensor:

@@ -204,11 +204,14 @@ def layout(x: Tensor, t, kwargs: dict) -> tuple:
     """What a captured graph is specific to: the shape, dtype and device of x, of t (or that t is a number)
     and of each conditioning tensor by name, the values of non-tensor arguments (they are baked into the
     graph), the attention backend (`ldm.networks.attention.set_attention_backend`), whose kernels the graph
-    holds, and the numerics settings that choose kernels at capture (`kernel_settings`)."""
+    holds, and the numerics settings that choose kernels at capture (`kernel_settings`). A list of tensors (a
+    ControlNet's `down_residuals`) is described tensor by tensor, like a tensor argument: its values are inputs."""
 
     def describe(v):
         if torch.is_tensor(v):
             return tuple(v.shape), v.dtype, v.device
+        if is_tensor_list(v):
+            return "tensors", tuple(describe(e) for e in v)
         return v if v is None or isinstance(v, bool | int | float | str) else repr(v)
 
     return (describe(x), "number" if not torch.is_tensor(t) else describe(t),
@@ -228,13 +231,28 @@ def kernel_settings(device_type: str) -> tuple:
             torch.get_autocast_dtype(device_type))
 
 
+def is_tensor_list(v) -> bool:
+    return isinstance(v, list | tuple) and len(v) > 0 and all(torch.is_tensor(e) for e in v)
+
+
+def tensor_inputs(kwargs: dict) -> dict[str, Tensor]:
+    """The tensors among a call's keyword arguments by name, a list's as `name.0`, `name.1`, …"""
+    found = {}
+    for name, v in kwargs.items():
+        if torch.is_tensor(v):
+            found[name] = v
+        elif is_tensor_list(v):
+            found |= {f"{name}.{i}": e for i, e in enumerate(v)}
+    return found
+
+
 def static_inputs(x: Tensor, t, kwargs: dict) -> dict[str, Tensor]:
     """The buffers a graph reads its inputs from: copies of the tensors of the first call on x's device (the same
     strides; a CPU-resident t or time_ids from a diffusers-style caller moved here, since the UNet's own move would
     be a host→device copy inside the capture, which fails it), and t as a float32 (1,) tensor where it came as a
     number (what the UNet makes of a number)."""
     t = t if torch.is_tensor(t) else torch.full((1,), float(t), dtype=torch.float32, device=x.device)
-    tensors = {"x": x, "t": t} | {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+    tensors = {"x": x, "t": t} | tensor_inputs(kwargs)
     return {name: torch.empty_like(v, device=x.device).copy_(v) for name, v in tensors.items()}
 
 
@@ -246,9 +264,8 @@ def copy_inputs(static: dict[str, Tensor], x: Tensor, t, kwargs: dict) -> None:
         static["t"].copy_(t)
     else:
         static["t"].fill_(t)
-    for name, v in kwargs.items():
-        if torch.is_tensor(v):
-            static[name].copy_(v)
+    for name, v in tensor_inputs(kwargs).items():
+        static[name].copy_(v)
 
 
 WARMUP_CALLS = 2  # before capture: lazy initialisation, cuDNN/cuBLAS plans, a compile's first run
@@ -369,10 +386,11 @@ class CUDAGraphs:
         while len(self.graphs) >= self.max_graphs:  # free the least recently used first
             self.graphs.popitem(last=False)
         inputs = static_inputs(x, t, kwargs)
-        fixed = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
+        call = {k: ([inputs[f"{k}.{i}"] for i in range(len(v))] if is_tensor_list(v) else inputs[k])
+                if k in inputs or is_tensor_list(v) else v for k, v in kwargs.items()}
 
         def run() -> Tensor:
-            return self.fn(inputs["x"], inputs["t"], **fixed, **{k: inputs[k] for k in kwargs if k in inputs})
+            return self.fn(inputs["x"], inputs["t"], **call)
 
         if self.pool is None and self.device_type == "cuda":
             self.pool = torch.cuda.graph_pool_handle()
