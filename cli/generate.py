@@ -169,11 +169,6 @@ def check_options(args: argparse.Namespace) -> Path:
         raise LdmError(f"-o {args.output}: the output must be a .png file")
     if not out.parent.is_dir():
         raise LdmError(f"-o {args.output}: folder {out.parent} does not exist")
-    for name in ("width", "height"):  # (the request's check says the same, without the nearest sizes)
-        value = getattr(args, name)
-        if value is not None and value > 8 and value % 8:
-            raise LdmError(f"--{name} {value}: {name} must be a positive multiple of 8; the nearest are "
-                           f"{value // 8 * 8} and {value // 8 * 8 + 8}")
     if args.preview_every is not None and args.preview_every < 1:
         raise LdmError(f"--preview-every must be at least 1, got {args.preview_every}")
     if args.preview_vae and not args.preview_every:

@@ -341,7 +341,8 @@ def test_a_sampler_ldm_lacks_is_one_line_naming_the_nearest(sd1_folder, tmp_path
 def test_a_size_off_the_grid_on_the_command_line_offers_the_nearest(sd1_folder, tmp_path, capsys):
     assert main(["generate", "x", "--width", "540", "--model", str(sd1_folder), "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
-    assert "width must be a positive multiple of 8; the nearest are 536 and 544" in err and err.count("\n") == 1
+    assert "width must be a positive multiple of 8, got 540; the nearest are 536 and 544" in err
+    assert err.count("\n") == 1
 
 
 def test_png_info_route_reads_a_jpeg(sd1_folder):

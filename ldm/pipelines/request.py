@@ -280,7 +280,9 @@ class GenerationRequest:
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (not _whole(value) or value < 8 or value % 8):
-                bad(name, f"{name} must be a positive multiple of 8, got {value!r}")
+                nearest = f"; the nearest are {value // 8 * 8} and {value // 8 * 8 + 8}" if _whole(value) and \
+                    value > 8 else ""
+                bad(name, f"{name} must be a positive multiple of 8, got {value!r}{nearest}")
         if self.guidance is not None and (not _number(self.guidance) or not math.isfinite(self.guidance)
                                           or self.guidance < 0):
             bad("guidance", f"guidance must be a number ≥ 0, got {self.guidance}")
