@@ -478,3 +478,17 @@ def test_with_a_lora_equals_diffusers(pipe, sd1_folder, files, tmp_path):
               generator=torch.Generator().manual_seed(3), output_type="np").images
     assert_close("with a LoRA", actual, (np.asarray(out[0]) * 255).round().astype(np.int16), plain=lora_only)
     assert np.abs(lora_only - ours(pipe, [])).max() > 10  # the LoRA acts too
+
+
+def test_a_refiner_hand_off_prompts_the_base_only(sdxl_folder, sdxl_refiner_folder, files):
+    """With a refiner, the image prompt steers the base's part (as ControlNet units do: the adapter is for the base's
+    cross-attentions, not the refiner's) and the refiner finishes from those latents; no adapter reaches it."""
+    from ldm.pipelines.refiner import BaseWithRefiner
+
+    base, refiner = StableDiffusion.from_pretrained(sdxl_folder), StableDiffusion.from_pretrained(sdxl_refiner_folder)
+    both = BaseWithRefiner(base, refiner, 0.5)
+    prompt = ImagePrompt(str(files["sdxl"]), reference_image(3), weight=0.8, encoder=str(files["encoder"]))
+    prompted = both(PROMPT, steps=4, seed=3, sampler="euler", image_prompts=[prompt])
+    plain = both(PROMPT, steps=4, seed=3, sampler="euler")
+    assert np.abs(np.asarray(prompted.images[0]).astype(int) - np.asarray(plain.images[0])).max() > 10
+    assert not refiner.ip_adapters and len(base.ip_adapters) == 1
