@@ -1,6 +1,7 @@
 """`ldm download` (a model into the Hugging Face cache) and `ldm info` (what a model is, without loading it)."""
 
 import argparse
+from pathlib import Path
 
 from ldm.errors import LdmError
 
@@ -85,7 +86,8 @@ def info(args: argparse.Namespace) -> None:
     print("\n".join(model_info(args.model, args.revision, args.variant).lines() + machine_lines()))
 
 
-NATIVE_BF16 = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute in bf16 natively
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16")  # CPUINFO flags of CPUs that compute in bf16 natively
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def machine_lines() -> list[str]:
@@ -99,7 +101,7 @@ def machine_lines() -> list[str]:
     lines = [f"cpu:        {os.cpu_count()} cores, {threads} thread{'s' * (threads != 1)} (OMP_NUM_THREADS sets them: "
              "on a machine busy with other work, give the cores that are free)"]
     try:
-        flags = set(open("/proc/cpuinfo", encoding="ascii", errors="replace").read().split())
+        flags = set(CPUINFO.read_text(encoding="ascii", errors="replace").split())
     except OSError:
         flags = set()
     if native := [f for f in NATIVE_BF16 if f in flags]:

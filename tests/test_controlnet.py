@@ -102,7 +102,7 @@ def assert_close(name, actual, expected, plain=None, moved=10):
     """Within the tolerance of the reference; and, given the image without what is tested (`plain`), more than
     `moved` levels from it somewhere: what is tested acts, so the comparison means something."""
     diff = np.abs(actual - expected).max()
-    print(f"{name}: max pixel difference {diff}" + (f", the control moved pixels by {np.abs(actual - plain).max()}"
+    print(f"{name}: max pixel difference {diff}" + (f", what is tested moved pixels by {np.abs(actual - plain).max()}"
                                                      if plain is not None else ""))
     assert diff <= MAX_PIXEL_DIFF
     if plain is not None:

@@ -76,14 +76,13 @@ def test_unknown_model_names_the_options(tmp_path, capsys):
 def test_info_says_the_threads_and_whether_bf16_pays(sd1_folder, capsys, monkeypatch, tmp_path, flags, native):
     """The machine's lines (issue 27: threads on a busy machine; native bf16 where --dtype bf16 pays): the threads
     torch will use as set, and the bf16 hint only on a CPU whose flags name native bf16."""
-    import builtins
-
     import torch
+
+    from ldm_cli import models
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
-    real_open = builtins.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    monkeypatch.setattr(models, "CPUINFO", cpuinfo)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

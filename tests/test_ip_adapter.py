@@ -21,6 +21,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from official import diffusers_scheduler
 from PIL import Image
 from safetensors.torch import save_file
+from test_controlnet import assert_close
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ldm import ImagePrompt
@@ -167,15 +168,6 @@ def theirs(folder, files, kind, image, scale, xl=False, seed=3, step_scales=None
     out = ref(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(seed), guidance_scale=7.5,
               output_type="np", height=64, width=64, callback_on_step_end=next_scale, **given).images
     return (np.asarray(out[0]) * 255).round().astype(np.int16)
-
-
-def assert_close(name, actual, expected, plain=None, moved=10):
-    diff = np.abs(actual - expected).max()
-    print(f"{name}: max pixel difference {diff}" + (f", the image prompt moved pixels by {np.abs(actual - plain).max()}"
-                                                     if plain is not None else ""))
-    assert diff <= MAX_PIXEL_DIFF
-    if plain is not None:
-        assert np.abs(actual - plain).max() > moved
 
 
 def test_encoder_and_preprocessing_equal_transformers(files):
