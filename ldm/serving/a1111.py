@@ -500,7 +500,8 @@ def add_routes(app, submit, pipe_of, model_name: str, progress: Progress, limits
     `pipe_of()` is the loaded pipeline or None; `limits`: the server's, which bodies are held to."""
     add_error_answers(app)
     add_generation_routes(app, submit, pipe_of, model_name, progress, limits)
-    add_state_routes(app, pipe_of, model_name, progress, limits)
+    add_state_routes(app, pipe_of, model_name, progress)
+    add_png_info_route(app, limits)
     add_page(app)
 
 
@@ -580,8 +581,8 @@ def add_generation_routes(app, submit, pipe_of, model_name: str, progress: Progr
         return result
 
 
-def add_state_routes(app, pipe_of, model_name: str, progress: Progress, limits: Limits) -> None:
-    """What the server holds and does: the lists, options, progress, interrupt and skip, png-info."""
+def add_state_routes(app, pipe_of, model_name: str, progress: Progress) -> None:
+    """What the server holds and does: the lists, options, progress, interrupt and skip."""
     from fastapi import HTTPException
 
     options: dict = {"sd_model_checkpoint": checkpoint_of(None, model_name)["title"], "CLIP_stop_at_last_layers": 1,
@@ -625,6 +626,12 @@ def add_state_routes(app, pipe_of, model_name: str, progress: Progress, limits: 
     def skip():
         progress.skipped.set()
         return None
+
+
+def add_png_info_route(app, limits: Limits) -> None:
+    """png-info: the parameters an image carries, read as `--from-png` reads them (its header held to the server's
+    pixel limit before decoding)."""
+    from fastapi import HTTPException
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: dict):
