@@ -558,8 +558,6 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str, check_host:
     """The FastAPI app of the server. `check_host`: refuse Host names other than IP addresses, localhost and
     `config.allowed_hosts` (`serve` does; an app mounted behind something that routes by names of its own need not)."""
     from fastapi import FastAPI
-    from fastapi import Request as HttpRequest
-    from fastapi.responses import JSONResponse
 
     parsing = concurrent.futures.ThreadPoolExecutor(config.parse_threads, thread_name_prefix="ldm-parse")
     fetching = concurrent.futures.ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="ldm-fetch")
@@ -574,6 +572,20 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str, check_host:
                   description=f"Stable Diffusion ({model_name}) behind the Azure ML model-catalog scoring schema.")
     app.add_middleware(Guard, config=config, check_host=check_host)
     app.add_middleware(RequestLog)  # (the outermost: it logs the guard's refusals too)
+    add_scoring_routes(app, worker, config, model_name, parsing, fetching)
+
+    from ldm.serving.a1111 import Progress, add_routes  # (pydantic and the pipeline: with the app, not at import)
+
+    add_routes(app, submitter(worker, config), lambda: worker.pipe, model_name,
+               Progress(preview_vae=config.preview_vae), config.limits)
+    return app
+
+
+def add_scoring_routes(app, worker: Worker, config: ServeConfig, model_name: str, parsing, fetching) -> None:
+    """`/health` and `/score`: the request parsed on the `parsing` pool (its image URLs fetched on `fetching`) after
+    its place in the queue is taken, its rows run by the worker."""
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import JSONResponse
 
     def answer(status: int, body, retry: bool = False, close: bool = False) -> JSONResponse:
         headers = ({"Retry-After": str(config.retry_after_s)} if retry else {}) | ({"Connection": "close"} if close
@@ -613,9 +625,12 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str, check_host:
             log.exception("scoring failed")
             return answer(500, error_body("server", f"internal error ({type(e).__name__}); see the server log"))
 
-    async def submit(http: HttpRequest, work):
-        """Queue `work(pipe, cancelled)` for an A1111 route, as /score queues its rows: its result, or the refusal's
-        answer (a client that goes away cancels it, as it cancels its rows)."""
+
+def submitter(worker: Worker, config: ServeConfig):
+    """The A1111 routes' `submit(http, work)`: `work(pipe, cancelled)` queued as /score queues its rows; its result,
+    or the refusal's answer (a client that goes away cancels it, as it cancels its rows)."""
+
+    async def submit(http, work):
         from fastapi import HTTPException
 
         try:
@@ -629,11 +644,7 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str, check_host:
         except LdmError as e:  # a value this model cannot run: A1111 answers such with a 422
             raise HTTPException(422, str(e)) from None
 
-    from ldm.serving.a1111 import Progress, add_routes  # (pydantic and the pipeline: with the app, not at import)
-
-    add_routes(app, submit, lambda: worker.pipe, model_name, Progress(preview_vae=config.preview_vae),
-               config.limits)
-    return app
+    return submit
 
 
 def check_port(host: str, port: int) -> None:
