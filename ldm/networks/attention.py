@@ -75,13 +75,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None =
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
         mask = None if mask is None else mask.float()
-    if causal and not _observers and _backend is sdpa:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return out.transpose(1, 2).flatten(2).to(dtype)
-    if causal:
-        mask = causal_mask(q, k)
+    if causal and (_observers or _backend is not sdpa):  # they take the mask
+        mask, causal = causal_mask(q, k), False
     if _observers:
         for observe in _observers:
             observe(q, k, v, mask)
-    out = _backend(q, k, v, mask)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True) if causal else _backend(q, k, v, mask)
     return out.transpose(1, 2).flatten(2).to(dtype)
