@@ -44,7 +44,15 @@ from ldm.pipelines.request import MAX_SEED, Control, GenerationRequest, hires_si
 from ldm.pipelines.stable_diffusion import Generation
 from ldm.serving.limits import Limits
 from ldm.serving.runner import Cancelled
-from ldm.serving.schema import MAX_PROMPT_CHARS, RequestError, _check_lora_tags, echo, text, too_many_pixels
+from ldm.serving.schema import (
+    IMAGE_TOO_LARGE,
+    MAX_PROMPT_CHARS,
+    RequestError,
+    _check_lora_tags,
+    echo,
+    text,
+    too_many_pixels,
+)
 
 VERSION = "ldm (A1111 1.10 API)"
 SAMPLER_OF = {label: name for name, label in SAMPLER_LABELS.items()}
@@ -249,7 +257,7 @@ def decode_field(name: str, value: str, max_pixels: int | None = None):
     def refuse(width: int, height: int) -> str | None:  # (/score's words for an image over the limit)
         if width * height <= max_pixels:
             return None
-        return f"{width}x{height} is larger than this server's {max_pixels} pixels per image; resize it first"
+        return IMAGE_TOO_LARGE.format(width=width, height=height, max_pixels=max_pixels)
 
     try:
         return decode_image(value, name, max_pixels, refuse)

@@ -42,6 +42,7 @@ from ldm.serving.limits import Limits
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
            "mask": "mask", "mask_image": "mask", "control_image": "control_image"}
 NO_URLS = "image URLs are not fetched by this server (start it with --allow-image-urls to allow them)"
+IMAGE_TOO_LARGE = "{width}x{height} is larger than this server's {max_pixels} pixels per image; resize it first"
 SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: JSON lets "\ud800" through, UTF-8 has no such thing
 MAX_LABEL = 1000  # characters of an index label's JSON (it is echoed in its row's answer)
 # A prompt is refused above this many characters before it is tokenized (it was tokenized whole however long, and
@@ -355,7 +356,7 @@ def _image_cell(name: str, value, where: str, limits: Limits, fetch: Callable[[s
     def refuse(width: int, height: int) -> str | None:
         if name == "control_image" or (width - width % 8) * (height - height % 8) <= limits.max_pixels:
             return None
-        return f"{width}x{height} is larger than this server's {limits.max_pixels} pixels per image; resize it first"
+        return IMAGE_TOO_LARGE.format(width=width, height=height, max_pixels=limits.max_pixels)
 
     try:
         if isinstance(value, InputError):
