@@ -2,10 +2,10 @@
 on the ranks of a torchrun job.
 
 Input: a scoring request (`.json`, as `ldm serve` takes it), JSON lines (`.jsonl`: one row a line, a prompt
-string or an object with `prompt` and optionally `image`, `mask`/`mask_image`), or CSV (`.csv` with a
-`prompt` column and optionally `image`, `mask`); `ldm.serving.azure` reads a folder of CSV files (Azure ML's batch
-layout). Images are base64 or file paths (relative to the input file's folder). Parameters come from the
-request file, or `parameters` for JSONL/CSV.
+string or an object with `prompt` and optionally `image`, `mask`/`mask_image`, `control_image`, `ip_image`), or
+CSV (`.csv` with a `prompt` column and optionally those); `ldm.serving.azure` reads a folder of CSV files (Azure
+ML's batch layout). Images are base64 or file paths (relative to the input file's folder; in a JSON list of control
+or reference images too). Parameters come from the request file, or `parameters` for JSONL/CSV.
 
 Row i gets seed `seed + i`; the seed (given, or drawn once) is kept in `batch.json` in the output folder,
 with a fingerprint of the input, so that a resumed run makes the same images. Each row's PNGs are written
@@ -61,7 +61,10 @@ class BatchInput:
 
 def image_cell(value, folder: Path):
     """A file path (relative to the input's folder) becomes the image, or the error that says why it cannot;
-    base64 and data URLs stay as they are (the adapter decodes them)."""
+    base64 and data URLs stay as they are (the adapter decodes them); a list (several control or reference images)
+    cell by cell."""
+    if isinstance(value, list):
+        return [image_cell(cell, folder) for cell in value]
     if not isinstance(value, str) or not value.lower().endswith(IMAGE_SUFFIXES) or len(value) > 4096:
         return value
     try:

@@ -66,8 +66,8 @@ def run_rows(pipe, request: Request, rows: list[Row], cancelled: Callable[[], bo
     try:
         result = pipe(generation_request(p, [row.prompt for row in rows], negative, first.image, first.mask,
                                          seeds if len(rows) > 1 else seeds[0], request.prompt_syntax,
-                                         first.control_images), callbacks=[cancel_check])
-    except LdmError as e:  # a bad value for this model, or a LoRA of the folder that does not fit it
+                                         first.control_images, first.ip_images), callbacks=[cancel_check])
+    except LdmError as e:  # a bad value for this model, or a LoRA, ControlNet or IP-Adapter that does not fit it
         return [error_object(row, RequestError(f"data[{row.position}]", str(e))) for row in rows]
     except Cancelled:
         raise
@@ -117,7 +117,8 @@ def run(pipe, request: Request, cancelled: Callable[[], bool] | None = None, bat
 
     group_kind = None
     for row in request.rows:
-        if row.error is None and row.image is None and not row.control_images and rows_per_pass > 1:
+        if row.error is None and row.image is None and not row.control_images and not row.ip_images \
+                and rows_per_pass > 1:  # (a row's own images are not the pass's: it runs alone)
             row_kind = kind(row)
             if group and row_kind != group_kind:
                 objects += run_rows(pipe, request, group, cancelled)

@@ -8,8 +8,10 @@ Request (pandas' "split" orientation; `ldm serve` and `ldm batch` both take it):
 
 Columns `prompt` or `text_prompt` (SD 1.4's card), `negative_prompt` (a row's own, over the parameter), and
 `image` and `mask` (or `mask_image`) for image-to-image and inpainting as base64 PNG/JPEG (line breaks
-allowed, as `base64.encodebytes` writes them) or, where the caller allows it, http(s) URLs; rows as strings,
-lists in column order, or objects keyed by column.
+allowed, as `base64.encodebytes` writes them) or, where the caller allows it, http(s) URLs; `control_image` (one
+per ControlNet unit of `parameters.controlnet`) and `ip_image` (the reference images of `parameters.ip_adapter`)
+the same way; rows as strings, lists in column order, or objects keyed by column. No file is ever opened from a
+request: a local path in an image cell is that row's error.
 
 Response, one object per image in row order (the SD 2.1, SDXL and inpainting cards' form):
 
@@ -33,14 +35,29 @@ from ldm.adapters.lora import MAX_WEIGHT, find_lora
 from ldm.choices import FORMS
 from ldm.errors import InputError, LdmError
 from ldm.loading.controlnets import find_controlnet
+from ldm.loading.ip_adapters import find_image_encoder, find_ip_adapter
 from ldm.pipelines.images import decode_image, fit_size, image_from_bytes, is_url
 from ldm.pipelines.prompts import CHUNK_TOKENS, MAX_CHUNKS, extract_extra_networks
-from ldm.pipelines.request import IMAGE_PLACEHOLDER, MAX_SEED, Control, GenerationRequest, hires_size, random_seed
+from ldm.pipelines.request import (
+    IMAGE_PLACEHOLDER,
+    MAX_SEED,
+    Control,
+    GenerationRequest,
+    ImagePrompt,
+    hires_size,
+    random_seed,
+)
 from ldm.sampling.samplers import SAMPLERS
 from ldm.serving.limits import Limits
 
 COLUMNS = {"prompt": "prompt", "text_prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image",
-           "mask": "mask", "mask_image": "mask", "control_image": "control_image"}
+           "mask": "mask", "mask_image": "mask", "control_image": "control_image", "ip_image": "ip_image"}
+IMAGE_COLUMNS = ("image", "mask", "control_image", "ip_image")
+NO_FILES = ("looks like a file path: files named in a request are never opened; send the image as base64 (or, "
+            "where the server allows them, as an http(s) URL)")
+# a cell that is a path rather than base64 (whose alphabet has no dot, tilde, colon or backslash): it ends in an image
+# suffix, or starts as a relative, home or Windows path
+PATH_LIKE = re.compile(r"(\.(png|jpe?g|webp|bmp|gif|tiff?)$)|^(~|\.{1,2}[/\\]|[A-Za-z]:[/\\])", re.IGNORECASE)
 NO_URLS = "image URLs are not fetched by this server (start it with --allow-image-urls to allow them)"
 IMAGE_TOO_LARGE = "{width}x{height} is larger than this server's {max_pixels} pixels per image; resize it first"
 SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: JSON lets "\ud800" through, UTF-8 has no such thing
@@ -104,13 +121,23 @@ class Parameters:
     control_start: float | None = None
     control_end: float | None = None
     control_mode: str | None = None
+    # an image prompt (IP-Adapter): an adapter of the server's weights/ipadapter/ by name (resolved to its path), its
+    # reference images in a row's `ip_image` cell, its image encoder a name in weights/clip_vision/ (None: the first
+    # there whose width the adapter reads)
+    ip_adapter: str | None = None
+    ip_weight: float | None = None
+    ip_start: float | None = None
+    ip_end: float | None = None
+    ip_image_encoder: str | None = None
 
 
 PARAMETER_NAMES = tuple(f.name for f in fields(Parameters))
 TEXT_PARAMETERS = ("negative_prompt", "scheduler", "timestep_spacing", "prompt_syntax", "hires_upscaler",
                    "control_mode")
 REAL_PARAMETERS = ("guidance_scale", "eta", "strength", "refiner_start", "hires_scale",  # the rest: integers
-                   "hires_denoise", "control_weight", "control_start", "control_end")
+                   "hires_denoise", "control_weight", "control_start", "control_end", "ip_weight", "ip_start",
+                   "ip_end")
+IP_SETTINGS = ("ip_weight", "ip_start", "ip_end", "ip_image_encoder")  # (they need an ip_adapter)
 # a GenerationRequest field → the parameter of a scoring request that sets it (for the field an error names)
 PARAMETER_OF = {"steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
                 "num_images": "num_images_per_prompt"}
@@ -125,6 +152,7 @@ class Row:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     control_images: list[Image.Image] = field(default_factory=list)  # one per ControlNet unit
+    ip_images: list[Image.Image] = field(default_factory=list)  # the image prompt's references (averaged)
     error: RequestError | None = None
 
 
@@ -188,6 +216,10 @@ def _parameter_values(raw) -> dict:
             values[name] = parse_loras(value)
         elif name == "controlnet":
             values[name] = parse_controlnets(value)
+        elif name == "ip_adapter":
+            values[name] = parse_ip_adapter(value)
+        elif name == "ip_image_encoder":
+            values[name] = parse_image_encoder(value)
         elif name in TEXT_PARAMETERS:
             if not isinstance(value, str):
                 raise RequestError(f"parameters.{name}", f"expected a string, got {value!r}")
@@ -225,9 +257,12 @@ def parse_parameters(raw, limits: Limits) -> Parameters:
         return Parameters()
     p = Parameters(**_parameter_values(raw))
     _check_limits(p, limits)
+    if p.ip_adapter is None and (alone := next((n for n in IP_SETTINGS if getattr(p, n) is not None), None)):
+        raise RequestError(f"parameters.{alone}", "applies to an image prompt: give parameters.ip_adapter")
     try:  # the rest as every entry point checks a request (the same message as the command line's)
         generation_request(p, [""], None, IMAGE_PLACEHOLDER if p.strength is not None else None, None,
-                           p.seed, p.prompt_syntax or "plain", [IMAGE_PLACEHOLDER] * len(p.controlnet)).check()
+                           p.seed, p.prompt_syntax or "plain", [IMAGE_PLACEHOLDER] * len(p.controlnet),
+                           [IMAGE_PLACEHOLDER]).check()
     except InputError as e:
         name = PARAMETER_OF.get(e.field, e.field)
         raise RequestError(f"parameters.{name}" if name in PARAMETER_NAMES else "parameters", str(e)) from None
@@ -294,6 +329,30 @@ def parse_controlnets(value) -> tuple[str, ...]:
         raise RequestError("parameters.controlnet", str(e)) from None
 
 
+def parse_ip_adapter(value) -> str:
+    """`ip_adapter`: "NAME", an adapter of the server's weights/ipadapter/ (never a path), as the path it names
+    there."""
+    if not isinstance(value, str):
+        raise RequestError("parameters.ip_adapter", 'expected "NAME" (an adapter of the server\'s weights/ipadapter/)')
+    try:
+        return str(find_ip_adapter(value, allow_paths=False))
+    except LdmError as e:
+        raise RequestError("parameters.ip_adapter", str(e)) from None
+
+
+def parse_image_encoder(value) -> str:
+    """`ip_image_encoder`: "NAME", an encoder folder of the server's weights/clip_vision/ (never a path), as its
+    path. (With a name given, `find_image_encoder` does not read the adapter: whether the two fit is checked when the
+    row runs, as the command line's --ip-image-encoder is.)"""
+    if not isinstance(value, str):
+        raise RequestError("parameters.ip_image_encoder", 'expected "NAME" (a folder of the server\'s '
+                                                          'weights/clip_vision/)')
+    try:
+        return str(find_image_encoder(value, None, allow_paths=False))
+    except LdmError as e:
+        raise RequestError("parameters.ip_image_encoder", str(e)) from None
+
+
 def scheduler_name(name: str) -> str | None:
     """An ldm sampler name, or the diffusers scheduler class it reproduces (the first sampler of that class)."""
     if name in SAMPLERS:
@@ -308,9 +367,21 @@ def controls(p: Parameters, images: list) -> list[Control]:
     return [Control(path, image, **given) for path, image in zip(p.controlnet, images, strict=True)]
 
 
+def image_prompts(p: Parameters, images: list) -> list[ImagePrompt]:
+    """The image prompt of the parameters (none without `ip_adapter` or without images), with a row's reference
+    images."""
+    if p.ip_adapter is None or not images:
+        return []
+    settings = {"weight": p.ip_weight, "start": p.ip_start, "end": p.ip_end}
+    given = {k: v for k, v in settings.items() if v is not None}
+    return [ImagePrompt(p.ip_adapter, list(images), encoder=p.ip_image_encoder, **given)]
+
+
 def generation_request(p: Parameters, prompts: list[str], negative: str | None, image, mask, seed,
-                       prompt_syntax: str, control_images: list | None = None) -> GenerationRequest:
-    """The request one pass of rows makes of the pipeline (`control_images`: the pass's row's, one per unit)."""
+                       prompt_syntax: str, control_images: list | None = None,
+                       ip_images: list | None = None) -> GenerationRequest:
+    """The request one pass of rows makes of the pipeline (`control_images`: the pass's row's, one per unit;
+    `ip_images`: its reference images)."""
     return GenerationRequest(prompts, negative, steps=p.num_inference_steps, guidance=p.guidance_scale, seed=seed,
                              width=p.width, height=p.height,
                              sampler=None if p.scheduler is None else scheduler_name(p.scheduler),
@@ -319,7 +390,8 @@ def generation_request(p: Parameters, prompts: list[str], negative: str | None, 
                              prompt_syntax=prompt_syntax, clip_skip=p.clip_skip, loras=list(p.loras),
                              refiner_start=p.refiner_start, hires_scale=p.hires_scale, hires_steps=p.hires_steps,
                              hires_denoise=p.hires_denoise, hires_upscaler=p.hires_upscaler,
-                             controls=controls(p, control_images or []))
+                             controls=controls(p, control_images or []),
+                             image_prompts=image_prompts(p, ip_images or []))
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -347,14 +419,17 @@ def _image_cell(name: str, value, where: str, limits: Limits, fetch: Callable[[s
     """An image or mask cell as an image (None when absent): base64, a URL (with `fetch`), or already an image
     (`ldm batch` hands over images read from files). Its size is read from its header and refused before it is
     decoded: an image or mask over the server's pixels per image at the size it runs at (as `_check_images` counts
-    them), a control image (resized to the generation's size) over 4× as many."""
+    them), a control image (resized to the generation's size) or a reference image (resized to the image encoder's)
+    over 4× as many. A local path is refused (`NO_FILES`), never opened."""
     if value is None or isinstance(value, Image.Image):
         return value
     if is_url(value) and fetch is None:
         raise RequestError(f"{where}.{name}", NO_URLS)
+    if not is_url(value) and isinstance(value, str) and len(value) <= 4096 and PATH_LIKE.search(value.strip()):
+        raise RequestError(f"{where}.{name}", NO_FILES)
 
-    def refuse(width: int, height: int) -> str | None:
-        if name == "control_image" or (width - width % 8) * (height - height % 8) <= limits.max_pixels:
+    def refuse(width: int, height: int) -> str | None:  # (control and reference images are resized to fit)
+        if name in ("control_image", "ip_image") or (width - width % 8) * (height - height % 8) <= limits.max_pixels:
             return None
         return IMAGE_TOO_LARGE.format(width=width, height=height, max_pixels=limits.max_pixels)
 
@@ -366,6 +441,14 @@ def _image_cell(name: str, value, where: str, limits: Limits, fetch: Callable[[s
         return decode_image(value, name, 4 * limits.max_pixels, refuse)
     except InputError as e:
         raise RequestError(f"{where}.{name}", str(e).removeprefix(f"{name}: ")) from None
+
+
+def _reference_images(value, where: str, limits: Limits, fetch: Callable[[str], bytes] | None) -> list[Image.Image]:
+    """An `ip_image` cell (one image cell, or a list of them: their encodings are averaged) as its images."""
+    cells = value if isinstance(value, list) else [value] if value else []
+    if any(cell is None for cell in cells):
+        raise RequestError(f"{where}.ip_image", "null in the list of reference images")
+    return [_image_cell("ip_image", cell, where, limits, fetch) for cell in cells]
 
 
 def _check_images(row: Row, where: str, limits: Limits) -> None:
@@ -424,6 +507,7 @@ def _row(position: int, label, value, columns: list[str], limits: Limits,
         control = cells.get("control_image")
         row.control_images = [_image_cell("control_image", cell, where, limits, fetch)
                               for cell in (control if isinstance(control, list) else [control] if control else [])]
+        row.ip_images = _reference_images(cells.get("ip_image"), where, limits, fetch)
         _check_images(row, where, limits)
     except RequestError as e:
         row.error = e
@@ -492,14 +576,28 @@ def parse(body, limits: Limits = Limits(), form: str = "rows", prompt_syntax: st
         if row.error is None and row.image is None:
             row.error = RequestError(f"data[{row.position}].image", "missing: with parameters.strength "
                                                                     "(image-to-image, inpainting) each row needs one")
+    for row in rows:
+        if row.error is None and (error := _ip_image_error(row, parameters)):
+            row.error = error
     seed = parameters.seed if parameters.seed is not None else random_seed()
     return Request(rows, parameters, seed, limits, form, parameters.prompt_syntax or prompt_syntax)
 
 
+def _ip_image_error(row: Row, p: Parameters) -> RequestError | None:
+    """A row's reference images go with `parameters.ip_adapter`: each row has at least one, or none without it."""
+    if p.ip_adapter is not None and not row.ip_images:
+        return RequestError(f"data[{row.position}].ip_image", "missing: with parameters.ip_adapter (an image prompt) "
+                                                              "each row needs its reference image (or a list of them)")
+    if p.ip_adapter is None and row.ip_images:
+        return RequestError(f"data[{row.position}].ip_image", "a reference image needs the adapter that reads it: "
+                                                              "give parameters.ip_adapter")
+    return None
+
+
 def image_urls(body, limits: Limits) -> list[str]:
-    """The URL cells of a request body's images, masks and control images, for a server to fetch before it parses
-    the body (`parse`'s `fetch` hands them over): at most four a row of `limits.max_rows` (the others are not fetched,
-    their rows' errors), none where the body is not a request (`parse` then says why)."""
+    """The URL cells of a request body's images, masks, control and reference images, for a server to fetch before
+    it parses the body (`parse`'s `fetch` hands them over): at most four a row of `limits.max_rows` (the others are
+    not fetched, their rows' errors), none where the body is not a request (`parse` then says why)."""
     try:
         columns, data = _columns(body["input_data"]), body["input_data"]["data"]
     except (RequestError, KeyError, TypeError):
@@ -512,7 +610,7 @@ def image_urls(body, limits: Limits) -> list[str]:
             cells = _cells(value, columns, f"data[{position}]")
         except RequestError:
             continue
-        for name in ("image", "mask", "control_image"):
+        for name in IMAGE_COLUMNS:
             cell = cells.get(name)
             urls += [c for c in (cell if isinstance(cell, list) else [cell]) if is_url(c) and c not in urls]
     return urls[:4 * limits.max_rows]
