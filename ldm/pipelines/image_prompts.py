@@ -37,32 +37,47 @@ from ldm.networks.clip import CLIPVisionModelWithProjection
 from ldm.networks.ip_adapter import IPAdapter
 from ldm.networks.safety import FeatureExtractorConfig, preprocess
 from ldm.pipelines.request import ImagePrompt
+from ldm.speed.offload import offload_beside, offload_of, offload_with
+
+
+def load_device(pipe, unet) -> torch.device:
+    """Where an adapter or an encoder is loaded: the pipeline's device, or with `unet` offloaded the offload device
+    (from where the offload brings it; a ViT-H/14 encoder, 632M parameters, never sits on a small GPU for good)."""
+    offload = offload_of(unet)
+    return offload.offload_device if offload is not None else pipe.device
 
 
 def ip_adapter(pipe, model) -> IPAdapter:
-    """The adapter by path or by name in weights/ipadapter/, loaded once for this pipeline's UNet and kept; a loaded
-    `IPAdapter` as it is."""
+    """The adapter by path or by name in weights/ipadapter/, loaded once for this pipeline's UNet and kept (a loaded
+    `IPAdapter` as it is); with the UNet offloaded, offloaded with it (`ldm.speed.offload.offload_with`, as a
+    ControlNet: its pairs run inside the UNet), in either mode."""
+    unet = pipe.networks()["unet"]
     if isinstance(model, IPAdapter):
-        return model
-    path = find_ip_adapter(model).resolve()
-    if path not in pipe.ip_adapters:
-        unet = pipe.networks()["unet"]
-        pipe.ip_adapters[path] = load_ip_adapter(path, attention_widths(unet), unet.config.cross_attention_dim,
-                                                 pipe.name, pipe.device, pipe.dtype)
-    return pipe.ip_adapters[path]
+        adapter = model
+    else:
+        path = find_ip_adapter(model).resolve()
+        if path not in pipe.ip_adapters:
+            pipe.ip_adapters[path] = load_ip_adapter(path, attention_widths(unet), unet.config.cross_attention_dim,
+                                                     pipe.name, load_device(pipe, unet), pipe.dtype)
+        adapter = pipe.ip_adapters[path]
+    offload_with(unet, adapter, label="ip_adapter")
+    return adapter
 
 
 def image_encoder(pipe, name, adapter: IPAdapter, adapter_name: str) -> CLIPVisionModelWithProjection:
     """The encoder `name` (a folder, or a name in weights/clip_vision/; None: the first there that fits the adapter),
-    loaded once and kept, checked against the adapter's width."""
+    loaded once and kept, checked against the adapter's width; with the UNet offloaded, offloaded as a network of its
+    own (`ldm.speed.offload.offload_beside`: in model mode on the execution device for its call only)."""
+    unet = pipe.networks()["unet"]
     if isinstance(name, CLIPVisionModelWithProjection):
         encoder, name = name, "(given)"
     else:
         path = find_image_encoder(name, adapter.config).resolve()
         if path not in pipe.image_encoders:
-            pipe.image_encoders[path] = load_image_encoder(path, pipe.device, pipe.dtype)
+            pipe.image_encoders[path] = load_image_encoder(path, load_device(pipe, unet), pipe.dtype)
         encoder, name = pipe.image_encoders[path], path.name
     check_encoder(encoder, name, adapter, adapter_name)
+    offload_beside(unet, encoder, label="image_encoder")
     return encoder
 
 

@@ -38,7 +38,10 @@ to the execution device: an SDXL base with its refiner (`ldm.pipelines.refiner.B
 one through the same two, its two models' networks sharing one execution device and, in model mode, one resident
 network at a time. A ControlNet, loaded when a run first names it (after the offload), is offloaded with the UNet
 it runs beside (`offload_with`, which `ldm.pipelines.control.like_unet` calls): in model mode the two come in for
-the denoising loop and go out after it together; in sequential mode its layers are hooked as the UNet's.
+the denoising loop and go out after it together; in sequential mode its layers are hooked as the UNet's. An
+IP-Adapter's key/value pairs and projection travel with the UNet the same way; its image encoder, which runs on its
+own before the UNet, is offloaded as a network of its own (`offload_beside`): in model mode it comes in for the
+encoding and goes out when the UNet comes in (`ldm.pipelines.image_prompts` calls both).
 
 Sequential offload here copies from pageable memory, as diffusers does by default; pinned host memory would
 make its copies faster and asynchronous, at the cost of pinning every weight.
@@ -167,16 +170,24 @@ class Offload:
     def attach(self) -> None:
         """Park every weight and hook every network."""
         for name, network in self.networks.items():
-            for t in tensors(network):
-                t.data = self.park(t)
-            _offloaded[network] = self
-            entries = {network, *network.children()}
-            if self.mode == "model":
-                self._hook_network(name, network, entries)
-            else:
-                for module in entries:
-                    self.handles.append(module.register_forward_pre_hook(self._move_inputs, with_kwargs=True))
-                self._hook_units(name, network)
+            self._attach(name, network)
+
+    def add(self, name: str, network: nn.Module) -> None:
+        """Offload `network`, loaded after the others (an IP-Adapter's image encoder), as one of them: `name`."""
+        self.networks[name] = network
+        self._attach(name, network)
+
+    def _attach(self, name: str, network: nn.Module) -> None:
+        for t in tensors(network):
+            t.data = self.park(t)
+        _offloaded[network] = self
+        entries = {network, *network.children()}
+        if self.mode == "model":
+            self._hook_network(name, network, entries)
+        else:
+            for module in entries:
+                self.handles.append(module.register_forward_pre_hook(self._move_inputs, with_kwargs=True))
+            self._hook_units(name, network)
 
     def _move_inputs(self, module, args, kwargs):
         return self._inputs(args), self._inputs(kwargs)
@@ -288,6 +299,28 @@ def offload_with(network: nn.Module, companion: nn.Module, label: str = "control
     if name is None:  # (`network` is itself a companion)
         return
     offload.adopt(name, companion, f"{label}{sum(map(len, offload.companions.values()))}")
+
+
+def offload_beside(network: nn.Module, added: nn.Module, label: str) -> None:
+    """Offload `added`, a network loaded after `enable_offload` that runs on its own in the pipeline of `network` (an
+    IP-Adapter's image encoder, called before the UNet), as a network of its own in `network`'s offload
+    (`Offload.add`, named `label`, after `network`'s prefix: `base.image_encoder` beside `base.unet`): model mode
+    brings it for its call and sends it back when the next network comes in. Nothing where `network` is not
+    offloaded, or `added` is already."""
+    offload = _offloaded.get(network)
+    if offload is None or added in _offloaded:
+        return
+    owner = next((n for n, known in offload.networks.items() if known is network), "")
+    base = ".".join([*owner.split(".")[:-1], label])
+    name, count = base, 1
+    while name in offload.networks:  # (a second encoder: image_encoder1)
+        name, count = f"{base}{count}", count + 1
+    offload.add(name, added)
+
+
+def offload_of(network: nn.Module) -> "Offload | None":
+    """The offload `network` is under (its weights kept on `offload_device` between calls), or None."""
+    return _offloaded.get(network)
 
 
 def disable_offload(pipe) -> None:
