@@ -192,6 +192,7 @@ def apply_png(args: argparse.Namespace) -> int | None:
     if "tiling" not in args.given:
         args.tiling = back.seamless
     apply_png_controls(args, back.controls)
+    apply_png_image_prompts(args, back.image_prompts)
     model_file = args.model if Path(args.model).is_file() else None  # (its hash is the text's Model hash, or not)
     for note in back.notes(None if "model" in args.given else args.model, "refiner" in args.given,
                            frozenset(args.given), model_file):
@@ -217,6 +218,25 @@ def apply_png_controls(args: argparse.Namespace, units: tuple[dict, ...]) -> Non
                  "processor_res", "pixel_perfect"):
         if f"control_{name}" not in args.given:
             setattr(args, f"control_{name}", [unit[name] for unit in units])
+
+
+def apply_png_image_prompts(args: argparse.Namespace, prompts: tuple[dict, ...]) -> None:
+    """The PNG's IP-Adapter unit, unless --ip-adapter is given: its adapter (by name, in weights/ipadapter/), weight,
+    start and end (each unless given); its reference image must be given (--ip-image), as the PNG holds none. The
+    command line takes one adapter: a PNG of two is one error."""
+    if not prompts or "ip_adapter" in args.given:
+        return
+    names = ", ".join(p["model"] for p in prompts)
+    if len(prompts) > 1:
+        raise LdmError(f"the PNG was made with {len(prompts)} IP-Adapter units ({names}); the command line takes one "
+                       "(--ip-adapter to choose it, or the Python API's image_prompts=[…] for all)")
+    if not args.ip_image:
+        raise LdmError(f"the PNG was made with the IP-Adapter {names}: give its reference image (--ip-image), or "
+                       "--ip-adapter")
+    args.ip_adapter = prompts[0]["model"]
+    for name in ("weight", "start", "end"):
+        if f"ip_{name}" not in args.given:
+            setattr(args, f"ip_{name}", prompts[0][name])
 
 
 def lora_option(value: str):

@@ -274,8 +274,9 @@ def test_command_line_equals_python(pipe, sd1_folder, files, tmp_path):
                                        encoder=str(files["encoder"]))])
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")).astype(np.int16), expected)
     params = Image.open(out).text["parameters"]
-    assert ('IP-Adapter 0: "Module: ip-adapter_clip_h, Model: ip-adapter_sd15, Weight: 0.6, Resize Mode: Crop and '
-            'Resize, Guidance Start: 0.0, Guidance End: 1.0, Control Mode: Balanced"') in params
+    assert ('ControlNet 0: "Module: ip-adapter_clip_h, Model: ip-adapter_sd15, Weight: 0.6, Resize Mode: Crop and '
+            'Resize, Processor Res: 512, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, Control Mode: '
+            'Balanced"') in params
 
 
 def test_names_resolve_in_the_weights_folders(pipe, files, monkeypatch, tmp_path):

@@ -199,3 +199,15 @@ def test_batch_rows_take_reference_files(pipe, store, tmp_path):
     assert run_batch(pipe, batch) == (1, 0, 0)
     expected = ours(pipe, [ImagePrompt(adapter(store), refs[2], weight=0.8)], seed=3)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "azure-out" / "00000.png")).astype(np.int16), expected)
+
+
+@pytest.mark.parametrize("parameters", [{"ip_adapter": "nope"}, {"controlnet": "nope"}, {"loras": ["nope"]}])
+def test_an_answer_names_no_folder_of_the_server(parameters, monkeypatch, tmp_path):
+    """A loader's error says where it looked; the answer says `weights/…`, not the server's own folder."""
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("LDM_WEIGHTS", str(store))
+    body = {"input_data": {"columns": ["prompt"], "data": ["x"]}, "parameters": parameters}
+    with pytest.raises(RequestError) as caught:
+        parse(body)
+    assert "nope" in caught.value.message and str(tmp_path) not in caught.value.message

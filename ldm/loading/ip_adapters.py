@@ -153,7 +153,7 @@ def _encoder_folder(path: Path, source) -> Path:
     return path
 
 
-def find_image_encoder(name: str | Path | None, adapter: IPAdapterConfig, allow_paths: bool = True) -> Path:
+def find_image_encoder(name: str | Path | None, adapter: IPAdapterConfig | None, allow_paths: bool = True) -> Path:
     """The encoder folder `name` (a path, or a name in weights/clip_vision/), or with none the first folder there
     whose width fits `adapter`."""
     if name is not None:
@@ -168,6 +168,24 @@ def find_image_encoder(name: str | Path | None, adapter: IPAdapterConfig, allow_
     raise LoadError(f"no image encoder in {clip_vision_dir()} gives the {reads} of width {adapter.embed_dim} the "
                     "IP-Adapter reads: give one (--ip-image-encoder; ViT-H/14 is h94/IP-Adapter's "
                     "models/image_encoder, ViT-bigG/14 its sdxl_models/image_encoder)")
+
+
+def image_encoder_of_width(adapter: IPAdapterConfig, hidden_size: int) -> Path | None:
+    """The first folder in weights/clip_vision/ whose tower is `hidden_size` wide (1280: ViT-H/14, 1664: ViT-bigG/14,
+    the encoders sd-webui-controlnet's modules ip-adapter_clip_h and ip-adapter_clip_g name) and that gives the width
+    `adapter` reads; None: none there."""
+    folders = sorted(p for p in clip_vision_dir().glob("*") if (p / "config.json").is_file()) \
+        if clip_vision_dir().is_dir() else []
+    for folder in folders:
+        cfg = image_encoder_config(folder)
+        if cfg.hidden_size == hidden_size and encoder_width(cfg, adapter) == adapter.embed_dim:
+            return folder
+    return None
+
+
+def image_encoder_config(folder: Path) -> CLIPVisionConfig:
+    """An encoder folder's config (its config.json; no weights read)."""
+    return read_config(folder / "config.json", _vision_config)
 
 
 def load_image_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> CLIPVisionModelWithProjection:

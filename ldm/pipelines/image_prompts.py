@@ -30,6 +30,7 @@ from ldm.loading.ip_adapters import (
     check_encoder,
     find_image_encoder,
     find_ip_adapter,
+    image_encoder_config,
     load_image_encoder,
     load_ip_adapter,
 )
@@ -133,13 +134,25 @@ def adapter_name(prompt: ImagePrompt) -> str:
     return Path(str(prompt.adapter)).stem if not isinstance(prompt.adapter, IPAdapter) else "IP-Adapter"
 
 
+def encoder_hidden_size(prompt: ImagePrompt, adapter: IPAdapter) -> int:
+    """The width of a prompt's image encoder: a loaded one's, else its folder's config.json (no weights read)."""
+    if isinstance(prompt.encoder, CLIPVisionModelWithProjection):
+        return prompt.encoder.config.hidden_size
+    return image_encoder_config(find_image_encoder(prompt.encoder, adapter.config)).hidden_size
+
+
 def image_prompt_infotext(pipe, prompt: ImagePrompt) -> str:
-    """A prompt's infotext value, as sd-webui-controlnet writes an IP-Adapter unit (`Module: ip-adapter_clip_h,
-    Model: NAME, Weight: …`): module ip-adapter_clip_g for a ViT-bigG/14 encoder (width 1664), else clip_h."""
+    """A prompt's infotext value, as sd-webui-controlnet (`infotext.py` `serialize_unit`) writes an IP-Adapter unit,
+    one of its ControlNet units (`StableDiffusion.annotate` numbers it `ControlNet N` after the run's ControlNet
+    units): `Module: ip-adapter_clip_h, Model: NAME, Weight: …, Resize Mode: Crop and Resize, Processor Res: 512,
+    Guidance Start: …, Guidance End: …, Pixel Perfect: False, Control Mode: Balanced`; module ip-adapter_clip_g for a
+    ViT-bigG/14 encoder (width 1664), else clip_h; NAME the adapter file's name without its suffix and, as
+    `control_infotext` writes a ControlNet's, without a hash. sd-webui-controlnet's unit has one reference image;
+    ldm writes one unit per image prompt whatever its number of images (the text holds none of them). The adapter
+    is the one the run loaded (kept); the encoder's width is read from its config."""
     adapter = ip_adapter(pipe, prompt.adapter)
-    encoder = image_encoder(pipe, prompt.encoder, adapter, adapter_name(prompt))
-    module = "ip-adapter_clip_g" if encoder.config.hidden_size == 1664 else "ip-adapter_clip_h"
+    module = "ip-adapter_clip_g" if encoder_hidden_size(prompt, adapter) == 1664 else "ip-adapter_clip_h"
     fields = {"Module": module, "Model": adapter_name(prompt), "Weight": prompt.weight,
-              "Resize Mode": "Crop and Resize", "Guidance Start": prompt.start, "Guidance End": prompt.end,
-              "Control Mode": "Balanced"}
+              "Resize Mode": "Crop and Resize", "Processor Res": 512, "Guidance Start": prompt.start,
+              "Guidance End": prompt.end, "Pixel Perfect": False, "Control Mode": "Balanced"}
     return ", ".join(f"{key}: {value}" for key, value in fields.items())

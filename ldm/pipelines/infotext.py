@@ -150,6 +150,10 @@ class ReadBack:
     # the ControlNet units it names, in order: model (its name), weight, start, end, mode (their control images are
     # not in the text: the caller gives them)
     controls: tuple[dict, ...] = ()
+    # the IP-Adapter units it names (sd-webui-controlnet's ControlNet units of an IP-Adapter module), in order: model
+    # (its name), weight, start, end, encoder ("h": ViT-H/14, "g": ViT-bigG/14, None: ip-adapter-auto's, the one the
+    # adapter's width picks) (their reference images are not in the text: the caller gives them)
+    image_prompts: tuple[dict, ...] = ()
     # where its image sits in the batch the request makes: the `Batch pos` of an image-to-image batch, whose images
     # come from one random stream, so that the image is made again only with its whole batch (None: made alone)
     batch_pos: int | None = None
@@ -211,7 +215,7 @@ def read_infotext(text: str, source: str = "the infotext", with_image: bool = Fa
         _text_batch(params, found, source, remarks)
     return ReadBack(GenerationRequest(**found), frozenset(found), params.get("Tiling") == "True",
                     params.get("Model") or None, params.get("Refiner") or None, params.get("Refiner switch at"),
-                    _controls(params, source), batch_pos=batch_pos, remarks=tuple(remarks),
+                    *_controls(params, source), batch_pos=batch_pos, remarks=tuple(remarks),
                     unused=tuple(key for key in params if not _used(key)), model_hash=params.get("Model hash"))
 
 
@@ -351,33 +355,62 @@ def _sampler(params: dict[str, str], source: str, given: frozenset[str]) -> dict
     return found
 
 
-def _controls(params: dict[str, str], source: str) -> tuple[dict, ...]:
-    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N: model,
-    weight, start, end, mode, resize, preprocess (ldm's names), the preprocessor's parameters where written and
-    pixel perfect (`Pixel Perfect: True`)."""
-    modes = {label: name for name, label in CONTROL_MODES.items()}
-    resizes = {label: name for name, label in CONTROL_RESIZE_MODES.items()}
-    modules = {label: name for name, label in CONTROL_PREPROCESSORS.items()} | {"none": "none"}
-    units = []
+# sd-webui-controlnet's IP-Adapter modules (its preprocessors; the older names too: `ip-adapter_clip_sd15` and
+# `ip-adapter_clip_sdxl_plus_vith` are today's clip_h, `ip-adapter_clip_sdxl` its clip_g) → the image encoder each
+# runs: "h" ViT-H/14, "g" ViT-bigG/14, None (ip-adapter-auto) the one the adapter reads
+IP_ADAPTER_MODULES = {"ip-adapter_clip_h": "h", "ip-adapter_clip_g": "g", "ip-adapter_clip_sd15": "h",
+                      "ip-adapter_clip_sdxl": "g", "ip-adapter_clip_sdxl_plus_vith": "h", "ip-adapter-auto": None}
+ENCODER_WIDTHS = {"h": 1280, "g": 1664}  # the towers' hidden sizes (h94/IP-Adapter's two image encoders)
+FACE_ID_MODULES = "ip-adapter_face_id"  # (the prefix of its FaceID modules: ip-adapter_face_id, …_face_id_plus)
+
+
+def _controls(params: dict[str, str], source: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
+    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N: (the
+    ControlNet units, `_control`; the IP-Adapter units, those of an IP-Adapter module, `_image_prompt`). A FaceID
+    unit is an InputError: ldm does not run FaceID adapters."""
+    units, prompts = [], []
     for n in range(len(params)):
         text = params.get(f"ControlNet {n}")
         if text is None:
             break
         fields = dict(part.split(": ", 1) for part in text.split(", ") if ": " in part)
+        module = fields.get("Module", "none")
+        if module.startswith(FACE_ID_MODULES):
+            raise InputError(f"{source}: ControlNet {n} is an IP-Adapter FaceID unit ({module}): FaceID adapters "
+                             "(their InsightFace face embeddings) are not read by ldm", field="image_prompts")
         try:
-            units.append({"model": fields["Model"].split(" [")[0], "weight": float(fields.get("Weight", 1.0)),
-                          "start": float(fields.get("Guidance Start", 0.0)),
-                          "end": float(fields.get("Guidance End", 1.0)),
-                          "mode": modes[fields.get("Control Mode", "Balanced")],
-                          "resize": resizes[fields.get("Resize Mode", "Just Resize")],
-                          "preprocess": modules[fields.get("Module", "none")],
-                          "threshold_a": _number(fields.get("Threshold A")),
-                          "threshold_b": _number(fields.get("Threshold B")),
-                          "processor_res": _number(fields.get("Processor Res")),
-                          "pixel_perfect": fields.get("Pixel Perfect") == "True"})
+            if module in IP_ADAPTER_MODULES:
+                prompts.append(_image_prompt(fields))
+            else:
+                units.append(_control(fields))
         except (KeyError, ValueError):
             raise InputError(f"{source}: ControlNet {n}: {text!r} is not a unit ldm can read") from None
-    return tuple(units)
+    return tuple(units), tuple(prompts)
+
+
+def _control(fields: dict[str, str]) -> dict:
+    """A ControlNet unit: model, weight, start, end, mode, resize, preprocess (ldm's names), the preprocessor's
+    parameters where written and pixel perfect (`Pixel Perfect: True`)."""
+    modes = {label: name for name, label in CONTROL_MODES.items()}
+    resizes = {label: name for name, label in CONTROL_RESIZE_MODES.items()}
+    modules = {label: name for name, label in CONTROL_PREPROCESSORS.items()} | {"none": "none"}
+    return {"model": fields["Model"].split(" [")[0], "weight": float(fields.get("Weight", 1.0)),
+            "start": float(fields.get("Guidance Start", 0.0)), "end": float(fields.get("Guidance End", 1.0)),
+            "mode": modes[fields.get("Control Mode", "Balanced")],
+            "resize": resizes[fields.get("Resize Mode", "Just Resize")],
+            "preprocess": modules[fields.get("Module", "none")],
+            "threshold_a": _number(fields.get("Threshold A")), "threshold_b": _number(fields.get("Threshold B")),
+            "processor_res": _number(fields.get("Processor Res")),
+            "pixel_perfect": fields.get("Pixel Perfect") == "True"}
+
+
+def _image_prompt(fields: dict[str, str]) -> dict:
+    """An IP-Adapter unit: model (its name, A1111's ` [hash]` left out), weight, start, end and the encoder its
+    module runs (`IP_ADAPTER_MODULES`). Its resize and control modes are not read (ldm's image prompts take CLIP's
+    crop of the reference, as diffusers' do, and have no control mode)."""
+    return {"model": fields["Model"].split(" [")[0], "weight": float(fields.get("Weight", 1.0)),
+            "start": float(fields.get("Guidance Start", 0.0)), "end": float(fields.get("Guidance End", 1.0)),
+            "encoder": IP_ADAPTER_MODULES[fields["Module"]]}
 
 
 def _number(text: str | None) -> int | float | None:

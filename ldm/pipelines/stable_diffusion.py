@@ -443,8 +443,8 @@ class StableDiffusion:
                   "Prompt syntax": r.prompt_syntax if r.prompt_syntax != "a1111" else None}
         for n, control in enumerate(r.controls):  # as sd-webui-controlnet writes its units
             params[f"ControlNet {n}"] = control_infotext(control)
-        for n, prompt in enumerate(r.image_prompts):  # the fields sd-webui-controlnet writes for an IP-Adapter unit
-            params[f"IP-Adapter {n}"] = image_prompt_infotext(self, prompt)
+        for n, prompt in enumerate(r.image_prompts, len(r.controls)):  # sd-webui-controlnet's IP-Adapter units
+            params[f"ControlNet {n}"] = image_prompt_infotext(self, prompt)
         return params | self.identity()  # (the keys above hold A1111's order)
 
     def finish(self, plan: "Plan", x: Tensor) -> tuple[list[Image.Image], list[bool | None]]:

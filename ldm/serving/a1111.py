@@ -7,7 +7,8 @@ modules/processing.py's StableDiffusionProcessing): txt2img and img2img, options
 upscalers, latent-upscale-modes, sd-vae, loras, embeddings, cmd-flags, memory, png-info, progress, interrupt and
 skip. A request's fields are read by pydantic models as A1111's are (a field of the wrong type is a 422 naming it);
 fields ldm has no use for are accepted and listed in the response's `info` (`ignored`). An unknown sampler is a 404,
-as in A1111.
+as in A1111. sd-webui-controlnet's units (`alwayson_scripts.controlnet.args`) are ControlNet units, or image prompts
+where their module is one of its IP-Adapter modules (`image_prompts_of`).
 
 A body is held to what `/score` holds its rows to before it is queued (`check_body`): the server's limits (steps,
 pixels, images: batch_size × n_iter), prompts bounded before they are tokenized, strings that are valid Unicode, LoRA
@@ -16,6 +17,7 @@ decoded: each a 422 naming the field.
 """
 
 import contextvars
+import dataclasses
 import json
 import sys
 import threading
@@ -38,9 +40,17 @@ from ldm.choices import (
 from ldm.errors import InputError, LdmError
 from ldm.hooks.live_preview import live_preview
 from ldm.loading.controlnets import find_controlnet
+from ldm.loading.ip_adapters import find_image_encoder, find_ip_adapter, image_encoder_of_width
+from ldm.pipelines.image_prompts import ip_adapter
 from ldm.pipelines.images import MAX_INPUT_PIXELS, decode_image, encode_png
-from ldm.pipelines.infotext import image_infotext, parse_infotext
-from ldm.pipelines.request import MAX_SEED, Control, GenerationRequest, hires_size, random_seed
+from ldm.pipelines.infotext import (
+    ENCODER_WIDTHS,
+    FACE_ID_MODULES,
+    IP_ADAPTER_MODULES,
+    image_infotext,
+    parse_infotext,
+)
+from ldm.pipelines.request import MAX_SEED, Control, GenerationRequest, ImagePrompt, hires_size, random_seed
 from ldm.pipelines.stable_diffusion import Generation
 from ldm.serving.limits import Limits
 from ldm.serving.runner import Cancelled
@@ -73,7 +83,9 @@ PROMPTS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")  # bo
 FIELD_OF = {"guidance": "cfg_scale", "sampler": "sampler_name", "karras": "scheduler", "num_images": "batch_size",
             "clip_skip": "override_settings.CLIP_stop_at_last_layers", "strength": "denoising_strength",
             "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_denoise": "denoising_strength",
-            "hires_upscaler": "hr_upscaler", "image": "init_images", "controls": "alwayson_scripts.controlnet.args"}
+            "hires_upscaler": "hr_upscaler", "image": "init_images", "controls": "alwayson_scripts.controlnet.args",
+            "image_prompts": "alwayson_scripts.controlnet.args", "ip_image": "alwayson_scripts.controlnet.args",
+            "ip_weight": "alwayson_scripts.controlnet.args", "ip_start": "alwayson_scripts.controlnet.args"}
 # the pixels of the images decoded while a body is checked (`check_body`; ControlNet units' images: 4 × the server's
 # pixels per image, as /score takes them, since they are resized to the generation's size)
 IMAGE_PIXELS: contextvars.ContextVar[int] = contextvars.ContextVar("IMAGE_PIXELS", default=MAX_INPUT_PIXELS)
@@ -126,6 +138,7 @@ class ApiError(Exception):
     """An answer other than 200: A1111's status and its `detail` text."""
 
     def __init__(self, status: int, detail: str):
+        detail = echo(detail, 2000)  # (the server's folders not named)
         super().__init__(detail)
         self.status, self.detail = status, detail
 
@@ -165,7 +178,7 @@ def requests_of(body: Txt2Img, image=None, mask=None) -> list[GenerationRequest]
     common = dict(negative_prompt=body.negative_prompt or None, steps=body.steps, guidance=body.cfg_scale,
                   width=body.width, height=body.height, sampler=sampler, karras=karras, clip_skip=clip_skip,
                   eta=body.eta if sampler in ("ddim", "tcd") else None, num_images=body.batch_size)
-    common["controls"] = controls_of(body)
+    common["controls"], common["image_prompts"] = controls_of(body), image_prompts_of(body)
     if image is not None:
         common |= {"image": image, "mask": mask, "strength": body.denoising_strength}
     elif body.enable_hr:
@@ -183,11 +196,9 @@ RESIZE_OF = {label: name for name, label in CONTROL_RESIZE_MODES.items()}
 MODE_OF = {label: name for name, label in CONTROL_MODES.items()}
 
 
-def controls_of(body: Txt2Img) -> list[Control]:
-    """The ControlNet units of `alwayson_scripts.controlnet.args` as sd-webui-controlnet takes them (its API's unit
-    fields; the key in any case: webuiapi writes "ControlNet"): enabled units with a model, of the server's
-    weights/controlnet/ by name (A1111's "name [hash]" too), their image base64; control modes and resize modes by
-    label or index; `pixel_perfect` as sent; a module ldm lacks is a 422 naming it."""
+def enabled_units(body: Txt2Img) -> list[tuple[str, dict]]:
+    """(its field, the unit) of each enabled unit with a model of `alwayson_scripts.controlnet.args`, sd-webui-
+    controlnet's API units (the key in any case: webuiapi writes "ControlNet")."""
     scripts = {key.lower(): value for key, value in body.alwayson_scripts.items()}
     args = (scripts.get("controlnet") or {}).get("args", []) if isinstance(scripts.get("controlnet"), dict) else []
     units = []
@@ -195,10 +206,97 @@ def controls_of(body: Txt2Img) -> list[Control]:
         where = f"alwayson_scripts.controlnet.args[{n}]"
         if not isinstance(unit, dict):
             raise ApiError(422, f"{where}: expected an object")
-        if not unit.get("enabled", True) or str(unit.get("model", "None")) in ("None", ""):
-            continue
-        units.append(control_unit(unit, where))
+        if unit.get("enabled", True) and str(unit.get("model", "None")) not in ("None", ""):
+            units.append((where, unit))
     return units
+
+
+def is_image_prompt(unit: dict) -> bool:
+    """A unit of an IP-Adapter module (sd-webui-controlnet runs IP-Adapters as ControlNet units), FaceID's too."""
+    module = str(unit.get("module", "none"))
+    return module in IP_ADAPTER_MODULES or module.startswith(FACE_ID_MODULES)
+
+
+def controls_of(body: Txt2Img) -> list[Control]:
+    """The ControlNet units of `alwayson_scripts.controlnet.args` as sd-webui-controlnet takes them (its API's unit
+    fields): enabled units with a model, of the server's weights/controlnet/ by name (A1111's "name [hash]" too),
+    their image base64; control modes and resize modes by label or index; `pixel_perfect` as sent; a module ldm
+    lacks is a 422 naming it. (Units of an IP-Adapter module are image prompts: `image_prompts_of`.)"""
+    return [control_unit(unit, where) for where, unit in enabled_units(body) if not is_image_prompt(unit)]
+
+
+def image_prompts_of(body: Txt2Img) -> list[ImagePrompt]:
+    """The units of `alwayson_scripts.controlnet.args` of an IP-Adapter module as image prompts, in order (their
+    encoders are picked on the worker, where the adapters are loaded: `fit_image_prompts`)."""
+    return [image_prompt_unit(unit, where) for where, unit in enabled_units(body) if is_image_prompt(unit)]
+
+
+def unit_image(unit: dict):
+    """A unit's base64 image (`image`, or older clients' `input_image`, or {"image": …, "mask": …})."""
+    image = unit.get("image") or unit.get("input_image")
+    return image.get("image") if isinstance(image, dict) else image
+
+
+def image_prompt_unit(unit: dict, where: str) -> ImagePrompt:
+    """One sd-webui-controlnet API unit of an IP-Adapter module (`IP_ADAPTER_MODULES`) as an `ImagePrompt`: the
+    adapter by name in the server's weights/ipadapter/ (A1111's "name [hash]" too; never a path), its reference
+    image base64 (held to the bound the ControlNet units' images are), `weight`, `guidance_start`, `guidance_end`.
+    A FaceID module is a 422 naming it."""
+    module = str(unit.get("module"))
+    if module.startswith(FACE_ID_MODULES):
+        raise ApiError(422, f"{where}.module: {module} is an IP-Adapter FaceID module; ldm does not run FaceID "
+                            "adapters (they read InsightFace's face embeddings, not a CLIP image encoder's)")
+    name = str(unit["model"]).split(" [")[0]
+    try:
+        path = find_ip_adapter(name, allow_paths=False)
+    except LdmError:
+        raise ApiError(422, f"{where}.model: {echo(name, 200)!r} is not an IP-Adapter of the server's "
+                            "weights/ipadapter/ (give the name of one there, not a path)") from None
+    image = unit_image(unit)
+    if not isinstance(image, str) or not image:
+        raise ApiError(422, f"{where}.image: a base64 reference image is required")
+    try:
+        return ImagePrompt(str(path), decode_field(f"{where}.image", image), weight=float(unit.get("weight", 1.0)),
+                           start=float(unit.get("guidance_start", 0.0)), end=float(unit.get("guidance_end", 1.0)))
+    except (TypeError, ValueError):
+        raise ApiError(422, f"{where}: weight, guidance_start and guidance_end must be numbers") from None
+
+
+def fit_image_prompts(pipe, body: Txt2Img, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+    """On the worker, before the run: each IP-Adapter unit's adapter loaded for the served model (and kept), and its
+    image encoder picked (`fit_image_prompt`); a unit that does not fit is a 422 naming it."""
+    units = [(where, unit) for where, unit in enabled_units(body) if is_image_prompt(unit)]
+    if not units or not requests:
+        return requests
+    runs = getattr(pipe, "base", pipe)  # (with a refiner, the base runs the image prompts)
+    prompts = [fit_image_prompt(runs, prompt, where, str(unit["module"]))
+               for prompt, (where, unit) in zip(requests[0].image_prompts, units, strict=True)]
+    return [request.replace(image_prompts=prompts) for request in requests]
+
+
+def fit_image_prompt(pipe, prompt: ImagePrompt, where: str, module: str) -> ImagePrompt:
+    """The prompt with the encoder its module runs: the weights/clip_vision/ encoder of the width the module names
+    (ip-adapter_clip_h: ViT-H/14, 1280; ip-adapter_clip_g: ViT-bigG/14, 1664) that gives the width the adapter reads
+    (ip-adapter-auto: the first that does)."""
+    name = Path(prompt.adapter).stem
+    try:
+        adapter = ip_adapter(pipe, prompt.adapter).config
+    except LdmError as e:  # (an SDXL adapter on SD 1.x, …: the error names the adapter file and the model)
+        raise ApiError(422, f"{where}.model: {e}") from None
+    kind = IP_ADAPTER_MODULES[module]
+    reads = f"{'hidden states' if adapter.reads_hidden_states else 'image embeddings'} of width {adapter.embed_dim}"
+    if kind is None:
+        try:
+            return dataclasses.replace(prompt, encoder=str(find_image_encoder(None, adapter)))
+        except LdmError:
+            raise ApiError(422, f"{where}.module: no image encoder in the server's weights/clip_vision/ gives the "
+                                f"{reads} IP-Adapter {name} reads") from None
+    folder = image_encoder_of_width(adapter, ENCODER_WIDTHS[kind])
+    if folder is None:
+        tower = {"h": "ViT-H/14", "g": "ViT-bigG/14"}[kind]
+        raise ApiError(422, f"{where}.module: {module} runs a {tower} image encoder (width {ENCODER_WIDTHS[kind]}); "
+                            f"none in the server's weights/clip_vision/ gives the {reads} IP-Adapter {name} reads")
+    return dataclasses.replace(prompt, encoder=str(folder))
 
 
 def control_unit(unit: dict, where: str) -> Control:
@@ -218,9 +316,7 @@ def control_unit(unit: dict, where: str) -> Control:
         path = find_controlnet(str(unit["model"]).split(" [")[0], allow_paths=False)
     except LdmError as e:
         raise ApiError(422, f"{where}.model: {e}") from None
-    image = unit.get("image") or unit.get("input_image")
-    if isinstance(image, dict):  # (older clients: {"image": …, "mask": …})
-        image = image.get("image")
+    image = unit_image(unit)
     if not isinstance(image, str) or not image:
         raise ApiError(422, f"{where}.image: a base64 control image is required")
     preprocess = MODULE_OF.get(module)
@@ -562,7 +658,7 @@ def add_generation_routes(app, submit, pipe_of, model_name: str, progress: Progr
 
         def work(pipe, cancelled):
             try:
-                return run_body(pipe, body, progress, requests, cancelled)
+                return run_body(pipe, body, progress, fit_image_prompts(pipe, body, requests), cancelled)
             except ApiError as e:
                 return e
 

@@ -35,6 +35,7 @@ from ldm.adapters.lora import MAX_WEIGHT, find_lora
 from ldm.choices import FORMS
 from ldm.errors import InputError, LdmError
 from ldm.loading.controlnets import find_controlnet
+from ldm.loading.families import weights_dir
 from ldm.loading.ip_adapters import find_image_encoder, find_ip_adapter
 from ldm.pipelines.images import decode_image, fit_size, image_from_bytes, is_url
 from ldm.pipelines.prompts import CHUNK_TOKENS, MAX_CHUNKS, extract_extra_networks
@@ -71,9 +72,12 @@ MAX_PROMPT_CHARS = 10 * MAX_CHUNKS * CHUNK_TOKENS
 
 
 def echo(text: str, limit: int = 200) -> str:
-    """User text as an answer may repeat it: a lone surrogate written out (`\ud800`, which UTF-8 cannot encode), and
-    at most `limit` characters."""
+    """User text as an answer may repeat it: a lone surrogate written out (`\ud800`, which UTF-8 cannot encode), at
+    most `limit` characters, and the server's weights folder named `weights` (an answer names no folder of the
+    server's: a loader's error says where it looked)."""
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    for folder in {str(weights_dir().resolve()), str(weights_dir())}:
+        text = text.replace(folder, "weights")
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
