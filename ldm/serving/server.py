@@ -391,8 +391,29 @@ class Guard:
         """The body read whole within the limits (Refused otherwise), as a `receive` that hands it over in one
         message and then passes on what the connection says (a disconnect). With a `refusal` already decided, the
         body is read and dropped, and that is raised."""
-        config = self.config
-        limit, drain = config.max_body_bytes, config.drain_factor * config.max_body_bytes
+        limit = self.config.max_body_bytes
+        declared, refusal = self.refusal_by_headers(headers, refusal)
+        raw, received, refusal = await self.receive_body(receive, refusal)
+        if refusal is not None:
+            raise refusal
+        if received > limit:
+            raise Refused(413, error_body("body", f"{declared} bytes; this server takes at most {limit}"
+                                          if declared is not None else f"more than this server's {limit} bytes"),
+                          close=True)
+        body = [b"".join(raw)]
+        del raw
+
+        async def replay():
+            if body:
+                return {"type": "http.request", "body": body.pop(), "more_body": False}
+            return await receive()
+
+        return replay
+
+    def refusal_by_headers(self, headers, refusal: Refused | None) -> tuple[int | None, Refused | None]:
+        """(the declared length, the refusal so far) from the headers alone: raised where nothing needs reading — a
+        body too large to be worth draining or not sent before an answer (`Expect: 100-continue`), or no body."""
+        limit, drain = self.config.max_body_bytes, self.config.drain_factor * self.config.max_body_bytes
         declared = headers.get("content-length", "")
         declared = int(declared) if declared.isdigit() else None
         waiting = "100-continue" in headers.get("expect", "").lower()  # it sends nothing before an answer
@@ -406,6 +427,15 @@ class Guard:
                               close=True)
         if refusal is not None and (waiting or not has_body):
             raise refusal
+        return declared, refusal
+
+    async def receive_body(self, receive, refusal: Refused | None) -> tuple[list[bytes], int, Refused | None]:
+        """(the chunks kept, the bytes received, the refusal): the body's messages until the last, the deadline, or
+        `drain_factor × max_body_bytes` dropped. Kept are the chunks within `max_body_bytes` while nothing refuses
+        the request; they count in `self.reading` while it reads (past `reading_factor × max_body_bytes` of all the
+        bodies being read, a 503: what it held is let go, the rest dropped)."""
+        config = self.config
+        limit, drain = config.max_body_bytes, config.drain_factor * config.max_body_bytes
         raw, received, held = [], 0, 0
         deadline = time.monotonic() + config.read_timeout_s
         try:
@@ -436,21 +466,7 @@ class Guard:
                     break
         finally:
             self.reading -= held
-        if refusal is not None:
-            raise refusal
-        if received > limit:
-            raise Refused(413, error_body("body", f"{declared} bytes; this server takes at most {limit}"
-                                          if declared is not None else f"more than this server's {limit} bytes"),
-                          close=True)
-        body = [b"".join(raw)]
-        del raw
-
-        async def replay():
-            if body:
-                return {"type": "http.request", "body": body.pop(), "more_body": False}
-            return await receive()
-
-        return replay
+        return raw, received, refusal
 
 
 def header_deadline(timeout_s: float):
