@@ -29,13 +29,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class Server:
     """An ldm endpoint in a thread: the worker, the FastAPI app and uvicorn on a pre-bound loopback socket."""
 
-    def __init__(self, load, config: ServeConfig):
+    def __init__(self, load, config: ServeConfig, model_name: str = "tiny-sd1"):
         self.worker = Worker(load, config.queue_size, config.batch_size)
         self.worker.start()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(self.worker, config, "tiny-sd1"), log_level="warning"))
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(self.worker, config, model_name), log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         while not self.uvicorn.started:
@@ -400,5 +400,20 @@ def test_every_serve_flag_reaches_the_server_and_takes_effect(sd1_folder, pipe, 
             "parameters.num_images_per_prompt", "must be from 1 to 3, got 4")
         status, _, out = s.request("POST", "/score", body("a" * 11000, 1))  # 0.01 MB = 10485 bytes
         assert status == 413 and out["error"]["field"] == "body"
+    finally:
+        s.close()
+
+
+def test_a_model_served_from_a_path_is_named_without_it(pipe, tmp_path):
+    """/health and /docs name a model started from a folder or file by that name alone (an answer names no path)."""
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    s = Server(lambda: pipe, ServeConfig(), model_name=str(folder))
+    try:
+        s.worker.ready.wait(10)
+        _, _, health = s.request("GET", "/health")
+        _, _, spec = s.request("GET", "/openapi.json")
+        assert health["model"] == "my-model" and "my-model" in spec["info"]["description"]
+        assert str(tmp_path) not in json.dumps(health) + json.dumps(spec)
     finally:
         s.close()

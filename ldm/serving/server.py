@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ldm.errors import InputError, LdmError
 from ldm.pipelines.images import fetch_url
@@ -584,11 +585,12 @@ def create_app(worker: Worker, config: ServeConfig, model_name: str, check_host:
         for pool in (parsing, fetching):
             pool.shutdown(wait=False, cancel_futures=True)
 
+    shown = Path(model_name).name if Path(model_name).exists() else model_name  # (an answer names no path)
     app = FastAPI(title="ldm", version="0.1.0", lifespan=lifespan,
-                  description=f"Stable Diffusion ({model_name}) behind the Azure ML model-catalog scoring schema.")
+                  description=f"Stable Diffusion ({shown}) behind the Azure ML model-catalog scoring schema.")
     app.add_middleware(Guard, config=config, check_host=check_host)
     app.add_middleware(RequestLog)  # (the outermost: it logs the guard's refusals too)
-    add_scoring_routes(app, worker, config, model_name, parsing, fetching)
+    add_scoring_routes(app, worker, config, shown, parsing, fetching)
 
     from ldm.serving.a1111 import Progress, add_routes  # (pydantic and the pipeline: with the app, not at import)
 
