@@ -216,6 +216,48 @@ def test_fused_projections_equal_diffusers(sd1_folder, files):
     assert_close("fused plain", actual, expected, plain=ours(fused, []))
 
 
+class BakedCapture:
+    """Stands in for `capture_cuda_graph` on the CPU as a graph replays: the network as it was at capture (each
+    module's class: what an adapter swaps in from outside), whatever Python has changed since."""
+
+    def __init__(self, network):
+        self.network, self.count = network, 0
+
+    def __call__(self, run, pool=None):
+        self.count += 1
+        classes = {m: type(m) for m in self.network.modules()}
+        output = run()
+
+        def replay():
+            now = {m: type(m) for m in self.network.modules()}
+            for module, cls in classes.items():
+                module.__class__ = cls
+            try:
+                output.copy_(run())
+            finally:
+                for module, cls in now.items():
+                    module.__class__ = cls
+
+        return replay, output
+
+
+def test_under_the_cuda_graphs_an_image_prompted_call_runs_eagerly(pipe, sd1_folder, files):
+    """A pipeline whose UNet step replays CUDA graphs (`BakedCapture` standing in on the CPU): a call with an image
+    prompt runs the eager UNet (a graph would replay the attention it was captured with) and gives the eager image;
+    the calls without one before and after replay their graph and give theirs."""
+    from ldm.speed.accelerate import CUDAGraphs, TensorTimestep
+
+    graphed = StableDiffusion.from_pretrained(sd1_folder)
+    unet = graphed.networks()["unet"]
+    graphed.unet = TensorTimestep(unet, graphs=CUDAGraphs(unet, capture=BakedCapture(unet), device_type="cpu"))
+    prompts = [ImagePrompt(str(files["plain"]), reference_image(4), weight=0.7, encoder=str(files["encoder"]))]
+    before = ours(graphed, [])
+    prompted = ours(graphed, prompts)
+    assert graphed.unet.graphs.captures == 1
+    assert np.array_equal(prompted, ours(pipe, prompts)) and not np.array_equal(prompted, before)
+    assert np.array_equal(ours(graphed, []), before) and np.array_equal(before, ours(pipe, []))
+
+
 def test_scale_zero_and_no_step_change_nothing(pipe, files):
     """Scale 0 (diffusers skips the adapter) and a window without a step give the image without it, bit for bit; the
     UNet is untouched after a call with an adapter."""
