@@ -3,10 +3,11 @@ HTTP. `ldm tiny` writes models that load and run; a request too large for the me
 before anything is allocated, and an allocator failure that still happens is one line on every entry point."""
 
 import json
-import resource
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,13 @@ LDM = str(Path(sys.executable).with_name("ldm"))
 HUGE = ["--width", "80000", "--height", "80000"]
 ALLOCATOR = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 25600000000 bytes. Error code 12"
 
+ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ldm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([LDM, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return subprocess.run([LDM, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +55,25 @@ def test_a_tiny_model_runs_and_matches_diffusers(tiny_sd1):
     assert done.returncode == 0 and done.stdout.rstrip().endswith("all within tolerance"), done.stdout + done.stderr
 
 
-def child_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+def ldm_with_peak(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """`ldm(...)` and the peak resident memory of that one process in bytes, read by os.wait4 from its own
+    rusage (RUSAGE_CHILDREN would be the largest of every child this test run has waited for)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen([LDM, *args], cwd=cwd, stdout=out, stderr=err, env=ENV)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        done = subprocess.CompletedProcess(child.args, child.returncode, out.read().decode(), err.read().decode())
+    return done, usage.ru_maxrss * 1024
 
 
 def test_a_request_too_large_for_memory_is_refused_before_it_starts(tiny_sd1):
-    done = ldm("generate", "a cat", "--model", "tiny-sd1", *HUGE, "--steps", "1", cwd=tiny_sd1.parent)
+    done, peak_rss = ldm_with_peak("generate", "a cat", "--model", "tiny-sd1", *HUGE, "--steps", "1",
+                                   cwd=tiny_sd1.parent)
     errors = [line for line in done.stderr.splitlines() if line.startswith("ldm: error:")]
     assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "80000×80000" in errors[0] and "GiB" in errors[0] and "would fit" in errors[0], errors[0]
-    assert child_peak_rss() < 4 * 2**30  # nothing near the 25 GB the latents' first conv would take was allocated
+    assert peak_rss < 4 * 2**30, peak_rss  # nothing near the 25 GB the latents' first conv would take was allocated
 
 
 def test_an_oversized_request_over_http_is_refused_with_a_message(tiny_sd1):
