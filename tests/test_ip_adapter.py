@@ -217,45 +217,103 @@ def test_fused_projections_equal_diffusers(sd1_folder, files):
 
 
 class BakedCapture:
-    """Stands in for `capture_cuda_graph` on the CPU as a graph replays: the network as it was at capture (each
-    module's class: what an adapter swaps in from outside), whatever Python has changed since."""
+    """Stands in for `capture_cuda_graph` on the CPU as a graph replays: the network's Python as it was at capture
+    (each module's class, what an adapter swaps in from outside, and its attributes: a value read in Python is baked
+    into a graph), whatever has changed since; the tensors it reads are read anew (a graph's input buffers, which
+    `CUDAGraphs` copies each call's inputs into). Unlike a graph it runs the Python inside the call again, so what it
+    shows is what reaches a graph from outside (`decoupled_attention`'s hand-over reads only the call's arguments);
+    `test_real_cuda_graphs_replay_image_prompts_as_eager` runs the real graphs where there is a GPU."""
 
     def __init__(self, network):
         self.network, self.count = network, 0
 
     def __call__(self, run, pool=None):
         self.count += 1
-        classes = {m: type(m) for m in self.network.modules()}
+        captured = self.python_state()
         output = run()
 
         def replay():
-            now = {m: type(m) for m in self.network.modules()}
-            for module, cls in classes.items():
-                module.__class__ = cls
+            now = self.python_state()
+            self.restore(captured)
             try:
                 output.copy_(run())
             finally:
-                for module, cls in now.items():
-                    module.__class__ = cls
+                self.restore(now)
 
         return replay, output
 
+    def python_state(self) -> dict:
+        return {m: (type(m), {k: v for k, v in vars(m).items() if not k.startswith("_")})
+                for m in self.network.modules()}
 
-def test_under_the_cuda_graphs_an_image_prompted_call_runs_eagerly(pipe, sd1_folder, files):
+    @staticmethod
+    def restore(state: dict) -> None:
+        for module, (cls, attributes) in state.items():
+            module.__class__ = cls
+            for name in [k for k in vars(module) if not k.startswith("_") and k not in attributes]:
+                delattr(module, name)
+            vars(module).update(attributes)
+
+
+def test_under_the_cuda_graphs_image_prompts_replay_a_graph_of_their_own(pipe, sd1_folder, files):
     """A pipeline whose UNet step replays CUDA graphs (`BakedCapture` standing in on the CPU): a call with an image
-    prompt runs the eager UNet (a graph would replay the attention it was captured with) and gives the eager image;
-    the calls without one before and after replay their graph and give theirs."""
+    prompt captures a graph of its own (the image attention in it) and gives the eager image; a later call with the
+    same adapter, another image and a start/end window replays that graph with its tokens and per-step scales and
+    gives its eager image; the calls without one replay theirs."""
     from ldm.speed.accelerate import CUDAGraphs, TensorTimestep
 
     graphed = StableDiffusion.from_pretrained(sd1_folder)
     unet = graphed.networks()["unet"]
     graphed.unet = TensorTimestep(unet, graphs=CUDAGraphs(unet, capture=BakedCapture(unet), device_type="cpu"))
-    prompts = [ImagePrompt(str(files["plain"]), reference_image(4), weight=0.7, encoder=str(files["encoder"]))]
+    prompted = [ImagePrompt(str(files["plain"]), reference_image(4), weight=0.7, encoder=str(files["encoder"]))]
+    windowed = [ImagePrompt(str(files["plain"]), reference_image(5), weight=0.9, start=0.25, end=0.75,
+                            encoder=str(files["encoder"]))]
     before = ours(graphed, [])
-    prompted = ours(graphed, prompts)
-    assert graphed.unet.graphs.captures == 1
-    assert np.array_equal(prompted, ours(pipe, prompts)) and not np.array_equal(prompted, before)
+    images = [ours(graphed, prompted), ours(graphed, windowed)]
+    assert graphed.unet.graphs.captures == 2
+    for image, prompts in zip(images, [prompted, windowed], strict=True):
+        assert np.array_equal(image, ours(pipe, prompts)) and not np.array_equal(image, before)
+    assert not np.array_equal(images[0], images[1])
     assert np.array_equal(ours(graphed, []), before) and np.array_equal(before, ours(pipe, []))
+    assert graphed.unet.graphs.captures == 2
+
+
+def test_a_compiled_unet_is_passed_by_for_an_image_prompted_call(pipe, sd1_folder, files):
+    """A speed wrapper running compiled code (a stand-in counting its calls): a call with an image prompt runs the
+    eager UNet (compiled code is specialised to the attentions it was compiled with) and gives the eager image; a
+    call without one runs the compiled code."""
+    from ldm.speed.accelerate import TensorTimestep
+
+    wrapped = StableDiffusion.from_pretrained(sd1_folder)
+    unet, compiled_calls = wrapped.networks()["unet"], []
+
+    def compiled(*args, **kwargs):
+        compiled_calls.append(kwargs.keys())
+        return unet(*args, **kwargs)
+
+    wrapped.unet = TensorTimestep(unet, run=compiled)
+    prompts = [ImagePrompt(str(files["plain"]), reference_image(4), weight=0.7, encoder=str(files["encoder"]))]
+    assert np.array_equal(ours(wrapped, prompts), ours(pipe, prompts)) and compiled_calls == []
+    assert np.array_equal(ours(wrapped, []), ours(pipe, [])) and len(compiled_calls) == 4
+    assert isinstance(wrapped.unet, TensorTimestep)
+
+
+@pytest.mark.gpu
+def test_real_cuda_graphs_replay_image_prompts_as_eager(sd1_folder, files):
+    """On CUDA (fp16): the graphed pipeline's images with an image prompt, a windowed one and none equal the eager
+    CUDA path's within 2/255, the image-prompted layout captured once."""
+    from ldm.speed.accelerate import accelerate
+
+    def loaded(**speed):
+        return accelerate(StableDiffusion.from_pretrained(sd1_folder, device="cuda", dtype="fp16"), compile=False,
+                          **speed)
+
+    eager, graphed = loaded(cuda_graph=False), loaded()
+    for prompts in ([ImagePrompt(str(files["plain"]), reference_image(4), weight=0.7, encoder=str(files["encoder"]))],
+                    [ImagePrompt(str(files["plain"]), reference_image(5), weight=0.9, start=0.25, end=0.75,
+                                 encoder=str(files["encoder"]))], []):
+        assert np.abs(ours(graphed, prompts) - ours(eager, prompts)).max() <= 2
+    assert graphed.unet.graphs.captures == 2
 
 
 def test_scale_zero_and_no_step_change_nothing(pipe, files):

@@ -13,15 +13,26 @@ From outside: `decoupled_attention` turns each cross-attention into an `ImageCro
 the block ends; the UNet file has no branch for it, and a UNet without image prompts never sees one (bit-identical).
 It works on accelerate's fused `to_kv` as on `to_k`/`to_v`. The image tokens are the call's, one row per row of the
 UNet's batch (with guidance: [unconditional; conditional]); each adapter acts at the UNet calls its start/end
-fractions keep (counted by a forward pre-hook on the UNet; the rule of diffusers' `controlnet_keep`, as
-`ldm.pipelines.control.Unit.acts_at`). State read in Python at every call: a compiled UNet or CUDA graphs would not
-see it, so the pipeline runs the eager UNet for a call with image prompts (`ldm.pipelines.image_prompts`).
+fractions keep (the rule of diffusers' `controlnet_keep`, as `ldm.pipelines.control.Unit.acts_at`), at weight 0
+elsewhere (its attention added × 0: the same numbers as without it).
+
+How the call's state reaches the attentions, so that a CUDA graph replays it: a forward pre-hook on the module the
+pipeline calls (the speed wrapper, or the UNet itself) adds three keyword arguments to each call — the tokens
+(`ip_tokens`, a list of tensors), the scales of this call (`ip_scales`, a row of a table made once on the device:
+nothing crosses from the host per step) and which adapters these are (`ip_adapters`, numbers never reused) — and a
+pre-hook on the UNet takes them off again and hands them to its cross-attentions before its forward runs.
+`ldm.speed.accelerate.CUDAGraphs` sees them as it sees a ControlNet's residuals: tensors copied into a graph's
+buffers before each replay, and in its layout key (a graph captured without image prompts, or with other adapters,
+is never replayed for the call). A compiled UNet is not given them (`ldm.pipelines.image_prompts` runs the eager UNet
+then).
 """
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ldm.networks.attention import attention
@@ -45,6 +56,11 @@ def attention_widths(unet: nn.Module) -> list[int]:
     return [m.to_q.out_features for m in cross_attentions(unet)]
 
 
+# the keyword arguments a UNet call carries the image prompts' state in (`decoupled_attention`)
+TOKENS, SCALES, ADAPTERS = "ip_tokens", "ip_scales", "ip_adapters"
+_instances = itertools.count(1)  # adapters' numbers in a graph's layout key (an id() could be reused)
+
+
 @dataclass
 class ImageTokens:
     """One adapter in a call: its tokens (a row per row of the UNet's batch), its scale, and the fractions of the
@@ -56,17 +72,19 @@ class ImageTokens:
     start: float = 0.0
     end: float = 1.0
     calls: int = 1
-    scale: float = 0.0  # at the current UNet call: `weight`, or 0 outside [start, end]
 
-    def acts_at(self, call: int) -> bool:
-        return not (call / self.calls < self.start or (call + 1) / self.calls > self.end)
+    def scale_at(self, call: int) -> float:
+        """`weight` at UNet call `call`, or 0 outside [start, end]."""
+        acts = not (call / self.calls < self.start or (call + 1) / self.calls > self.end)
+        return self.weight if acts else 0.0
 
 
 class ImageCrossAttention(Attention):
-    """A cross-attention with the image attention of each adapter of the call added (`image` set by
-    `decoupled_attention`: per adapter, its tokens and this attention's key/value pair)."""
+    """A cross-attention with the image attention of each adapter of the call added (`pairs`: this attention's
+    key/value pair of each adapter; `image`: the call's (tokens, scale) of each, set by `decoupled_attention`)."""
 
-    image: list[tuple[ImageTokens, ImageKeyValue]]
+    pairs: list[ImageKeyValue]
+    image: list[tuple[Tensor, Tensor]]
     text_class: type  # the class it had, restored after the call
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -76,37 +94,56 @@ class ImageCrossAttention(Attention):
         else:
             k, v = self.to_k(context), self.to_v(context)
         out = attention(q, k, v, self.heads, upcast=self.upcast)
-        for prompt, pair in self.image:
-            if prompt.scale != 0:
-                tokens = prompt.tokens.to(x.dtype)
-                image = attention(q, pair.to_k_ip(tokens), pair.to_v_ip(tokens), self.heads, upcast=self.upcast)
-                out = out + prompt.scale * image
+        for (tokens, scale), pair in zip(self.image, self.pairs, strict=True):
+            tokens = tokens.to(x.dtype)
+            image = attention(q, pair.to_k_ip(tokens), pair.to_v_ip(tokens), self.heads, upcast=self.upcast)
+            out = out + scale.to(out.dtype) * image
         return self.to_out[0](out)
 
 
+def adapter_number(adapter: IPAdapter) -> int:
+    """A number of the adapter's own, never another's (a graph captured with it replays only for it)."""
+    if not hasattr(adapter, "graph_number"):
+        adapter.graph_number = next(_instances)
+    return adapter.graph_number
+
+
 @contextmanager
-def decoupled_attention(unet: nn.Module, prompts: list[ImageTokens]) -> Iterator[None]:
-    """Every cross-attention of `unet` adds the image attention of `prompts` inside the block (none: untouched)."""
+def decoupled_attention(unet: nn.Module, prompts: list[ImageTokens], caller: nn.Module | None = None) -> Iterator[None]:
+    """Every cross-attention of `unet` adds the image attention of `prompts` inside the block (none: untouched);
+    `caller`: the module the pipeline calls (the speed wrapper around `unet`; None: `unet` itself)."""
     if not prompts:
         yield
         return
-    targets = cross_attentions(unet)
+    targets, tokens = cross_attentions(unet), [prompt.tokens for prompt in prompts]
+    numbers = tuple(adapter_number(prompt.adapter) for prompt in prompts)
+    calls = prompts[0].calls  # a row per UNet call, and a last one (all 0) for any call past them
+    table = torch.tensor([[p.scale_at(c) for p in prompts] for c in range(calls + 1)]).to(tokens[0].device)
     call = 0
 
-    def count(_module, _args) -> None:
+    def carry(_module, args, kwargs):  # (each call: this call's scales, by then on the device)
         nonlocal call
-        for prompt in prompts:
-            prompt.scale = prompt.weight if prompt.acts_at(call) else 0.0
-        call += 1
+        scales, call = table[min(call, calls)], call + 1
+        return args, kwargs | {TOKENS: tokens, SCALES: scales, ADAPTERS: numbers}
 
-    hook = unet.register_forward_pre_hook(count)
+    def hand_over(_module, args, kwargs):
+        given, scales = kwargs.pop(TOKENS), kwargs.pop(SCALES)
+        kwargs.pop(ADAPTERS)
+        for module in targets:
+            module.image = list(zip(given, scales.unbind(0), strict=True))
+        return args, kwargs
+
+    hooks = [(caller or unet).register_forward_pre_hook(carry, with_kwargs=True),
+             unet.register_forward_pre_hook(hand_over, with_kwargs=True)]
     for i, module in enumerate(targets):
-        module.image = [(prompt, prompt.adapter.key_values()[i]) for prompt in prompts]
+        module.pairs = [prompt.adapter.key_values()[i] for prompt in prompts]
         module.text_class, module.__class__ = type(module), ImageCrossAttention
     try:
         yield
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         for module in targets:
             module.__class__ = module.text_class
-            del module.image, module.text_class
+            del module.pairs, module.text_class
+            module.__dict__.pop("image", None)

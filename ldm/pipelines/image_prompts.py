@@ -38,6 +38,7 @@ from ldm.networks.clip import CLIPVisionModelWithProjection
 from ldm.networks.ip_adapter import IPAdapter
 from ldm.networks.safety import FeatureExtractorConfig, preprocess
 from ldm.pipelines.request import ImagePrompt
+from ldm.speed.accelerate import TensorTimestep
 from ldm.speed.offload import offload_beside, offload_of, offload_with
 
 
@@ -114,17 +115,22 @@ def prepare_image_prompt(pipe, prompt: ImagePrompt, batch: int, guided: bool, ca
 
 @contextmanager
 def image_prompting(pipe, plan, guided: bool) -> Iterator[None]:
-    """The run's image prompts applied to the pipeline's UNet inside the block (none: nothing changes). The eager
-    UNet runs them: a speed wrapper's compiled code and CUDA graphs would not see the per-call image attention."""
+    """The run's image prompts applied to the pipeline's UNet inside the block (none, or all of weight 0: nothing
+    changes). The pipeline's UNet runs them as it is, its CUDA graphs included (`decoupled_attention` hands the
+    call's state over as tensor arguments), except compiled code, which would not see the swapped attentions: the
+    eager UNet runs a call with image prompts then."""
     r = plan.request
-    if not r.image_prompts:
+    kept = [p for p in r.image_prompts if p.weight != 0]
+    if not kept:
         yield
         return
     unet = pipe.networks()["unet"]
-    prompts = [prepare_image_prompt(pipe, p, r.batch, guided, plan.unet_calls) for p in r.image_prompts]
-    wrapper, pipe.unet = pipe.unet, unet
+    prompts = [prepare_image_prompt(pipe, p, r.batch, guided, plan.unet_calls) for p in kept]
+    wrapper = pipe.unet
+    if isinstance(wrapper, TensorTimestep) and wrapper.compiled:
+        pipe.unet = unet
     try:
-        with decoupled_attention(unet, prompts):
+        with decoupled_attention(unet, prompts, caller=pipe.unet):
             yield
     finally:
         pipe.unet = wrapper

@@ -434,6 +434,11 @@ class TensorTimestep(nn.Module):
             t = torch.full((1,), float(t), dtype=torch.float32, device=x.device)
         return self.run(x, t, context, **kwargs)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether it runs the UNet's compiled form (which swaps of the UNet's modules from outside recompile)."""
+        return self.run is not self.unet
+
     def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the graphs would read the old tensors
         if self.graphs is not None:
             self.graphs.reset()
