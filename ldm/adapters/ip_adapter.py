@@ -11,10 +11,11 @@ adapters' pairs are matched to the cross-attentions in diffusers' order (`cross_
 From outside: `decoupled_attention` turns each cross-attention into an `ImageCrossAttention` (its class swapped, as
 `ldm.speed.accelerate` swaps in its fused projections; the module keeps its weights and their names) and back when
 the block ends; the UNet file has no branch for it, and a UNet without image prompts never sees one (bit-identical).
-It works on accelerate's fused `to_kv` as on `to_k`/`to_v`. The image tokens are the call's, one row per row of the
-UNet's batch (with guidance: [unconditional; conditional]); each adapter acts at the UNet calls its start/end
-fractions keep (the rule of diffusers' `controlnet_keep`, as `ldm.pipelines.control.Unit.acts_at`), at weight 0
-elsewhere (its attention added × 0: the same numbers as without it).
+It reads the text's keys and values as the attention's own class does (`key_value`: accelerate's fused `to_kv`
+too). The image tokens are the call's, one row per row of the UNet's batch (with guidance: [unconditional;
+conditional]); each adapter acts at the UNet calls its start/end fractions keep (the rule of diffusers'
+`controlnet_keep`, as `ldm.pipelines.control.Unit.acts_at`), at weight 0 elsewhere (its attention added × 0: the
+same numbers as without it).
 
 How the call's state reaches the attentions, so that a CUDA graph replays it: a forward pre-hook on the module the
 pipeline calls (the speed wrapper, or the UNet itself) adds three keyword arguments to each call — the tokens
@@ -88,11 +89,7 @@ class ImageCrossAttention(Attention):
     text_class: type  # the class it had, restored after the call
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        q = self.to_q(x)
-        if hasattr(self, "to_kv"):  # accelerate's fused projection
-            k, v = self.to_kv(context).chunk(2, dim=-1)
-        else:
-            k, v = self.to_k(context), self.to_v(context)
+        q, (k, v) = self.to_q(x), self.text_class.key_value(self, context)  # (accelerate's: one fused projection)
         out = attention(q, k, v, self.heads, upcast=self.upcast)
         for (tokens, scale), pair in zip(self.image, self.pairs, strict=True):
             tokens = tokens.to(x.dtype)

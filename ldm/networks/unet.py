@@ -242,9 +242,12 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
-        return self.to_out[0](out)
+        k, v = self.key_value(x if context is None else context)
+        return self.to_out[0](attention(self.to_q(x), k, v, self.heads, upcast=self.upcast))
+
+    def key_value(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of `context` (what an adapter's added attention reuses, `ldm.adapters.ip_adapter`)."""
+        return self.to_k(context), self.to_v(context)
 
 
 class GEGLU(nn.Module):

@@ -62,9 +62,8 @@ class FusedSelfAttention(Attention):
 class FusedCrossAttention(Attention):
     """Cross-attention with k and v of the context from one projection."""
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        k, v = self.to_kv(x if context is None else context).chunk(2, dim=-1)
-        return self.to_out[0](attention(self.to_q(x), k, v, self.heads, upcast=self.upcast))
+    def key_value(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        return self.to_kv(context).chunk(2, dim=-1)
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
