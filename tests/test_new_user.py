@@ -3,7 +3,6 @@ HTTP. `ldm tiny` writes models that load and run; a request too large for the me
 before anything is allocated, and an allocator failure that still happens is one line on every entry point."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -55,16 +54,26 @@ def test_a_tiny_model_runs_and_matches_diffusers(tiny_sd1):
     assert done.returncode == 0 and done.stdout.rstrip().endswith("all within tolerance"), done.stdout + done.stderr
 
 
+# The `ldm` script run as it is (runpy), its peak resident memory (VmHWM, kB) written at exit to the file named last
+REPORT_PEAK = """import atexit, runpy, sys
+out, sys.argv = sys.argv[-1], sys.argv[1:-1]  # (argv[0] is "-c")
+def peak():
+    with open("/proc/self/status") as status, open(out, "w") as f:
+        f.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(peak)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def ldm_with_peak(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
-    """`ldm(...)` and the peak resident memory of that one process in bytes, read by os.wait4 from its own
-    rusage (RUSAGE_CHILDREN would be the largest of every child this test run has waited for)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = subprocess.Popen([LDM, *args], cwd=cwd, stdout=out, stderr=err, env=ENV)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        done = subprocess.CompletedProcess(child.args, child.returncode, out.read().decode(), err.read().decode())
-    return done, usage.ru_maxrss * 1024
+    """`ldm(...)` and the peak resident memory of that process in bytes, as the process reads its own (VmHWM of
+    /proc/self/status, which counts from its exec). Not its rusage: a forked child's ru_maxrss starts at the
+    parent's resident size, the test run's several GB."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "peak"
+        done = subprocess.run([sys.executable, "-c", REPORT_PEAK, LDM, *args, str(out)], cwd=cwd,
+                              capture_output=True, text=True, timeout=300, env=ENV)
+        return done, int(out.read_text()) * 1024
 
 
 def test_a_request_too_large_for_memory_is_refused_before_it_starts(tiny_sd1):
