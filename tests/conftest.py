@@ -1,6 +1,7 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,6 +44,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+MAX_PIXEL_DIFF = 2  # of 255: the project's image tolerance (fp32)
+
+
+def assert_images_close(name: str, actual, expected, plain=None, moved: int = 10) -> None:
+    """`actual` (pixels 0-255) of `expected`'s shape and within MAX_PIXEL_DIFF levels of it; and, given the image
+    without what is tested (`plain`), more than `moved` levels from that somewhere: what is tested acts, so the
+    comparison means something."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape}, the reference's {expected.shape}"
+    diff = np.abs(actual - expected).max()
+    acted = None if plain is None else np.abs(actual - np.asarray(plain, np.float64)).max()
+    print(f"{name}: max pixel difference {diff}", "" if acted is None else f"(what is tested moved pixels by {acted})")
+    assert diff <= MAX_PIXEL_DIFF, f"{name}: max pixel difference {diff} > {MAX_PIXEL_DIFF}"
+    assert acted is None or acted > moved, f"{name}: what is tested moved pixels by {acted} only (≤ {moved})"
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import webuiapi
+from conftest import MAX_PIXEL_DIFF
 from PIL import Image
 from test_serve import Server
 
@@ -18,7 +19,6 @@ from ldm.serving.limits import Limits
 from ldm.serving.server import ServeConfig
 
 PROMPT = "a lighthouse at night"
-MAX_PIXEL_DIFF = 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ initial value: the zero convolutions start at zero, which would make every resid
 import numpy as np
 import pytest
 import torch
-from conftest import max_rel_err
+from conftest import MAX_PIXEL_DIFF, assert_images_close, max_rel_err
 from diffusers import (
     ControlNetModel,
     StableDiffusionControlNetPipeline,
@@ -25,7 +25,6 @@ from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm_cli.main import main
 
 PROMPT = "a house by a lake, line art"
-MAX_PIXEL_DIFF = 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py) ldm and diffusers compared in one process
 
@@ -98,17 +97,6 @@ def theirs(ref, images, seed=3, **kwargs) -> np.ndarray:
     return as_pixels(out)
 
 
-def assert_close(name, actual, expected, plain=None, moved=10):
-    """Within the tolerance of the reference; and, given the image without what is tested (`plain`), more than
-    `moved` levels from it somewhere: what is tested acts, so the comparison means something."""
-    diff = np.abs(actual - expected).max()
-    print(f"{name}: max pixel difference {diff}" + (f", what is tested moved pixels by {np.abs(actual - plain).max()}"
-                                                     if plain is not None else ""))
-    assert diff <= MAX_PIXEL_DIFF
-    if plain is not None:
-        assert np.abs(actual - plain).max() > moved
-
-
 def test_network_equals_controlnet_model(controlnets):
     """Residuals of ldm's ControlNet against diffusers' ControlNetModel on the same folder (conditioning scale 1)."""
     import json
@@ -142,7 +130,7 @@ def test_one_unit_equals_diffusers(pipe, sd1_folder, controlnets, case):
                       controlnet_conditioning_scale=settings.get("weight", 1.0),
                       control_guidance_start=settings.get("start", 0.0), control_guidance_end=settings.get("end", 1.0),
                       guess_mode=settings.get("guess_mode", False))
-    assert_close(f"one unit, {case}", actual, expected, plain=ours(pipe, []))
+    assert_images_close(f"one unit, {case}", actual, expected, plain=ours(pipe, []))
 
 
 def test_two_units_equal_multicontrolnet(pipe, sd1_folder, controlnets):
@@ -153,7 +141,8 @@ def test_two_units_equal_multicontrolnet(pipe, sd1_folder, controlnets):
     actual = ours(pipe, controls)
     expected = theirs(reference_pipe(sd1_folder, controlnets), images, controlnet_conditioning_scale=[0.8, 0.5],
                       control_guidance_start=[0.0, 0.25], control_guidance_end=[0.75, 1.0])
-    assert_close("two units", actual, expected, plain=ours(pipe, controls[:1]), moved=MAX_PIXEL_DIFF)  # (measured 5)
+    # (the second unit moved pixels by 5)
+    assert_images_close("two units", actual, expected, plain=ours(pipe, controls[:1]), moved=MAX_PIXEL_DIFF)
 
 
 def test_a_unit_of_weight_zero_changes_nothing(pipe, controlnets):
@@ -191,7 +180,8 @@ def test_control_modes_follow_a1111s_rule(pipe, sd1_folder, controlnets, mode):
     finally:
         del ref.controlnet.forward  # (the class's forward again)
     balanced = ours(pipe, [Control(str(controlnets[0]), image, weight=weight)])
-    assert_close(f"control mode {mode}", actual, expected, plain=balanced, moved=2 * MAX_PIXEL_DIFF)  # (measured 8+)
+    # (the mode moved pixels by 8 or more)
+    assert_images_close(f"control mode {mode}", actual, expected, plain=balanced, moved=2 * MAX_PIXEL_DIFF)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +196,7 @@ def test_sdxl_unit_equals_diffusers(sdxl_folder, sdxl_controlnet):
     actual = ours(xl, [Control(str(sdxl_controlnet), image, weight=0.9)])
     expected = theirs(reference_pipe(sdxl_folder, [sdxl_controlnet], StableDiffusionXLControlNetPipeline), image,
                       controlnet_conditioning_scale=0.9)
-    assert_close("sdxl unit", actual, expected, plain=ours(xl, []))
+    assert_images_close("sdxl unit", actual, expected, plain=ours(xl, []))
 
 
 def test_command_line_units_and_the_infotext(sd1_folder, controlnets, tmp_path):
@@ -221,7 +211,7 @@ def test_command_line_units_and_the_infotext(sd1_folder, controlnets, tmp_path):
     expected = theirs(reference_pipe(sd1_folder, controlnets), [hint(1), hint(2)],
                       controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.25],
                       control_guidance_end=[0.75, 1.0])
-    assert_close("command line", np.asarray(Image.open(out).convert("RGB")).astype(np.int16), expected)
+    assert_images_close("command line", np.asarray(Image.open(out).convert("RGB")).astype(np.int16), expected)
     params = Image.open(out).text["parameters"]
     assert (f'ControlNet 0: "Module: none, Model: {controlnets[0].name}, Weight: 0.8, Resize Mode: Just Resize, '
             'Guidance Start: 0.0, Guidance End: 0.75, Control Mode: Balanced"') in params
@@ -274,7 +264,7 @@ def test_image_to_image_and_inpainting_with_a_unit(request, sd1_folder, controln
     out = ref(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="np",
               controlnet_conditioning_scale=0.9, height=64, width=64, **reference_inputs).images
     plain = ours(model, [], image=init, strength=strength, **extra)
-    assert_close(f"{task} with a unit", actual, as_pixels(out), plain=plain, moved=MAX_PIXEL_DIFF)
+    assert_images_close(f"{task} with a unit", actual, as_pixels(out), plain=plain, moved=MAX_PIXEL_DIFF)
 
 
 # ------------------------------------------------------------------------------------ over HTTP and in batch
@@ -360,8 +350,8 @@ def test_hires_fix_keeps_the_unit_with_a1111s_soft_weights(pipe, sd1_folder, con
         expected = second_pass()
     finally:
         del second.controlnet.forward
-    assert_close("hires with a unit", np.asarray(actual).astype(np.int16), expected, plain=balanced,
-                 moved=MAX_PIXEL_DIFF)
+    assert_images_close("hires with a unit", np.asarray(actual).astype(np.int16), expected, plain=balanced,
+                        moved=MAX_PIXEL_DIFF)
 
 
 def test_from_png_restores_the_units(sd1_folder, controlnets, tmp_path, capsys, monkeypatch):
@@ -415,4 +405,4 @@ def test_an_lcm_model_with_a_unit_equals_diffusers(tmp_path):
                         .images[0]).astype(np.int16)
     expected = theirs(reference_pipe(folder, [net], sampler="lcm"), image, guidance_scale=4.0)
     plain = np.asarray(model(PROMPT, steps=4, seed=3, guidance=4.0).images[0]).astype(np.int16)
-    assert_close("lcm with a unit", actual, expected, plain=plain)
+    assert_images_close("lcm with a unit", actual, expected, plain=plain)

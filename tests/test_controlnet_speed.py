@@ -11,6 +11,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from conftest import MAX_PIXEL_DIFF
 from test_controlnet import PROMPT, hint, make_controlnet
 from test_offload import Placeholders, here
 
@@ -23,7 +24,6 @@ from ldm.speed.accelerate import FusedCrossAttention, FusedSelfAttention, Winogr
 from ldm.speed.offload import disable_offload
 from ldm_kernels import winograd
 
-MAX_PIXEL_DIFF = 2
 pytestmark = pytest.mark.usefixtures("one_thread")  # images compared within the process only
 
 

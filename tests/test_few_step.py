@@ -9,6 +9,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import MAX_PIXEL_DIFF, assert_images_close
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from official import diffusers_scheduler
 from PIL import Image
@@ -16,7 +17,6 @@ from PIL import Image
 from ldm_cli.main import main
 
 PROMPT = "a lighthouse on a cliff at dusk"
-MAX_PIXEL_DIFF = 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py) ldm and diffusers compared in one process
 
@@ -51,13 +51,6 @@ def generate(tmp_path, folder, *args) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
 
 
-def assert_close(name, actual, expected):
-    assert actual.shape == expected.shape
-    diff = np.abs(actual - expected).max()
-    print(f"{name}: max pixel difference {diff}")
-    assert diff <= MAX_PIXEL_DIFF
-
-
 # (ldm's options, diffusers' scheduler settings, diffusers' call arguments)
 TEXT_TO_IMAGE = {
     "lcm-4": (["--sampler", "lcm", "--steps", "4", "--guidance", "1.5"], {}, {"guidance_scale": 1.5}),
@@ -83,7 +76,7 @@ def test_text_to_image_equals_diffusers(sd1_folder, tmp_path, case):
     actual = generate(tmp_path, sd1_folder, "--seed", "5", *options)
     expected = reference(load(StableDiffusionPipeline, sd1_folder, sampler, **settings), 5, num_inference_steps=steps,
                          height=64, width=64, **call)
-    assert_close(case, actual, expected)
+    assert_images_close(case, actual, expected)
 
 
 def test_spacing_and_eta_change_the_image(sd1_folder, tmp_path):
@@ -110,7 +103,7 @@ def test_image_to_image_equals_diffusers(sd1_folder, tmp_path, sampler, steps, s
     eta = {"eta": 0.3} if sampler == "tcd" else {}
     expected = reference(pipe, 8, image=image, num_inference_steps=steps, strength=strength, guidance_scale=1.5,
                          **eta)
-    assert_close(f"{sampler} img2img {strength}", actual, expected)
+    assert_images_close(f"{sampler} img2img {strength}", actual, expected)
 
 
 @pytest.mark.parametrize("sampler, options, settings", [
@@ -123,7 +116,7 @@ def test_sdxl_few_step_equals_diffusers(sdxl_folder, tmp_path, sampler, options,
     guidance = float(options[options.index("--guidance") + 1])
     expected = reference(load(StableDiffusionXLPipeline, sdxl_folder, sampler, **settings), 3,
                          num_inference_steps=int(options[1]), guidance_scale=guidance)
-    assert_close(f"sdxl {sampler}", actual, expected)
+    assert_images_close(f"sdxl {sampler}", actual, expected)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "lcm"])
@@ -136,7 +129,7 @@ def test_x0_prediction_equals_diffusers(sdxl_folder, tmp_path, sampler):
     actual = generate(tmp_path, sdxl_folder, *args, "--prediction-type", "sample")
     expected = reference(load(StableDiffusionXLPipeline, sdxl_folder, sampler, prediction_type="sample", **spacing), 4,
                          num_inference_steps=2, guidance_scale=1.0)
-    assert_close(f"x0 {sampler}", actual, expected)
+    assert_images_close(f"x0 {sampler}", actual, expected)
     eps = generate(tmp_path, sdxl_folder, *args)
     assert np.abs(eps - actual).max() > 20  # control: the prediction type moves the image
 
@@ -251,7 +244,7 @@ def test_lcm_folder_equals_latent_consistency_pipeline(lcm_folder, tmp_path, ste
     default, with the guidance embedded and no unconditional pass, as LatentConsistencyModelPipeline."""
     actual = generate(tmp_path, lcm_folder, "--seed", "6", "--steps", str(steps), "--guidance", str(guidance))
     expected = lcm_reference(lcm_folder, 6, num_inference_steps=steps, guidance_scale=guidance)
-    assert_close(f"lcm folder {steps} steps, guidance {guidance}", actual, expected)
+    assert_images_close(f"lcm folder {steps} steps, guidance {guidance}", actual, expected)
     if guidance != 1.0:  # control: the embedded guidance moves the image (w = 0 at guidance 1; measured 8/255)
         plain = generate(tmp_path, lcm_folder, "--seed", "6", "--steps", str(steps), "--guidance", "1")
         assert np.abs(plain - actual).max() > 2 * MAX_PIXEL_DIFF
@@ -281,7 +274,7 @@ def test_lcm_single_file_equals_the_folder(lcm_folder, tmp_path):
     actual = generate(tmp_path, path, "--seed", "6", "--steps", "4", "--guidance", "8.5", "--sampler", "lcm",
                       "--width", "64", "--height", "64")
     expected = lcm_reference(lcm_folder, 6, num_inference_steps=4, guidance_scale=8.5)
-    assert_close("lcm single file", actual, expected)
+    assert_images_close("lcm single file", actual, expected)
 
 
 # ----------------------------------------------------------------------------------------------------- --unet
@@ -309,7 +302,7 @@ def test_unet_folder_of_an_lcm_sdxl(sdxl_folder, tmp_path):
                       "--guidance", "8", "--seed", "3")
     pipe = sdxl_reference_with(sdxl_folder, UNet2DConditionModel.from_pretrained(tmp_path / "lcm-sdxl"), "lcm")
     expected = reference(pipe, 3, num_inference_steps=4, guidance_scale=8.0)
-    assert_close("--unet lcm-sdxl folder", actual, expected)
+    assert_images_close("--unet lcm-sdxl folder", actual, expected)
 
 
 @pytest.mark.parametrize("names", ["diffusers", "ldm"])
@@ -334,7 +327,7 @@ def test_unet_file_of_an_sdxl_lightning(sdxl_folder, tmp_path, names):
     actual = generate(tmp_path, sdxl_folder, "--unet", str(path), "--seed", "4", *options)
     expected = reference(sdxl_reference_with(sdxl_folder, other, "euler", timestep_spacing="trailing"), 4,
                          num_inference_steps=2, guidance_scale=0.0)
-    assert_close(f"--unet {names}-named file", actual, expected)
+    assert_images_close(f"--unet {names}-named file", actual, expected)
     own = generate(tmp_path, sdxl_folder, "--seed", "4", *options)
     assert np.abs(own - actual).max() > 20  # control: the other UNet draws another image
 
@@ -387,7 +380,7 @@ def test_a_turbo_model_by_name_runs_as_its_card_says(sd_turbo_hub, tmp_path, nam
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     expected = reference(pipe, 9, num_inference_steps=1, guidance_scale=0.0, height=64, width=64)
-    assert_close(f"{name} by its card", np.asarray(Image.open(out).convert("RGB")).astype(np.int16), expected)
+    assert_images_close(f"{name} by its card", np.asarray(Image.open(out).convert("RGB")).astype(np.int16), expected)
     given = tmp_path / "given.png"  # what the user gives wins over the card
     assert main(["generate", PROMPT, "--model", name, "--seed", "9", "--steps", "2", "--guidance", "1.5",
                  "-o", str(given)]) == 0
@@ -460,7 +453,7 @@ def test_inpainting_with_the_few_step_samplers(request, tmp_path, folder_fixture
     expected = reference(load(StableDiffusionInpaintPipeline, folder, sampler), 5, image=image,
                          mask_image=Image.fromarray(mask), height=64, width=64, num_inference_steps=4,
                          guidance_scale=1.5, **eta)
-    assert_close(f"{folder_fixture} {sampler} inpainting", actual, expected)
+    assert_images_close(f"{folder_fixture} {sampler} inpainting", actual, expected)
 
 
 # ---------------------------------------------------------------------------------------------- LCM-LoRA
@@ -488,5 +481,5 @@ def test_lcm_lora_on_sd1_equals_diffusers(sd1_folder, tmp_path):
         expected = reference(reference_pipe, 2, num_inference_steps=4, guidance_scale=1.0, height=64, width=64)
     finally:
         reference_pipe.unload_lora_weights()
-    assert_close("LCM-LoRA", actual, expected)
+    assert_images_close("LCM-LoRA", actual, expected)
     assert np.abs(actual - plain).mean() > 5  # the LoRA visibly changes the image

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_images_close
 from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
@@ -26,7 +27,6 @@ from ldm.serving.schema import RequestError, parse_parameters
 from ldm_cli.main import main
 
 PROMPT = "a castle on a hill"
-MAX_PIXEL_DIFF = 2
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
@@ -41,13 +41,6 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 def diffusers_pixels(images) -> np.ndarray:
     return pixels(images[0])
-
-
-def assert_close(name, actual: np.ndarray, expected: np.ndarray):
-    assert actual.shape == expected.shape
-    diff = np.abs(actual - expected).max()
-    print(f"{name}: max pixel difference {diff}")
-    assert diff <= MAX_PIXEL_DIFF
 
 
 def reference_pipes(txt_cls, img_cls, folder):
@@ -149,7 +142,7 @@ def test_hires_fix_is_an_explicit_image_to_image_and_matches_diffusers(pipe, sd1
 
     first, second = reference_pipes(StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, sd1_folder)
     expected = diffusers_hires(first, second, upscaler, seed, steps, 64, scale, denoise)
-    assert_close(f"hires {upscaler} x{scale}", pixels(result.images[0]), expected)
+    assert_images_close(f"hires {upscaler} x{scale}", pixels(result.images[0]), expected)
 
     _, _, params = parse_infotext(result.infotexts[0])
     label = (LATENT_RULES | IMAGE_RULES)[upscaler][0]
@@ -176,7 +169,7 @@ def test_hires_fix_sdxl_matches_diffusers(sdxl_folder):
     image = F.interpolate(latents, size=(12, 12), mode="bilinear")
     expected = second(PROMPT, image=image, strength=0.7, num_inference_steps=4, guidance_scale=7.5,
                       generator=torch.Generator("cpu").manual_seed(3)).images
-    assert_close("sdxl hires latent", pixels(result.images[0]), diffusers_pixels(expected))
+    assert_images_close("sdxl hires latent", pixels(result.images[0]), diffusers_pixels(expected))
     assert parse_infotext(result.infotexts[0])[2]["Hires steps"] == "4"
 
 
@@ -189,16 +182,16 @@ def test_image_to_image_from_latents_and_per_image_inputs_match_diffusers(pipe, 
     second.scheduler = __import__("official").diffusers_scheduler("euler_a", second.scheduler.config)
     expected = second(PROMPT, image=latents, strength=0.75, num_inference_steps=4,
                       generator=torch.Generator("cpu").manual_seed(2)).images
-    assert_close("img2img from latents", pixels(actual.images[0]), diffusers_pixels(expected))
+    assert_images_close("img2img from latents", pixels(actual.images[0]), diffusers_pixels(expected))
 
     images = [picture(64, 64, 1), picture(64, 64, 2)]
     actual = pipe(PROMPT, image=images, num_images=2, strength=0.7, steps=4, seed=[5, 6], sampler="euler_a")
     expected = second(PROMPT, image=images, num_images_per_prompt=2, strength=0.7, num_inference_steps=4,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in (5, 6)]).images
     for i in range(2):
-        assert_close(f"img2img per-image {i}", pixels(actual.images[i]), pixels(expected[i]))
+        assert_images_close(f"img2img per-image {i}", pixels(actual.images[i]), pixels(expected[i]))
     alone = pipe(PROMPT, image=images[1], strength=0.7, steps=4, seed=6, sampler="euler_a")
-    assert_close("per-image seed alone", pixels(actual.images[1]), pixels(alone.images[0]))
+    assert_images_close("per-image seed alone", pixels(actual.images[1]), pixels(alone.images[0]))
 
 
 def test_hires_from_the_command_line_per_image_seeds_and_from_png(sd1_folder, tmp_path, capsys):
@@ -216,7 +209,7 @@ def test_hires_from_the_command_line_per_image_seeds_and_from_png(sd1_folder, tm
     previews = sorted(p.name for p in tmp_path.glob("alone-*.png"))
     assert previews == ["alone-pass2-step001.png", "alone-step001.png", "alone-step002.png", "alone-step003.png"]
     assert np.array_equal(pixels(Image.open(tmp_path / "alone-pass2-step001.png")), pixels(Image.open(alone)))
-    assert_close("second image vs its seed alone", pixels(Image.open(second)), pixels(Image.open(alone)))
+    assert_images_close("second image vs its seed alone", pixels(Image.open(second)), pixels(Image.open(alone)))
     params = parse_infotext(Image.open(alone).text["parameters"])[2]
     assert (params["Seed"], params["Size"], params["Hires steps"], params["Hires upscaler"]) == \
         ("41", "64x64", "2", "Lanczos")

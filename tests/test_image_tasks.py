@@ -4,6 +4,7 @@ diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline / StableDiff
 import numpy as np
 import pytest
 import torch
+from conftest import assert_images_close
 from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -15,7 +16,6 @@ from PIL import Image
 from ldm_cli.main import main
 
 PROMPT = "a red barn in a snowy field"
-MAX_PIXEL_DIFF = 2
 
 # (conftest.py) ldm and diffusers run in this process and are compared here: both at one thread
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,18 +65,11 @@ def generate(tmp_path, folder, *args) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
 
 
-def assert_close(name, actual, expected):
-    assert actual.shape == expected.shape
-    diff = np.abs(actual - expected).max()
-    print(f"{name}: max pixel difference {diff}")
-    assert diff <= MAX_PIXEL_DIFF
-
-
 def test_sd21_v_prediction_text_to_image(sd21_folder, tmp_path):
     # defaults from the folder: DDIM with v-prediction, native size (sample_size × 8)
     actual = generate(tmp_path, sd21_folder, "--steps", "8", "--seed", "11")
     expected = reference(load(StableDiffusionPipeline, sd21_folder), 11, num_inference_steps=8)
-    assert_close("sd21 txt2img ddim-v", actual, expected)
+    assert_images_close("sd21 txt2img ddim-v", actual, expected)
 
 
 # Not the DPM-Solver samplers: on this tiny random SD 2.1 model, guidance rescale makes their multistep
@@ -88,14 +81,14 @@ def test_sd21_guidance_rescale(sd21_folder, tmp_path, sampler):
                       "--sampler", sampler)
     expected = reference(load(StableDiffusionPipeline, sd21_folder, sampler), 5, num_inference_steps=6,
                          guidance_rescale=0.7)
-    assert_close(f"sd21 txt2img {sampler}-v rescale 0.7", actual, expected)
+    assert_images_close(f"sd21 txt2img {sampler}-v rescale 0.7", actual, expected)
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
 def test_sd21_dpm_solvers(sd21_folder, tmp_path, sampler):
     actual = generate(tmp_path, sd21_folder, "--steps", "6", "--seed", "5", "--sampler", sampler)
     expected = reference(load(StableDiffusionPipeline, sd21_folder, sampler), 5, num_inference_steps=6)
-    assert_close(f"sd21 txt2img {sampler}-v", actual, expected)
+    assert_images_close(f"sd21 txt2img {sampler}-v", actual, expected)
 
 
 @pytest.mark.parametrize("family, sampler", [("sd21", None), ("sd1", None), ("sd1", "euler_a"), ("sd1", "euler"),
@@ -109,7 +102,7 @@ def test_image_to_image(request, tmp_path, family, sampler):
     expected = reference(load(StableDiffusionImg2ImgPipeline, folder, sampler), 21, image=init, strength=0.6,
                          num_inference_steps=10)
     assert actual.shape == (72, 64, 3)
-    assert_close(f"{family} img2img {sampler or 'default'} strength 0.6", actual, expected)
+    assert_images_close(f"{family} img2img {sampler or 'default'} strength 0.6", actual, expected)
 
 
 def test_image_to_image_explicit_size_resizes(sd1_folder, tmp_path):
@@ -121,7 +114,7 @@ def test_image_to_image_explicit_size_resizes(sd1_folder, tmp_path):
     resized = init.resize((48, 56), Image.Resampling.LANCZOS)
     expected = reference(load(StableDiffusionImg2ImgPipeline, sd1_folder, "ddim"), 4, image=resized,
                          num_inference_steps=5, strength=0.8)
-    assert_close("sd1 img2img resized", actual, expected)
+    assert_images_close("sd1 img2img resized", actual, expected)
 
 
 @pytest.mark.parametrize("sampler, strength", [(None, None), (None, 0.7), ("ddim", 0.7), ("euler_a", None)])
@@ -135,7 +128,7 @@ def test_nine_channel_inpainting(sd2_inpaint_folder, tmp_path, sampler, strength
     actual = generate(tmp_path, sd2_inpaint_folder, *args)
     expected = reference(load(StableDiffusionInpaintPipeline, sd2_inpaint_folder, sampler), 8, image=image,
                          mask_image=mask, height=56, width=64, num_inference_steps=8, strength=strength or 1.0)
-    assert_close(f"sd2-inpaint 9ch {sampler or 'pndm'} strength {strength or 1.0}", actual, expected)
+    assert_images_close(f"sd2-inpaint 9ch {sampler or 'pndm'} strength {strength or 1.0}", actual, expected)
 
 
 @pytest.mark.parametrize("sampler, strength", [("ddim", None), ("euler", 0.75), ("euler_a", None), ("pndm", None),
@@ -149,7 +142,7 @@ def test_four_channel_model_with_a_mask_blends_like_diffusers(sd1_folder, tmp_pa
     actual = generate(tmp_path, sd1_folder, *args)
     expected = reference(load(StableDiffusionInpaintPipeline, sd1_folder, sampler), 6, image=image, mask_image=mask,
                          height=64, width=64, num_inference_steps=6, strength=strength or 1.0)
-    assert_close(f"sd1 4ch-inpaint {sampler} strength {strength or 1.0}", actual, expected)
+    assert_images_close(f"sd1 4ch-inpaint {sampler} strength {strength or 1.0}", actual, expected)
     keep = np.asarray(mask) < 128
     source = np.asarray(image).astype(np.int16)
     assert np.abs(actual[keep] - source[keep]).mean() < np.abs(actual[~keep] - source[~keep]).mean()
@@ -189,7 +182,7 @@ def test_mask_of_another_size_is_resized_to_the_image(request, tmp_path, capsys,
     assert "the mask (16x14) is resized to the image's 64x56" in capsys.readouterr().err
     expected = reference(load(StableDiffusionInpaintPipeline, folder, "ddim"), 1, image=image, mask_image=mask,
                          height=56, width=64, num_inference_steps=6)
-    assert_close(f"{family} {kind} inpaint, 16x14 mask", actual, expected)
+    assert_images_close(f"{family} {kind} inpaint, 16x14 mask", actual, expected)
 
 
 @pytest.mark.parametrize("family, kind", INPAINT_FAMILIES)
@@ -204,7 +197,7 @@ def test_grey_mask_is_binarised_at_half(request, tmp_path, family, kind):
                       "--steps", "6", "--seed", "2", "--sampler", "ddim")
     expected = reference(load(StableDiffusionInpaintPipeline, folder, "ddim"), 2, image=image, mask_image=mask,
                          height=56, width=64, num_inference_steps=6)
-    assert_close(f"{family} {kind} inpaint, grey mask", actual, expected)
+    assert_images_close(f"{family} {kind} inpaint, grey mask", actual, expected)
 
 
 @pytest.mark.parametrize("args, message", [

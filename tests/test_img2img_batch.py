@@ -6,6 +6,7 @@ StableDiffusionImg2ImgPipeline with `num_images_per_prompt=3` and one CPU genera
 import numpy as np
 import pytest
 import torch
+from conftest import MAX_PIXEL_DIFF
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 from test_image_tasks import picture
@@ -14,7 +15,6 @@ from ldm.pipelines.infotext import parse_infotext
 from ldm_cli.main import main
 
 PROMPT = "a red barn in a snowy field"  # test_image_tasks.reference's prompt
-MAX_PIXEL_DIFF = 2
 BATCH = 3
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 

@@ -16,12 +16,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import max_rel_err
+from conftest import MAX_PIXEL_DIFF, assert_images_close, max_rel_err
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from official import diffusers_scheduler
 from PIL import Image
 from safetensors.torch import save_file
-from test_controlnet import assert_close
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ldm import ImagePrompt
@@ -32,7 +31,6 @@ from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm_cli.main import main
 
 PROMPT = "a house by a lake"
-MAX_PIXEL_DIFF = 2
 ENCODER = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 3,
            "image_size": 32, "patch_size": 8, "projection_dim": 24, "hidden_act": "gelu"}
 
@@ -193,7 +191,7 @@ def test_sd1_images_equal_diffusers(pipe, sd1_folder, files, kind, scale):
     image = reference_image(2)
     actual = ours(pipe, [ImagePrompt(str(files[kind]), image, weight=scale, encoder=str(files["encoder"]))])
     expected = theirs(sd1_folder, files, kind, image, scale)
-    assert_close(f"SD 1.x {kind}", actual, expected, plain=ours(pipe, []))
+    assert_images_close(f"SD 1.x {kind}", actual, expected, plain=ours(pipe, []))
 
 
 def test_sdxl_plain_equals_diffusers(sdxl_folder, files):
@@ -201,7 +199,7 @@ def test_sdxl_plain_equals_diffusers(sdxl_folder, files):
     image = reference_image(3)
     actual = ours(xl, [ImagePrompt(str(files["sdxl"]), image, weight=0.6, encoder=str(files["encoder"]))])
     expected = theirs(sdxl_folder, files, "sdxl", image, 0.6, xl=True)
-    assert_close("SDXL plain", actual, expected, plain=ours(xl, []))
+    assert_images_close("SDXL plain", actual, expected, plain=ours(xl, []))
 
 
 def test_fused_projections_equal_diffusers(sd1_folder, files):
@@ -213,7 +211,7 @@ def test_fused_projections_equal_diffusers(sd1_folder, files):
     image = reference_image(4)
     actual = ours(fused, [ImagePrompt(str(files["plain"]), image, weight=0.7, encoder=str(files["encoder"]))])
     expected = theirs(sd1_folder, files, "plain", image, 0.7)
-    assert_close("fused plain", actual, expected, plain=ours(fused, []))
+    assert_images_close("fused plain", actual, expected, plain=ours(fused, []))
 
 
 class BakedCapture:
@@ -347,7 +345,7 @@ def test_start_and_end_follow_controlnets_rule(pipe, sd1_folder, files, start, e
     expected = theirs(sd1_folder, files, "plain", image, scale, step_scales=step_scales)
     prompts = [] if unlike == "none" else [ImagePrompt(str(files["plain"]), image, weight=scale,
                                                        encoder=str(files["encoder"]))]
-    assert_close(f"start {start}, end {end}", actual, expected, plain=ours(pipe, prompts), moved=MAX_PIXEL_DIFF)
+    assert_images_close(f"start {start}, end {end}", actual, expected, plain=ours(pipe, prompts), moved=MAX_PIXEL_DIFF)
 
 
 def test_two_images_average_their_embeddings(pipe, sd1_folder, files):
@@ -361,7 +359,7 @@ def test_two_images_average_their_embeddings(pipe, sd1_folder, files):
     actual = ours(pipe, [ImagePrompt(str(files["plain"]), images, weight=0.8, encoder=str(files["encoder"]))])
     expected = theirs(sd1_folder, files, "plain", None, 0.8, embeds=embeds)
     first = ours(pipe, [ImagePrompt(str(files["plain"]), images[0], weight=0.8, encoder=str(files["encoder"]))])
-    assert_close("two images", actual, expected, plain=first, moved=MAX_PIXEL_DIFF)
+    assert_images_close("two images", actual, expected, plain=first, moved=MAX_PIXEL_DIFF)
 
 
 def test_command_line_equals_python(pipe, sd1_folder, files, tmp_path):
@@ -510,7 +508,7 @@ def test_with_a_controlnet_unit_equals_diffusers(pipe, sd1_folder, files, tmp_pa
               controlnet_conditioning_scale=0.8,
               generator=torch.Generator().manual_seed(3), output_type="np", height=64, width=64).images
     expected = (np.asarray(out[0]) * 255).round().astype(np.int16)
-    assert_close("with a ControlNet unit", actual, expected, plain=ours(pipe, [], controls=[unit]))
+    assert_images_close("with a ControlNet unit", actual, expected, plain=ours(pipe, [], controls=[unit]))
     assert np.abs(actual - ours(pipe, [prompt])).max() > 10  # the unit acts too
 
 
@@ -538,7 +536,7 @@ def test_image_to_image_and_inpainting_equal_diffusers(pipe, sd1_folder, files, 
     out = ref(PROMPT, ip_adapter_image=image, num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
               generator=torch.Generator().manual_seed(3), output_type="np", **inputs).images
     expected = (np.asarray(out[0]) * 255).round().astype(np.int16)
-    assert_close(task, actual, expected, plain=ours(pipe, [], image=init, strength=strength, **extra))
+    assert_images_close(task, actual, expected, plain=ours(pipe, [], image=init, strength=strength, **extra))
 
 
 def test_with_a_lora_equals_diffusers(pipe, sd1_folder, files, tmp_path):
@@ -569,7 +567,7 @@ def test_with_a_lora_equals_diffusers(pipe, sd1_folder, files, tmp_path):
     ref.set_ip_adapter_scale(0.7)
     out = ref(PROMPT, ip_adapter_image=image, num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
               generator=torch.Generator().manual_seed(3), output_type="np").images
-    assert_close("with a LoRA", actual, (np.asarray(out[0]) * 255).round().astype(np.int16), plain=lora_only)
+    assert_images_close("with a LoRA", actual, (np.asarray(out[0]) * 255).round().astype(np.int16), plain=lora_only)
     assert np.abs(lora_only - ours(pipe, [])).max() > 10  # the LoRA acts too
 
 

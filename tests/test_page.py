@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MAX_PIXEL_DIFF
 from PIL import Image
 from test_serve import Server
 
@@ -26,7 +27,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 PROMPT = "a lighthouse at night"
 PAUSE_S = 0.04  # each denoising step of the served pipeline takes at least this long: runs long enough to watch
 TIMEOUT_MS = 30_000
-MAX_PIXEL_DIFF = 2  # the page's image against the pipeline's for the same request, as in test_a1111_api.py
 
 pytestmark = [
     pytest.mark.browser,

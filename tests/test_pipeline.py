@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import MAX_PIXEL_DIFF
 from diffusers import StableDiffusionPipeline
 from official import diffusers_scheduler, write_folder
 from PIL import Image
@@ -13,7 +14,6 @@ from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm_cli.main import main
 
 PROMPT = "a photograph of an astronaut riding a horse"
-MAX_PIXEL_DIFF = 2  # of 255
 
 # (conftest.py) every comparison here is within this process: ldm and the references at one thread
 pytestmark = pytest.mark.usefixtures("one_thread")

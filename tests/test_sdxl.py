@@ -4,6 +4,7 @@ StableDiffusionXLImg2ImgPipeline on the same tiny official-layout folders and se
 import numpy as np
 import pytest
 import torch
+from conftest import MAX_PIXEL_DIFF, assert_images_close
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from official import diffusers_scheduler
 from PIL import Image
@@ -13,7 +14,6 @@ from ldm.pipelines.stable_diffusion import StableDiffusion, StableDiffusionXL
 from ldm_cli.main import main
 
 PROMPT = "a lighthouse on a cliff at dawn"
-MAX_PIXEL_DIFF = 2
 
 # (conftest.py) ldm and diffusers run in this process and are compared here: both at one thread
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,13 +52,6 @@ def generate(tmp_path, *args) -> tuple[np.ndarray, str]:
     return np.asarray(image.convert("RGB")).astype(np.int16), image.text["parameters"]
 
 
-def assert_close(name, actual, expected):
-    assert actual.shape == expected.shape
-    diff = np.abs(actual - expected).max()
-    print(f"{name}: max pixel difference {diff}")
-    assert diff <= MAX_PIXEL_DIFF
-
-
 @pytest.mark.parametrize("negative", [None, "blurry, watermark"])
 def test_base_text_to_image(sdxl_folder, tmp_path, negative):
     # no negative prompt: the folder's force_zeros_for_empty_prompt makes the unconditional embeddings zeros
@@ -68,7 +61,7 @@ def test_base_text_to_image(sdxl_folder, tmp_path, negative):
     expected = as_pixels(load(StableDiffusionXLPipeline, sdxl_folder)(
         PROMPT, negative_prompt=negative, num_inference_steps=6, guidance_scale=7.5, generator=generator,
         output_type="np").images)
-    assert_close(f"sdxl base, negative {negative!r}", actual, expected)
+    assert_images_close(f"sdxl base, negative {negative!r}", actual, expected)
     assert "Sampler: Euler," in params  # the folder's EulerDiscreteScheduler
 
 
@@ -78,7 +71,7 @@ def test_base_micro_conditioning(sdxl_folder, tmp_path):
     expected = as_pixels(load(StableDiffusionXLPipeline, sdxl_folder, "euler_a")(
         PROMPT, num_inference_steps=5, guidance_scale=7.5, original_size=(48, 80), crops_coords_top_left=(4, 8),
         target_size=(64, 32), generator=torch.Generator("cpu").manual_seed(2), output_type="np").images)
-    assert_close("sdxl base micro-conditioning euler_a", actual, expected)
+    assert_images_close("sdxl base micro-conditioning euler_a", actual, expected)
 
 
 GIVEN_SCORES = {"aesthetic_score": 8.5, "negative_aesthetic_score": 1.0}  # diffusers' defaults: 6.0 / 2.5
@@ -103,7 +96,7 @@ def test_refiner_image_to_image(sdxl_refiner_folder, tmp_path, scores):
     actual, params = generate(tmp_path, "--model", str(sdxl_refiner_folder), "--image", str(tmp_path / "init.png"),
                               "--steps", "10", "--seed", "7", *score_args)
     expected = refine_with_diffusers(sdxl_refiner_folder, init, **scores)
-    assert_close(f"sdxl refiner img2img strength 0.3, scores {scores or 'default'}", actual, expected)
+    assert_images_close(f"sdxl refiner img2img strength 0.3, scores {scores or 'default'}", actual, expected)
     assert "Denoising strength: 0.3" in params
 
 
@@ -133,7 +126,7 @@ def test_base_to_refiner_hand_off(sdxl_folder, sdxl_refiner_folder, tmp_path, sa
     expected = as_pixels(load(StableDiffusionXLImg2ImgPipeline, sdxl_refiner_folder, sampler)(
         PROMPT, image=latents, num_inference_steps=10, guidance_scale=7.5, denoising_start=0.8, aesthetic_score=7.0,
         negative_aesthetic_score=2.0, generator=generator, output_type="np").images)
-    assert_close(f"sdxl base→refiner at 0.8, {sampler or 'euler'}", actual, expected)
+    assert_images_close(f"sdxl base→refiner at 0.8, {sampler or 'euler'}", actual, expected)
     assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.8" in params
 
 

@@ -8,6 +8,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import assert_images_close
 from official import FOLDER_FIXTURES, LDM_FAMILY, folder_components, write_single_file
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -27,7 +28,6 @@ DIFFUSERS_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd21": "StableDiffusio
                        "sd2-inpaint": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLPipeline",
                        "sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}
 PROMPT = "a red bicycle leaning on a blue wall"
-MAX_PIXEL_DIFF = 2
 # ldm and diffusers compared in one process at one thread (conftest.py): at two, the sd1 image came 3/255 from
 # diffusers' on an AMX Xeon VM (the two threads' partial sums are added in another order), within the 2/255 at one
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,13 +107,6 @@ def test_every_key_maps_one_to_one(request, single_file, family):
         assert f"cond_stage_model.model.transformer.resblocks.{last}.attn.in_proj_weight" in checkpoint.ignored
 
 
-def assert_close(name, actual: np.ndarray, expected: np.ndarray):
-    assert actual.shape == expected.shape and expected.std() > 10  # a real image, not a flat one
-    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16)).max()
-    print(f"{name}: max pixel difference {diff}")
-    assert diff <= MAX_PIXEL_DIFF
-
-
 TASKS = {  # family → keyword arguments of both pipelines (the size is given: the tiny folders' native size is 64)
     "sd1": {},
     "sd21": {},
@@ -144,7 +137,9 @@ def test_single_file_image_matches_diffusers_on_the_folder(request, single_file,
     size = {} if family == "sdxl-refiner" else {"height": 64, "width": 64}
     expected = reference(PROMPT, num_inference_steps=5, guidance_scale=7.5, output_type="np",
                          generator=torch.Generator("cpu").manual_seed(21), **size, **kwargs).images
-    assert_close(f"{family} single file vs diffusers folder", actual, (expected[0] * 255).round().astype(np.uint8))
+    expected = (expected[0] * 255).round().astype(np.uint8)
+    assert expected.std() > 10  # a real image, not a flat one
+    assert_images_close(f"{family} single file vs diffusers folder", actual, expected)
 
 
 def test_single_file_loads_the_same_networks_as_the_folder(sd1_folder, single_file):

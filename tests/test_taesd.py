@@ -5,7 +5,7 @@ whole images with it as `--vae` against StableDiffusionPipeline(vae=AutoencoderT
 import numpy as np
 import pytest
 import torch
-from conftest import max_rel_err
+from conftest import MAX_PIXEL_DIFF, max_rel_err
 from diffusers import AutoencoderTiny, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from official import diffusers_scheduler
 from PIL import Image
@@ -17,7 +17,6 @@ from ldm.loading.tiny_vae import load_tiny_vae
 from ldm_cli.main import main
 
 PROMPT = "a watercolour fox in the snow"
-MAX_PIXEL_DIFF = 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py) ldm and diffusers compared in one process
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MAX_PIXEL_DIFF
 from official import SD1_VAE, SDXL_VAE, diffusers_scheduler, make_vae, save_component
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -22,7 +23,6 @@ from ldm.pipelines.setup import load
 from ldm.pipelines.stable_diffusion import StableDiffusion
 from ldm_cli.main import main
 
-MAX_PIXEL_DIFF = 2  # the project's image tolerance (fp32)
 MOVED = 10 * MAX_PIXEL_DIFF  # a control: the other VAE moves the image by more than this
 pytestmark = pytest.mark.usefixtures("one_thread")  # ldm and diffusers compared in one process
 
