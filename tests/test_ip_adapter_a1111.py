@@ -132,6 +132,26 @@ def test_a_controlnet_unit_and_an_ip_unit_in_one_call(api, pipe, store):
         {"model": "ip-adapter_sd15", "weight": 0.6, "start": 0.0, "end": 1.0, "encoder": "h"},)
 
 
+def test_the_infotext_numbers_units_by_their_place_in_the_request(api, pipe, store):
+    """sd-webui-controlnet's `write_infotext`: `ControlNet N`, N the unit's index in the request's units, a disabled
+    unit's number left out; read back (png-info, the reader) gaps and all, each unit as what it is."""
+    from test_controlnet import hint
+
+    units = [webuiapi.ControlNetUnit(image=reference_image(4), module="ip-adapter_clip_h", model="ip-adapter_sd15",
+                                     weight=0.6),
+             webuiapi.ControlNetUnit(image=hint(2), model="control_v11p_sd15_canny", enabled=False),
+             webuiapi.ControlNetUnit(image=hint(1), model="control_v11p_sd15_canny", weight=0.8,
+                                     resize_mode="Just Resize")]
+    result = txt2img(api, units)
+    text = result.info["infotexts"][0]
+    assert 'ControlNet 0: "Module: ip-adapter_clip_h, Model: ip-adapter_sd15, Weight: 0.6' in text
+    assert "ControlNet 1" not in text and 'ControlNet 2: "Module: none, Model: control_v11p_sd15_canny' in text
+    assert text.index("ControlNet 0") < text.index("ControlNet 2")
+    back = read_infotext(api.png_info(result.images[0]).info)
+    assert [unit["model"] for unit in back.image_prompts] == ["ip-adapter_sd15"]
+    assert [(unit["model"], unit["weight"]) for unit in back.controls] == [("control_v11p_sd15_canny", 0.8)]
+
+
 @pytest.mark.parametrize("unit, message", [
     ({"module": "ip-adapter_face_id_plus", "model": "ip-adapter-faceid-plus_sd15", "image": "PNG"},
      "[0].module: ip-adapter_face_id_plus is an IP-Adapter FaceID module"),

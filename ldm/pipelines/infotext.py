@@ -364,15 +364,25 @@ ENCODER_WIDTHS = {"h": 1280, "g": 1664}  # the towers' hidden sizes (h94/IP-Adap
 FACE_ID_MODULES = "ip-adapter_face_id"  # (the prefix of its FaceID modules: ip-adapter_face_id, …_face_id_plus)
 
 
+def controlnet_units(units: list[tuple[object, str]]) -> dict[str, str]:
+    """sd-webui-controlnet's `ControlNet N` entries for (unit, its infotext) pairs, as its `Infotext.write_infotext`
+    numbers them: N the unit's index among the request's units (a disabled one's number left out), each unit's
+    `unit` where every one has its own (a request of the A1111 API); else in order."""
+    positions = [getattr(unit, "unit", None) for unit, _ in units]
+    if None in positions or len(set(positions)) < len(positions):
+        positions = list(range(len(units)))
+    return {f"ControlNet {n}": text for n, text in sorted(zip(positions, [text for _, text in units], strict=True))}
+
+
 def _controls(params: dict[str, str], source: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
-    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N: (the
-    ControlNet units, `_control`; the IP-Adapter units, those of an IP-Adapter module, `_image_prompt`). A FaceID
-    unit is an InputError: ldm does not run FaceID adapters."""
+    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N (gaps
+    allowed: the disabled units' numbers are left out): (the ControlNet units, `_control`; the IP-Adapter units,
+    those of an IP-Adapter module, `_image_prompt`). A FaceID unit is an InputError: ldm does not run FaceID
+    adapters."""
     units, prompts = [], []
-    for n in range(len(params)):
-        text = params.get(f"ControlNet {n}")
-        if text is None:
-            break
+    numbers = sorted(int(key.split()[1]) for key in params if re.fullmatch(r"ControlNet \d+", key))
+    for n in numbers:
+        text = params[f"ControlNet {n}"]
         fields = dict(part.split(": ", 1) for part in text.split(", ") if ": " in part)
         module = fields.get("Module", "none")
         if module.startswith(FACE_ID_MODULES):

@@ -47,7 +47,7 @@ from ldm.networks.vae import VAE
 from ldm.pipelines.control import Unit, control_image, control_infotext, like_unet, with_controls
 from ldm.pipelines.image_prompts import image_prompt_infotext, image_prompting
 from ldm.pipelines.images import image_to_tensor, mask_to_tensor, to_pil
-from ldm.pipelines.infotext import infotext
+from ldm.pipelines.infotext import controlnet_units, infotext
 from ldm.pipelines.memory import check_fits, memory_errors
 from ldm.pipelines.plan import Generators, Plan, make_plan
 from ldm.pipelines.prompts import EmbeddingLookup, empty_chunk, encode_chunks, extract_extra_networks, prompt_chunks
@@ -441,10 +441,8 @@ class StableDiffusion:
                   "TI hashes": ", ".join(f"{n}: {self.embeddings[n].hash}" for n in sorted(used)) or None,
                   "Emphasis": EMPHASES[r.emphasis] if r.emphasis != "original" else None,
                   "Prompt syntax": r.prompt_syntax if r.prompt_syntax != "a1111" else None}
-        for n, control in enumerate(r.controls):  # as sd-webui-controlnet writes its units
-            params[f"ControlNet {n}"] = control_infotext(control)
-        for n, prompt in enumerate(r.image_prompts, len(r.controls)):  # sd-webui-controlnet's IP-Adapter units
-            params[f"ControlNet {n}"] = image_prompt_infotext(self, prompt)
+        params |= controlnet_units([(c, control_infotext(c)) for c in r.controls]
+                                   + [(p, image_prompt_infotext(self, p)) for p in r.image_prompts])
         return params | self.identity()  # (the keys above hold A1111's order)
 
     def finish(self, plan: "Plan", x: Tensor) -> tuple[list[Image.Image], list[bool | None]]:

@@ -196,9 +196,9 @@ RESIZE_OF = {label: name for name, label in CONTROL_RESIZE_MODES.items()}
 MODE_OF = {label: name for name, label in CONTROL_MODES.items()}
 
 
-def enabled_units(body: Txt2Img) -> list[tuple[str, dict]]:
-    """(its field, the unit) of each enabled unit with a model of `alwayson_scripts.controlnet.args`, sd-webui-
-    controlnet's API units (the key in any case: webuiapi writes "ControlNet")."""
+def enabled_units(body: Txt2Img) -> list[tuple[int, str, dict]]:
+    """(its index, its field, the unit) of each enabled unit with a model of `alwayson_scripts.controlnet.args`,
+    sd-webui-controlnet's API units (the key in any case: webuiapi writes "ControlNet")."""
     scripts = {key.lower(): value for key, value in body.alwayson_scripts.items()}
     args = (scripts.get("controlnet") or {}).get("args", []) if isinstance(scripts.get("controlnet"), dict) else []
     units = []
@@ -207,7 +207,7 @@ def enabled_units(body: Txt2Img) -> list[tuple[str, dict]]:
         if not isinstance(unit, dict):
             raise ApiError(422, f"{where}: expected an object")
         if unit.get("enabled", True) and str(unit.get("model", "None")) not in ("None", ""):
-            units.append((where, unit))
+            units.append((n, where, unit))
     return units
 
 
@@ -222,13 +222,15 @@ def controls_of(body: Txt2Img) -> list[Control]:
     fields): enabled units with a model, of the server's weights/controlnet/ by name (A1111's "name [hash]" too),
     their image base64; control modes and resize modes by label or index; `pixel_perfect` as sent; a module ldm
     lacks is a 422 naming it. (Units of an IP-Adapter module are image prompts: `image_prompts_of`.)"""
-    return [control_unit(unit, where) for where, unit in enabled_units(body) if not is_image_prompt(unit)]
+    return [dataclasses.replace(control_unit(unit, where), unit=n) for n, where, unit in enabled_units(body)
+            if not is_image_prompt(unit)]
 
 
 def image_prompts_of(body: Txt2Img) -> list[ImagePrompt]:
     """The units of `alwayson_scripts.controlnet.args` of an IP-Adapter module as image prompts, in order (their
     encoders are picked on the worker, where the adapters are loaded: `fit_image_prompts`)."""
-    return [image_prompt_unit(unit, where) for where, unit in enabled_units(body) if is_image_prompt(unit)]
+    return [dataclasses.replace(image_prompt_unit(unit, where), unit=n) for n, where, unit in enabled_units(body)
+            if is_image_prompt(unit)]
 
 
 def unit_image(unit: dict):
@@ -265,7 +267,7 @@ def image_prompt_unit(unit: dict, where: str) -> ImagePrompt:
 def fit_image_prompts(pipe, body: Txt2Img, requests: list[GenerationRequest]) -> list[GenerationRequest]:
     """On the worker, before the run: each IP-Adapter unit's adapter loaded for the served model (and kept), and its
     image encoder picked (`fit_image_prompt`); a unit that does not fit is a 422 naming it."""
-    units = [(where, unit) for where, unit in enabled_units(body) if is_image_prompt(unit)]
+    units = [(where, unit) for _, where, unit in enabled_units(body) if is_image_prompt(unit)]
     if not units or not requests:
         return requests
     runs = getattr(pipe, "base", pipe)  # (with a refiner, the base runs the image prompts)
