@@ -87,16 +87,18 @@ def test_killed_run_resumes_without_gaps_or_duplicates(sd1, tmp_path):
     assert not list(killed.glob(".*.tmp"))
 
 
-def test_csv_with_image_and_mask_files_for_inpainting(sd2_inpaint_folder, tmp_path):
-    picture(64, 64, 7).save(tmp_path / "room.png")
-    rectangle_mask(64, 64, (8, 8, 40, 40)).save(tmp_path / "hole.png")
-    (tmp_path / "jobs.csv").write_text("prompt,image,mask\na window,room.png,hole.png\n")
+@pytest.mark.parametrize("image_file, mask_file", [("room.png", "hole.png"), ("room.gif", "hole.tiff")])
+def test_csv_with_image_and_mask_files_for_inpainting(sd2_inpaint_folder, tmp_path, image_file, mask_file):
+    """Files of every format a request's base64 may hold (GIF and TIFF too) are read from the input's folder."""
+    picture(64, 64, 7).save(tmp_path / image_file)
+    rectangle_mask(64, 64, (8, 8, 40, 40)).save(tmp_path / mask_file)
+    (tmp_path / "jobs.csv").write_text(f"prompt,image,mask\na window,{image_file},{mask_file}\n")
     assert main(["batch", "--model", str(sd2_inpaint_folder), "--input", str(tmp_path / "jobs.csv"),
                  "--output", str(tmp_path / "out"), "--parameters", '{"num_inference_steps": 2, "seed": 9}']) == 0
     (o,) = results(tmp_path / "out")
     pipe = StableDiffusion.from_pretrained(sd2_inpaint_folder)
-    expected = pipe("a window", steps=2, seed=9, image=Image.open(tmp_path / "room.png"),
-                    mask=Image.open(tmp_path / "hole.png")).images[0]
+    expected = pipe("a window", steps=2, seed=9, image=Image.open(tmp_path / image_file),
+                    mask=Image.open(tmp_path / mask_file)).images[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / o["file"]).convert("RGB")), np.asarray(expected))
 
 

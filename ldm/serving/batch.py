@@ -41,7 +41,7 @@ from ldm.serving.schema import COLUMNS, Request, RequestError, Row, parse
 NO_LIMITS = Limits(max_rows=10**9, max_steps=1000, max_pixels=4096 * 4096, max_images_per_prompt=64)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # (images.FORMATS, as files)
 PROMPTS = ("prompt", "text_prompt")
 PANDAS_INDEX = re.compile(r"(Unnamed: \d+)?")  # the index column pandas writes: no name, or "Unnamed: 0" re-read
 RESULTS = "results.jsonl"
