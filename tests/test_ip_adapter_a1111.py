@@ -16,6 +16,7 @@ import pytest
 import webuiapi
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from test_a1111_api import pixels
 from test_controlnet import b64png
 from test_ip_adapter import PROMPT, adapter_file, gentle_controlnet, make_encoder, reference_image
 from test_serve import Server
@@ -65,10 +66,6 @@ def server(pipe, store, monkeypatch):
 @pytest.fixture
 def api(server):
     return webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
 def python_api(pipe, prompts, **kwargs) -> np.ndarray:
