@@ -15,7 +15,9 @@ on the meta device and filled on the GPU: no files), batch 2 as classifier-free 
 - oom_capture: a capture that runs out of memory for real (an allocation larger than the device, inside the
   capture only): the call's result is the eager one, the runner is not marked failed, the next call captures;
 - refiner: the SDXL hand-off's cost without residency (the base's UNet to the CPU and the refiner's to the GPU,
-  pageable, as each call did) against residency (nothing moves).
+  pageable, as each call did) against residency (nothing moves);
+- ip_adapter: a plain IP-Adapter's image attention through the graph (a start/end window's per-step scales
+  replayed) against eager, and its share of a graphed SD 1.5 step.
 
 `--device cpu` is a dry run: the same parts end to end at small shapes in fp32, the graphs a stand-in (the replay
 runs the network again), CUDA events replaced by the wall clock; its figures say nothing about a GPU.
@@ -35,9 +37,10 @@ import torch
 
 from ldm.tools.bench import SD15, SDXL
 
-PARTS = ("kernels", "layouts", "samplers", "graph_memory", "oom_capture", "refiner")
-# seconds per part, each from process start (CUDA initialised, networks built): 6 minutes in all at most
-TIMEOUTS = {"kernels": 100, "layouts": 80, "samplers": 50, "graph_memory": 40, "oom_capture": 40, "refiner": 50}
+PARTS = ("kernels", "layouts", "samplers", "graph_memory", "oom_capture", "refiner", "ip_adapter")
+# seconds per part, each from process start (CUDA initialised, networks built): 7 minutes in all at most
+TIMEOUTS = {"kernels": 100, "layouts": 80, "samplers": 50, "graph_memory": 40, "oom_capture": 40, "refiner": 50,
+            "ip_adapter": 50}
 TOLERANCE = 2e-2  # fp16, relative to the output's largest value: graph vs eager, fused vs unfused
 COPY_KERNELS = ("copy", "nchwtonhwc", "nhwctonchw", "contiguous")  # profiler kernel names that are layout copies
 
@@ -322,8 +325,59 @@ def part_refiner(device: torch.device, dtype: torch.dtype, dry: bool, report: Ca
             "note": "parked: the moved base also captures its CUDA graph again at every call"})
 
 
+def random_ip_adapter(unet, device: torch.device, dtype: torch.dtype, dry: bool):
+    """A plain IP-Adapter for `unet` (the `ip-adapter_sd15` layout: a ViT-H/14 embedding of 1024 → 4 tokens, a
+    key/value pair per cross-attention), random weights as `random_unet` fills them."""
+    from ldm.adapters.ip_adapter import attention_widths
+    from ldm.networks.ip_adapter import IPAdapter, IPAdapterConfig
+
+    cfg = IPAdapterConfig("plain", embed_dim=16 if dry else 1024, cross_attention_dim=unet.config.cross_attention_dim,
+                          tokens=4, widths=tuple(attention_widths(unet)))
+    adapter = IPAdapter(cfg).to(device, dtype).eval().requires_grad_(False)
+    generator = torch.Generator(device).manual_seed(2)
+    for name, p in adapter.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0, p[0].numel() ** -0.5, generator=generator)
+        else:
+            p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+    return adapter
+
+
+def part_ip_adapter(device: torch.device, dtype: torch.dtype, dry: bool, report: Callable) -> None:
+    """SD 1.5's step with a plain IP-Adapter's image attention through the graph: four calls of a 0.25–0.75 window
+    (scale 0, 0.8, 0.8, 0) against eager, the prompted layout captured once; then the graphed step's time with and
+    without the adapter."""
+    from ldm.adapters.ip_adapter import ImageTokens, decoupled_attention
+
+    unet = random_unet("sd15", device, dtype, dry)
+    inputs = unet_inputs(unet, "sd15", device, dtype, dry)
+    x, rest = inputs.pop("x"), inputs
+    adapter = random_ip_adapter(unet, device, dtype, dry)
+    tokens = adapter(torch.randn(1, adapter.config.embed_dim, generator=torch.Generator().manual_seed(3))
+                     .to(device, dtype)).repeat(2, 1, 1)
+    eager, graphed = step_runner(unet, device, graph=False), step_runner(unet, device, graph=True)
+    plain = eager(x, 500.0, **rest)
+    steps = []
+    for runner in (eager, graphed):
+        with decoupled_attention(unet, [ImageTokens(adapter, tokens, 0.8, 0.25, 0.75, calls=4)], caller=runner):
+            steps.append([runner(x, 500.0, **rest) for _ in range(4)])
+    errors = [rel_err(g, e) for g, e in zip(steps[1], steps[0], strict=True)]
+    moved = rel_err(steps[0][1], plain)
+    graphs = graphed.graphs
+    report({"graph_vs_eager": max(errors), "off_step_vs_plain": rel_err(steps[0][0], plain),
+            "adapter_moves_output": moved, "captures": graphs.captures, "failed": graphs.failed,
+            "ok": graphs.failed is None and graphs.captures == 1 and max(errors) <= TOLERANCE and moved > TOLERANCE})
+    repeats = 2 if dry else 20
+    without = step_time(lambda: graphed(x, 500.0, **rest), device, repeats)
+    with decoupled_attention(unet, [ImageTokens(adapter, tokens, 0.8, calls=10**6)], caller=graphed):
+        with_adapter = step_time(lambda: graphed(x, 500.0, **rest), device, repeats)
+    report({"graphed_step_s": without, "graphed_step_with_adapter_s": with_adapter,
+            "adapter_share": with_adapter / without - 1, "captures": graphs.captures})
+
+
 RUNS = {"kernels": part_kernels, "layouts": part_layouts, "samplers": part_samplers,
-        "graph_memory": part_graph_memory, "oom_capture": part_oom_capture, "refiner": part_refiner}
+        "graph_memory": part_graph_memory, "oom_capture": part_oom_capture, "refiner": part_refiner,
+        "ip_adapter": part_ip_adapter}
 
 
 def run_part(name: str, device_name: str, report: Callable[[dict], None] | None = None) -> None:
