@@ -467,6 +467,10 @@ def test_request_checks_the_image_prompt():
         GenerationRequest(PROMPT, image_prompts=[ImagePrompt("x", "not an image")]).check()
     with pytest.raises(LdmError, match="image prompt 0: start and end"):
         GenerationRequest(PROMPT, image_prompts=[ImagePrompt("x", reference_image(0), start=0.5, end=0.5)]).check()
+    for unit in (-1, "2", True, 1.0):  # (its index among sd-webui-controlnet's units: a whole number ≥ 0)
+        with pytest.raises(LdmError, match=f"image prompt 0: unit is its index .*, got {unit!r}"):
+            GenerationRequest(PROMPT, image_prompts=[ImagePrompt("x", reference_image(0), unit=unit)]).check()
+    GenerationRequest(PROMPT, image_prompts=[ImagePrompt("x", reference_image(0), unit=3)]).check()
 
 
 def gentle_controlnet(folder, out):

@@ -89,6 +89,7 @@ class Control:
             self._check_preprocess(bad, where)
         if self.resize != "just-resize" and (missing := opencv_missing(f"the resize mode {self.resize}")):
             bad("control_resize", f"{where}: {missing}")
+        _check_unit(self.unit, bad, "control_unit", where)
 
     def _check_preprocess(self, bad, where: str) -> None:
         """The preprocessor, the parameters it has (those it has not are not read) and OpenCV, which it needs."""
@@ -138,6 +139,13 @@ class ImagePrompt:
         if not (_number(self.start) and _number(self.end) and 0 <= self.start < self.end <= 1):
             bad("ip_start", f"{where}: start and end must be fractions of the steps with 0 ≤ start < end ≤ 1, "
                             f"got {self.start!r} and {self.end!r}")
+        _check_unit(self.unit, bad, "ip_unit", where)
+
+
+def _check_unit(unit, bad, field_name: str, where: str) -> None:
+    if unit is not None and not (isinstance(unit, int) and not isinstance(unit, bool) and unit >= 0):
+        bad(field_name, f"{where}: unit is its index among sd-webui-controlnet's units, a whole number ≥ 0, got "
+                        f"{unit!r}")
 
 
 @dataclass
