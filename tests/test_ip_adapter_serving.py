@@ -211,3 +211,20 @@ def test_an_answer_names_no_folder_of_the_server(parameters, monkeypatch, tmp_pa
     with pytest.raises(RequestError) as caught:
         parse(body)
     assert "nope" in caught.value.message and str(tmp_path) not in caught.value.message
+
+
+@pytest.mark.parametrize("given", [".", "w", "store", "{tmp}/store", "{tmp}/nested/store"])
+def test_only_the_weights_folder_itself_is_renamed_in_an_answer(given, monkeypatch, tmp_path):
+    """`echo` names the server's folder `weights` where a message holds it as a path (absolute, or $LDM_WEIGHTS of
+    more than one name), never inside other text: a short $LDM_WEIGHTS (`.`, `w`) left every number and word whole."""
+    from ldm.loading.families import weights_dir
+    from ldm.serving.schema import echo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LDM_WEIGHTS", given.format(tmp=tmp_path))
+    where = weights_dir().resolve()
+    assert echo(f"got 0.5 for x.y with w at {where}/ipadapter/a.safetensors") == \
+        "got 0.5 for x.y with w at weights/ipadapter/a.safetensors"
+    assert echo(f"{where}x/other: {where}") == f"{where}x/other: weights"  # (another folder beginning like it)
+    if len(weights_dir().parts) > 1:
+        assert echo(f"'{weights_dir()}/clip_vision/vit-h'") == "'weights/clip_vision/vit-h'"

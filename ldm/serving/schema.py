@@ -71,13 +71,20 @@ MAX_LABEL = 1000  # characters of an index label's JSON (it is echoed in its row
 MAX_PROMPT_CHARS = 10 * MAX_CHUNKS * CHUNK_TOKENS
 
 
+def server_folders() -> set[str]:
+    """How the server's weights folder may be written in a message: its absolute path, and $LDM_WEIGHTS as given
+    where that is a path of more than one name (`.` or `w` alone would match inside any text)."""
+    given = weights_dir()
+    return {str(given.resolve())} | ({str(given)} if given.is_absolute() or len(given.parts) > 1 else set())
+
+
 def echo(text: str, limit: int = 200) -> str:
     """User text as an answer may repeat it: a lone surrogate written out (`\ud800`, which UTF-8 cannot encode), at
     most `limit` characters, and the server's weights folder named `weights` (an answer names no folder of the
     server's: a loader's error says where it looked)."""
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    for folder in {str(weights_dir().resolve()), str(weights_dir())}:
-        text = text.replace(folder, "weights")
+    for folder in sorted(server_folders(), key=len, reverse=True):  # (the longest first: one may hold the other)
+        text = re.sub(rf"(?<![\w./\\-]){re.escape(folder)}(?![\w.-])", "weights", text)
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
