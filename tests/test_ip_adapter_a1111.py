@@ -129,9 +129,10 @@ def test_a_controlnet_unit_and_an_ip_unit_in_one_call(api, pipe, store):
         {"model": "ip-adapter_sd15", "weight": 0.6, "start": 0.0, "end": 1.0, "encoder": "h"},)
 
 
-def test_the_infotext_numbers_units_by_their_place_in_the_request(api, pipe, store):
-    """sd-webui-controlnet's `write_infotext`: `ControlNet N`, N the unit's index in the request's units, a disabled
-    unit's number left out; read back (png-info, the reader) gaps and all, each unit as what it is."""
+def test_the_infotext_numbers_units_in_the_requests_order(api, pipe, store):
+    """sd-webui-controlnet's `get_enabled_units` + `write_infotext`: `ControlNet 0, 1, …` over the enabled units in
+    the request's order (an IP unit sent first is unit 0; a disabled unit takes no number); read back as sent. A
+    text whose numbers skip one (edited by hand) still gives every unit."""
     from test_controlnet import hint
 
     units = [webuiapi.ControlNetUnit(image=reference_image(4), module="ip-adapter_clip_h", model="ip-adapter_sd15",
@@ -142,11 +143,13 @@ def test_the_infotext_numbers_units_by_their_place_in_the_request(api, pipe, sto
     result = txt2img(api, units)
     text = result.info["infotexts"][0]
     assert 'ControlNet 0: "Module: ip-adapter_clip_h, Model: ip-adapter_sd15, Weight: 0.6' in text
-    assert "ControlNet 1" not in text and 'ControlNet 2: "Module: none, Model: control_v11p_sd15_canny' in text
-    assert text.index("ControlNet 0") < text.index("ControlNet 2")
+    assert 'ControlNet 1: "Module: none, Model: control_v11p_sd15_canny, Weight: 0.8' in text
+    assert "ControlNet 2" not in text and text.index("ControlNet 0") < text.index("ControlNet 1")
     back = read_infotext(api.png_info(result.images[0]).info)
     assert [unit["model"] for unit in back.image_prompts] == ["ip-adapter_sd15"]
     assert [(unit["model"], unit["weight"]) for unit in back.controls] == [("control_v11p_sd15_canny", 0.8)]
+    skipping = read_infotext(text.replace("ControlNet 1:", "ControlNet 3:"))
+    assert (len(skipping.image_prompts), len(skipping.controls)) == (1, 1)
 
 
 @pytest.mark.parametrize("unit, message", [

@@ -149,10 +149,10 @@ def encoder_hidden_size(prompt: ImagePrompt, adapter: IPAdapter) -> int:
 
 def image_prompt_infotext(pipe, prompt: ImagePrompt) -> str:
     """A prompt's infotext value, as sd-webui-controlnet (`infotext.py` `serialize_unit`) writes an IP-Adapter unit,
-    one of its ControlNet units (`ldm.pipelines.infotext.controlnet_units` numbers it `ControlNet N`: its unit's
-    index, or after the run's ControlNet units): `Module: ip-adapter_clip_h, Model: NAME, Weight: …, Resize Mode:
-    Crop and Resize, Processor Res: 512, Guidance Start: …, Guidance End: …, Pixel Perfect: False, Control Mode:
-    Balanced`; module ip-adapter_clip_g for a
+    one of its ControlNet units (`ldm.pipelines.infotext.controlnet_units` numbers it `ControlNet N`: in the
+    request's order of units, or after the run's ControlNet units): `Module: ip-adapter_clip_h, Model: NAME,
+    Weight: …, Resize Mode: Crop and Resize, Processor Res: 512, Guidance Start: …, Guidance End: …, Pixel Perfect:
+    False, Control Mode: Balanced`; module ip-adapter_clip_g for a
     ViT-bigG/14 encoder (width 1664), else clip_h; NAME the adapter file's name without its suffix and, as
     `control_infotext` writes a ControlNet's, without a hash. sd-webui-controlnet's unit has one reference image;
     ldm writes one unit per image prompt whatever its number of images (the text holds none of them). The adapter

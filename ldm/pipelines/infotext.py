@@ -365,20 +365,22 @@ FACE_ID_MODULES = "ip-adapter_face_id"  # (the prefix of its FaceID modules: ip-
 
 
 def controlnet_units(units: list[tuple[object, str]]) -> dict[str, str]:
-    """sd-webui-controlnet's `ControlNet N` entries for (unit, its infotext) pairs, as its `Infotext.write_infotext`
-    numbers them: N the unit's index among the request's units (a disabled one's number left out), each unit's
-    `unit` where every one has its own (a request of the A1111 API); else in order."""
+    """sd-webui-controlnet's `ControlNet N` entries for (unit, its infotext) pairs, as its `get_enabled_units` and
+    `Infotext.write_infotext` number them: 0, 1, … over the enabled units in the request's order, which each unit's
+    `unit` (its index there) gives where every one has its own (a request of the A1111 API: ControlNet and
+    IP-Adapter units interleaved as sent); else in the order given."""
     positions = [getattr(unit, "unit", None) for unit, _ in units]
     if None in positions or len(set(positions)) < len(positions):
         positions = list(range(len(units)))
-    return {f"ControlNet {n}": text for n, text in sorted(zip(positions, [text for _, text in units], strict=True))}
+    ordered = [text for _, text in sorted(zip(positions, [text for _, text in units], strict=True))]
+    return {f"ControlNet {n}": text for n, text in enumerate(ordered)}
 
 
 def _controls(params: dict[str, str], source: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
-    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N (gaps
-    allowed: the disabled units' numbers are left out): (the ControlNet units, `_control`; the IP-Adapter units,
-    those of an IP-Adapter module, `_image_prompt`). A FaceID unit is an InputError: ldm does not run FaceID
-    adapters."""
+    """sd-webui-controlnet's `ControlNet N: "Module: …, Model: …, Weight: …, …"` units, in order of N (a number
+    missing, as in a text edited by hand, skips none of the others): (the ControlNet units, `_control`; the
+    IP-Adapter units, those of an IP-Adapter module, `_image_prompt`). A FaceID unit is an InputError: ldm does not
+    run FaceID adapters."""
     units, prompts = [], []
     numbers = sorted(int(key.split()[1]) for key in params if re.fullmatch(r"ControlNet \d+", key))
     for n in numbers:

@@ -68,7 +68,7 @@ class Control:
     threshold_b: float | None = None
     processor_res: int | None = None
     pixel_perfect: bool = False
-    unit: int | None = None  # its index among the request's sd-webui-controlnet units (A1111 API): `ControlNet N`
+    unit: int | None = None  # its index among the request's sd-webui-controlnet units (A1111 API): their order
 
     def check(self, bad, where: str) -> None:
         if not isinstance(self.image, Image.Image):
@@ -124,7 +124,7 @@ class ImagePrompt:
     start: float = 0.0
     end: float = 1.0
     encoder: "str | object | None" = None
-    unit: int | None = None  # its index among the request's sd-webui-controlnet units (A1111 API): `ControlNet N`
+    unit: int | None = None  # its index among the request's sd-webui-controlnet units (A1111 API): their order
 
     @property
     def references(self) -> list[Image.Image]:
