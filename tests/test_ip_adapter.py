@@ -332,6 +332,20 @@ def test_scale_zero_and_no_step_change_nothing(pipe, files):
     assert [type(m) for m in unet.modules()] == classes
 
 
+def test_a_prompt_of_weight_zero_is_checked_before_the_run(pipe, files, tmp_path):
+    """Left out of the run, a weight-0 prompt is still named in the infotext: a wrong adapter or encoder is its error
+    before the first step, not after the last."""
+    steps = []
+    bad_adapter = ImagePrompt(str(tmp_path / "nope.safetensors"), reference_image(5), weight=0.0)
+    with pytest.raises(LdmError, match="nope"):
+        pipe(PROMPT, steps=2, seed=3, image_prompts=[bad_adapter], callbacks=[steps.append])
+    wide = make_encoder(tmp_path / "wide", seed=3, projection_dim=ENCODER["projection_dim"] + 8)
+    wrong_width = ImagePrompt(str(files["plain"]), reference_image(5), weight=0.0, encoder=str(wide))
+    with pytest.raises(LdmError, match="gives width"):
+        pipe(PROMPT, steps=2, seed=3, image_prompts=[wrong_width], callbacks=[steps.append])
+    assert steps == []
+
+
 @pytest.mark.parametrize("start,end,unlike", [(0.0, 0.5, "none"), (0.5, 1.0, "all"), (0.25, 0.75, "all")])
 def test_start_and_end_follow_controlnets_rule(pipe, sd1_folder, files, start, end, unlike):
     """At step i of N the adapter acts unless i/N < start or (i + 1)/N > end (diffusers' `controlnet_keep`, which

@@ -196,10 +196,9 @@ def load_image_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -
     return load_module(lambda: CLIPVisionModelWithProjection(cfg), state, weights, "CLIP image encoder", device)
 
 
-def check_encoder(encoder: CLIPVisionModelWithProjection, encoder_name: str, adapter: IPAdapter,
-                  adapter_name: str) -> None:
-    """One error naming both when the encoder's width is not the one the adapter reads."""
-    got, cfg = encoder_width(encoder.config, adapter.config), adapter.config
+def check_encoder(encoder: CLIPVisionConfig, encoder_name: str, adapter: IPAdapter, adapter_name: str) -> None:
+    """One error naming both when the encoder's width (its config's) is not the one the adapter reads."""
+    got, cfg = encoder_width(encoder, adapter.config), adapter.config
     if got != cfg.embed_dim:
         reads = "hidden states" if cfg.reads_hidden_states else "image embeddings (the projected class token)"
         raise LoadError(f"IP-Adapter {adapter_name} ({cfg.kind}) reads {reads} of width {cfg.embed_dim}; the image "

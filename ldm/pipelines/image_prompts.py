@@ -78,7 +78,7 @@ def image_encoder(pipe, name, adapter: IPAdapter, adapter_name: str) -> CLIPVisi
         if path not in pipe.image_encoders:
             pipe.image_encoders[path] = load_image_encoder(path, load_device(pipe, unet), pipe.dtype)
         encoder, name = pipe.image_encoders[path], path.name
-    check_encoder(encoder, name, adapter, adapter_name)
+    check_encoder(encoder.config, name, adapter, adapter_name)
     offload_beside(unet, encoder, label="image_encoder")
     return encoder
 
@@ -113,6 +113,19 @@ def prepare_image_prompt(pipe, prompt: ImagePrompt, batch: int, guided: bool, ca
     return ImageTokens(adapter, tokens, prompt.weight, prompt.start, prompt.end, calls)
 
 
+def check_left_out(pipe, prompt: ImagePrompt) -> None:
+    """A prompt of weight 0, left out of the run, checked before it as the infotext will name it: its adapter
+    loaded for this UNet (and kept), its encoder found and of the width the adapter reads (its config: no weights
+    are read for it)."""
+    adapter = ip_adapter(pipe, prompt.adapter)
+    if isinstance(prompt.encoder, CLIPVisionModelWithProjection):
+        config, name = prompt.encoder.config, "(given)"
+    else:
+        folder = find_image_encoder(prompt.encoder, adapter.config)
+        config, name = image_encoder_config(folder), folder.name
+    check_encoder(config, name, adapter, adapter_name(prompt))
+
+
 @contextmanager
 def image_prompting(pipe, plan, guided: bool) -> Iterator[None]:
     """The run's image prompts applied to the pipeline's UNet inside the block (none, or all of weight 0: nothing
@@ -121,6 +134,9 @@ def image_prompting(pipe, plan, guided: bool) -> Iterator[None]:
     eager UNet runs a call with image prompts then."""
     r = plan.request
     kept = [p for p in r.image_prompts if p.weight != 0]
+    for prompt in r.image_prompts:
+        if prompt.weight == 0:
+            check_left_out(pipe, prompt)
     if not kept:
         yield
         return
