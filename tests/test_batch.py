@@ -87,11 +87,15 @@ def test_killed_run_resumes_without_gaps_or_duplicates(sd1, tmp_path):
     assert not list(killed.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("image_file, mask_file", [("room.png", "hole.png"), ("room.gif", "hole.tiff")])
+@pytest.mark.parametrize("image_file, mask_file", [("room.png", "hole.png"), ("room.gif", "hole.tiff"),
+                                                   ("./room", "./masks/hole")])
 def test_csv_with_image_and_mask_files_for_inpainting(sd2_inpaint_folder, tmp_path, image_file, mask_file):
-    """Files of every format a request's base64 may hold (GIF and TIFF too) are read from the input's folder."""
-    picture(64, 64, 7).save(tmp_path / image_file)
-    rectangle_mask(64, 64, (8, 8, 40, 40)).save(tmp_path / mask_file)
+    """Files of every format a request's base64 may hold (GIF and TIFF too) are read from the input's folder, and
+    paths without a suffix that start as one (`./room`: `masks/hole` alone could be base64, whose alphabet has `/`)."""
+    (tmp_path / "masks").mkdir()
+    image, mask = tmp_path / image_file, tmp_path / mask_file
+    picture(64, 64, 7).save(image, format=None if image.suffix else "PNG")
+    rectangle_mask(64, 64, (8, 8, 40, 40)).save(mask, format=None if mask.suffix else "PNG")
     (tmp_path / "jobs.csv").write_text(f"prompt,image,mask\na window,{image_file},{mask_file}\n")
     assert main(["batch", "--model", str(sd2_inpaint_folder), "--input", str(tmp_path / "jobs.csv"),
                  "--output", str(tmp_path / "out"), "--parameters", '{"num_inference_steps": 2, "seed": 9}']) == 0

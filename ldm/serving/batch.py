@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.errors import InputError
-from ldm.pipelines.images import load_image
+from ldm.pipelines.images import is_url, load_image
 from ldm.pipelines.setup import RunSettings, prepare_pipeline
 from ldm.serving.distributed import ONE, Ranks
 from ldm.serving.limits import Limits
 from ldm.serving.runner import run_row
-from ldm.serving.schema import COLUMNS, Request, RequestError, Row, parse
+from ldm.serving.schema import COLUMNS, PATH_LIKE, Request, RequestError, Row, parse
 
 NO_LIMITS = Limits(max_rows=10**9, max_steps=1000, max_pixels=4096 * 4096, max_images_per_prompt=64)
 
@@ -60,12 +60,14 @@ class BatchInput:
 
 
 def image_cell(value, folder: Path):
-    """A file path (relative to the input's folder) becomes the image, or the error that says why it cannot;
-    base64 and data URLs stay as they are (the adapter decodes them); a list (several control or reference images)
-    cell by cell."""
+    """A file path (relative to the input's folder: a name with an image suffix, or a path as `schema.PATH_LIKE`
+    tells one from base64) becomes the image, or the error that says why it cannot; base64 and data URLs stay as they
+    are (the adapter decodes them); a list (several control or reference images) cell by cell."""
     if isinstance(value, list):
         return [image_cell(cell, folder) for cell in value]
-    if not isinstance(value, str) or not value.lower().endswith(IMAGE_SUFFIXES) or len(value) > 4096:
+    if not isinstance(value, str) or len(value) > 4096 or is_url(value):
+        return value
+    if not value.lower().endswith(IMAGE_SUFFIXES) and not PATH_LIKE.search(value.strip()):
         return value
     try:
         return load_image((folder / value).expanduser())
