@@ -168,11 +168,11 @@ def image_prompt_infotext(pipe, prompt: ImagePrompt) -> str:
     one of its ControlNet units (`ldm.pipelines.infotext.controlnet_units` numbers it `ControlNet N`: in the
     request's order of units, or after the run's ControlNet units): `Module: ip-adapter_clip_h, Model: NAME,
     Weight: …, Resize Mode: Crop and Resize, Processor Res: 512, Guidance Start: …, Guidance End: …, Pixel Perfect:
-    False, Control Mode: Balanced`; module ip-adapter_clip_g for a
-    ViT-bigG/14 encoder (width 1664), else clip_h; NAME the adapter file's name without its suffix and, as
-    `control_infotext` writes a ControlNet's, without a hash. sd-webui-controlnet's unit has one reference image;
-    ldm writes one unit per image prompt whatever its number of images (the text holds none of them). The adapter
-    is the one the run loaded (kept); the encoder's width is read from its config."""
+    False, Control Mode: Balanced`; module ip-adapter_clip_g for a ViT-bigG/14 encoder (width 1664), else clip_h;
+    NAME the adapter file's name without its suffix and, as `control_infotext` writes a ControlNet's, without a hash.
+    sd-webui-controlnet's unit has one reference image; ldm writes one unit per image prompt whatever its number of
+    images (the text holds none of them). The adapter is the one the run loaded (kept; a weight-0 prompt's too,
+    `check_left_out`); the encoder's width is read from its config."""
     adapter = ip_adapter(pipe, prompt.adapter)
     module = "ip-adapter_clip_g" if encoder_hidden_size(prompt, adapter) == 1664 else "ip-adapter_clip_h"
     fields = {"Module": module, "Model": adapter_name(prompt), "Weight": prompt.weight,
