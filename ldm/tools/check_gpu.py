@@ -67,14 +67,18 @@ def random_unet(arch: str, device: torch.device, dtype: torch.dtype, dry: bool):
 
     with torch.device("meta"):
         unet = UNet(UNetConfig.from_diffusers(unet_config(arch, dry)))
-    unet = unet.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-    generator = torch.Generator(device).manual_seed(0)
-    for name, p in unet.named_parameters():
+    return filled_randomly(unet.to_empty(device=device).to(dtype).eval().requires_grad_(False), device, seed=0)
+
+
+def filled_randomly(network, device: torch.device, seed: int):
+    """`network` with random weights in place: fan-in scaled normals for matrices, norms at 1, biases at 0."""
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, p in network.named_parameters():
         if p.dim() > 1:
             p.normal_(0, p[0].numel() ** -0.5, generator=generator)
         else:
             p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-    return unet
+    return network
 
 
 def unet_inputs(unet, arch: str, device: torch.device, dtype: torch.dtype, dry: bool, batch: int = 2) -> dict:
@@ -327,20 +331,13 @@ def part_refiner(device: torch.device, dtype: torch.dtype, dry: bool, report: Ca
 
 def random_ip_adapter(unet, device: torch.device, dtype: torch.dtype, dry: bool):
     """A plain IP-Adapter for `unet` (the `ip-adapter_sd15` layout: a ViT-H/14 embedding of 1024 → 4 tokens, a
-    key/value pair per cross-attention), random weights as `random_unet` fills them."""
+    key/value pair per cross-attention), random weights as `random_unet`'s."""
     from ldm.adapters.ip_adapter import attention_widths
     from ldm.networks.ip_adapter import IPAdapter, IPAdapterConfig
 
     cfg = IPAdapterConfig("plain", embed_dim=16 if dry else 1024, cross_attention_dim=unet.config.cross_attention_dim,
                           tokens=4, widths=tuple(attention_widths(unet)))
-    adapter = IPAdapter(cfg).to(device, dtype).eval().requires_grad_(False)
-    generator = torch.Generator(device).manual_seed(2)
-    for name, p in adapter.named_parameters():
-        if p.dim() > 1:
-            p.normal_(0, p[0].numel() ** -0.5, generator=generator)
-        else:
-            p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-    return adapter
+    return filled_randomly(IPAdapter(cfg).to(device, dtype).eval().requires_grad_(False), device, seed=2)
 
 
 def part_ip_adapter(device: torch.device, dtype: torch.dtype, dry: bool, report: Callable) -> None:
