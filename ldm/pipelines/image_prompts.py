@@ -34,7 +34,7 @@ from ldm.loading.ip_adapters import (
     load_image_encoder,
     load_ip_adapter,
 )
-from ldm.networks.clip import CLIPVisionModelWithProjection
+from ldm.networks.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 from ldm.networks.ip_adapter import IPAdapter
 from ldm.networks.safety import FeatureExtractorConfig, preprocess
 from ldm.pipelines.request import ImagePrompt
@@ -118,12 +118,7 @@ def check_left_out(pipe, prompt: ImagePrompt) -> None:
     loaded for this UNet (and kept), its encoder found and of the width the adapter reads (its config: no weights
     are read for it)."""
     adapter = ip_adapter(pipe, prompt.adapter)
-    if isinstance(prompt.encoder, CLIPVisionModelWithProjection):
-        config, name = prompt.encoder.config, "(given)"
-    else:
-        folder = find_image_encoder(prompt.encoder, adapter.config)
-        config, name = image_encoder_config(folder), folder.name
-    check_encoder(config, name, adapter, adapter_name(prompt))
+    check_encoder(*encoder_config(prompt, adapter), adapter, adapter_name(prompt))
 
 
 @contextmanager
@@ -156,11 +151,12 @@ def adapter_name(prompt: ImagePrompt) -> str:
     return Path(str(prompt.adapter)).stem if not isinstance(prompt.adapter, IPAdapter) else "IP-Adapter"
 
 
-def encoder_hidden_size(prompt: ImagePrompt, adapter: IPAdapter) -> int:
-    """The width of a prompt's image encoder: a loaded one's, else its folder's config.json (no weights read)."""
+def encoder_config(prompt: ImagePrompt, adapter: IPAdapter) -> tuple[CLIPVisionConfig, str]:
+    """A prompt's image encoder's config and name: a loaded one's, else its folder's config.json (no weights read)."""
     if isinstance(prompt.encoder, CLIPVisionModelWithProjection):
-        return prompt.encoder.config.hidden_size
-    return image_encoder_config(find_image_encoder(prompt.encoder, adapter.config)).hidden_size
+        return prompt.encoder.config, "(given)"
+    folder = find_image_encoder(prompt.encoder, adapter.config)
+    return image_encoder_config(folder), folder.name
 
 
 def image_prompt_infotext(pipe, prompt: ImagePrompt) -> str:
@@ -174,7 +170,7 @@ def image_prompt_infotext(pipe, prompt: ImagePrompt) -> str:
     images (the text holds none of them). The adapter is the one the run loaded (kept; a weight-0 prompt's too,
     `check_left_out`); the encoder's width is read from its config."""
     adapter = ip_adapter(pipe, prompt.adapter)
-    module = "ip-adapter_clip_g" if encoder_hidden_size(prompt, adapter) == 1664 else "ip-adapter_clip_h"
+    module = "ip-adapter_clip_g" if encoder_config(prompt, adapter)[0].hidden_size == 1664 else "ip-adapter_clip_h"
     fields = {"Module": module, "Model": adapter_name(prompt), "Weight": prompt.weight,
               "Resize Mode": "Crop and Resize", "Processor Res": 512, "Guidance Start": prompt.start,
               "Guidance End": prompt.end, "Pixel Perfect": False, "Control Mode": "Balanced"}

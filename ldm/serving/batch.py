@@ -41,7 +41,6 @@ from ldm.serving.schema import COLUMNS, PATH_LIKE, Request, RequestError, Row, p
 NO_LIMITS = Limits(max_rows=10**9, max_steps=1000, max_pixels=4096 * 4096, max_images_per_prompt=64)
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # (images.FORMATS, as files)
 PROMPTS = ("prompt", "text_prompt")
 PANDAS_INDEX = re.compile(r"(Unnamed: \d+)?")  # the index column pandas writes: no name, or "Unnamed: 0" re-read
 RESULTS = "results.jsonl"
@@ -60,14 +59,12 @@ class BatchInput:
 
 
 def image_cell(value, folder: Path):
-    """A file path (relative to the input's folder: a name with an image suffix, or a path as `schema.PATH_LIKE`
-    tells one from base64) becomes the image, or the error that says why it cannot; base64 and data URLs stay as they
-    are (the adapter decodes them); a list (several control or reference images) cell by cell."""
+    """A file path (relative to the input's folder: what `schema.PATH_LIKE` tells from base64, a name with an image
+    suffix or a path starting as one) becomes the image, or the error that says why it cannot; base64 and data URLs
+    stay as they are (the adapter decodes them); a list (several control or reference images) cell by cell."""
     if isinstance(value, list):
         return [image_cell(cell, folder) for cell in value]
-    if not isinstance(value, str) or len(value) > 4096 or is_url(value):
-        return value
-    if not value.lower().endswith(IMAGE_SUFFIXES) and not PATH_LIKE.search(value.strip()):
+    if not isinstance(value, str) or len(value) > 4096 or is_url(value) or not PATH_LIKE.search(value.strip()):
         return value
     try:
         return load_image((folder / value).expanduser())
